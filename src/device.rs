@@ -1,0 +1,66 @@
+//! The one place where the tensor device is chosen, so the `cuda` and `metal`
+//! features only change this file's behaviour.
+
+use candle_core::Device;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DeviceChoice {
+    /// CUDA if compiled in and present, else Metal if compiled in, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("device `{0}` was requested but this binary was built without the `{0}` feature")]
+    NotCompiled(&'static str),
+    #[error("could not open the {kind} device: {source}")]
+    Open {
+        kind: &'static str,
+        source: candle_core::Error,
+    },
+}
+
+pub fn select_device(choice: DeviceChoice) -> Result<Device, DeviceError> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda => open_cuda(),
+        DeviceChoice::Metal => open_metal(),
+        DeviceChoice::Auto => {
+            if cfg!(feature = "cuda") {
+                if let Ok(d) = open_cuda() {
+                    return Ok(d);
+                }
+            }
+            if cfg!(feature = "metal") {
+                if let Ok(d) = open_metal() {
+                    return Ok(d);
+                }
+            }
+            Ok(Device::Cpu)
+        }
+    }
+}
+
+fn open_cuda() -> Result<Device, DeviceError> {
+    if !cfg!(feature = "cuda") {
+        return Err(DeviceError::NotCompiled("cuda"));
+    }
+    Device::new_cuda(0).map_err(|source| DeviceError::Open {
+        kind: "cuda",
+        source,
+    })
+}
+
+fn open_metal() -> Result<Device, DeviceError> {
+    if !cfg!(feature = "metal") {
+        return Err(DeviceError::NotCompiled("metal"));
+    }
+    Device::new_metal(0).map_err(|source| DeviceError::Open {
+        kind: "metal",
+        source,
+    })
+}

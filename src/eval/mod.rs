@@ -1,0 +1,3 @@
+//! Evaluation: word error rate.
+
+pub mod wer;

@@ -1,0 +1,16 @@
+//! stepaudio-live: real-time streaming speech-to-text.
+//!
+//! Layers, from the bottom up: `audio` (decoding, resampling, capture, VAD),
+//! `frontend` (log-mel), `model` (weights, Whisper, Step-Audio 2), `transcribe`
+//! (offline decoding of whole files), `stream` (live segmenting and partial/final
+//! policy), `server` (WebSocket and captions page). The binary in `main.rs` only
+//! parses the command line and calls into `cli`.
+
+pub mod audio;
+pub mod cli;
+pub mod device;
+pub mod eval;
+pub mod frontend;
+pub mod model;
+pub mod output;
+pub mod transcribe;

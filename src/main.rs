@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    stepaudio_live::cli::main()
+}

@@ -1,0 +1,108 @@
+//! A preallocated key/value cache for one attention layer, laid out
+//! `[batch, heads, capacity, head_dim]`, that grows by appending along the
+//! sequence axis and rolls back by truncation (the stored prefix is never
+//! touched, so a rollback leaves it bit-identical).
+
+use candle_core::{Result, Tensor};
+
+const SEQ_DIM: usize = 2;
+
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    keys: Option<Tensor>,
+    values: Option<Tensor>,
+    len: usize,
+    /// Initial capacity in positions; the buffer doubles when it fills.
+    initial_capacity: usize,
+}
+
+impl KvCache {
+    pub fn new(initial_capacity: usize) -> Self {
+        Self {
+            keys: None,
+            values: None,
+            len: 0,
+            initial_capacity: initial_capacity.max(1),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.keys
+            .as_ref()
+            .map_or(0, |k| k.dim(SEQ_DIM).unwrap_or(0))
+    }
+
+    /// Forgets positions from `len` on. Never reallocates.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    fn ensure_capacity(&mut self, like: &Tensor, needed: usize) -> Result<()> {
+        let cap = self.capacity();
+        if needed <= cap {
+            return Ok(());
+        }
+        let mut new_cap = cap.max(self.initial_capacity);
+        while new_cap < needed {
+            new_cap *= 2;
+        }
+        let (b, h, _, d) = like.dims4()?;
+        let alloc = || Tensor::zeros((b, h, new_cap, d), like.dtype(), like.device());
+        let (k, v) = (alloc()?, alloc()?);
+        if let (Some(old_k), Some(old_v)) = (&self.keys, &self.values) {
+            if self.len > 0 {
+                k.slice_set(
+                    &old_k.narrow(SEQ_DIM, 0, self.len)?.contiguous()?,
+                    SEQ_DIM,
+                    0,
+                )?;
+                v.slice_set(
+                    &old_v.narrow(SEQ_DIM, 0, self.len)?.contiguous()?,
+                    SEQ_DIM,
+                    0,
+                )?;
+            }
+        }
+        self.keys = Some(k);
+        self.values = Some(v);
+        Ok(())
+    }
+
+    /// Appends `[b, h, n, d]` keys and values and returns views of the whole
+    /// cached sequence `[b, h, len, d]`.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = k.dim(SEQ_DIM)?;
+        self.ensure_capacity(k, self.len + n)?;
+        let (ck, cv) = (self.keys.as_ref().unwrap(), self.values.as_ref().unwrap());
+        ck.slice_set(&k.contiguous()?, SEQ_DIM, self.len)?;
+        cv.slice_set(&v.contiguous()?, SEQ_DIM, self.len)?;
+        self.len += n;
+        Ok((
+            ck.narrow(SEQ_DIM, 0, self.len)?,
+            cv.narrow(SEQ_DIM, 0, self.len)?,
+        ))
+    }
+
+    /// Views of the cached keys and values, if any.
+    pub fn current(&self) -> Result<Option<(Tensor, Tensor)>> {
+        match (&self.keys, &self.values) {
+            (Some(k), Some(v)) if self.len > 0 => Ok(Some((
+                k.narrow(SEQ_DIM, 0, self.len)?,
+                v.narrow(SEQ_DIM, 0, self.len)?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+}

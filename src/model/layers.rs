@@ -1,0 +1,120 @@
+//! Building blocks shared by the encoders and decoders.
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// `y = x Wᵀ + b` with `W` stored `[out, in]` as in every checkpoint format.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub gamma: Tensor,
+    pub beta: Tensor,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::layer_norm(&x.contiguous()?, &self.gamma, &self.beta, self.eps)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+    }
+}
+
+/// 1-D convolution over `[batch, channels, time]` with bias.
+#[derive(Clone, Debug)]
+pub struct Conv1d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv1d {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv1d(&self.weight, self.padding, self.stride, 1, 1)?;
+        y.broadcast_add(&self.bias.reshape((1, (), 1))?)
+    }
+}
+
+/// Scaled dot-product attention over `[b, h, t, d]` tensors; softmax in f32.
+/// `mask` is added to the scores (0 or a large negative number).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+    probs.matmul(&v.contiguous()?)
+}
+
+/// Causal mask for `n` new positions after `past` cached ones: `[n, past + n]`,
+/// 0 where a query may attend, −inf where it may not.
+pub fn causal_mask(
+    n: usize,
+    past: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let total = past + n;
+    let data: Vec<f32> = (0..n)
+        .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(data, (n, total), device)?.to_dtype(dtype)
+}
+
+/// Splits `[b, t, h*d]` into heads `[b, h, t, d]`.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, hd) = x.dims3()?;
+    x.reshape((b, t, heads, hd / heads))?.transpose(1, 2)
+}
+
+/// Merges `[b, h, t, d]` back to `[b, t, h*d]`.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, t, h * d))
+}
+
+/// Index of the largest value of a 1-D tensor.
+pub fn argmax_last(x: &Tensor) -> Result<u32> {
+    x.argmax(D::Minus1)?.to_scalar::<u32>()
+}

@@ -1,0 +1,78 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    repo().join("tests/fixtures").join(rel)
+}
+
+/// The shared evaluation recordings (`../shared/eval/speech`).
+pub fn speech(name: &str) -> PathBuf {
+    let dir = std::env::var_os("STEPAUDIO_LIVE_SPEECH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared/eval/speech"));
+    dir.join(name)
+}
+
+pub fn load_fixture(rel: &str) -> HashMap<String, Tensor> {
+    let p = fixture(rel);
+    candle_core::safetensors::load(&p, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", p.display()))
+}
+
+pub fn to_vec_f32(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// ‖a − b‖ / ‖b‖
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// The real tiny.en weights: `$STEPAUDIO_LIVE_TEST_MODEL` or the cache entry
+/// `.ci/run` installs. Missing weights fail the test with instructions.
+pub fn model_dir(name: &str) -> PathBuf {
+    let var = format!(
+        "STEPAUDIO_LIVE_TEST_MODEL_{}",
+        name.replace('.', "_").to_uppercase()
+    );
+    if let Some(p) = std::env::var_os(&var) {
+        return PathBuf::from(p);
+    }
+    let dir = stepaudio_live::model::hub::cache_dir()
+        .join("models")
+        .join(name);
+    assert!(
+        dir.join("model.bin").is_file() || dir.join("model.safetensors").is_file(),
+        "model {name} not found in {} (run `stepaudio-live models fetch {name}` or set {var})",
+        dir.display()
+    );
+    dir
+}
+
+pub fn read_audio(path: &Path) -> Vec<f32> {
+    stepaudio_live::audio::wav::read_wav_16k_mono(path).unwrap()
+}
