@@ -168,9 +168,34 @@ def long_fixture(cfg, W, tok):
         "audio_patch_positions_piece1": i64(pos[1]),
         "prefill_logits": prefill,
     }
+    # Variant: the clip at its own length (26.72 s). Its second piece has an odd mel length
+    # (175), so in the batch (padded length 2502, even) the key-mask parity differs from the
+    # piece's own parity, and the batched rows differ from encoding the piece alone. Piece 0
+    # is the same audio as above, so its mel and encoder rows are those of the 27 s input.
+    raw = ref.read_wav(os.path.join(SPEECH, LONG_CLIP + ".wav"))
+    rp = ref.split_pieces(raw)
+    assert len(rp) == 2 and np.array_equal(rp[0], pieces[0])
+    rm = [ref.log_mel(p) for p in rp]
+    assert torch.equal(rm[0], mels[0])
+    renc, _, rkept = ref.audio_embeddings(W, cfg, rm)
+    assert torch.equal(renc.out[0], enc.out[0])
+    ralone = ref.encode_audio(W, cfg, [rm[1]])
+    rad_alone = ref.adapter(W, cfg, ralone.out)[0, :ref.adapter_keep_len(ralone.valid_len[0])]
+    t.update({
+        "unpadded_mel_piece1": rm[1],
+        "unpadded_mel_valid_len": i64([m.shape[1] - 2 for m in rm]),
+        "unpadded_encoder_key_valid_piece1": renc.key_valid[1].to(torch.uint8),
+        "unpadded_encoder_out_piece1": renc.out[1],
+        "unpadded_encoder_valid_len": i64(renc.valid_len),
+        "unpadded_adapter_out_piece1": rkept[1],
+        "unpadded_encoder_out_piece1_alone": ralone.out[0],
+        "unpadded_encoder_key_valid_piece1_alone": ralone.key_valid[0].to(torch.uint8),
+        "unpadded_adapter_out_piece1_alone": rad_alone,
+    })
     meta = {"clip": LONG_CLIP + ".wav", "original_samples": str(orig),
             "padded_to_samples": str(LONG_SAMPLES), "piece_samples": str(ref.PIECE_SAMPLES),
-            "system_prompt": ref.ASR_PROMPT_ZH}
+            "system_prompt": ref.ASR_PROMPT_ZH,
+            "unpadded_variant": "unpadded_* tensors: the clip at its original length"}
     return t, meta
 
 

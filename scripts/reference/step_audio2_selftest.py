@@ -8,12 +8,14 @@
    they equal the stored ones.
 3. Checks the greedy-robustness margin of every stored decode step.
 4. Independent float64 numpy re-implementation of the log-mel (rfft), encoder (with the
-   key mask), pooling, after_norm and adapter for both clips: relative error <= 1e-5.
+   key mask), pooling, after_norm and adapter for both clips and for the second piece of
+   the long input (batched and alone): relative error <= 1e-5.
 5. If transformers is installed: the LLM against transformers' Qwen2ForCausalLM on the same
    weights, from scratch and with a KV cache appended segment by segment (two_turns).
 
 Bit-equality is only expected with the same torch build (see step_audio2_README.md for the
-versions used); on another build step 1 reports the largest relative difference instead.
+versions used); on another build step 1 prints the relative difference of each mismatching
+tensor and fails.
 Usage: python3 scripts/reference/step_audio2_selftest.py
 """
 
@@ -124,15 +126,18 @@ def np_ln(x, w, b, eps=1e-5):
     return (x - mu) / np.sqrt(var + eps) * w + b
 
 
-def np_encoder_adapter(W, cfg, mel):
+def np_encoder_adapter(W, cfg, mel, T=None):
+    """One mel; with T, as a batch entry zero-padded to T frames (published batching)."""
     a = cfg["audio_encoder_config"]
     g = {k: v.double().numpy() for k, v in W.items() if not k.startswith(("model.", "lm_head"))}
     L = mel.shape[1]
+    T = T or L
+    mel = np.pad(mel, ((0, 0), (0, T - L)))
     h = np_gelu(np_conv1d(mel, g["encoder.conv1.weight"], g["encoder.conv1.bias"], 1, 1))
     h = np_gelu(np_conv1d(h, g["encoder.conv2.weight"], g["encoder.conv2.bias"], 2, 1)).T
     T2, D = h.shape
-    # key j is the mel frame (L+1)%2 + 2j; valid when that frame < L - 2
-    valid = np.array([((L + 1) % 2 + 2 * j) < L - 2 for j in range(T2)])
+    # key j is the mel frame (T+1)%2 + 2j; valid when that frame < L - 2
+    valid = np.array([((T + 1) % 2 + 2 * j) < L - 2 for j in range(T2)])
     h = h + g["encoder.positional_embedding.weight"][:T2]
     nh = a["n_audio_head"]
     hd = D // nh
@@ -178,6 +183,20 @@ def check_numpy():
         print(f"ok numpy f64 cross-check {clip}: mel rel {r_mel:.2e}, encoder_out rel {r_enc:.2e}, "
               f"adapter_out rel {r_ad:.2e}")
         assert r_mel < 1e-5 and r_enc < 1e-5 and r_ad < 1e-5
+    lf = load_file(os.path.join(fx.FIXDIR, "long_27s.safetensors"))
+    for pre in ("", "unpadded_"):
+        mel1 = lf[pre + "mel_piece1"].double().numpy()
+        enc, E, ad = np_encoder_adapter(W, cfg, mel1, T=int(lf["encoder_padded_len"][0]))
+        want_enc = lf["encoder_out"][1] if pre == "" else lf["unpadded_encoder_out_piece1"]
+        r_enc = rel(want_enc[:E].numpy(), enc[:E])
+        r_ad = rel(lf[pre + "adapter_out_piece1"].numpy(), ad)
+        enc_a, E_a, ad_a = np_encoder_adapter(W, cfg, mel1)
+        r_ea = rel(lf[pre + "encoder_out_piece1_alone"].numpy(), enc_a)
+        r_aa = rel(lf[pre + "adapter_out_piece1_alone"].numpy(), ad_a)
+        print(f"ok numpy f64 cross-check long_27s {pre or 'padded_'}piece1: batched encoder rows "
+              f"< E rel {r_enc:.2e}, adapter rel {r_ad:.2e}; alone encoder rel {r_ea:.2e}, "
+              f"adapter rel {r_aa:.2e}")
+        assert max(r_enc, r_ad, r_ea, r_aa) < 1e-5
 
 
 def check_transformers():
