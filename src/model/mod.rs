@@ -5,6 +5,7 @@ pub mod ct2;
 pub mod hub;
 pub mod kv_cache;
 pub mod layers;
+pub mod recognizer;
 pub mod safetensors_store;
 pub mod whisper;
 
