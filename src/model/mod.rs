@@ -1,6 +1,7 @@
 //! Models: weight files (CTranslate2 and safetensors), the shared layers, the
 //! Whisper family and Step-Audio 2 mini, and fetching models by name.
 
+pub mod cpu_ops;
 pub mod ct2;
 pub mod hub;
 pub mod kv_cache;

@@ -1,6 +1,7 @@
 //! Whisper text decoder with a self-attention KV cache that grows one token at
 //! a time and cross-attention keys/values computed once per audio window.
 
+use crate::model::cpu_ops::gelu_erf;
 use crate::model::kv_cache::KvCache;
 use crate::model::layers::{attention, causal_mask, merge_heads, split_heads, LayerNorm, Linear};
 use candle_core::{Result, Tensor};
@@ -132,7 +133,7 @@ impl WhisperDecoder {
             x = (x + block.cross_out.forward(&merge_heads(&a)?)?)?;
 
             let h = block.mlp_ln.forward(&x)?;
-            let h = block.fc2.forward(&block.fc1.forward(&h)?.gelu_erf()?)?;
+            let h = block.fc2.forward(&gelu_erf(&block.fc1.forward(&h)?)?)?;
             x = (x + h)?;
         }
         self.ln.forward(&x)

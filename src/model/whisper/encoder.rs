@@ -1,6 +1,7 @@
 //! Whisper audio encoder: two convolutions, sinusoidal positions, pre-norm
 //! transformer blocks, final LayerNorm.
 
+use crate::model::cpu_ops::gelu_erf;
 use crate::model::layers::{attention, merge_heads, split_heads, Conv1d, LayerNorm, Linear};
 use candle_core::{Result, Tensor};
 
@@ -27,7 +28,7 @@ impl EncoderBlock {
         let a = merge_heads(&attention(&q, &k, &v, scale, None)?)?;
         let x = (x + self.out.forward(&a)?)?;
         let h = self.mlp_ln.forward(&x)?;
-        let h = self.fc2.forward(&self.fc1.forward(&h)?.gelu_erf()?)?;
+        let h = self.fc2.forward(&gelu_erf(&self.fc1.forward(&h)?)?)?;
         x + h
     }
 }
@@ -48,8 +49,8 @@ impl WhisperEncoder {
     /// into `[1, frames/2, d]`. Fewer than 3000 frames is the streaming
     /// shortcut: positions are taken from the start of the table.
     pub fn forward(&self, mel: &Tensor) -> Result<Tensor> {
-        let x = self.conv1.forward(mel)?.gelu_erf()?;
-        let x = self.conv2.forward(&x)?.gelu_erf()?;
+        let x = gelu_erf(&self.conv1.forward(mel)?)?;
+        let x = gelu_erf(&self.conv2.forward(&x)?)?;
         let x = x.transpose(1, 2)?;
         let t = x.dim(1)?;
         let max = self.positions.dim(0)?;
