@@ -346,6 +346,8 @@ pub struct MelStream {
     samples: Vec<f32>,
     frames_done: usize,
     scratch: FrameScratch,
+    /// Every frame emitted so far, frame-major, for [`MelStream::snapshot`].
+    emitted: Vec<f32>,
     finished: bool,
 }
 
@@ -357,6 +359,7 @@ impl MelStream {
             samples: Vec::new(),
             frames_done: 0,
             scratch,
+            emitted: Vec::new(),
             finished: false,
         }
     }
@@ -403,6 +406,41 @@ impl MelStream {
         out
     }
 
+    /// Raw frames of the signal `samples[..len]` followed by `tail_zeros`
+    /// zero samples, as the one-shot computation would give for that signal,
+    /// without changing the stream: frames whose window lies inside
+    /// `samples[..len]` are reused, the few that reach into the zero tail are
+    /// computed. Frame count = (len + tail_zeros) / HOP_LENGTH.
+    pub fn snapshot(&mut self, len: usize, tail_zeros: usize) -> Vec<f32> {
+        let len = len.min(self.samples.len());
+        let n_mels = self.extractor.n_mels;
+        let total = (len + tail_zeros) / HOP_LENGTH;
+        // Frames complete within samples[..len] (right edge inside; see push()).
+        let reusable = if len > N_FFT / 2 {
+            ((len - N_FFT / 2) / HOP_LENGTH + 1).min(self.frames_done).min(total)
+        } else {
+            0
+        };
+        let mut out = Vec::with_capacity(total * n_mels);
+        out.extend_from_slice(&self.emitted[..reusable * n_mels]);
+        if total > reusable {
+            // Only the signal from two hops before the first missing frame is
+            // needed (frames read 200 samples to the left of their hop); with
+            // that offset no frame reaches the reflection at the left edge,
+            // unless the segment is shorter than that, when we start at 0.
+            let lead = reusable.min(2);
+            let from = (reusable - lead) * HOP_LENGTH;
+            let mut signal = Vec::with_capacity(len - from + tail_zeros);
+            signal.extend_from_slice(&self.samples[from..len]);
+            signal.resize(len - from + tail_zeros, 0.0);
+            let mut rest = vec![0f32; (total - reusable) * n_mels];
+            let first = if from == 0 { reusable } else { lead };
+            self.extractor.frames_into(&signal, first, &mut rest, &mut self.scratch);
+            out.extend_from_slice(&rest);
+        }
+        out
+    }
+
     fn emit_until(&mut self, end: usize) -> Vec<f32> {
         if end <= self.frames_done {
             return Vec::new();
@@ -412,6 +450,7 @@ impl MelStream {
         self.extractor
             .frames_into(&self.samples, self.frames_done, &mut out, &mut self.scratch);
         self.frames_done = end;
+        self.emitted.extend_from_slice(&out);
         out
     }
 }

@@ -13,4 +13,5 @@ pub mod eval;
 pub mod frontend;
 pub mod model;
 pub mod output;
+pub mod stream;
 pub mod transcribe;

@@ -117,3 +117,26 @@ fn streaming_handles_tiny_pushes_and_short_signals() {
     assert_eq!(short.len(), 80);
     assert!(short.iter().all(|v| v.is_finite()));
 }
+
+#[test]
+fn snapshot_equals_one_shot_of_the_prefix_with_zero_tail() {
+    let fx = load_fixture("frontend/stepaudio128_jfk.safetensors");
+    let audio = to_vec_f32(&fx["audio"]);
+    let extractor = Arc::new(MelExtractor::new(128));
+    let mut stream = MelStream::new(extractor.clone());
+    let mut pos = 0;
+    for (i, n) in chunk_sizes(7, audio.len()).into_iter().enumerate() {
+        stream.push(&audio[pos..pos + n]);
+        pos += n;
+        // Snapshot at the current end and somewhat before it, with both tails.
+        for len in [pos, pos.saturating_sub(i * 37 % 900)] {
+            for tail in [STEP_AUDIO_TAIL_PADDING, 400] {
+                let mut signal = audio[..len].to_vec();
+                signal.resize(len + tail, 0.0);
+                let expected = extractor.raw_frames(&signal);
+                let got = stream.snapshot(len, tail);
+                assert_eq!(got, expected, "len {len} tail {tail}");
+            }
+        }
+    }
+}

@@ -2,6 +2,9 @@
 //! stream every model consumes.
 
 pub mod resample;
+pub mod ring;
+pub mod source;
+pub mod vad;
 pub mod wav;
 
 /// The sample rate of every model input.

@@ -2,26 +2,34 @@
 //!
 //! A recogniser holds the *committed context* (the text of finished segments
 //! that conditions the next ones: Whisper's prompt, Step-Audio 2's persistent
-//! KV cache). Partial hypotheses never change it; finals extend it.
+//! KV cache). [`Recognizer::decode`] never changes it; [`Recognizer::commit`]
+//! extends it with a finished segment.
 
 use super::ModelError;
-use crate::frontend::LogMel;
 use std::time::Duration;
 
-/// How a model wants the log-mel of a segment.
+/// What the pipeline must compute for a model: `n_mels` bins of the segment's
+/// audio followed by `tail_zeros` zero samples (Step-Audio 2: 479; Whisper:
+/// enough for every frame that touches the audio, the rest being silence).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MelLayout {
-    /// Whisper: the segment followed by silence up to `frames` frames (3000 = 30 s).
-    Whisper { n_mels: usize, frames: usize },
-    /// Step-Audio 2: the segment plus 479 zero samples, no further padding.
-    StepAudio { n_mels: usize },
+pub struct FrontendSpec {
+    pub n_mels: usize,
+    pub tail_zeros: usize,
 }
 
-impl MelLayout {
-    pub fn n_mels(&self) -> usize {
-        match *self {
-            MelLayout::Whisper { n_mels, .. } | MelLayout::StepAudio { n_mels } => n_mels,
-        }
+/// Un-normalised log10 mel frames of one segment, frame-major
+/// `[n_frames, n_mels]`, as [`crate::frontend::MelStream`] produces them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SegmentFeatures {
+    pub n_mels: usize,
+    pub raw_frames: Vec<f32>,
+    /// Audio samples (16 kHz) the frames cover, tail excluded.
+    pub samples: usize,
+}
+
+impl SegmentFeatures {
+    pub fn n_frames(&self) -> usize {
+        self.raw_frames.len() / self.n_mels.max(1)
     }
 }
 
@@ -41,17 +49,26 @@ pub struct Hypothesis {
 pub trait Recognizer: Send {
     /// Short model name for logs and stats.
     fn name(&self) -> String;
-    fn mel_layout(&self) -> MelLayout;
+    fn frontend(&self) -> FrontendSpec;
     /// Longest audio one segment may hold, in seconds.
     fn max_segment_seconds(&self) -> f64;
-    /// Hypothesis for an open segment, starting with the forced `prefix`
-    /// tokens; the committed context is left exactly as it was.
-    fn decode_partial(&mut self, mel: &LogMel, prefix: &[u32]) -> Result<Hypothesis, ModelError>;
-    /// Final text of a finished segment, starting with `prefix`; its text is
-    /// appended to the committed context.
-    fn decode_final(&mut self, mel: &LogMel, prefix: &[u32]) -> Result<Hypothesis, ModelError>;
+    /// Hypothesis for a segment, starting with the forced `prefix` tokens;
+    /// the committed context is left exactly as it was.
+    fn decode(&mut self, features: &SegmentFeatures, prefix: &[u32]) -> Result<Hypothesis, ModelError>;
+    /// Appends a finished segment (its audio and the hypothesis `decode` gave
+    /// for it) to the committed context.
+    fn commit(&mut self, features: &SegmentFeatures, hypothesis: &Hypothesis) -> Result<(), ModelError>;
     /// Text of tokens this recogniser produced.
     fn detokenize(&self, tokens: &[u32]) -> String;
+    /// Whether `token` begins a new word (commits stop at word boundaries).
+    fn starts_word(&self, token: u32) -> bool;
     /// Drops the committed context (a new, unrelated stream).
     fn reset_context(&mut self);
+
+    /// Decodes a finished segment and commits it.
+    fn decode_final(&mut self, features: &SegmentFeatures, prefix: &[u32]) -> Result<Hypothesis, ModelError> {
+        let hypothesis = self.decode(features, prefix)?;
+        self.commit(features, &hypothesis)?;
+        Ok(hypothesis)
+    }
 }

@@ -155,9 +155,24 @@ impl WhisperModel {
         sot_index: usize,
         opts: &DecodingOptions,
     ) -> Result<DecodedWindow> {
+        self.greedy_decode_forced(cross, prompt, sot_index, &[], opts)
+    }
+
+    /// As [`Self::greedy_decode`], with `forced` tokens taken as already
+    /// sampled (the committed start of a streaming segment); they are part
+    /// of the returned tokens.
+    pub fn greedy_decode_forced(
+        &self,
+        cross: &CrossAttention,
+        prompt: &[u32],
+        sot_index: usize,
+        forced: &[u32],
+        opts: &DecodingOptions,
+    ) -> Result<DecodedWindow> {
         let mut state = self.decoder.new_state();
-        let hidden = self.decoder.forward_hidden(prompt, &mut state, cross)?;
-        let rows = [sot_index, prompt.len() - 1];
+        let full: Vec<u32> = prompt.iter().chain(forced).copied().collect();
+        let hidden = self.decoder.forward_hidden(&full, &mut state, cross)?;
+        let rows = [sot_index, full.len() - 1];
         let logits = self
             .decoder
             .logits(&hidden, &rows)?
@@ -178,7 +193,7 @@ impl WhisperModel {
             ..Default::default()
         };
         let mut row = logits.into_iter().nth(1).unwrap();
-        for _ in 0..budget {
+        while out.tokens.len() < budget {
             self.apply_logit_rules(&mut row, &out.tokens, opts);
             let next = argmax(&row);
             let lp = log_softmax(&row)[next as usize];

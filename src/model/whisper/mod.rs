@@ -5,6 +5,7 @@ pub mod decoder;
 pub mod decoding;
 pub mod encoder;
 pub mod load;
+pub mod streaming;
 pub mod tokens;
 
 use crate::frontend::MelExtractor;
