@@ -20,8 +20,8 @@ pub enum AudioError {
     Unsupported { path: String, reason: String },
     #[error("{path}: truncated WAV data: {reason}")]
     Truncated { path: String, reason: String },
-    #[error("{path}: contains no audio samples")]
-    Empty { path: String },
+    #[error("{path}: contains no audio: {reason}")]
+    Empty { path: String, reason: String },
     #[error("resampler: {0}")]
     Resample(String),
 }
