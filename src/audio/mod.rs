@@ -9,7 +9,7 @@ pub const MODEL_SAMPLE_RATE: u32 = 16_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AudioError {
-    #[error("{path}: cannot open: {source}")]
+    #[error("{path}: cannot open")]
     Open {
         path: String,
         source: std::io::Error,
