@@ -50,6 +50,8 @@ pub enum Command {
         #[command(subcommand)]
         action: ModelsAction,
     },
+    /// Word error rate over a manifest: transcribe it, or score --hyp.
+    Eval(crate::eval::run::EvalArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -121,6 +123,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Some(Command::Transcribe(args)) => transcribe(&cli.global, args),
         Some(Command::Models { action }) => models(action),
+        Some(Command::Eval(args)) => {
+            let stdout = &mut std::io::stdout().lock();
+            crate::eval::run::run_eval(&args, &cli.global.model, cli.global.device, stdout)?;
+            Ok(ExitCode::SUCCESS)
+        }
         None => {
             anyhow::bail!("nothing to do: give a subcommand (see --help)")
         }

@@ -12,7 +12,7 @@ pub const MODEL_SAMPLE_RATE: u32 = 16_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AudioError {
-    #[error("{path}: cannot open: {source}")]
+    #[error("{path}: cannot open")]
     Open {
         path: String,
         source: std::io::Error,
@@ -23,8 +23,8 @@ pub enum AudioError {
     Unsupported { path: String, reason: String },
     #[error("{path}: truncated WAV data: {reason}")]
     Truncated { path: String, reason: String },
-    #[error("{path}: contains no audio samples")]
-    Empty { path: String },
+    #[error("{path}: contains no audio: {reason}")]
+    Empty { path: String, reason: String },
     #[error("resampler: {0}")]
     Resample(String),
 }
