@@ -5,11 +5,14 @@ use crate::audio::{wav, AudioError};
 use crate::device::{select_device, DeviceChoice};
 use crate::model::{hub, whisper::load::load_whisper};
 use crate::output::{write_transcript, OutputFormat};
+use crate::stream::sink::{LiveFormat, StdoutSink};
 use crate::transcribe::{Task, TranscribeOptions};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Exit code for unusable input (bad audio file, bad arguments).
 pub const EXIT_BAD_INPUT: u8 = 2;
@@ -26,6 +29,74 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub global: GlobalArgs,
+    #[command(flatten)]
+    pub live: LiveArgs,
+}
+
+/// Live transcription (the default command): one source, events to stdout.
+#[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("source").args(["mic", "input", "stdin", "list_devices"])))]
+pub struct LiveArgs {
+    /// Capture from a microphone (the default input device unless --device).
+    #[arg(long)]
+    pub mic: bool,
+    /// Input device name (exact, or a unique part of it); see --list-devices.
+    #[arg(long, requires = "mic")]
+    pub device: Option<String>,
+    /// List audio input devices and exit.
+    #[arg(long)]
+    pub list_devices: bool,
+    /// Transcribe a WAV file as a stream.
+    #[arg(long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Pace --input like a live source instead of as fast as possible.
+    #[arg(long, requires = "input")]
+    pub realtime: bool,
+    /// Read raw s16le audio from stdin (needs --rate).
+    #[arg(long, requires = "rate")]
+    pub stdin: bool,
+    /// Sample rate of --stdin audio.
+    #[arg(long, value_name = "HZ")]
+    pub rate: Option<u32>,
+    /// Channels of --stdin audio (interleaved).
+    #[arg(long, default_value_t = 1)]
+    pub channels: u16,
+    /// Output: text (a line per final) or jsonl (every event).
+    #[arg(long = "format", value_enum, default_value_t = LiveFormat::Text)]
+    pub live_format: LiveFormat,
+    /// Spoken language for multilingual models (default en).
+    #[arg(long = "lang")]
+    pub lang: Option<String>,
+    /// VAD aggressiveness, 0 (keeps most) to 3 (rejects most non-speech).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=3))]
+    pub vad_mode: u8,
+    /// VAD frame length in ms: 10, 20 or 30.
+    #[arg(long, default_value_t = 30, value_parser = parse_vad_frame_ms)]
+    pub vad_frame_ms: u32,
+    /// Silence (ms) that ends a segment.
+    #[arg(long, default_value_t = 300)]
+    pub hangover_ms: u32,
+    /// Speech (ms) needed to open a segment.
+    #[arg(long, default_value_t = 90)]
+    pub min_speech_ms: u32,
+    /// Audio (ms) kept before the detected speech onset.
+    #[arg(long, default_value_t = 200)]
+    pub pre_roll_ms: u32,
+    /// Audio (ms) kept after the last voiced frame.
+    #[arg(long, default_value_t = 150)]
+    pub tail_pad_ms: u32,
+    /// Longest segment (s); longer speech is cut at the quietest recent point.
+    #[arg(long, default_value_t = 15.0)]
+    pub max_segment: f64,
+    /// Seconds of new audio between partial hypotheses.
+    #[arg(long, default_value_t = 0.5)]
+    pub partial_interval: f64,
+    /// Whisper encoder input: full 30 s windows, or trimmed to the segment (faster).
+    #[arg(long, value_enum, default_value_t = crate::model::whisper::streaming::EncoderContext::Full)]
+    pub encoder_context: crate::model::whisper::streaming::EncoderContext,
+    /// Seconds between stats events in jsonl output (0: only at the end).
+    #[arg(long, default_value_t = 10.0)]
+    pub stats_interval: f64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -33,9 +104,9 @@ pub struct GlobalArgs {
     /// Model name (looked up in the cache, fetched if missing) or directory.
     #[arg(long, global = true, default_value = "tiny.en")]
     pub model: String,
-    /// Tensor device.
+    /// Compute device for the model.
     #[arg(long, global = true, value_enum, default_value_t = DeviceChoice::Auto)]
-    pub device: DeviceChoice,
+    pub compute: DeviceChoice,
     /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -125,12 +196,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Models { action }) => models(action),
         Some(Command::Eval(args)) => {
             let stdout = &mut std::io::stdout().lock();
-            crate::eval::run::run_eval(&args, &cli.global.model, cli.global.device, stdout)?;
+            crate::eval::run::run_eval(&args, &cli.global.model, cli.global.compute, stdout)?;
             Ok(ExitCode::SUCCESS)
         }
-        None => {
-            anyhow::bail!("nothing to do: give a subcommand (see --help)")
-        }
+        None => live(&cli.global, &cli.live),
     }
 }
 
@@ -153,7 +222,7 @@ fn transcribe(global: &GlobalArgs, args: TranscribeArgs) -> anyhow::Result<ExitC
     for f in &args.files {
         inputs.push((f.display().to_string(), wav::read_wav_16k_mono(f)?));
     }
-    let device = select_device(global.device)?;
+    let device = select_device(global.compute)?;
     let dir = hub::resolve_model(&global.model)?;
     let model = load_whisper(&dir, &device, candle_core::DType::F32)
         .with_context(|| format!("loading model {}", dir.display()))?;
@@ -174,4 +243,108 @@ fn transcribe(global: &GlobalArgs, args: TranscribeArgs) -> anyhow::Result<ExitC
         write_transcript(&mut lock, args.format, &name, &transcript.segments)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Raises the stop flag on the first Ctrl-C / SIGTERM / SIGHUP (the pipeline
+/// then flushes the open segment); a second signal exits at once.
+fn install_stop_handler() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("second interrupt: exiting without flushing");
+            std::process::exit(130);
+        }
+        eprintln!("stopping: finishing the current segment (interrupt again to quit now)");
+    })
+    .context("installing the signal handler")?;
+    Ok(stop)
+}
+
+fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
+    use crate::audio::source::{list_input_devices, start_source, SourceSpec};
+    use crate::stream::pipeline::{run_live, LiveOptions};
+    use crate::stream::tracker::TrackerConfig;
+    if args.list_devices {
+        for d in list_input_devices()? {
+            println!("{d}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let spec = if args.mic {
+        SourceSpec::Mic {
+            device: args.device.clone(),
+        }
+    } else if let Some(path) = &args.input {
+        SourceSpec::File {
+            path: path.clone(),
+            realtime: args.realtime,
+        }
+    } else if args.stdin {
+        SourceSpec::Stdin {
+            sample_rate: args.rate.unwrap_or(0),
+            channels: args.channels,
+        }
+    } else {
+        eprintln!(
+            "nothing to do: give --mic, --input FILE or --stdin, or a subcommand (see --help)"
+        );
+        return Ok(ExitCode::from(EXIT_BAD_INPUT));
+    };
+    if !(args.partial_interval > 0.0 && args.max_segment > 1.0) {
+        anyhow::bail!("--partial-interval must be positive and --max-segment over 1 s");
+    }
+    let stop = install_stop_handler()?;
+    let recognizer = crate::model::load_recognizer(
+        &global.model,
+        global.compute,
+        args.lang.as_deref(),
+        args.encoder_context,
+    )?;
+    let source = start_source(&spec, stop.clone()).map_err(|e| match e {
+        crate::audio::source::SourceError::Audio(a) => anyhow::Error::new(a),
+        other => anyhow::Error::new(other),
+    })?;
+    let opts = LiveOptions {
+        tracker: TrackerConfig {
+            vad_mode: args.vad_mode,
+            frame_ms: args.vad_frame_ms,
+            pre_roll_ms: args.pre_roll_ms,
+            min_speech_ms: args.min_speech_ms,
+            hangover_ms: args.hangover_ms,
+            tail_pad_ms: args.tail_pad_ms,
+            max_segment_ms: (args.max_segment * 1000.0) as u32,
+            partial_interval_ms: (args.partial_interval * 1000.0) as u32,
+        },
+        stats_interval: (args.stats_interval > 0.0)
+            .then(|| std::time::Duration::from_secs_f64(args.stats_interval)),
+    };
+    let mut sink = StdoutSink::stdout(args.live_format);
+    let mut stdout_gone = false;
+    let result = run_live(source, recognizer, &opts, stop.clone(), |ev| {
+        if stdout_gone {
+            return;
+        }
+        if let Err(e) = sink.handle(ev) {
+            // A closed pipe (`| head`) ends the stream cleanly.
+            tracing::info!("stdout closed ({e}); stopping");
+            stdout_gone = true;
+            stop.store(true, Ordering::SeqCst);
+        }
+    });
+    let _ = sink.finish();
+    let summary = result?;
+    tracing::info!(
+        audio_s = summary.stats.audio_seconds,
+        dropped = summary.stats.dropped_samples,
+        "live transcription ended"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_vad_frame_ms(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(ms @ (10 | 20 | 30)) => Ok(ms),
+        _ => Err(format!("`{s}`: WebRTC VAD frames are 10, 20 or 30 ms")),
+    }
 }

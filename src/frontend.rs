@@ -417,7 +417,9 @@ impl MelStream {
         let total = (len + tail_zeros) / HOP_LENGTH;
         // Frames complete within samples[..len] (right edge inside; see push()).
         let reusable = if len > N_FFT / 2 {
-            ((len - N_FFT / 2) / HOP_LENGTH + 1).min(self.frames_done).min(total)
+            ((len - N_FFT / 2) / HOP_LENGTH + 1)
+                .min(self.frames_done)
+                .min(total)
         } else {
             0
         };
@@ -435,7 +437,8 @@ impl MelStream {
             signal.resize(len - from + tail_zeros, 0.0);
             let mut rest = vec![0f32; (total - reusable) * n_mels];
             let first = if from == 0 { reusable } else { lead };
-            self.extractor.frames_into(&signal, first, &mut rest, &mut self.scratch);
+            self.extractor
+                .frames_into(&signal, first, &mut rest, &mut self.scratch);
             out.extend_from_slice(&rest);
         }
         out

@@ -55,7 +55,10 @@ pub fn audio_ring(capacity: usize) -> (RingWriter, RingReader) {
     let (producer, consumer) = HeapRb::<f32>::new(capacity.max(1)).split();
     let shared = Arc::new(RingShared::default());
     (
-        RingWriter { producer, shared: shared.clone() },
+        RingWriter {
+            producer,
+            shared: shared.clone(),
+        },
         RingReader { consumer, shared },
     )
 }
@@ -65,7 +68,9 @@ impl RingWriter {
     /// Safe to call from an audio callback (no locks, no allocation).
     pub fn write_or_drop(&mut self, samples: &[f32]) {
         let written = self.producer.push_slice(samples);
-        self.shared.written_samples.fetch_add(written as u64, Ordering::Relaxed);
+        self.shared
+            .written_samples
+            .fetch_add(written as u64, Ordering::Relaxed);
         if written < samples.len() {
             self.shared
                 .dropped_samples
@@ -79,7 +84,9 @@ impl RingWriter {
     pub fn write_blocking(&mut self, mut samples: &[f32], stop: &AtomicBool) -> bool {
         while !samples.is_empty() {
             let n = self.producer.push_slice(samples);
-            self.shared.written_samples.fetch_add(n as u64, Ordering::Relaxed);
+            self.shared
+                .written_samples
+                .fetch_add(n as u64, Ordering::Relaxed);
             samples = &samples[n..];
             if n == 0 {
                 if stop.load(Ordering::Relaxed) {

@@ -54,11 +54,17 @@ pub struct StartedSource {
     pub guard: SourceGuard,
 }
 
-pub fn start_source(spec: &SourceSpec, stop: Arc<AtomicBool>) -> Result<StartedSource, SourceError> {
+pub fn start_source(
+    spec: &SourceSpec,
+    stop: Arc<AtomicBool>,
+) -> Result<StartedSource, SourceError> {
     match spec {
         SourceSpec::Mic { device } => start_mic(device.as_deref()),
         SourceSpec::File { path, realtime } => start_file(path.clone(), *realtime, stop),
-        SourceSpec::Stdin { sample_rate, channels } => start_stdin(*sample_rate, *channels, stop),
+        SourceSpec::Stdin {
+            sample_rate,
+            channels,
+        } => start_stdin(*sample_rate, *channels, stop),
     }
 }
 
@@ -66,15 +72,28 @@ pub fn start_source(spec: &SourceSpec, stop: Arc<AtomicBool>) -> Result<StartedS
 pub fn list_input_devices() -> Result<Vec<String>, SourceError> {
     let host = cpal::default_host();
     let default = host.default_input_device().and_then(|d| d.name().ok());
-    let devices = host.input_devices().map_err(|e| SourceError::Device(e.to_string()))?;
+    let devices = host
+        .input_devices()
+        .map_err(|e| SourceError::Device(e.to_string()))?;
     Ok(devices
         .filter_map(|d| {
             let name = d.name().ok()?;
             let cfg = d
                 .default_input_config()
-                .map(|c| format!("{} Hz, {} ch, {:?}", c.sample_rate().0, c.channels(), c.sample_format()))
+                .map(|c| {
+                    format!(
+                        "{} Hz, {} ch, {:?}",
+                        c.sample_rate().0,
+                        c.channels(),
+                        c.sample_format()
+                    )
+                })
                 .unwrap_or_else(|e| format!("unusable: {e}"));
-            let mark = if Some(&name) == default.as_ref() { " (default)" } else { "" };
+            let mark = if Some(&name) == default.as_ref() {
+                " (default)"
+            } else {
+                ""
+            };
             Some(format!("{name}{mark}: {cfg}"))
         })
         .collect())
@@ -83,9 +102,13 @@ pub fn list_input_devices() -> Result<Vec<String>, SourceError> {
 fn start_mic(name: Option<&str>) -> Result<StartedSource, SourceError> {
     let host = cpal::default_host();
     let device = match name {
-        None => host.default_input_device().ok_or(SourceError::NoDefaultDevice)?,
+        None => host
+            .default_input_device()
+            .ok_or(SourceError::NoDefaultDevice)?,
         Some(wanted) => {
-            let mut devices = host.input_devices().map_err(|e| SourceError::Device(e.to_string()))?;
+            let mut devices = host
+                .input_devices()
+                .map_err(|e| SourceError::Device(e.to_string()))?;
             devices
                 .find(|d| d.name().is_ok_and(|n| n == wanted))
                 .or_else(|| {
@@ -108,7 +131,9 @@ fn start_mic(name: Option<&str>) -> Result<StartedSource, SourceError> {
     let on_error = move |err: cpal::StreamError| {
         // Runs on cpal's thread, not the data callback: logging is fine here.
         match err {
-            cpal::StreamError::DeviceNotAvailable => shared.fail(format!("input device disappeared: {err}")),
+            cpal::StreamError::DeviceNotAvailable => {
+                shared.fail(format!("input device disappeared: {err}"))
+            }
             other => tracing::warn!("audio device reported: {other}"),
         }
     };
@@ -122,10 +147,16 @@ fn start_mic(name: Option<&str>) -> Result<StartedSource, SourceError> {
         F::I8 => build_mic_stream::<i8>(&device, &config, channels, writer, on_error),
         F::U8 => build_mic_stream::<u8>(&device, &config, channels, writer, on_error),
         F::F64 => build_mic_stream::<f64>(&device, &config, channels, writer, on_error),
-        other => return Err(SourceError::Device(format!("{device_name}: unsupported sample format {other:?}"))),
+        other => {
+            return Err(SourceError::Device(format!(
+                "{device_name}: unsupported sample format {other:?}"
+            )))
+        }
     }
     .map_err(|e| SourceError::Device(format!("{device_name}: {e}")))?;
-    stream.play().map_err(|e| SourceError::Device(format!("{device_name}: {e}")))?;
+    stream
+        .play()
+        .map_err(|e| SourceError::Device(format!("{device_name}: {e}")))?;
     tracing::info!(device = %device_name, rate, channels, format = ?supported.sample_format(), "capturing");
     Ok(StartedSource {
         reader,
@@ -167,7 +198,11 @@ where
     )
 }
 
-fn start_file(path: PathBuf, realtime: bool, stop: Arc<AtomicBool>) -> Result<StartedSource, SourceError> {
+fn start_file(
+    path: PathBuf,
+    realtime: bool,
+    stop: Arc<AtomicBool>,
+) -> Result<StartedSource, SourceError> {
     let decoded = wav::decode_wav(&path)?;
     let mono = resample::downmix(&decoded.samples, decoded.channels as usize);
     let rate = decoded.sample_rate;
@@ -198,13 +233,22 @@ fn start_file(path: PathBuf, realtime: bool, stop: Arc<AtomicBool>) -> Result<St
     Ok(StartedSource {
         reader,
         sample_rate: rate,
-        description: format!("file {} ({} Hz{})", path.display(), rate, if realtime { ", real time" } else { "" }),
+        description: format!(
+            "file {} ({} Hz{})",
+            path.display(),
+            rate,
+            if realtime { ", real time" } else { "" }
+        ),
         live: realtime,
         guard: SourceGuard::Thread(Some(handle)),
     })
 }
 
-fn start_stdin(rate: u32, channels: u16, stop: Arc<AtomicBool>) -> Result<StartedSource, SourceError> {
+fn start_stdin(
+    rate: u32,
+    channels: u16,
+    stop: Arc<AtomicBool>,
+) -> Result<StartedSource, SourceError> {
     if rate == 0 || channels == 0 {
         return Err(SourceError::BadStdinFormat);
     }
@@ -212,7 +256,7 @@ fn start_stdin(rate: u32, channels: u16, stop: Arc<AtomicBool>) -> Result<Starte
     let (mut writer, reader) = audio_ring(rate as usize * RING_SECONDS);
     let frame_bytes = 2 * channels;
     let block_bytes = (rate as usize / 50).max(1) * frame_bytes; // 20 ms
-    // The stdin reader may sit in read() at shutdown; it is not joined.
+                                                                 // The stdin reader may sit in read() at shutdown; it is not joined.
     std::thread::Builder::new()
         .name("stdin-source".into())
         .spawn(move || {
@@ -249,7 +293,9 @@ fn start_stdin(rate: u32, channels: u16, stop: Arc<AtomicBool>) -> Result<Starte
                 }
             }
             if filled > 0 {
-                tracing::warn!("stdin ended with {filled} bytes of an incomplete sample frame; ignored");
+                tracing::warn!(
+                    "stdin ended with {filled} bytes of an incomplete sample frame; ignored"
+                );
             }
             writer.finish();
         })

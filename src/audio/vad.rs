@@ -21,12 +21,16 @@ pub struct VadFrame {
     pub energy: f32,
 }
 
-/// Not `Send` (the C state is a raw pointer): create it on the thread that uses it.
 pub struct VoiceDetector {
     vad: Vad,
     frame_len: usize,
     pcm: Vec<i16>,
 }
+
+// SAFETY: `Vad` holds a pointer to a heap-allocated libfvad state that this
+// value owns exclusively; libfvad keeps no thread-local or global state, so
+// moving the owner to another thread is sound (it is never shared: no Sync).
+unsafe impl Send for VoiceDetector {}
 
 impl VoiceDetector {
     pub fn new(mode: u8, frame_ms: u32) -> Result<Self, VadError> {
@@ -57,8 +61,11 @@ impl VoiceDetector {
     pub fn classify(&mut self, frame: &[f32]) -> VadFrame {
         debug_assert_eq!(frame.len(), self.frame_len);
         self.pcm.clear();
-        self.pcm
-            .extend(frame.iter().map(|&s| (s * 32768.0).round().clamp(-32768.0, 32767.0) as i16));
+        self.pcm.extend(
+            frame
+                .iter()
+                .map(|&s| (s * 32768.0).round().clamp(-32768.0, 32767.0) as i16),
+        );
         // The only error is a wrong frame length, which the constructor rules out.
         let voiced = self.vad.is_voice_segment(&self.pcm).unwrap_or(false);
         let energy = frame.iter().map(|s| s * s).sum::<f32>() / frame.len().max(1) as f32;
@@ -77,7 +84,10 @@ mod tests {
         let f = vad.classify(&vec![0.0; 480]);
         assert!(!f.voiced);
         assert_eq!(f.energy, 0.0);
-        assert!(matches!(VoiceDetector::new(2, 25), Err(VadError::FrameLength(25))));
+        assert!(matches!(
+            VoiceDetector::new(2, 25),
+            Err(VadError::FrameLength(25))
+        ));
         assert!(matches!(VoiceDetector::new(4, 20), Err(VadError::Mode(4))));
     }
 }

@@ -104,3 +104,23 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value, ModelError> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| ModelError::config(path, format!("invalid JSON: {e}")))
 }
+
+/// Loads the model named or found at `name_or_dir` as a live recogniser
+/// (Whisper for now; the family is read off the directory).
+pub fn load_recognizer(
+    name_or_dir: &str,
+    compute: crate::device::DeviceChoice,
+    language: Option<&str>,
+    encoder_context: whisper::streaming::EncoderContext,
+) -> Result<Box<dyn recognizer::Recognizer>, anyhow::Error> {
+    let device = crate::device::select_device(compute)?;
+    let dir = hub::resolve_model(name_or_dir)?;
+    let model = whisper::load::load_whisper(&dir, &device, candle_core::DType::F32)?;
+    let recognizer = whisper::streaming::WhisperRecognizer::new(
+        std::sync::Arc::new(model),
+        language,
+        crate::transcribe::Task::Transcribe,
+        encoder_context,
+    )?;
+    Ok(Box::new(recognizer))
+}

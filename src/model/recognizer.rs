@@ -54,10 +54,18 @@ pub trait Recognizer: Send {
     fn max_segment_seconds(&self) -> f64;
     /// Hypothesis for a segment, starting with the forced `prefix` tokens;
     /// the committed context is left exactly as it was.
-    fn decode(&mut self, features: &SegmentFeatures, prefix: &[u32]) -> Result<Hypothesis, ModelError>;
+    fn decode(
+        &mut self,
+        features: &SegmentFeatures,
+        prefix: &[u32],
+    ) -> Result<Hypothesis, ModelError>;
     /// Appends a finished segment (its audio and the hypothesis `decode` gave
     /// for it) to the committed context.
-    fn commit(&mut self, features: &SegmentFeatures, hypothesis: &Hypothesis) -> Result<(), ModelError>;
+    fn commit(
+        &mut self,
+        features: &SegmentFeatures,
+        hypothesis: &Hypothesis,
+    ) -> Result<(), ModelError>;
     /// Text of tokens this recogniser produced.
     fn detokenize(&self, tokens: &[u32]) -> String;
     /// Whether `token` begins a new word (commits stop at word boundaries).
@@ -66,7 +74,11 @@ pub trait Recognizer: Send {
     fn reset_context(&mut self);
 
     /// Decodes a finished segment and commits it.
-    fn decode_final(&mut self, features: &SegmentFeatures, prefix: &[u32]) -> Result<Hypothesis, ModelError> {
+    fn decode_final(
+        &mut self,
+        features: &SegmentFeatures,
+        prefix: &[u32],
+    ) -> Result<Hypothesis, ModelError> {
         let hypothesis = self.decode(features, prefix)?;
         self.commit(features, &hypothesis)?;
         Ok(hypothesis)

@@ -53,7 +53,9 @@ impl Event {
     }
 
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|e| format!(r#"{{"type":"error","message":"unserialisable event: {e}"}}"#))
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            format!(r#"{{"type":"error","message":"unserialisable event: {e}"}}"#)
+        })
     }
 }
 

@@ -25,7 +25,11 @@ impl StablePrefix {
         debug_assert!(hypothesis.starts_with(&self.committed));
         let before = self.committed.len();
         if let Some(prev) = &self.previous {
-            let agree = prev.iter().zip(hypothesis).take_while(|(a, b)| a == b).count();
+            let agree = prev
+                .iter()
+                .zip(hypothesis)
+                .take_while(|(a, b)| a == b)
+                .count();
             // Commit only whole words: the agreed run must be followed, in both
             // hypotheses, by a token that starts a new word.
             let mut end = agree;
@@ -57,7 +61,11 @@ mod tests {
     #[test]
     fn commits_the_agreed_prefix_up_to_a_word_boundary() {
         let mut p = StablePrefix::new();
-        assert_eq!(p.update(&[100, 1, 101, 102], word), 0, "one hypothesis is not agreement");
+        assert_eq!(
+            p.update(&[100, 1, 101, 102], word),
+            0,
+            "one hypothesis is not agreement"
+        );
         // Agree on [100, 1, 101]; next tokens 102 / 103 both start words.
         assert_eq!(p.update(&[100, 1, 101, 103, 2], word), 3);
         assert_eq!(p.committed(), &[100, 1, 101]);

@@ -24,7 +24,14 @@ pub struct SegmenterConfig {
 
 impl SegmenterConfig {
     /// Builds a configuration from milliseconds at 16 kHz.
-    pub fn from_ms(frame_ms: u32, pre_roll_ms: u32, min_speech_ms: u32, hangover_ms: u32, tail_pad_ms: u32, max_segment_ms: u32) -> Self {
+    pub fn from_ms(
+        frame_ms: u32,
+        pre_roll_ms: u32,
+        min_speech_ms: u32,
+        hangover_ms: u32,
+        tail_pad_ms: u32,
+        max_segment_ms: u32,
+    ) -> Self {
         let s = |ms: u32| (ms as usize) * 16;
         let max_segment = s(max_segment_ms).max(s(frame_ms) * 4);
         Self {
@@ -52,18 +59,40 @@ pub enum EndReason {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum SegmentEvent {
-    Start { segment: u64, start: u64 },
+    Start {
+        segment: u64,
+        start: u64,
+    },
     /// Silence reached `tail_pad`: the segment would end at `end` if it stays silent.
-    Pause { segment: u64, end: u64 },
+    Pause {
+        segment: u64,
+        end: u64,
+    },
     /// Speech came back before the hangover ended.
-    Resume { segment: u64 },
-    End { segment: u64, start: u64, end: u64, reason: EndReason },
+    Resume {
+        segment: u64,
+    },
+    End {
+        segment: u64,
+        start: u64,
+        end: u64,
+        reason: EndReason,
+    },
 }
 
 #[derive(Debug)]
 enum State {
-    Idle { voiced_run: usize, run_start: u64 },
-    Speech { segment: u64, start: u64, last_voiced_end: u64, silence: usize, paused: bool },
+    Idle {
+        voiced_run: usize,
+        run_start: u64,
+    },
+    Speech {
+        segment: u64,
+        start: u64,
+        last_voiced_end: u64,
+        silence: usize,
+        paused: bool,
+    },
 }
 
 pub struct Segmenter {
@@ -80,7 +109,10 @@ impl Segmenter {
     pub fn new(cfg: SegmenterConfig) -> Self {
         Self {
             cfg,
-            state: State::Idle { voiced_run: 0, run_start: 0 },
+            state: State::Idle {
+                voiced_run: 0,
+                run_start: 0,
+            },
             next_segment: 0,
             last_end: 0,
             recent: VecDeque::new(),
@@ -100,15 +132,26 @@ impl Segmenter {
     }
 
     /// Feeds the decision for the frame starting at sample `frame_start`.
-    pub fn push(&mut self, frame_start: u64, voiced: bool, energy: f32, events: &mut Vec<SegmentEvent>) {
+    pub fn push(
+        &mut self,
+        frame_start: u64,
+        voiced: bool,
+        energy: f32,
+        events: &mut Vec<SegmentEvent>,
+    ) {
         let frame = self.cfg.frame_samples as u64;
         let frame_end = frame_start + frame;
         self.recent.push_back((frame_start, energy));
-        while self.recent.len() * self.cfg.frame_samples > self.cfg.cut_search.max(self.cfg.frame_samples) {
+        while self.recent.len() * self.cfg.frame_samples
+            > self.cfg.cut_search.max(self.cfg.frame_samples)
+        {
             self.recent.pop_front();
         }
         match &mut self.state {
-            State::Idle { voiced_run, run_start } => {
+            State::Idle {
+                voiced_run,
+                run_start,
+            } => {
                 if !voiced {
                     *voiced_run = 0;
                     return;
@@ -118,14 +161,28 @@ impl Segmenter {
                 }
                 *voiced_run += self.cfg.frame_samples;
                 if *voiced_run >= self.cfg.min_speech.max(1) {
-                    let start = run_start.saturating_sub(self.cfg.pre_roll as u64).max(self.last_end);
+                    let start = run_start
+                        .saturating_sub(self.cfg.pre_roll as u64)
+                        .max(self.last_end);
                     let segment = self.next_segment;
                     self.next_segment += 1;
                     events.push(SegmentEvent::Start { segment, start });
-                    self.state = State::Speech { segment, start, last_voiced_end: frame_end, silence: 0, paused: false };
+                    self.state = State::Speech {
+                        segment,
+                        start,
+                        last_voiced_end: frame_end,
+                        silence: 0,
+                        paused: false,
+                    };
                 }
             }
-            State::Speech { segment, start, last_voiced_end, silence, paused } => {
+            State::Speech {
+                segment,
+                start,
+                last_voiced_end,
+                silence,
+                paused,
+            } => {
                 let (segment, start) = (*segment, *start);
                 if voiced {
                     *last_voiced_end = frame_end;
@@ -138,9 +195,17 @@ impl Segmenter {
                     *silence += self.cfg.frame_samples;
                     let end = *last_voiced_end + self.cfg.tail_pad as u64;
                     if *silence >= self.cfg.hangover {
-                        events.push(SegmentEvent::End { segment, start, end, reason: EndReason::Silence });
+                        events.push(SegmentEvent::End {
+                            segment,
+                            start,
+                            end,
+                            reason: EndReason::Silence,
+                        });
                         self.last_end = end;
-                        self.state = State::Idle { voiced_run: 0, run_start: 0 };
+                        self.state = State::Idle {
+                            voiced_run: 0,
+                            run_start: 0,
+                        };
                         return;
                     }
                     if *silence >= self.cfg.tail_pad && !*paused {
@@ -150,12 +215,26 @@ impl Segmenter {
                 }
                 if !*paused && frame_end - start >= self.cfg.max_segment as u64 {
                     let cut = self.quietest_recent(start).unwrap_or(frame_end);
-                    events.push(SegmentEvent::End { segment, start, end: cut, reason: EndReason::MaxLength });
+                    events.push(SegmentEvent::End {
+                        segment,
+                        start,
+                        end: cut,
+                        reason: EndReason::MaxLength,
+                    });
                     let next = self.next_segment;
                     self.next_segment += 1;
-                    events.push(SegmentEvent::Start { segment: next, start: cut });
+                    events.push(SegmentEvent::Start {
+                        segment: next,
+                        start: cut,
+                    });
                     self.last_end = cut;
-                    self.state = State::Speech { segment: next, start: cut, last_voiced_end: frame_end, silence: 0, paused: false };
+                    self.state = State::Speech {
+                        segment: next,
+                        start: cut,
+                        last_voiced_end: frame_end,
+                        silence: 0,
+                        paused: false,
+                    };
                 }
             }
         }
@@ -173,15 +252,32 @@ impl Segmenter {
 
     /// Closes the open segment at the end of the stream (`stream_end` samples).
     pub fn flush(&mut self, stream_end: u64) -> Option<SegmentEvent> {
-        match std::mem::replace(&mut self.state, State::Idle { voiced_run: 0, run_start: 0 }) {
-            State::Speech { segment, start, last_voiced_end, silence, .. } => {
+        match std::mem::replace(
+            &mut self.state,
+            State::Idle {
+                voiced_run: 0,
+                run_start: 0,
+            },
+        ) {
+            State::Speech {
+                segment,
+                start,
+                last_voiced_end,
+                silence,
+                ..
+            } => {
                 let end = if silence == 0 {
                     stream_end
                 } else {
                     (last_voiced_end + self.cfg.tail_pad as u64).min(stream_end)
                 };
                 self.last_end = end;
-                Some(SegmentEvent::End { segment, start, end, reason: EndReason::Flush })
+                Some(SegmentEvent::End {
+                    segment,
+                    start,
+                    end,
+                    reason: EndReason::Flush,
+                })
             }
             State::Idle { .. } => None,
         }
@@ -216,10 +312,30 @@ mod tests {
         // 1 s silence, 1 s speech (50 frames), 1 s silence.
         let ev = run(&mut seg, &[(false, 50), (true, 50), (false, 50)], &mut pos);
         // Speech starts at frame 50 = sample 16000; pre-roll 1600 samples.
-        assert_eq!(ev[0], SegmentEvent::Start { segment: 0, start: 16000 - 1600 });
+        assert_eq!(
+            ev[0],
+            SegmentEvent::Start {
+                segment: 0,
+                start: 16000 - 1600
+            }
+        );
         let speech_end = 32000;
-        assert_eq!(ev[1], SegmentEvent::Pause { segment: 0, end: speech_end + 1600 });
-        assert_eq!(ev[2], SegmentEvent::End { segment: 0, start: 14400, end: speech_end + 1600, reason: EndReason::Silence });
+        assert_eq!(
+            ev[1],
+            SegmentEvent::Pause {
+                segment: 0,
+                end: speech_end + 1600
+            }
+        );
+        assert_eq!(
+            ev[2],
+            SegmentEvent::End {
+                segment: 0,
+                start: 14400,
+                end: speech_end + 1600,
+                reason: EndReason::Silence
+            }
+        );
         assert_eq!(ev.len(), 3);
     }
 
@@ -228,7 +344,18 @@ mod tests {
         let mut seg = Segmenter::new(cfg());
         let mut pos = 0;
         // A 40 ms blip (below min speech), then speech with a 200 ms gap (< hangover).
-        let ev = run(&mut seg, &[(true, 2), (false, 20), (true, 20), (false, 10), (true, 20), (false, 40)], &mut pos);
+        let ev = run(
+            &mut seg,
+            &[
+                (true, 2),
+                (false, 20),
+                (true, 20),
+                (false, 10),
+                (true, 20),
+                (false, 40),
+            ],
+            &mut pos,
+        );
         let kinds: Vec<&str> = ev
             .iter()
             .map(|e| match e {
@@ -252,13 +379,24 @@ mod tests {
             seg.push(pos, true, energy, &mut events);
             pos += 320;
         }
-        let ends: Vec<_> = events.iter().filter(|e| matches!(e, SegmentEvent::End { .. })).collect();
-        let SegmentEvent::End { end, reason, .. } = ends[0] else { unreachable!() };
+        let ends: Vec<_> = events
+            .iter()
+            .filter(|e| matches!(e, SegmentEvent::End { .. }))
+            .collect();
+        let SegmentEvent::End { end, reason, .. } = ends[0] else {
+            unreachable!()
+        };
         assert_eq!(*reason, EndReason::MaxLength);
         assert_eq!(*end, 80 * 320 + 160, "cut in the middle of the quiet frame");
         // The next segment starts exactly at the cut: nothing is lost or repeated.
-        assert!(events.contains(&SegmentEvent::Start { segment: 1, start: 80 * 320 + 160 }));
-        assert!(ends.len() >= 2, "4 s of speech with a 2 s maximum needs at least two cuts");
+        assert!(events.contains(&SegmentEvent::Start {
+            segment: 1,
+            start: 80 * 320 + 160
+        }));
+        assert!(
+            ends.len() >= 2,
+            "4 s of speech with a 2 s maximum needs at least two cuts"
+        );
     }
 
     #[test]
@@ -266,7 +404,15 @@ mod tests {
         let mut seg = Segmenter::new(cfg());
         let mut pos = 0;
         run(&mut seg, &[(true, 30)], &mut pos);
-        assert_eq!(seg.flush(pos), Some(SegmentEvent::End { segment: 0, start: 0, end: pos, reason: EndReason::Flush }));
+        assert_eq!(
+            seg.flush(pos),
+            Some(SegmentEvent::End {
+                segment: 0,
+                start: 0,
+                end: pos,
+                reason: EndReason::Flush
+            })
+        );
         assert_eq!(seg.flush(pos), None);
     }
 }

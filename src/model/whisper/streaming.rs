@@ -63,9 +63,9 @@ impl WhisperRecognizer {
     fn encoder_frames(&self, n: usize) -> usize {
         match self.encoder_context {
             EncoderContext::Full => WHISPER_CHUNK_FRAMES,
-            EncoderContext::Trimmed => {
-                ((n + TRIM_MARGIN_FRAMES).div_ceil(TRIM_STEP_FRAMES) * TRIM_STEP_FRAMES).min(WHISPER_CHUNK_FRAMES)
-            }
+            EncoderContext::Trimmed => ((n + TRIM_MARGIN_FRAMES).div_ceil(TRIM_STEP_FRAMES)
+                * TRIM_STEP_FRAMES)
+                .min(WHISPER_CHUNK_FRAMES),
         }
     }
 
@@ -83,31 +83,55 @@ impl WhisperRecognizer {
 
 impl Recognizer for WhisperRecognizer {
     fn name(&self) -> String {
-        format!("whisper-{}L-{}d", self.model.config.decoder_layers, self.model.config.d_model)
+        format!(
+            "whisper-{}L-{}d",
+            self.model.config.decoder_layers, self.model.config.d_model
+        )
     }
 
     fn frontend(&self) -> FrontendSpec {
         // N_FFT zeros reach every frame that overlaps the audio; later frames are silence.
-        FrontendSpec { n_mels: self.model.config.n_mels, tail_zeros: N_FFT }
+        FrontendSpec {
+            n_mels: self.model.config.n_mels,
+            tail_zeros: N_FFT,
+        }
     }
 
     fn max_segment_seconds(&self) -> f64 {
         30.0
     }
 
-    fn decode(&mut self, features: &SegmentFeatures, prefix: &[u32]) -> Result<Hypothesis, ModelError> {
+    fn decode(
+        &mut self,
+        features: &SegmentFeatures,
+        prefix: &[u32],
+    ) -> Result<Hypothesis, ModelError> {
         let t0 = Instant::now();
         let mel = self.log_mel(features);
         let encoded = self.model.encode(&mel)?;
         let cross = self.model.cross_attention(&encoded)?;
         let encode_time = t0.elapsed();
-        let conditioning: &[u32] = if self.condition_on_previous { &self.context } else { &[] };
+        let conditioning: &[u32] = if self.condition_on_previous {
+            &self.context
+        } else {
+            &[]
+        };
         let (prompt, sot_index) = self.model.build_prompt(conditioning, &self.task_tokens);
-        let opts = DecodingOptions { timestamps: false, ..Default::default() };
-        let result = self.model.greedy_decode_forced(&cross, &prompt, sot_index, prefix, &opts)?;
-        let silent = result.no_speech_prob > self.no_speech_threshold && result.avg_logprob < self.logprob_threshold;
+        let opts = DecodingOptions {
+            timestamps: false,
+            ..Default::default()
+        };
+        let result = self
+            .model
+            .greedy_decode_forced(&cross, &prompt, sot_index, prefix, &opts)?;
+        let silent = result.no_speech_prob > self.no_speech_threshold
+            && result.avg_logprob < self.logprob_threshold;
         // A segment the model itself calls silence keeps only what was already committed.
-        let tokens = if silent && prefix.is_empty() { Vec::new() } else { result.tokens };
+        let tokens = if silent && prefix.is_empty() {
+            Vec::new()
+        } else {
+            result.tokens
+        };
         Ok(Hypothesis {
             text: self.model.tokenizer.decode_text(&tokens),
             tokens,
@@ -118,7 +142,11 @@ impl Recognizer for WhisperRecognizer {
         })
     }
 
-    fn commit(&mut self, _features: &SegmentFeatures, hypothesis: &Hypothesis) -> Result<(), ModelError> {
+    fn commit(
+        &mut self,
+        _features: &SegmentFeatures,
+        hypothesis: &Hypothesis,
+    ) -> Result<(), ModelError> {
         self.context.extend_from_slice(&hypothesis.tokens);
         // The prompt only ever uses the most recent half-context of tokens.
         let keep = self.model.decoder.n_text_ctx() / 2;
