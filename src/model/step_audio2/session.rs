@@ -14,6 +14,7 @@ use super::prompt::SystemPrompt;
 use super::{llm, StepAudio2};
 use crate::model::ModelError;
 use candle_core::{DType, Tensor};
+use std::time::{Duration, Instant};
 
 /// Decoding budget of one turn when the caller gives none.
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 512;
@@ -81,6 +82,12 @@ pub struct TurnOutput {
     pub prompt_tokens: usize,
     /// Whether this turn restarted the stream from the system prompt first.
     pub restarted: bool,
+    /// Prompt + prefix prefill, until the first id was read back.
+    pub prefill_time: Duration,
+    /// Single-token steps after the prefill and the time they took (the
+    /// closing `<|EOT|>` of a commit not included).
+    pub decode_steps: usize,
+    pub decode_time: Duration,
 }
 
 pub struct Session {
@@ -250,6 +257,8 @@ impl Session {
     ) -> Result<TurnOutput, ModelError> {
         let llm = &sa.model.llm;
         let eot = sa.tokenizer.eot;
+        let start = Instant::now();
+        let mut first_read: Option<Instant> = None;
         let mut embeds = sa.model.embed_prompt(prompt, audio)?;
         if !prefix.is_empty() {
             embeds = Tensor::cat(&[embeds, llm.embed(prefix)?], 0)?;
@@ -268,6 +277,7 @@ impl Session {
                 out.step_logits.push(logits.to_dtype(DType::F32)?);
             }
             let next = llm::argmax(&logits)?;
+            first_read.get_or_insert_with(Instant::now);
             let lp = llm::max_logprob(&logits)?;
             logprob = Some(match logprob {
                 Some(sum) => (sum + lp)?,
@@ -285,7 +295,12 @@ impl Session {
             }
             let h = llm.forward(&llm.embed(&[next])?.unsqueeze(0)?, &mut self.state)?;
             logits = llm.logits_last(&h)?;
+            out.decode_steps += 1;
         }
+        let decoded = Instant::now();
+        let first_read = first_read.unwrap_or(decoded);
+        out.prefill_time = first_read - start;
+        out.decode_time = decoded - first_read;
         if commit {
             // Close the assistant turn the way the published multi-turn
             // layout does: the generated ids as they are, then <|EOT|>.
