@@ -236,7 +236,7 @@ fn second_turn_on_the_persisted_cache_matches_from_scratch() {
     let mut session = sa.session(session_opts(SystemPrompt::English, 12)).unwrap();
     assert_eq!(session.committed_len(), bounds[0]);
     let t1 = session
-        .decode_final(&sa, &[rows1.clone()], &[], &record(12))
+        .decode_final(&sa, std::slice::from_ref(&rows1), &[], &record(12))
         .unwrap();
     assert_eq!(t1.generated, ids(&fx["turn1_greedy_tokens"]));
     assert_eq!(t1.generated, ids(&fx["turn1_assistant_ids"]));
@@ -252,7 +252,7 @@ fn second_turn_on_the_persisted_cache_matches_from_scratch() {
     );
 
     let t2 = session
-        .decode_final(&sa, &[rows2.clone()], &[], &record(12))
+        .decode_final(&sa, std::slice::from_ref(&rows2), &[], &record(12))
         .unwrap();
     assert_eq!(
         t2.generated,
@@ -316,17 +316,17 @@ fn partial_rollback_leaves_the_cache_bit_identical() {
     let rows2 = clip_rows(&sa, "zh_aishell2_IT0011W0001.safetensors");
     let mut session = sa.session(session_opts(SystemPrompt::English, 12)).unwrap();
     session
-        .decode_final(&sa, &[rows1.clone()], &[], &record(12))
+        .decode_final(&sa, std::slice::from_ref(&rows1), &[], &record(12))
         .unwrap();
     let committed = session.committed_len();
     let before = kv_snapshot(&session);
 
     // Partials with and without a forced prefix, then check the cache.
     session
-        .decode_partial(&sa, &[rows2.clone()], &[], &record(12))
+        .decode_partial(&sa, std::slice::from_ref(&rows2), &[], &record(12))
         .unwrap();
     session
-        .decode_partial(&sa, &[rows2.clone()], &[210, 87], &record(5))
+        .decode_partial(&sa, std::slice::from_ref(&rows2), &[210, 87], &record(5))
         .unwrap();
     assert_eq!(session.committed_len(), committed);
     assert_eq!(session.state().len(), committed);
@@ -342,7 +342,7 @@ fn partial_rollback_leaves_the_cache_bit_identical() {
 
     // And the final after partials equals a final without them, bit for bit.
     let with = session
-        .decode_final(&sa, &[rows2.clone()], &[], &record(12))
+        .decode_final(&sa, std::slice::from_ref(&rows2), &[], &record(12))
         .unwrap();
     let mut fresh = sa.session(session_opts(SystemPrompt::English, 12)).unwrap();
     fresh.decode_final(&sa, &[rows1], &[], &record(12)).unwrap();
@@ -437,7 +437,7 @@ fn max_context_restarts_from_the_system_prompt() {
     assert_eq!(session.committed_len(), system);
     assert_eq!(session.state().len(), system);
     let t2 = session
-        .decode_final(&sa, &[rows2.clone()], &[], &record(12))
+        .decode_final(&sa, std::slice::from_ref(&rows2), &[], &record(12))
         .unwrap();
 
     // Turn 2 then sees exactly what a fresh stream sees.

@@ -221,15 +221,45 @@ pub fn encoder_valid_len(mel_len: usize) -> usize {
 /// Adapter outputs kept (= `<audio_patch>` tokens) for `enc_valid` encoder
 /// rows: the adapter conv's output length for that input (k3, padding 1).
 pub fn adapter_keep_len(enc_valid: usize, stride: usize) -> usize {
-    // (E + 2·1 − 3) // stride + 1 with Python's floor division: 0 for E = 0.
-    if enc_valid == 0 {
-        0
-    } else {
-        (enc_valid - 1) / stride + 1
-    }
+    // (E + 2·1 − 3) // stride + 1 with Python's floor division, i.e. ⌈E / stride⌉
+    // (0 for E = 0).
+    enc_valid.div_ceil(stride)
 }
 
 /// `<audio_patch>` tokens for a mel of `mel_len` frames.
 pub fn n_patches(mel_len: usize, stride: usize) -> usize {
     adapter_keep_len(encoder_valid_len(mel_len), stride)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patch_counts_match_the_published_formula() {
+        // (L, E, n) of the reference fixtures.
+        for (l, e, n) in [
+            (112, 27, 14),
+            (202, 50, 25),
+            (2502, 625, 313),
+            (175, 43, 22),
+        ] {
+            assert_eq!(encoder_valid_len(l), e, "L={l}");
+            assert_eq!(n_patches(l, 2), n, "L={l}");
+        }
+        assert_eq!(adapter_keep_len(0, 2), 0);
+        assert_eq!(n_patches(0, 2), 0);
+    }
+
+    #[test]
+    fn tiny_checkpoint_config_parses() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/step_audio2/tiny_ckpt/config.json");
+        let cfg = StepAudio2Config::from_file(&dir).unwrap();
+        assert_eq!(cfg.text.head_dim(), 32);
+        assert_eq!(cfg.text.num_kv_heads, 2);
+        assert_eq!(cfg.text.rope_theta, 1e6);
+        assert_eq!(cfg.encoder.n_state, 64);
+        StepAudio2Config::mini().validate().unwrap();
+    }
 }
