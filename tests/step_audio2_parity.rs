@@ -421,11 +421,12 @@ fn max_context_restarts_from_the_system_prompt() {
         .with_writer(log.clone())
         .with_ansi(false)
         .finish();
-    tracing::subscriber::with_default(subscriber, || {
+    let t1 = tracing::subscriber::with_default(subscriber, || {
         session
             .decode_final(&sa, &[rows1], &[], &record(12))
-            .unwrap();
+            .unwrap()
     });
+    assert!(t1.restarted);
     let logged = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
     eprintln!("trace: {}", logged.trim());
     assert!(

@@ -80,7 +80,9 @@ pub struct TurnOutput {
     pub step_logits: Vec<Tensor>,
     /// Tokens of the human turn prompt (audio patches included) + prefix.
     pub prompt_tokens: usize,
-    /// Whether this turn restarted the stream from the system prompt first.
+    /// Whether the stream restarted from the system prompt during this turn:
+    /// before it (the model's position limit, partials included) or after
+    /// its commit (the committed context passed `max_context`).
     pub restarted: bool,
     /// Prompt + prefix prefill, until the first id was read back.
     pub prefill_time: Duration,
@@ -228,6 +230,7 @@ impl Session {
                     self.committed = self.state.len();
                     if self.committed > self.opts.max_context {
                         self.restart("budget passed");
+                        restarted = true;
                     }
                 } else {
                     self.state.truncate(base);
