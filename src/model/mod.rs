@@ -8,6 +8,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod recognizer;
 pub mod safetensors_store;
+pub mod step_audio2;
 pub mod whisper;
 
 use std::path::Path;

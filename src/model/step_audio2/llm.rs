@@ -1,0 +1,262 @@
+//! The Qwen2.5-shaped language model of Step-Audio 2: pre-norm decoder layers
+//! with grouped-query attention (q/k/v biases, no o_proj bias), RoPE on
+//! non-interleaved halves, RMSNorm, SiLU-gated MLP, final norm and an untied
+//! `lm_head`. Keys and values live in preallocated per-layer [`KvCache`]s, so
+//! a step appends one position in place and a rollback is a truncation.
+
+use crate::model::kv_cache::KvCache;
+use crate::model::layers::{causal_mask, Linear, RmsNorm};
+use candle_core::{DType, Device, Result, Tensor, D};
+
+#[derive(Clone, Debug)]
+pub struct LlmLayer {
+    pub input_layernorm: RmsNorm,
+    /// `q_proj`, `k_proj`, `v_proj` (all with bias) fused into one
+    /// `[H + 2·kv·hd, H]` projection: one GEMM instead of three per layer.
+    pub qkv: Linear,
+    pub o_proj: Linear,
+    pub post_attention_layernorm: RmsNorm,
+    /// `gate_proj` and `up_proj` fused into `[2·I, H]`.
+    pub gate_up: Linear,
+    pub down_proj: Linear,
+}
+
+#[derive(Clone, Debug)]
+pub struct Qwen2Llm {
+    /// `[V, H]`.
+    pub embed_tokens: Tensor,
+    pub layers: Vec<LlmLayer>,
+    pub norm: RmsNorm,
+    /// `[V, H]`, separate from the embedding.
+    pub lm_head: Linear,
+    /// RoPE tables `[max_positions, hd/2]` in the model dtype.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The per-layer key/value caches of one stream.
+#[derive(Clone, Debug)]
+pub struct LlmState {
+    caches: Vec<KvCache>,
+}
+
+impl LlmState {
+    pub fn len(&self) -> usize {
+        self.caches.first().map_or(0, KvCache::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets positions from `len` on; the stored prefix is not touched.
+    pub fn truncate(&mut self, len: usize) {
+        self.caches.iter_mut().for_each(|c| c.truncate(len));
+    }
+
+    /// Cached keys and values `[1, kv_heads, len, hd]` of layer `i`.
+    pub fn layer(&self, i: usize) -> Result<Option<(Tensor, Tensor)>> {
+        match self.caches.get(i) {
+            Some(c) => c.current(),
+            None => Ok(None),
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.caches.len()
+    }
+
+    /// Allocated positions (the same in every layer).
+    pub fn capacity(&self) -> usize {
+        self.caches.first().map_or(0, KvCache::capacity)
+    }
+}
+
+/// RoPE angles as transformers' Qwen2 computes them in f32:
+/// inv_freq_i = 1 / θ^(2i/hd), angle = position · inv_freq_i; the table holds
+/// one half, which the kernel applies to both halves of a head.
+pub fn rope_tables(
+    max_positions: usize,
+    head_dim: usize,
+    theta: f64,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| {
+            let exponent = (2 * i) as f32 / head_dim as f32;
+            (1.0 / theta.powf(exponent as f64)) as f32
+        })
+        .collect();
+    let mut cos = Vec::with_capacity(max_positions * half);
+    let mut sin = Vec::with_capacity(max_positions * half);
+    for p in 0..max_positions {
+        for &f in &inv_freq {
+            // The angle is rounded to f32 like the reference's; cos/sin of it
+            // are then taken in f64 and rounded once.
+            let angle = (p as f32 * f) as f64;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    let cos = Tensor::from_vec(cos, (max_positions, half), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (max_positions, half), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+impl Qwen2Llm {
+    pub fn hidden_size(&self) -> usize {
+        self.embed_tokens.dim(1).unwrap_or(0)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.lm_head.out_features()
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// An empty state whose caches are allocated for `capacity` positions on
+    /// the first append (they double if a stream ever needs more).
+    pub fn new_state(&self, capacity: usize) -> LlmState {
+        LlmState {
+            caches: self.layers.iter().map(|_| KvCache::new(capacity)).collect(),
+        }
+    }
+
+    /// Token embeddings `[n, H]`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::new(ids, self.device())?;
+        self.embed_tokens.index_select(&ids, 0)
+    }
+
+    /// Runs input embeddings `[1, n, H]` at positions `state.len()..` through
+    /// the decoder, appending their keys and values to `state`, and returns
+    /// the final-norm hidden states `[1, n, H]`.
+    pub fn forward(&self, embeds: &Tensor, state: &mut LlmState) -> Result<Tensor> {
+        let (_, n, _) = embeds.dims3()?;
+        let past = state.len();
+        if past + n > self.max_positions() {
+            candle_core::bail!(
+                "LLM context of {} positions exceeds the model's {}",
+                past + n,
+                self.max_positions()
+            );
+        }
+        let cos = self.cos.narrow(0, past, n)?;
+        let sin = self.sin.narrow(0, past, n)?;
+        // A single new position may attend to everything cached: no mask.
+        let mask = if n > 1 {
+            Some(causal_mask(n, past, DType::F32, self.device())?)
+        } else {
+            None
+        };
+        let mut x = embeds.clone();
+        for (layer, cache) in self.layers.iter().zip(&mut state.caches) {
+            x = self.layer_forward(layer, &x, cache, &cos, &sin, mask.as_ref())?;
+        }
+        self.norm.forward(&x)
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &LlmLayer,
+        x: &Tensor,
+        cache: &mut KvCache,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, n, hidden) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let h = layer.input_layernorm.forward(x)?;
+        let qkv = layer.qkv.forward(&h)?;
+        let heads = |start: usize, count: usize| -> Result<Tensor> {
+            qkv.narrow(2, start, count * hd)?
+                .reshape((b, n, count, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = candle_nn::rotary_emb::rope(&heads(0, nh)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&heads(nh * hd, nkv)?, cos, sin)?;
+        let v = heads((nh + nkv) * hd, nkv)?;
+        let (k, v) = cache.append(&k, &v)?;
+        let a = gqa_attention(&q, &k, &v, nkv, (hd as f64).powf(-0.5), mask)?;
+        let x = (x + layer.o_proj.forward(&a.reshape((b, n, hidden))?)?)?;
+        let h = layer.post_attention_layernorm.forward(&x)?;
+        let gu = layer.gate_up.forward(&h)?;
+        let inter = gu.dim(2)? / 2;
+        let act = (gu.narrow(2, 0, inter)?.silu()? * gu.narrow(2, inter, inter)?)?;
+        x + layer.down_proj.forward(&act)?
+    }
+
+    /// Vocabulary logits of the last position of `hidden` `[1, n, H]`: `[V]`.
+    /// Only that row goes through `lm_head` (the prefill needs no others).
+    pub fn logits_last(&self, hidden: &Tensor) -> Result<Tensor> {
+        let n = hidden.dim(1)?;
+        self.lm_head
+            .forward(&hidden.narrow(1, n - 1, 1)?)?
+            .flatten_all()
+    }
+
+    /// Logits `[.., V]` of every row of `hidden`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+}
+
+/// Grouped-query attention without copying keys and values per query head:
+/// query head j uses kv head j / rep, so the `rep` query heads of a group are
+/// stacked along the sequence axis and share one matmul with their kv head.
+/// q `[b, nh, n, hd]`, k/v `[b, nkv, S, hd]` (views of the cache), mask
+/// `[n, S]` f32 → `[b, n, nh, hd]`. Scores, mask and softmax in f32.
+fn gqa_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    nkv: usize,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, nh, n, hd) = q.dims4()?;
+    let s = k.dim(2)?;
+    let rep = nh / nkv;
+    let dtype = q.dtype();
+    let q = q.reshape((b, nkv, rep * n, hd))?;
+    let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores
+            .reshape((b, nkv, rep, n, s))?
+            .broadcast_add(m)?
+            .reshape((b, nkv, rep * n, s))?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    probs.matmul(v)?.reshape((b, nh, n, hd))?.transpose(1, 2)
+}
+
+/// Index of the largest logit, read back to the host: the one sync per step.
+pub fn argmax(logits: &Tensor) -> Result<u32> {
+    logits.argmax(D::Minus1)?.to_scalar::<u32>()
+}
+
+/// log p of the argmax token, kept on the device: max − logsumexp.
+pub fn max_logprob(logits: &Tensor) -> Result<Tensor> {
+    let l = logits.to_dtype(DType::F32)?;
+    let max = l.max_keepdim(D::Minus1)?;
+    let sum = l.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
+    sum.log()?.neg()?.flatten_all()
+}

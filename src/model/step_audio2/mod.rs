@@ -1,0 +1,277 @@
+//! Step-Audio 2 mini: a Whisper-style audio encoder with average pooling, an
+//! adapter into the LLM's embedding space, and a Qwen2.5-shaped LLM that
+//! writes the transcript; loaded from the published checkpoint layout.
+//!
+//! Long audio: the published code cuts it into 25 s pieces and runs their
+//! mels through the encoder as **one batch** (zero-padded to the longest,
+//! key-mask parity from the padded length). This implementation takes that
+//! batched path ([`StepAudio2Model::audio_embeddings`]), since it is what the
+//! weights were used with; a live segment (≤ 25 s) is a batch of one.
+//!
+//! Tensor code stays on the model's device and dtype; the decode loop reads
+//! back only the sampled id per step.
+
+pub mod adapter;
+pub mod config;
+pub mod encoder;
+pub mod llm;
+pub mod load;
+pub mod prompt;
+pub mod session;
+
+use crate::frontend::{
+    LogMel, MelExtractor, HOP_LENGTH, STEP_AUDIO_PIECE_SAMPLES, STEP_AUDIO_TAIL_PADDING,
+};
+use crate::model::recognizer::{Hypothesis, MelLayout, Recognizer};
+use crate::model::ModelError;
+use adapter::Adapter;
+use candle_core::{DType, Device, Tensor};
+use config::StepAudio2Config;
+use encoder::{AudioEncoder, EncoderOutput};
+use llm::Qwen2Llm;
+use prompt::{PromptIds, StepTokenizer};
+pub use session::{Session, SessionOptions, TurnOptions, TurnOutput};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Longest audio of one piece / one live segment.
+pub const MAX_SEGMENT_SECONDS: f64 = 25.0;
+/// Mel frames of a full 25 s piece: (400000 + 479) / 160.
+pub const MAX_PIECE_FRAMES: usize =
+    (STEP_AUDIO_PIECE_SAMPLES + STEP_AUDIO_TAIL_PADDING) / HOP_LENGTH;
+
+/// The weights: encoder, adapter and LLM on one device in one dtype.
+pub struct StepAudio2Model {
+    pub config: StepAudio2Config,
+    pub encoder: AudioEncoder,
+    pub adapter: Adapter,
+    pub llm: Qwen2Llm,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl StepAudio2Model {
+    /// Mels as one batch `[B, n_mels, T]`, zero-padded on the right to the
+    /// longest (the published padding value), with their lengths.
+    pub fn mel_batch(&self, mels: &[&LogMel]) -> Result<(Tensor, Vec<usize>), ModelError> {
+        let n_mels = self.config.encoder.n_mels;
+        if let Some(m) = mels.iter().find(|m| m.n_mels != n_mels) {
+            return Err(ModelError::Invalid(format!(
+                "log-mel has {} bins, the model expects {n_mels}",
+                m.n_mels
+            )));
+        }
+        let t = mels.iter().map(|m| m.n_frames).max().unwrap_or(0);
+        let mut data = vec![0f32; mels.len() * n_mels * t];
+        for (b, m) in mels.iter().enumerate() {
+            for (row, src) in m.data.chunks_exact(m.n_frames.max(1)).enumerate() {
+                let dst = (b * n_mels + row) * t;
+                data[dst..dst + m.n_frames].copy_from_slice(&src[..m.n_frames]);
+            }
+        }
+        let x =
+            Tensor::from_vec(data, (mels.len(), n_mels, t), &self.device)?.to_dtype(self.dtype)?;
+        Ok((x, mels.iter().map(|m| m.n_frames).collect()))
+    }
+
+    /// The encoder on a batch of mels (one per 25 s piece).
+    pub fn encode(&self, mels: &[&LogMel]) -> Result<EncoderOutput, ModelError> {
+        let (x, lens) = self.mel_batch(mels)?;
+        Ok(self.encoder.forward(&x, &lens)?)
+    }
+
+    /// Encoder + adapter: per mel, the `[n_i, H]` rows that replace its
+    /// `<audio_patch>` embeddings. All mels go through as one batch.
+    pub fn audio_embeddings(&self, mels: &[&LogMel]) -> Result<Vec<Tensor>, ModelError> {
+        // Fewer than 3 frames (< 20 ms) leave the conv stack nothing to pool.
+        if mels.iter().all(|m| m.n_frames < 3) {
+            let h = self.config.text.hidden_size;
+            return mels
+                .iter()
+                .map(|_| Ok(Tensor::zeros((0, h), self.dtype, &self.device)?))
+                .collect();
+        }
+        let enc = self.encode(mels)?;
+        Ok(self.adapter.kept_rows(&enc)?.0)
+    }
+
+    /// Input embeddings `[n, H]` of `prompt`, its `<audio_patch>` positions
+    /// replaced by `audio[i]` for the i-th run.
+    pub fn embed_prompt(&self, prompt: &PromptIds, audio: &[Tensor]) -> Result<Tensor, ModelError> {
+        if prompt.patch_runs.len() != audio.len() {
+            return Err(ModelError::Invalid(format!(
+                "prompt has {} audio pieces, {} given",
+                prompt.patch_runs.len(),
+                audio.len()
+            )));
+        }
+        let mut parts = Vec::with_capacity(2 * audio.len() + 1);
+        let mut cur = 0;
+        for (&(start, n), rows) in prompt.patch_runs.iter().zip(audio) {
+            if rows.dim(0)? != n {
+                return Err(ModelError::Invalid(format!(
+                    "{} audio rows for {n} patches",
+                    rows.dim(0)?
+                )));
+            }
+            if start > cur {
+                parts.push(self.llm.embed(&prompt.ids[cur..start])?);
+            }
+            if n > 0 {
+                parts.push(rows.to_dtype(self.dtype)?);
+            }
+            cur = start + n;
+        }
+        if cur < prompt.ids.len() {
+            parts.push(self.llm.embed(&prompt.ids[cur..])?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+/// Weights, tokenizer and log-mel frontend: everything a stream needs.
+pub struct StepAudio2 {
+    pub model: StepAudio2Model,
+    pub tokenizer: StepTokenizer,
+    pub mel: Arc<MelExtractor>,
+}
+
+impl StepAudio2 {
+    pub fn new(model: StepAudio2Model, tokenizer: StepTokenizer) -> Result<Self, ModelError> {
+        let vocab = model.config.text.vocab_size as u32;
+        let t = &tokenizer;
+        for (name, id) in [
+            ("<|BOT|>", t.bot),
+            ("<|EOT|>", t.eot),
+            ("<audio_start>", t.audio_start),
+            ("<audio_end>", t.audio_end),
+            ("<audio_patch>", t.audio_patch),
+        ] {
+            if id >= vocab {
+                return Err(ModelError::Invalid(format!(
+                    "tokenizer id {id} of {name} is outside the model's vocabulary of {vocab}"
+                )));
+            }
+        }
+        let mel = Arc::new(MelExtractor::new(model.config.encoder.n_mels));
+        Ok(Self {
+            model,
+            tokenizer,
+            mel,
+        })
+    }
+
+    pub fn session(&self, opts: SessionOptions) -> Result<Session, ModelError> {
+        Session::new(self, opts)
+    }
+
+    /// Offline ASR of a whole recording (16 kHz mono) as one committed turn:
+    /// 25 s pieces, each its own mel, encoded as one batch.
+    pub fn transcribe(
+        &self,
+        session: &mut Session,
+        audio: &[f32],
+        opts: &TurnOptions,
+    ) -> Result<TurnOutput, ModelError> {
+        let mels = self.mel.step_audio_pieces(audio);
+        let refs: Vec<&LogMel> = mels.iter().collect();
+        let rows = self.model.audio_embeddings(&refs)?;
+        session.decode_final(self, &rows, &[], opts)
+    }
+}
+
+/// [`Recognizer`] over a [`StepAudio2`] and one persistent [`Session`].
+pub struct StepAudio2Recognizer {
+    sa: StepAudio2,
+    session: Session,
+    turn: TurnOptions,
+}
+
+impl StepAudio2Recognizer {
+    pub fn new(sa: StepAudio2, opts: SessionOptions) -> Result<Self, ModelError> {
+        let turn = TurnOptions::new(opts.max_new_tokens);
+        let session = Session::new(&sa, opts)?;
+        Ok(Self { sa, session, turn })
+    }
+
+    pub fn model(&self) -> &StepAudio2 {
+        &self.sa
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    fn decode(
+        &mut self,
+        mel: &LogMel,
+        prefix: &[u32],
+        commit: bool,
+    ) -> Result<Hypothesis, ModelError> {
+        if mel.n_frames > MAX_PIECE_FRAMES {
+            return Err(ModelError::Invalid(format!(
+                "segment of {} mel frames is longer than {MAX_SEGMENT_SECONDS} s ({MAX_PIECE_FRAMES} frames)",
+                mel.n_frames
+            )));
+        }
+        let t0 = Instant::now();
+        let rows = self.sa.model.audio_embeddings(&[mel])?;
+        let t1 = Instant::now();
+        let out = self
+            .session
+            .run_turn(&self.sa, &rows, prefix, commit, &self.turn)?;
+        let t2 = Instant::now();
+        Ok(Hypothesis {
+            text: self.sa.tokenizer.decode_text(&out.text_tokens),
+            tokens: out.text_tokens,
+            no_speech_prob: None,
+            avg_logprob: out.sum_logprob / out.scored.max(1) as f64,
+            encode_time: t1 - t0,
+            decode_time: t2 - t1,
+        })
+    }
+}
+
+impl Recognizer for StepAudio2Recognizer {
+    fn name(&self) -> String {
+        "step-audio-2".into()
+    }
+
+    fn mel_layout(&self) -> MelLayout {
+        MelLayout::StepAudio {
+            n_mels: self.sa.model.config.encoder.n_mels,
+        }
+    }
+
+    fn max_segment_seconds(&self) -> f64 {
+        MAX_SEGMENT_SECONDS
+    }
+
+    fn decode_partial(&mut self, mel: &LogMel, prefix: &[u32]) -> Result<Hypothesis, ModelError> {
+        self.decode(mel, prefix, false)
+    }
+
+    fn decode_final(&mut self, mel: &LogMel, prefix: &[u32]) -> Result<Hypothesis, ModelError> {
+        self.decode(mel, prefix, true)
+    }
+
+    fn detokenize(&self, tokens: &[u32]) -> String {
+        self.sa.tokenizer.decode_text(tokens)
+    }
+
+    fn reset_context(&mut self) {
+        self.session.reset();
+    }
+}
+
+/// Loads a Step-Audio 2 checkpoint directory as a live recogniser.
+pub fn load_step_audio2_recognizer(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+    opts: SessionOptions,
+) -> Result<Box<dyn Recognizer>, ModelError> {
+    let sa = load::load_step_audio2(dir, device, dtype)?;
+    Ok(Box::new(StepAudio2Recognizer::new(sa, opts)?))
+}
