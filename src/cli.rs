@@ -94,6 +94,12 @@ pub struct LiveArgs {
     /// Whisper encoder input: full 30 s windows, or trimmed to the segment (faster).
     #[arg(long, value_enum, default_value_t = crate::model::whisper::streaming::EncoderContext::Full)]
     pub encoder_context: crate::model::whisper::streaming::EncoderContext,
+    /// Step-Audio 2 system prompt (default: the Chinese ASR prompt; `--lang en` the English one).
+    #[arg(long = "asr-prompt")]
+    pub prompt: Option<String>,
+    /// Step-Audio 2: restart from the system prompt when the context passes this many tokens.
+    #[arg(long, default_value_t = 4096)]
+    pub max_context: usize,
     /// Seconds between stats events in jsonl output (0: only at the end).
     #[arg(long, default_value_t = 10.0)]
     pub stats_interval: f64,
@@ -295,12 +301,8 @@ fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--partial-interval must be positive and --max-segment over 1 s");
     }
     let stop = install_stop_handler()?;
-    let recognizer = crate::model::load_recognizer(
-        &global.model,
-        global.compute,
-        args.lang.as_deref(),
-        args.encoder_context,
-    )?;
+    let model = crate::model::LoadedModel::load(&global.model, global.compute, None)?;
+    let recognizer = model.recognizer(&recognizer_options(args))?;
     let source = start_source(&spec, stop.clone()).map_err(|e| match e {
         crate::audio::source::SourceError::Audio(a) => anyhow::Error::new(a),
         other => anyhow::Error::new(other),
@@ -346,5 +348,19 @@ fn parse_vad_frame_ms(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(ms @ (10 | 20 | 30)) => Ok(ms),
         _ => Err(format!("`{s}`: WebRTC VAD frames are 10, 20 or 30 ms")),
+    }
+}
+
+fn recognizer_options(args: &LiveArgs) -> crate::model::RecognizerOptions {
+    use crate::model::step_audio2::prompt::SystemPrompt;
+    crate::model::RecognizerOptions {
+        language: args.lang.clone(),
+        whisper_encoder_context: args.encoder_context,
+        step_audio_prompt: match (&args.prompt, args.lang.as_deref()) {
+            (Some(p), _) => SystemPrompt::Custom(p.clone()),
+            (None, Some("en")) => SystemPrompt::English,
+            (None, _) => SystemPrompt::Chinese,
+        },
+        step_audio_max_context: args.max_context,
     }
 }

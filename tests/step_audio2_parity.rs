@@ -11,7 +11,7 @@ use common::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use stepaudio_live::frontend::{LogMel, MelExtractor};
-use stepaudio_live::model::recognizer::MelLayout;
+use stepaudio_live::model::recognizer::{FrontendSpec, SegmentFeatures};
 use stepaudio_live::model::step_audio2::load::load_step_audio2;
 use stepaudio_live::model::step_audio2::prompt::{SystemPrompt, ASR_PROMPT_EN, ASR_PROMPT_ZH};
 use stepaudio_live::model::step_audio2::{
@@ -584,27 +584,50 @@ fn recognizer_trait_partial_and_final() {
         session_opts(SystemPrompt::English, 12),
     )
     .unwrap();
-    assert_eq!(rec.mel_layout(), MelLayout::StepAudio { n_mels: 128 });
+    assert_eq!(
+        rec.frontend(),
+        FrontendSpec {
+            n_mels: 128,
+            tail_zeros: 479
+        }
+    );
     assert_eq!(rec.max_segment_seconds(), 25.0);
-    let mel = MelExtractor::new(128).step_audio(&to_vec_f32(&fx["audio"]));
+    let audio = to_vec_f32(&fx["audio"]);
+    // The live pipeline's features: raw frames of the audio + 479 zeros.
+    let mut padded = audio.clone();
+    padded.resize(audio.len() + 479, 0.0);
+    let features = SegmentFeatures {
+        n_mels: 128,
+        raw_frames: MelExtractor::new(128).raw_frames(&padded),
+        samples: audio.len(),
+    };
     let expected = ids(&fx["text_tokens"]);
-    let partial = rec.decode_partial(&mel, &[]).unwrap();
+    let partial = rec.decode(&features, &[]).unwrap();
     assert_eq!(partial.tokens, expected);
     assert_eq!(partial.text, rec.detokenize(&expected));
     assert!(partial.avg_logprob < 0.0);
-    let with_prefix = rec.decode_partial(&mel, &expected[..4]).unwrap();
+    let with_prefix = rec.decode(&features, &expected[..4]).unwrap();
     assert_eq!(&with_prefix.tokens[..4], &expected[..4]);
-    let fin = rec.decode_final(&mel, &[]).unwrap();
+    let fin = rec.decode_final(&features, &[]).unwrap();
     assert_eq!(fin.tokens, expected);
     rec.reset_context();
-    assert_eq!(rec.decode_final(&mel, &[]).unwrap().tokens, expected);
-    // A mel longer than 25 s is refused.
-    let long = LogMel {
+    assert_eq!(rec.decode_final(&features, &[]).unwrap().tokens, expected);
+    // Committing a partial's hypothesis leaves the same context as decode_final.
+    rec.reset_context();
+    let h = rec.decode(&features, &[]).unwrap();
+    rec.commit(&features, &h).unwrap();
+    let second_a = rec.decode(&features, &[]).unwrap();
+    rec.reset_context();
+    rec.decode_final(&features, &[]).unwrap();
+    let second_b = rec.decode(&features, &[]).unwrap();
+    assert_eq!(second_a.tokens, second_b.tokens);
+    // A segment longer than 25 s is refused.
+    let long = SegmentFeatures {
         n_mels: 128,
-        n_frames: 2600,
-        data: vec![0.0; 128 * 2600],
+        raw_frames: vec![-10.0; 128 * 2600],
+        samples: 2600 * 160,
     };
-    assert!(rec.decode_partial(&long, &[]).is_err());
+    assert!(rec.decode(&long, &[]).is_err());
 }
 
 // ----------------------------------------------------------------- loading

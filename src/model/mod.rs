@@ -106,22 +106,98 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value, ModelError> {
     serde_json::from_str(&text).map_err(|e| ModelError::config(path, format!("invalid JSON: {e}")))
 }
 
-/// Loads the model named or found at `name_or_dir` as a live recogniser
-/// (Whisper for now; the family is read off the directory).
-pub fn load_recognizer(
-    name_or_dir: &str,
-    compute: crate::device::DeviceChoice,
-    language: Option<&str>,
-    encoder_context: whisper::streaming::EncoderContext,
-) -> Result<Box<dyn recognizer::Recognizer>, anyhow::Error> {
-    let device = crate::device::select_device(compute)?;
-    let dir = hub::resolve_model(name_or_dir)?;
-    let model = whisper::load::load_whisper(&dir, &device, candle_core::DType::F32)?;
-    let recognizer = whisper::streaming::WhisperRecognizer::new(
-        std::sync::Arc::new(model),
-        language,
-        crate::transcribe::Task::Transcribe,
-        encoder_context,
-    )?;
-    Ok(Box::new(recognizer))
+/// Which model family a directory holds, from its `config.json`.
+pub fn is_step_audio2_dir(dir: &Path) -> bool {
+    read_json(&dir.join("config.json"))
+        .map(|c| {
+            c.get("audio_encoder_config").is_some()
+                || c.get("model_type").and_then(|t| t.as_str()) == Some("step_audio_2")
+        })
+        .unwrap_or(false)
+}
+
+/// How live recognisers are made from a loaded model.
+#[derive(Clone, Debug)]
+pub struct RecognizerOptions {
+    /// Spoken language for multilingual Whisper models (default en).
+    pub language: Option<String>,
+    pub whisper_encoder_context: whisper::streaming::EncoderContext,
+    pub step_audio_prompt: step_audio2::prompt::SystemPrompt,
+    pub step_audio_max_context: usize,
+}
+
+impl Default for RecognizerOptions {
+    fn default() -> Self {
+        Self {
+            language: None,
+            whisper_encoder_context: Default::default(),
+            step_audio_prompt: Default::default(),
+            step_audio_max_context: step_audio2::SessionOptions::default().max_context,
+        }
+    }
+}
+
+/// A loaded model whose weights every recogniser made from it shares.
+#[derive(Clone)]
+pub enum LoadedModel {
+    Whisper(std::sync::Arc<whisper::WhisperModel>),
+    StepAudio2(std::sync::Arc<step_audio2::StepAudio2>),
+}
+
+impl LoadedModel {
+    /// Loads the model named or found at `name_or_dir` on `compute`. `dtype`
+    /// defaults to f32 on the CPU and bf16 on a GPU.
+    pub fn load(
+        name_or_dir: &str,
+        compute: crate::device::DeviceChoice,
+        dtype: Option<candle_core::DType>,
+    ) -> Result<Self, anyhow::Error> {
+        let device = crate::device::select_device(compute)?;
+        let dtype = dtype.unwrap_or(if device.is_cpu() {
+            candle_core::DType::F32
+        } else {
+            candle_core::DType::BF16
+        });
+        let dir = hub::resolve_model(name_or_dir)?;
+        if is_step_audio2_dir(&dir) {
+            let sa = step_audio2::load::load_step_audio2(&dir, &device, dtype)?;
+            Ok(Self::StepAudio2(std::sync::Arc::new(sa)))
+        } else {
+            // Whisper on the CPU computes in f32 whatever the stored precision.
+            let dtype = if device.is_cpu() {
+                candle_core::DType::F32
+            } else {
+                dtype
+            };
+            Ok(Self::Whisper(std::sync::Arc::new(
+                whisper::load::load_whisper(&dir, &device, dtype)?,
+            )))
+        }
+    }
+
+    /// A recogniser with its own committed context over the shared weights.
+    pub fn recognizer(
+        &self,
+        opts: &RecognizerOptions,
+    ) -> Result<Box<dyn recognizer::Recognizer>, ModelError> {
+        match self {
+            Self::Whisper(model) => Ok(Box::new(whisper::streaming::WhisperRecognizer::new(
+                model.clone(),
+                opts.language.as_deref(),
+                crate::transcribe::Task::Transcribe,
+                opts.whisper_encoder_context,
+            )?)),
+            Self::StepAudio2(sa) => {
+                let session = step_audio2::SessionOptions {
+                    system_prompt: opts.step_audio_prompt.clone(),
+                    max_context: opts.step_audio_max_context,
+                    ..Default::default()
+                };
+                Ok(Box::new(step_audio2::StepAudio2Recognizer::new(
+                    sa.clone(),
+                    session,
+                )?))
+            }
+        }
+    }
 }

@@ -22,7 +22,7 @@ pub mod session;
 use crate::frontend::{
     LogMel, MelExtractor, HOP_LENGTH, STEP_AUDIO_PIECE_SAMPLES, STEP_AUDIO_TAIL_PADDING,
 };
-use crate::model::recognizer::{Hypothesis, MelLayout, Recognizer};
+use crate::model::recognizer::{FrontendSpec, Hypothesis, Recognizer, SegmentFeatures};
 use crate::model::ModelError;
 use adapter::Adapter;
 use candle_core::{DType, Device, Tensor};
@@ -183,16 +183,24 @@ impl StepAudio2 {
 
 /// [`Recognizer`] over a [`StepAudio2`] and one persistent [`Session`].
 pub struct StepAudio2Recognizer {
-    sa: StepAudio2,
+    sa: Arc<StepAudio2>,
     session: Session,
     turn: TurnOptions,
+    /// Adapter rows of the last decoded segment, keyed by its frame data, so
+    /// committing the segment right after decoding it does not re-encode it.
+    last_audio: Option<(Vec<f32>, Tensor)>,
 }
 
 impl StepAudio2Recognizer {
-    pub fn new(sa: StepAudio2, opts: SessionOptions) -> Result<Self, ModelError> {
+    pub fn new(sa: Arc<StepAudio2>, opts: SessionOptions) -> Result<Self, ModelError> {
         let turn = TurnOptions::new(opts.max_new_tokens);
         let session = Session::new(&sa, opts)?;
-        Ok(Self { sa, session, turn })
+        Ok(Self {
+            sa,
+            session,
+            turn,
+            last_audio: None,
+        })
     }
 
     pub fn model(&self) -> &StepAudio2 {
@@ -203,24 +211,38 @@ impl StepAudio2Recognizer {
         &self.session
     }
 
-    fn decode(
-        &mut self,
-        mel: &LogMel,
-        prefix: &[u32],
-        commit: bool,
-    ) -> Result<Hypothesis, ModelError> {
+    /// Adapter rows of a segment's mel (≤ 25 s), reusing the last ones when
+    /// the same frames come again (decode, then commit).
+    fn audio_rows(&mut self, features: &SegmentFeatures) -> Result<Tensor, ModelError> {
+        if let Some((frames, rows)) = &self.last_audio {
+            if *frames == features.raw_frames {
+                return Ok(rows.clone());
+            }
+        }
+        let mel = LogMel::from_raw_frames(features.n_mels, features.raw_frames.clone());
         if mel.n_frames > MAX_PIECE_FRAMES {
             return Err(ModelError::Invalid(format!(
                 "segment of {} mel frames is longer than {MAX_SEGMENT_SECONDS} s ({MAX_PIECE_FRAMES} frames)",
                 mel.n_frames
             )));
         }
+        let rows = self.sa.model.audio_embeddings(&[&mel])?.remove(0);
+        self.last_audio = Some((features.raw_frames.clone(), rows.clone()));
+        Ok(rows)
+    }
+
+    fn run(
+        &mut self,
+        features: &SegmentFeatures,
+        prefix: &[u32],
+        commit: bool,
+    ) -> Result<Hypothesis, ModelError> {
         let t0 = Instant::now();
-        let rows = self.sa.model.audio_embeddings(&[mel])?;
+        let rows = self.audio_rows(features)?;
         let t1 = Instant::now();
         let out = self
             .session
-            .run_turn(&self.sa, &rows, prefix, commit, &self.turn)?;
+            .run_turn(&self.sa.clone(), &[rows], prefix, commit, &self.turn)?;
         let t2 = Instant::now();
         Ok(Hypothesis {
             text: self.sa.tokenizer.decode_text(&out.text_tokens),
@@ -238,9 +260,10 @@ impl Recognizer for StepAudio2Recognizer {
         "step-audio-2".into()
     }
 
-    fn mel_layout(&self) -> MelLayout {
-        MelLayout::StepAudio {
+    fn frontend(&self) -> FrontendSpec {
+        FrontendSpec {
             n_mels: self.sa.model.config.encoder.n_mels,
+            tail_zeros: STEP_AUDIO_TAIL_PADDING,
         }
     }
 
@@ -248,20 +271,53 @@ impl Recognizer for StepAudio2Recognizer {
         MAX_SEGMENT_SECONDS
     }
 
-    fn decode_partial(&mut self, mel: &LogMel, prefix: &[u32]) -> Result<Hypothesis, ModelError> {
-        self.decode(mel, prefix, false)
+    fn decode(
+        &mut self,
+        features: &SegmentFeatures,
+        prefix: &[u32],
+    ) -> Result<Hypothesis, ModelError> {
+        self.run(features, prefix, false)
     }
 
-    fn decode_final(&mut self, mel: &LogMel, prefix: &[u32]) -> Result<Hypothesis, ModelError> {
-        self.decode(mel, prefix, true)
+    /// Appends the turn with the hypothesis' tokens forced and nothing
+    /// generated: one prefill, then `<|EOT|>`.
+    fn commit(
+        &mut self,
+        features: &SegmentFeatures,
+        hypothesis: &Hypothesis,
+    ) -> Result<(), ModelError> {
+        let rows = self.audio_rows(features)?;
+        let opts = TurnOptions {
+            max_new_tokens: 0,
+            ..self.turn.clone()
+        };
+        self.session
+            .run_turn(&self.sa.clone(), &[rows], &hypothesis.tokens, true, &opts)?;
+        Ok(())
+    }
+
+    /// Decoding and committing in one pass: the turn stays in the cache.
+    fn decode_final(
+        &mut self,
+        features: &SegmentFeatures,
+        prefix: &[u32],
+    ) -> Result<Hypothesis, ModelError> {
+        self.run(features, prefix, true)
     }
 
     fn detokenize(&self, tokens: &[u32]) -> String {
         self.sa.tokenizer.decode_text(tokens)
     }
 
+    fn starts_word(&self, token: u32) -> bool {
+        // Byte-level BPE: a leading space starts a word; a CJK character is a word by itself.
+        let text = self.sa.tokenizer.decode_text(&[token]);
+        text.starts_with(' ') || text.chars().next().is_some_and(|c| c as u32 >= 0x2E80)
+    }
+
     fn reset_context(&mut self) {
         self.session.reset();
+        self.last_audio = None;
     }
 }
 
@@ -273,5 +329,5 @@ pub fn load_step_audio2_recognizer(
     opts: SessionOptions,
 ) -> Result<Box<dyn Recognizer>, ModelError> {
     let sa = load::load_step_audio2(dir, device, dtype)?;
-    Ok(Box::new(StepAudio2Recognizer::new(sa, opts)?))
+    Ok(Box::new(StepAudio2Recognizer::new(Arc::new(sa), opts)?))
 }
