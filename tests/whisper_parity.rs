@@ -79,6 +79,15 @@ fn check_greedy(model: &WhisperModel, fixture: &str) {
     let out = model.greedy_decode(&cross, &prompt, 0, &opts).unwrap();
     assert_eq!(out.tokens, expected, "{fixture}: greedy tokens differ");
     assert!(out.finished);
+    // Forcing the first tokens (a streaming segment's committed prefix)
+    // continues to the same transcript, the forced tokens included.
+    let forced = model
+        .greedy_decode_forced(&cross, &prompt, 0, &expected[..5], &opts)
+        .unwrap();
+    assert_eq!(
+        forced.tokens, expected,
+        "{fixture}: forced-prefix decode differs"
+    );
 }
 
 #[test]

@@ -185,11 +185,11 @@ impl WhisperModel {
             }
             None => 0.0,
         };
-        let budget = opts
-            .max_new_tokens
+        let budget = (forced.len() + opts.max_new_tokens)
             .min(self.decoder.n_text_ctx().saturating_sub(prompt.len()));
         let mut out = DecodedWindow {
             no_speech_prob,
+            tokens: forced.to_vec(),
             ..Default::default()
         };
         let mut row = logits.into_iter().nth(1).unwrap();
