@@ -212,11 +212,51 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn models(action: ModelsAction) -> anyhow::Result<ExitCode> {
     match action {
         ModelsAction::List => {
-            println!("cache: {}", hub::cache_dir().display());
+            let models_dir = hub::cache_dir().join("models");
+            println!("cache: {}", models_dir.display());
+            println!("{:<18} {:<7} {:<64} path", "name", "cached", "sources");
+            for m in hub::KNOWN_MODELS {
+                println!(
+                    "{:<18} {:<7} {:<64} {}",
+                    m.name,
+                    if hub::is_cached(m.name) { "yes" } else { "no" },
+                    m.sources(),
+                    hub::cached_path(m.name).display()
+                );
+            }
+            // Models put into the cache by hand (not in the table).
+            let mut others: Vec<String> = std::fs::read_dir(&models_dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| !n.starts_with('.') && hub::known_model(n).is_none())
+                .collect();
+            others.sort();
+            for name in others {
+                let path = models_dir.join(&name);
+                let cached = crate::model::detect_layout(&path).is_ok();
+                println!(
+                    "{:<18} {:<7} {:<64} {}",
+                    name,
+                    if cached { "yes" } else { "no" },
+                    "(local)",
+                    path.display()
+                );
+            }
         }
         ModelsAction::Fetch { name } => {
-            let dir = hub::resolve_model(&name)?;
-            println!("{}", dir.display());
+            if hub::is_cached(&name) {
+                eprintln!("{name} is already in the cache");
+            }
+            match hub::fetch_model(&name) {
+                Ok(dir) => println!("{}", dir.display()),
+                Err(e @ crate::model::ModelError::UnknownName { .. }) => {
+                    eprintln!("error: {e}");
+                    return Ok(ExitCode::from(EXIT_BAD_INPUT));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
