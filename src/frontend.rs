@@ -25,6 +25,8 @@ pub const STEP_AUDIO_TAIL_PADDING: usize = 479;
 pub const STEP_AUDIO_PIECE_SAMPLES: usize = 25 * SAMPLE_RATE;
 
 const LOG10_FLOOR: f32 = -10.0; // log10(1e-10)
+/// Frames per parallel task of the one-shot computation.
+const FRAMES_PER_TASK: usize = 128;
 
 /// Slaney-style mel filterbank as librosa builds it by default (`htk=False`,
 /// `norm="slaney"`), row-major `[n_mels, N_FREQ]`, computed in f64.
@@ -184,6 +186,7 @@ impl MelExtractor {
 
     /// Writes the un-normalised `log10` mel of one frame whose 400 samples are
     /// produced by `sample(i)` for `i in 0..N_FFT`.
+    #[inline(always)]
     fn frame(&self, scratch: &mut FrameScratch, sample: impl Fn(usize) -> f32, out: &mut [f32]) {
         let mut silent = true;
         for (i, (dst, w)) in scratch.input.iter_mut().zip(&self.window).enumerate() {
@@ -219,7 +222,38 @@ impl MelExtractor {
     /// Frames `first..first + out.len() / n_mels` of the centred STFT of a
     /// signal of `len` samples read through `sample(i)` (reflect-padded at
     /// both ends), written frame-major into `out`.
+    /// Frames `first..first + out.len() / n_mels` of the centred STFT of
+    /// `signal` (reflect-padded at both ends), written frame-major into `out`.
     fn frames_into(
+        &self,
+        signal: &[f32],
+        first: usize,
+        out: &mut [f32],
+        scratch: &mut FrameScratch,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::model::cpu_ops::has_avx2() {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { self.frames_into_avx2(signal, first, out, scratch) };
+        }
+        self.frames_into_generic(signal, first, out, scratch)
+    }
+
+    /// The same loops compiled for AVX2 + FMA (window, power, mel, log).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn frames_into_avx2(
+        &self,
+        signal: &[f32],
+        first: usize,
+        out: &mut [f32],
+        scratch: &mut FrameScratch,
+    ) {
+        self.frames_into_generic(signal, first, out, scratch)
+    }
+
+    #[inline(always)]
+    fn frames_into_generic(
         &self,
         signal: &[f32],
         first: usize,
@@ -244,34 +278,27 @@ impl MelExtractor {
 
     /// Un-normalised log10 mel of `signal`, frame-major `[n_frames, n_mels]`,
     /// `n_frames = len / HOP_LENGTH` (the centred STFT's last frame dropped).
-    /// Splits the frames over two threads when there are enough of them.
+    /// Splits the frames across threads when there are enough of them.
     pub fn raw_frames(&self, signal: &[f32]) -> Vec<f32> {
         let n_frames = signal.len() / HOP_LENGTH;
         let mut out = vec![0f32; n_frames * self.n_mels];
         if signal.is_empty() {
             return out;
         }
-        let threads = if n_frames >= 256 {
-            std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(4)
-        } else {
-            1
-        };
-        if threads <= 1 {
+        if n_frames < 2 * FRAMES_PER_TASK {
             let mut scratch = self.scratch();
             self.frames_into(signal, 0, &mut out, &mut scratch);
             return out;
         }
-        let per_thread = n_frames.div_ceil(threads);
-        std::thread::scope(|scope| {
-            for (i, chunk) in out.chunks_mut(per_thread * self.n_mels).enumerate() {
-                scope.spawn(move || {
-                    let mut scratch = self.scratch();
-                    self.frames_into(signal, i * per_thread, chunk, &mut scratch);
-                });
-            }
-        });
+        // Blocks of frames across rayon's pool (already running for the
+        // model), each with its own FFT scratch.
+        use rayon::prelude::*;
+        out.par_chunks_mut(FRAMES_PER_TASK * self.n_mels)
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                let mut scratch = self.scratch();
+                self.frames_into(signal, i * FRAMES_PER_TASK, chunk, &mut scratch);
+            });
         out
     }
 
