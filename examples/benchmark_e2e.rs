@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use stepaudio_live::audio::wav::read_wav_16k_mono;
 use stepaudio_live::device::{select_device, DeviceChoice};
 use stepaudio_live::model::hub::resolve_model;
-use stepaudio_live::model::whisper::load::load_whisper;
+use stepaudio_live::model::whisper::load::load_whisper_for_inference;
+use stepaudio_live::model::whisper::DecoderWeights;
 use stepaudio_live::transcribe::TranscribeOptions;
 
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
@@ -40,7 +41,12 @@ fn main() -> anyhow::Result<()> {
     let device = select_device(device)?;
     let dir = resolve_model(&model_name)?;
     let t = Instant::now();
-    let model = load_whisper(&dir, &device, candle_core::DType::F32)?;
+    let weights = if std::env::var_os("BENCH_F32_DECODER").is_some() {
+        DecoderWeights::F32
+    } else {
+        DecoderWeights::Int8
+    };
+    let model = load_whisper_for_inference(&dir, &device, candle_core::DType::F32, weights)?;
     let load = t.elapsed();
     let opts = TranscribeOptions::default();
     let _ = model.transcribe(&audio, &opts)?; // warm-up

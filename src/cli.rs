@@ -3,7 +3,7 @@
 
 use crate::audio::{wav, AudioError};
 use crate::device::{select_device, DeviceChoice};
-use crate::model::{hub, whisper::load::load_whisper};
+use crate::model::{hub, whisper::load::load_whisper_for_inference};
 use crate::output::{write_transcript, OutputFormat};
 use crate::stream::sink::{LiveFormat, StdoutSink};
 use crate::transcribe::{Task, TranscribeOptions};
@@ -113,6 +113,9 @@ pub struct GlobalArgs {
     /// Compute device for the model.
     #[arg(long, global = true, value_enum, default_value_t = DeviceChoice::Auto)]
     pub compute: DeviceChoice,
+    /// Decoder weights for CPU decode steps: int8 (fast) or f32 (exact).
+    #[arg(long, global = true, value_enum, default_value_t = crate::model::whisper::DecoderWeights::Int8)]
+    pub decoder_weights: crate::model::whisper::DecoderWeights,
     /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -202,7 +205,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Models { action }) => models(action),
         Some(Command::Eval(args)) => {
             let stdout = &mut std::io::stdout().lock();
-            crate::eval::run::run_eval(&args, &cli.global.model, cli.global.compute, stdout)?;
+            crate::eval::run::run_eval(
+                &args,
+                &cli.global.model,
+                cli.global.compute,
+                cli.global.decoder_weights,
+                stdout,
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         None => live(&cli.global, &cli.live),
@@ -270,8 +279,13 @@ fn transcribe(global: &GlobalArgs, args: TranscribeArgs) -> anyhow::Result<ExitC
     }
     let device = select_device(global.compute)?;
     let dir = hub::resolve_model(&global.model)?;
-    let model = load_whisper(&dir, &device, candle_core::DType::F32)
-        .with_context(|| format!("loading model {}", dir.display()))?;
+    let model = load_whisper_for_inference(
+        &dir,
+        &device,
+        candle_core::DType::F32,
+        global.decoder_weights,
+    )
+    .with_context(|| format!("loading model {}", dir.display()))?;
     let opts = TranscribeOptions {
         language: args.language.clone(),
         task: args.task,
@@ -341,7 +355,12 @@ fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--partial-interval must be positive and --max-segment over 1 s");
     }
     let stop = install_stop_handler()?;
-    let model = crate::model::LoadedModel::load(&global.model, global.compute, None)?;
+    let model = crate::model::LoadedModel::load(
+        &global.model,
+        global.compute,
+        None,
+        global.decoder_weights,
+    )?;
     let recognizer = model.recognizer(&recognizer_options(args))?;
     let source = start_source(&spec, stop.clone()).map_err(|e| match e {
         crate::audio::source::SourceError::Audio(a) => anyhow::Error::new(a),

@@ -7,7 +7,7 @@ use super::wer::{self, ErrorCounts, Unit};
 use super::EvalError;
 use crate::audio::{wav, MODEL_SAMPLE_RATE};
 use crate::device::{select_device, DeviceChoice};
-use crate::model::{hub, whisper::load::load_whisper};
+use crate::model::{hub, whisper::load::load_whisper_for_inference, whisper::DecoderWeights};
 use crate::transcribe::TranscribeOptions;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -211,6 +211,7 @@ pub fn run_eval(
     args: &EvalArgs,
     model: &str,
     device: DeviceChoice,
+    decoder_weights: DecoderWeights,
     out: &mut dyn Write,
 ) -> Result<EvalReport, EvalError> {
     let manifest = read_manifest(&args.manifest)?;
@@ -230,7 +231,13 @@ pub fn run_eval(
     }
     let mut report = match &args.hyp {
         Some(path) => score_hypotheses(&selected, path)?,
-        None => transcribe_entries(&selected, model, device, args.lang.is_some())?,
+        None => transcribe_entries(
+            &selected,
+            model,
+            device,
+            decoder_weights,
+            args.lang.is_some(),
+        )?,
     };
     report.manifest = args.manifest.display().to_string();
     if let Some(path) = &args.write_hyp {
@@ -299,12 +306,15 @@ fn transcribe_entries(
     selected: &[&ManifestEntry],
     model: &str,
     device: DeviceChoice,
+    decoder_weights: DecoderWeights,
     language_requested: bool,
 ) -> Result<EvalReport, EvalError> {
     let device = select_device(device)?;
     let load_start = Instant::now();
     let dir = hub::resolve_model(model).map_err(EvalError::Model)?;
-    let whisper = load_whisper(&dir, &device, candle_core::DType::F32).map_err(EvalError::Model)?;
+    let whisper =
+        load_whisper_for_inference(&dir, &device, candle_core::DType::F32, decoder_weights)
+            .map_err(EvalError::Model)?;
     let model_load_s = load_start.elapsed().as_secs_f64();
     let multilingual = whisper.config.is_multilingual();
     let mut utterances = Vec::new();
@@ -495,7 +505,14 @@ mod tests {
             json: true,
         };
         let mut out = Vec::new();
-        let report = run_eval(&args, "unused", DeviceChoice::Cpu, &mut out).unwrap();
+        let report = run_eval(
+            &args,
+            "unused",
+            DeviceChoice::Cpu,
+            DecoderWeights::Int8,
+            &mut out,
+        )
+        .unwrap();
         // en: a has 1 substitution of 7 words, b (missing) 2 deletions of 2.
         let en = &report.languages[0];
         assert_eq!(
@@ -525,7 +542,14 @@ mod tests {
             ..args
         };
         let mut text = Vec::new();
-        let report = run_eval(&en_only, "unused", DeviceChoice::Cpu, &mut text).unwrap();
+        let report = run_eval(
+            &en_only,
+            "unused",
+            DeviceChoice::Cpu,
+            DecoderWeights::Int8,
+            &mut text,
+        )
+        .unwrap();
         assert_eq!(report.utterances.len(), 2);
         assert!((report.rate.unwrap() - 3.0 / 9.0).abs() < 1e-12);
         let text = String::from_utf8(text).unwrap();

@@ -7,18 +7,41 @@ use candle_core::{DType, Result, Tensor, D};
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// Int8 copy of `weight` for few-row CPU inputs (see [`super::quant`]).
+    pub int8: Option<std::sync::Arc<super::quant::QuantMatrix>>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            int8: None,
+        }
     }
 
     pub fn out_features(&self) -> usize {
         self.weight.dim(0).unwrap_or(0)
     }
 
+    /// Adds an int8 copy of the weights used for inputs of at most
+    /// [`super::quant::MAX_ROWS`] rows on the CPU (decode steps).
+    pub fn quantize_for_decoding(&mut self) -> Result<()> {
+        if self.weight.device().is_cpu() {
+            self.int8 = Some(std::sync::Arc::new(super::quant::QuantMatrix::from_tensor(
+                &self.weight,
+            )?));
+        }
+        Ok(())
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(q) = &self.int8 {
+            let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+            if rows <= super::quant::MAX_ROWS && x.dtype() == DType::F32 && x.device().is_cpu() {
+                return super::quant::matmul_t(q, x, self.bias.as_ref());
+            }
+        }
         let y = x.broadcast_matmul(&self.weight.t()?)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),

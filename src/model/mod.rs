@@ -6,6 +6,7 @@ pub mod ct2;
 pub mod hub;
 pub mod kv_cache;
 pub mod layers;
+pub mod quant;
 pub mod recognizer;
 pub mod safetensors_store;
 pub mod step_audio2;
@@ -151,6 +152,7 @@ impl LoadedModel {
         name_or_dir: &str,
         compute: crate::device::DeviceChoice,
         dtype: Option<candle_core::DType>,
+        decoder_weights: whisper::DecoderWeights,
     ) -> Result<Self, anyhow::Error> {
         let device = crate::device::select_device(compute)?;
         let dtype = dtype.unwrap_or(if device.is_cpu() {
@@ -170,7 +172,7 @@ impl LoadedModel {
                 dtype
             };
             Ok(Self::Whisper(std::sync::Arc::new(
-                whisper::load::load_whisper(&dir, &device, dtype)?,
+                whisper::load::load_whisper_for_inference(&dir, &device, dtype, decoder_weights)?,
             )))
         }
     }

@@ -30,7 +30,12 @@ pub struct WhisperDecoder {
     pub blocks: Vec<DecoderBlock>,
     pub ln: LayerNorm,
     pub heads: usize,
+    /// Int8 copy of the output projection (the token embedding) for decode steps.
+    pub output_int8: Option<std::sync::Arc<crate::model::quant::QuantMatrix>>,
 }
+
+/// Logits recomputed in f32 after the int8 vocabulary projection.
+const REFINED_LOGITS: usize = 32;
 
 /// Cross-attention keys and values of one encoded window, per layer.
 pub struct CrossAttention {
@@ -61,6 +66,63 @@ impl WhisperDecoder {
 
     pub fn vocab_size(&self) -> usize {
         self.token_embedding.dim(0).unwrap_or(0)
+    }
+
+    /// Recomputes in f32 the [`REFINED_LOGITS`] largest of each row of int8
+    /// logits. The int8 vocabulary projection is off by up to ~0.3 (the
+    /// final LayerNorm's outlier channels amplify rounding), never enough to
+    /// push the true best token out of the top few: the chosen token and its
+    /// close rivals get exact logits; the long tail, which only enters the
+    /// softmax normaliser, keeps the approximation.
+    fn refine_top_logits(&self, hidden: &Tensor, approx: Tensor) -> Result<Tensor> {
+        let h = hidden.to_vec2::<f32>()?;
+        let mut rows = approx.to_vec2::<f32>()?;
+        let d = h.first().map_or(0, Vec::len);
+        // Read the embedding in place: it is 51864×d floats, far too big to copy per step.
+        let (storage, layout) = self.token_embedding.storage_and_layout();
+        let emb: &[f32] = match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("int8 logits need the f32 token embedding on the CPU"),
+        };
+        for (row, h) in rows.iter_mut().zip(&h) {
+            let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+            let k = REFINED_LOGITS.min(idx.len());
+            if k == 0 {
+                continue;
+            }
+            idx.select_nth_unstable_by(k - 1, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+            for &t in &idx[..k] {
+                let e = &emb[t as usize * d..(t as usize + 1) * d];
+                row[t as usize] = e.iter().zip(h).map(|(a, b)| a * b).sum();
+            }
+        }
+        let n = rows.len();
+        let v = rows.first().map_or(0, Vec::len);
+        Tensor::from_vec(rows.concat(), (n, v), hidden.device())
+    }
+
+    /// Int8 weights for single-token steps on the CPU (memory-bound): every
+    /// projection of every block and the vocabulary projection. Prefills and
+    /// the per-window cross-attention keys/values keep f32.
+    pub fn quantize_for_decoding(&mut self) -> Result<()> {
+        for b in &mut self.blocks {
+            for l in [
+                &mut b.self_qkv,
+                &mut b.self_out,
+                &mut b.cross_q,
+                &mut b.cross_out,
+                &mut b.fc1,
+                &mut b.fc2,
+            ] {
+                l.quantize_for_decoding()?;
+            }
+        }
+        if self.token_embedding.device().is_cpu() {
+            self.output_int8 = Some(std::sync::Arc::new(
+                crate::model::quant::QuantMatrix::from_tensor(&self.token_embedding)?,
+            ));
+        }
+        Ok(())
     }
 
     pub fn new_state(&self) -> DecoderState {
@@ -151,6 +213,16 @@ impl WhisperDecoder {
             h.device(),
         )?;
         let sel = h.index_select(&idx, 0)?;
-        sel.matmul(&self.token_embedding.t()?)
+        match &self.output_int8 {
+            Some(q)
+                if rows.len() <= crate::model::quant::MAX_ROWS
+                    && sel.device().is_cpu()
+                    && sel.dtype() == candle_core::DType::F32 =>
+            {
+                let approx = crate::model::quant::matmul_t(q, &sel, None)?;
+                self.refine_top_logits(&sel, approx)
+            }
+            _ => sel.matmul(&self.token_embedding.t()?),
+        }
     }
 }

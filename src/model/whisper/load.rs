@@ -60,6 +60,21 @@ pub fn load_whisper(dir: &Path, device: &Device, dtype: DType) -> Result<Whisper
     })
 }
 
+/// Loads for inference: as [`load_whisper`], then int8 decode-step weights
+/// on the CPU unless `weights` asks for f32.
+pub fn load_whisper_for_inference(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+    weights: super::DecoderWeights,
+) -> Result<WhisperModel, ModelError> {
+    let mut model = load_whisper(dir, device, dtype)?;
+    if weights == super::DecoderWeights::Int8 && device.is_cpu() {
+        model.decoder.quantize_for_decoding()?;
+    }
+    Ok(model)
+}
+
 type Parts = (
     WhisperConfig,
     WhisperEncoder,
@@ -200,6 +215,7 @@ fn load_ct2(dir: &Path, device: &Device, dtype: DType) -> Result<Parts, ModelErr
             .collect::<Result<_, ModelError>>()?,
         ln: ln("decoder/layer_norm")?,
         heads: config.decoder_heads,
+        output_int8: None,
     };
     let cfg_path = dir.join("config.json");
     let suppress = if cfg_path.is_file() {
@@ -344,6 +360,7 @@ fn load_hf(dir: &Path, device: &Device, dtype: DType) -> Result<Parts, ModelErro
             .collect::<Result<_, ModelError>>()?,
         ln: ln("decoder.layer_norm")?,
         heads: config.decoder_heads,
+        output_int8: None,
     };
     let gen_path = dir.join("generation_config.json");
     let suppress = if gen_path.is_file() {

@@ -36,6 +36,16 @@ impl WhisperConfig {
     }
 }
 
+/// Weights of the decoder's single-token steps on the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DecoderWeights {
+    /// Int8 copies (a quarter of the memory traffic; logits within ~1e-2).
+    #[default]
+    Int8,
+    /// The f32 weights as loaded (bit-for-bit the reference computation).
+    F32,
+}
+
 /// Token lists the decoder suppresses, from the model's configuration.
 #[derive(Clone, Debug, Default)]
 pub struct SuppressConfig {
