@@ -1,55 +1,81 @@
+//! A/B timings of encoder building blocks, interleaved in one process so the
+//! comparison survives a busy machine (min over repetitions).
 use candle_core::{DType, Device, Tensor};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+fn best(reps: usize, mut f: impl FnMut() -> candle_core::Result<Tensor>) -> Duration {
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            let _ = f().unwrap();
+            t.elapsed()
+        })
+        .min()
+        .unwrap()
+}
+
 fn main() -> anyhow::Result<()> {
     let dir = stepaudio_live::model::hub::resolve_model("tiny.en")?;
     let m = stepaudio_live::model::whisper::load::load_whisper(&dir, &Device::Cpu, DType::F32)?;
     let mel = Tensor::randn(0f32, 1., (1, 80, 3000), &Device::Cpu)?;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let x = m.encoder.conv1.forward(&mel)?.gelu_erf()?;
-        let t1 = t.elapsed();
-        let x = m.encoder.conv2.forward(&x)?.gelu_erf()?;
-        let t2 = t.elapsed();
-        let x = x.transpose(1, 2)?.broadcast_add(&m.encoder.positions)?;
-        let b = &m.encoder.blocks[0];
-        let t3 = Instant::now();
-        let h = b.attn_ln.forward(&x)?;
-        let t4 = t3.elapsed();
-        let qkv = b.qkv.forward(&h)?;
-        let t5 = t3.elapsed();
-        let d = 384;
-        let q =
-            stepaudio_live::model::layers::split_heads(&qkv.narrow(2, 0, d)?, 6)?.contiguous()?;
-        let k =
-            stepaudio_live::model::layers::split_heads(&qkv.narrow(2, d, d)?, 6)?.contiguous()?;
-        let v = stepaudio_live::model::layers::split_heads(&qkv.narrow(2, 2 * d, d)?, 6)?;
-        let t6 = t3.elapsed();
-        let s = q.matmul(&k.t()?)?;
-        let t7 = t3.elapsed();
-        let p = candle_nn::ops::softmax_last_dim(&s)?;
-        let t8 = t3.elapsed();
-        let tf = Instant::now();
-        let _p2 = stepaudio_live::model::cpu_ops::softmax_last_dim(&s)?;
-        let fast_softmax = tf.elapsed();
-        let tf = Instant::now();
-        let _g1 = s.gelu_erf()?;
-        let slow_gelu = tf.elapsed();
-        let tf = Instant::now();
-        let _g2 = stepaudio_live::model::cpu_ops::gelu_erf(&s)?;
-        let fast_gelu = tf.elapsed();
-        let kt = k.t()?.contiguous()?;
-        let tf = Instant::now();
-        let _s2 = q.matmul(&kt)?;
-        let qk_contig = tf.elapsed();
-        println!("fast softmax {fast_softmax:?}, gelu candle {slow_gelu:?} fast {fast_gelu:?} (on 13.5M), qk with contiguous kT {qk_contig:?}");
-        let a = p.matmul(&v.contiguous()?)?;
-        let t9 = t3.elapsed();
-        let f = b.fc1.forward(&h)?.gelu_erf()?;
-        let t10 = t3.elapsed();
-        let _ = b.fc2.forward(&f)?;
-        let t11 = t3.elapsed();
-        println!("conv1 {:?} conv2 {:?} ln {:?} qkv {:?} split {:?} qk {:?} softmax {:?} pv {:?} fc1+gelu {:?} fc2 {:?}", t1, t2 - t1, t4, t5 - t4, t6 - t5, t7 - t6, t8 - t7, t9 - t8, t10 - t9, t11 - t10);
-        let _ = a;
-    }
+    let reps = 7;
+    let mel_t = mel.transpose(1, 2)?.contiguous()?;
+    let c1 = m.encoder.conv1.forward(&mel)?;
+    let c1_t = c1.transpose(1, 2)?.contiguous()?;
+    println!(
+        "conv1: candle {:?}, im2col {:?}",
+        best(reps, || m.encoder.conv1.forward(&mel)),
+        best(reps, || m.encoder.conv1.forward_time_major(&mel_t))
+    );
+    println!(
+        "conv2: candle {:?}, im2col {:?}",
+        best(reps, || m.encoder.conv2.forward(&c1)),
+        best(reps, || m.encoder.conv2.forward_time_major(&c1_t))
+    );
+    let q = Tensor::randn(0f32, 1., (1, 6, 1500, 64), &Device::Cpu)?;
+    let k = Tensor::randn(0f32, 1., (1, 6, 1500, 64), &Device::Cpu)?;
+    let v = Tensor::randn(0f32, 1., (1, 6, 1500, 64), &Device::Cpu)?;
+    let unfused = || -> candle_core::Result<Tensor> {
+        let s = (q.matmul(&k.t()?)? * 0.125)?;
+        candle_nn::ops::softmax_last_dim(&s)?.matmul(&v)
+    };
+    let fused =
+        || stepaudio_live::model::cpu_ops::fused_attention(&q, &k, &v, 0.125).map(|o| o.unwrap());
+    println!(
+        "attention 6×1500²×64: unfused {:?}, fused {:?}",
+        best(reps, unfused),
+        best(reps, fused)
+    );
+    let x = Tensor::randn(0f32, 1., (1, 1500, 1536), &Device::Cpu)?;
+    println!(
+        "gelu 1500×1536: candle {:?}, fast {:?}",
+        best(reps, || x.gelu_erf()),
+        best(reps, || stepaudio_live::model::cpu_ops::gelu_erf(&x))
+    );
+    let h = Tensor::randn(0f32, 1., (1, 1500, 384), &Device::Cpu)?;
+    let b = &m.encoder.blocks[0];
+    println!(
+        "fc1 1500×384→1536 {:?}, qkv 1500×384→1152 {:?}",
+        best(reps, || b.fc1.forward(&h)),
+        best(reps, || b.qkv.forward(&h))
+    );
+    let wt = b.fc1.weight.t()?.contiguous()?;
+    println!(
+        "fc1 with contiguous Wᵀ {:?}, with Wᵀ view {:?}",
+        best(reps, || h.broadcast_matmul(&wt)),
+        best(reps, || h.broadcast_matmul(&b.fc1.weight.t()?))
+    );
+    let h2 = h.squeeze(0)?;
+    println!(
+        "fc1 2-D, Wᵀ view {:?}, contiguous {:?}",
+        best(reps, || h2.matmul(&b.fc1.weight.t()?)),
+        best(reps, || h2.matmul(&wt))
+    );
+    let mel_l = stepaudio_live::frontend::LogMel {
+        n_mels: 80,
+        n_frames: 3000,
+        data: mel.flatten_all()?.to_vec1()?,
+    };
+    println!("whole encoder {:?}", best(3, || m.encode(&mel_l)));
     Ok(())
 }

@@ -198,18 +198,18 @@ fn build(
     let kv = t.num_kv_heads * hd;
     let mut get = |name: String, shape: &[usize]| src.get(&name, shape);
 
-    let conv1 = Conv1d {
-        weight: get("encoder.conv1.weight".into(), &[d, e.n_mels, 3])?,
-        bias: get("encoder.conv1.bias".into(), &[d])?,
-        stride: 1,
-        padding: 1,
-    };
-    let conv2 = Conv1d {
-        weight: get("encoder.conv2.weight".into(), &[d, d, 3])?,
-        bias: get("encoder.conv2.bias".into(), &[d])?,
-        stride: 2,
-        padding: 1,
-    };
+    let conv1 = Conv1d::new(
+        get("encoder.conv1.weight".into(), &[d, e.n_mels, 3])?,
+        get("encoder.conv1.bias".into(), &[d])?,
+        1,
+        1,
+    )?;
+    let conv2 = Conv1d::new(
+        get("encoder.conv2.weight".into(), &[d, d, 3])?,
+        get("encoder.conv2.bias".into(), &[d])?,
+        2,
+        1,
+    )?;
     let positions = get(
         "encoder.positional_embedding.weight".into(),
         &[e.n_audio_ctx, d],
@@ -273,12 +273,12 @@ fn build(
 
     let ah = e.adapter_hidden;
     let adapter = Adapter {
-        conv: Conv1d {
-            weight: get("adapter.conv.weight".into(), &[d, d, e.kernel_size])?,
-            bias: get("adapter.conv.bias".into(), &[d])?,
-            stride: e.adapter_stride,
-            padding: 1,
-        },
+        conv: Conv1d::new(
+            get("adapter.conv.weight".into(), &[d, d, e.kernel_size])?,
+            get("adapter.conv.bias".into(), &[d])?,
+            e.adapter_stride,
+            1,
+        )?,
         linear1: Linear::new(
             get("adapter.linear1.weight".into(), &[ah, d])?,
             Some(get("adapter.linear1.bias".into(), &[ah])?),

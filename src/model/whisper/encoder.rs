@@ -49,9 +49,18 @@ impl WhisperEncoder {
     /// into `[1, frames/2, d]`. Fewer than 3000 frames is the streaming
     /// shortcut: positions are taken from the start of the table.
     pub fn forward(&self, mel: &Tensor) -> Result<Tensor> {
-        let x = gelu_erf(&self.conv1.forward(mel)?)?;
-        let x = gelu_erf(&self.conv2.forward(&x)?)?;
-        let x = x.transpose(1, 2)?;
+        let x = if mel.device().is_cpu() {
+            // Time-major im2col convolutions: one GEMM each on the CPU.
+            let x = gelu_erf(
+                &self
+                    .conv1
+                    .forward_time_major(&mel.transpose(1, 2)?.contiguous()?)?,
+            )?;
+            gelu_erf(&self.conv2.forward_time_major(&x)?)?
+        } else {
+            let x = gelu_erf(&self.conv1.forward(mel)?)?;
+            gelu_erf(&self.conv2.forward(&x)?)?.transpose(1, 2)?
+        };
         let t = x.dim(1)?;
         let max = self.positions.dim(0)?;
         if t > max {

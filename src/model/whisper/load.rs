@@ -164,18 +164,8 @@ fn load_ct2(dir: &Path, device: &Device, dtype: DType) -> Result<Parts, ModelErr
         vocab_size,
     };
     let encoder = WhisperEncoder {
-        conv1: Conv1d {
-            weight: t("encoder/conv1/weight")?,
-            bias: t("encoder/conv1/bias")?,
-            stride: 1,
-            padding: 1,
-        },
-        conv2: Conv1d {
-            weight: t("encoder/conv2/weight")?,
-            bias: t("encoder/conv2/bias")?,
-            stride: 2,
-            padding: 1,
-        },
+        conv1: Conv1d::new(t("encoder/conv1/weight")?, t("encoder/conv1/bias")?, 1, 1)?,
+        conv2: Conv1d::new(t("encoder/conv2/weight")?, t("encoder/conv2/bias")?, 2, 1)?,
         positions: t("encoder/position_encodings/encodings")?,
         blocks: (0..encoder_layers)
             .map(|i| {
@@ -305,18 +295,18 @@ fn load_hf(dir: &Path, device: &Device, dtype: DType) -> Result<Parts, ModelErro
         .and_then(|v| v.as_u64())
         .map_or(ffn, |v| v as usize);
     let encoder = WhisperEncoder {
-        conv1: Conv1d {
-            weight: t("encoder.conv1.weight", &[d, config.n_mels, 3])?,
-            bias: t("encoder.conv1.bias", &[d])?,
-            stride: 1,
-            padding: 1,
-        },
-        conv2: Conv1d {
-            weight: t("encoder.conv2.weight", &[d, d, 3])?,
-            bias: t("encoder.conv2.bias", &[d])?,
-            stride: 2,
-            padding: 1,
-        },
+        conv1: Conv1d::new(
+            t("encoder.conv1.weight", &[d, config.n_mels, 3])?,
+            t("encoder.conv1.bias", &[d])?,
+            1,
+            1,
+        )?,
+        conv2: Conv1d::new(
+            t("encoder.conv2.weight", &[d, d, 3])?,
+            t("encoder.conv2.bias", &[d])?,
+            2,
+            1,
+        )?,
         positions: t("encoder.embed_positions.weight", &[config.n_audio_ctx, d])?,
         blocks: (0..config.encoder_layers)
             .map(|i| {
