@@ -22,7 +22,7 @@ pub const EXIT_BAD_INPUT: u8 = 2;
     name = "stepaudio-live",
     version,
     about = "Real-time streaming speech-to-text",
-    args_conflicts_with_subcommands = true
+    subcommand_negates_reqs = true
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -200,6 +200,11 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let live_source = cli.live.mic || cli.live.input.is_some() || cli.live.stdin || cli.live.list_devices;
+    if cli.command.is_some() && live_source {
+        eprintln!("error: --mic, --input, --stdin and --list-devices start live mode; they do not combine with a subcommand");
+        return Ok(ExitCode::from(EXIT_BAD_INPUT));
+    }
     match cli.command {
         Some(Command::Transcribe(args)) => transcribe(&cli.global, args),
         Some(Command::Models { action }) => models(action),

@@ -98,6 +98,7 @@ impl SegmentDecoder {
                     committed: committed.trim().to_string(),
                     start: update.start,
                     end: update.end,
+                    latency_ms: update.end_arrival.elapsed().as_secs_f64() * 1e3,
                 }))
             }
             UpdateKind::Final(reason) => {

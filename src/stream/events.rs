@@ -24,6 +24,8 @@ pub enum Event {
         committed: String,
         start: f64,
         end: f64,
+        /// Wall time from the arrival of the audio at `end` to this event.
+        latency_ms: f64,
     },
     Final {
         segment: u64,

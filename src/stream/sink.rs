@@ -128,6 +128,7 @@ mod tests {
             committed: "".into(),
             start: 0.0,
             end: 0.5,
+            latency_ms: 1.0,
         };
         for ev in [partial, fin("hello world"), fin(""), fin("again")] {
             sink.handle(&ev).unwrap();
@@ -167,6 +168,7 @@ mod tests {
             committed: "hello".into(),
             start: 0.0,
             end: 0.5,
+            latency_ms: 1.0,
         };
         sink.handle(&partial).unwrap();
         sink.handle(&fin("hello world")).unwrap();
