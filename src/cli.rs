@@ -14,6 +14,23 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ComputeDType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl ComputeDType {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            ComputeDType::F32 => candle_core::DType::F32,
+            ComputeDType::F16 => candle_core::DType::F16,
+            ComputeDType::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
 /// Exit code for unusable input (bad audio file, bad arguments).
 pub const EXIT_BAD_INPUT: u8 = 2;
 
@@ -113,6 +130,9 @@ pub struct GlobalArgs {
     /// Compute device for the model.
     #[arg(long, global = true, value_enum, default_value_t = DeviceChoice::Auto)]
     pub compute: DeviceChoice,
+    /// Compute precision of the model (default: f32 on the CPU, bf16 on a GPU).
+    #[arg(long, global = true, value_enum)]
+    pub dtype: Option<ComputeDType>,
     /// Decoder weights for CPU decode steps: int8 (fast) or f32 (exact).
     #[arg(long, global = true, value_enum, default_value_t = crate::model::whisper::DecoderWeights::Int8)]
     pub decoder_weights: crate::model::whisper::DecoderWeights,
@@ -363,7 +383,7 @@ fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
     let model = crate::model::LoadedModel::load(
         &global.model,
         global.compute,
-        None,
+        global.dtype.map(ComputeDType::dtype),
         global.decoder_weights,
     )?;
     let recognizer = model.recognizer(&recognizer_options(args))?;
