@@ -108,9 +108,6 @@ pub struct LiveArgs {
     /// Seconds of new audio between partial hypotheses.
     #[arg(long, default_value_t = 0.5)]
     pub partial_interval: f64,
-    /// Whisper encoder input: full 30 s windows, or trimmed to the segment (faster).
-    #[arg(long, value_enum, default_value_t = crate::model::whisper::streaming::EncoderContext::Full)]
-    pub encoder_context: crate::model::whisper::streaming::EncoderContext,
     /// Step-Audio 2 system prompt (default: the Chinese ASR prompt; `--lang en` the English one).
     #[arg(long = "asr-prompt")]
     pub prompt: Option<String>,
@@ -220,7 +217,8 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let live_source = cli.live.mic || cli.live.input.is_some() || cli.live.stdin || cli.live.list_devices;
+    let live_source =
+        cli.live.mic || cli.live.input.is_some() || cli.live.stdin || cli.live.list_devices;
     if cli.command.is_some() && live_source {
         eprintln!("error: --mic, --input, --stdin and --list-devices start live mode; they do not combine with a subcommand");
         return Ok(ExitCode::from(EXIT_BAD_INPUT));
@@ -439,7 +437,6 @@ fn recognizer_options(args: &LiveArgs) -> crate::model::RecognizerOptions {
     use crate::model::step_audio2::prompt::SystemPrompt;
     crate::model::RecognizerOptions {
         language: args.lang.clone(),
-        whisper_encoder_context: args.encoder_context,
         step_audio_prompt: match (&args.prompt, args.lang.as_deref()) {
             (Some(p), _) => SystemPrompt::Custom(p.clone()),
             (None, Some("en")) => SystemPrompt::English,

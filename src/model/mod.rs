@@ -122,7 +122,6 @@ pub fn is_step_audio2_dir(dir: &Path) -> bool {
 pub struct RecognizerOptions {
     /// Spoken language for multilingual Whisper models (default en).
     pub language: Option<String>,
-    pub whisper_encoder_context: whisper::streaming::EncoderContext,
     pub step_audio_prompt: step_audio2::prompt::SystemPrompt,
     pub step_audio_max_context: usize,
 }
@@ -131,7 +130,6 @@ impl Default for RecognizerOptions {
     fn default() -> Self {
         Self {
             language: None,
-            whisper_encoder_context: Default::default(),
             step_audio_prompt: Default::default(),
             step_audio_max_context: step_audio2::SessionOptions::default().max_context,
         }
@@ -187,7 +185,6 @@ impl LoadedModel {
                 model.clone(),
                 opts.language.as_deref(),
                 crate::transcribe::Task::Transcribe,
-                opts.whisper_encoder_context,
             )?)),
             Self::StepAudio2(sa) => {
                 let session = step_audio2::SessionOptions {
