@@ -195,6 +195,23 @@ impl Ct2Model {
         &self.mmap[v.offset..v.offset + v.len]
     }
 
+    /// The stored bytes of a variable, as in the file.
+    pub fn raw_bytes(&self, name: &str) -> Option<&[u8]> {
+        self.variable(name).map(|v| self.bytes(v))
+    }
+
+    /// CTranslate2's numeric id of a variable's data type.
+    pub fn dtype_id(&self, name: &str) -> Option<u8> {
+        self.variable(name).map(|v| match v.dtype {
+            Ct2DType::F32 => 0,
+            Ct2DType::I8 => 1,
+            Ct2DType::I16 => 2,
+            Ct2DType::I32 => 3,
+            Ct2DType::F16 => 4,
+            Ct2DType::BF16 => 5,
+        })
+    }
+
     /// An integer scalar such as `encoder/num_heads`.
     pub fn scalar_int(&self, name: &str) -> Result<i64, ModelError> {
         let v = self.variable(name).ok_or_else(|| self.missing(name))?;
