@@ -253,15 +253,18 @@ fn sigterm_mid_speech_flushes_the_open_segment() {
         .spawn()
         .unwrap();
     let mut reader = BufReader::new(child.stdout.take().unwrap());
-    // Wait for speech to be under way: a partial of some segment.
+    // Signal just after the second segment opens: speech_start comes from
+    // the audio thread as the segment opens (no decoding in between), and a
+    // sonnet line lasts seconds, so the segment is open when the signal lands.
     let mut seen = read_until(
         &mut reader,
-        |e| e["type"] == "partial",
+        |e| e["type"] == "speech_start" && e["segment"] == 1,
         Duration::from_secs(60),
     );
     assert!(
-        seen.iter().any(|e| e["type"] == "partial"),
-        "no partial before the signal"
+        seen.iter()
+            .any(|e| e["type"] == "speech_start" && e["segment"] == 1),
+        "no second segment before the signal"
     );
     signal(&child, libc::SIGTERM);
     let mut rest = String::new();
