@@ -304,7 +304,12 @@ impl StreamTracker {
     fn maybe_request_partial(&mut self, out: &mut Vec<TrackerOutput>) {
         let Some(open) = &self.open else { return };
         let len = open.mel.samples().len();
-        if open.paused || len < open.last_request + self.partial_interval {
+        // While the speaker is silent there is nothing new to transcribe, and
+        // a partial started now would hold up the pause decode that follows.
+        if open.paused
+            || self.segmenter.trailing_silence() > 0
+            || len < open.last_request + self.partial_interval
+        {
             return;
         }
         let end = open.start + len as u64;
