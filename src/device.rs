@@ -49,10 +49,24 @@ fn open_cuda() -> Result<Device, DeviceError> {
     if !cfg!(feature = "cuda") {
         return Err(DeviceError::NotCompiled("cuda"));
     }
-    Device::new_cuda(0).map_err(|source| DeviceError::Open {
+    // One explicit stream that every thread enqueues on (weights are loaded on one
+    // thread and used on the inference thread; per-thread default streams would not
+    // order those), which is also what CUDA graph capture needs.
+    let device = Device::new_cuda_with_stream(0).map_err(|source| DeviceError::Open {
         kind: "cuda",
         source,
-    })
+    })?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        // SAFETY: all work goes to the one stream above, in order, so cudarc's per-buffer
+        // read/write events (an event record or wait around every kernel) buy nothing.
+        // Frees are stream-ordered. Done before any tensor exists on the device.
+        unsafe { d.disable_event_tracking() };
+        if let Err(e) = crate::model::cuda::keep_pool_memory(d) {
+            tracing::warn!("could not raise the CUDA memory pool's release threshold: {e}");
+        }
+    }
+    Ok(device)
 }
 
 fn open_metal() -> Result<Device, DeviceError> {

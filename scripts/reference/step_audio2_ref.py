@@ -25,7 +25,12 @@ Pieces, in pipeline order:
                            piece like the published code, with audio patch positions.
   * ``greedy``             greedy decoding by full recomputation.
 
-Everything runs in float32 on the CPU with one thread (bit-reproducible re-runs).
+Everything runs in float32 on the CPU with one thread (bit-reproducible re-runs) for
+the fixtures. The same functions also run on a GPU in bf16 (step_audio2_gpu_parity.py):
+tensors are created on the device and in the dtype of their inputs, and the places
+where a low-precision model casts back (probabilities before ``@ v``, RoPE tables,
+RMSNorm statistics in f32) follow transformers' Qwen2 and the published Whisper-style
+encoder; in float32 these casts are no-ops, so the fixtures are unchanged.
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import librosa
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -63,6 +67,8 @@ def set_deterministic() -> None:
 
 def mel_filterbank(n_mels: int) -> torch.Tensor:
     """librosa default filterbank (Slaney scale and norm), float32, [n_mels, 201]."""
+    import librosa  # here, so the GPU parity run (no librosa there) can supply its own
+
     fb = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=n_mels)
     return torch.from_numpy(np.asarray(fb, dtype=np.float32))
 
@@ -259,7 +265,7 @@ def _encoder_block(x, bias, W, p, n_head):
     k = k.view(B, T2, n_head, hd).transpose(1, 2) * scale
     v = v.view(B, T2, n_head, hd).transpose(1, 2)
     scores = q @ k.transpose(-1, -2) + bias[:, None, None, :]  # key mask
-    probs = torch.softmax(scores.float(), dim=-1)
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
     att = (probs @ v).transpose(1, 2).reshape(B, T2, D)
     x = x + F.linear(att, W[p + "attn.out.weight"], W[p + "attn.out.bias"])
     h = _layer_norm(x, W, p + "mlp_ln")
@@ -280,20 +286,22 @@ def encode_audio(W, cfg: dict, mels: Sequence[torch.Tensor]) -> EncoderResult:
     a = cfg["audio_encoder_config"]
     B = len(mels)
     T = max(m.shape[1] for m in mels)
-    x = torch.zeros(B, mels[0].shape[0], T, dtype=torch.float32)
+    dev = mels[0].device
+    x = torch.zeros(B, mels[0].shape[0], T, dtype=mels[0].dtype, device=dev)
     for i, m in enumerate(mels):
         x[i, :, :m.shape[1]] = m
-    lens = torch.tensor([m.shape[1] - 2 for m in mels])
+    lens = torch.tensor([m.shape[1] - 2 for m in mels], device=dev)
 
     h = F.gelu(F.conv1d(x, W["encoder.conv1.weight"], W["encoder.conv1.bias"], padding=1))
     h = F.gelu(F.conv1d(h, W["encoder.conv2.weight"], W["encoder.conv2.bias"],
                         stride=2, padding=1))
     h = h.transpose(1, 2)                                       # [B, T2, D]
     T2 = h.shape[1]
-    frame_valid = torch.arange(T)[None, :] < lens[:, None]      # [B, T]
+    frame_valid = torch.arange(T, device=dev)[None, :] < lens[:, None]      # [B, T]
     key_valid = frame_valid[:, (T + 1) % 2::2]
     assert key_valid.shape[1] == T2, (key_valid.shape, T2)
-    bias = torch.where(key_valid, torch.tensor(0.0), torch.tensor(MASK_VALUE))
+    bias = torch.where(key_valid, torch.tensor(0.0, device=dev),
+                       torch.tensor(MASK_VALUE, device=dev))
     h = h + W["encoder.positional_embedding.weight"][:T2]
     blocks_in = h
     for i in range(a["n_audio_layer"]):
@@ -330,8 +338,9 @@ def audio_embeddings(W, cfg, mels: Sequence[torch.Tensor]):
 # --------------------------------------------------------------------------------------
 
 def _rms_norm(x, w, eps):
-    var = x.pow(2).mean(-1, keepdim=True)
-    return w * (x * torch.rsqrt(var + eps))
+    xf = x.float()                      # statistics in f32 (a no-op for f32 input)
+    var = xf.pow(2).mean(-1, keepdim=True)
+    return w * (xf * torch.rsqrt(var + eps)).to(x.dtype)
 
 
 def _rope(n: int, head_dim: int, theta: float):
@@ -357,7 +366,8 @@ def llm_hidden(W, cfg: dict, embeds: torch.Tensor) -> torch.Tensor:
     hd = H // nh
     eps = t["rms_norm_eps"]
     cos, sin = _rope(N, hd, float(t["rope_theta"]))
-    causal = torch.full((N, N), float("-inf")).triu(1)
+    cos, sin = cos.to(embeds.device, embeds.dtype), sin.to(embeds.device, embeds.dtype)
+    causal = torch.full((N, N), float("-inf"), device=embeds.device).triu(1)
     x = embeds
     for i in range(t["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -374,7 +384,7 @@ def llm_hidden(W, cfg: dict, embeds: torch.Tensor) -> torch.Tensor:
         k = k.repeat_interleave(rep, dim=0)
         v = v.repeat_interleave(rep, dim=0)
         scores = (q @ k.transpose(-1, -2)) * (hd ** -0.5) + causal
-        probs = torch.softmax(scores.float(), dim=-1)
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
         att = (probs @ v).transpose(0, 1).reshape(N, H)
         x = x + F.linear(att, W[p + "self_attn.o_proj.weight"])
         h = _rms_norm(x, W[p + "post_attention_layernorm.weight"], eps)

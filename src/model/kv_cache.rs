@@ -95,6 +95,39 @@ impl KvCache {
         ))
     }
 
+    /// Makes room for `needed` positions without appending (reallocating, with the
+    /// stored prefix copied, if the buffer is smaller). The cache must have been
+    /// allocated by a first [`Self::append`], which fixes its shape.
+    pub fn reserve(&mut self, needed: usize) -> Result<()> {
+        let like = match &self.keys {
+            Some(k) => k.clone(),
+            None => candle_core::bail!("KV cache reserve before the first append"),
+        };
+        self.ensure_capacity(&like, needed)
+    }
+
+    /// Counts `n` positions that a fused kernel wrote into the buffers directly (at
+    /// `len..len + n`), as if they had been appended.
+    pub fn advance(&mut self, n: usize) -> Result<()> {
+        if self.len + n > self.capacity() {
+            candle_core::bail!(
+                "KV cache advance to {} past its capacity {}",
+                self.len + n,
+                self.capacity()
+            );
+        }
+        self.len += n;
+        Ok(())
+    }
+
+    /// The whole key and value buffers `[b, h, capacity, d]`, once allocated.
+    pub fn buffers(&self) -> Option<(&Tensor, &Tensor)> {
+        match (&self.keys, &self.values) {
+            (Some(k), Some(v)) => Some((k, v)),
+            _ => None,
+        }
+    }
+
     /// Views of the cached keys and values, if any.
     pub fn current(&self) -> Result<Option<(Tensor, Tensor)>> {
         match (&self.keys, &self.values) {

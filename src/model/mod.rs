@@ -3,6 +3,9 @@
 
 pub mod cpu_ops;
 pub mod ct2;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod fast;
 pub mod hub;
 pub mod kv_cache;
 pub mod layers;

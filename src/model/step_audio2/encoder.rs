@@ -30,10 +30,20 @@ pub struct EncoderBlock {
 
 impl EncoderBlock {
     fn forward(&self, x: &Tensor, heads: usize, key_bias: &Tensor) -> Result<Tensor> {
-        let d = x.dim(2)?;
-        let dtype = x.dtype();
-        let h = self.attn_ln.forward(x)?;
-        let qkv = self.qkv.forward(&h)?;
+        let h = layer_norm(&self.attn_ln, x)?;
+        let qkv = linear(&self.qkv, &h)?;
+        let a = self.attention(&qkv, heads, key_bias)?;
+        self.finish(x, &a)
+    }
+
+    /// Multi-head attention over the fused projection `qkv` `[b, t, 3d]` with the key
+    /// bias `[b, 1, 1, t]` (f32): `[b, t, d]`. The fused kernel where it applies.
+    pub fn attention(&self, qkv: &Tensor, heads: usize, key_bias: &Tensor) -> Result<Tensor> {
+        if let Some(a) = fused_attention(qkv, heads, key_bias)? {
+            return Ok(a);
+        }
+        let d = qkv.dim(2)? / 3;
+        let dtype = qkv.dtype();
         // q and k are each scaled by head_dim^-1/4 before the product, as
         // published; it also keeps f16/bf16 scores in range.
         let scale = ((d / heads) as f64).powf(-0.25);
@@ -45,12 +55,111 @@ impl EncoderBlock {
         let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
         let scores = scores.broadcast_add(key_bias)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let a = merge_heads(&probs.matmul(&v)?)?;
-        let x = (x + self.out.forward(&a)?)?;
-        let h = self.mlp_ln.forward(&x)?;
-        let h = self.fc2.forward(&self.fc1.forward(&h)?.gelu_erf()?)?;
-        x + h
+        merge_heads(&probs.matmul(&v)?)
     }
+
+    /// Output projection, residual and MLP after the attention `a` `[b, t, d]`.
+    pub fn finish(&self, x: &Tensor, a: &Tensor) -> Result<Tensor> {
+        let (x, h) = linear_residual_norm(&self.out, a, x, &self.mlp_ln)?;
+        let h = linear_gelu(&self.fc1, &h)?;
+        linear_residual(&self.fc2, &h, &x)
+    }
+}
+
+/// LayerNorm through the one-warp-per-row kernel where it applies.
+pub fn layer_norm(ln: &LayerNorm, x: &Tensor) -> Result<Tensor> {
+    match crate::model::fast::layer_norm(x, &ln.gamma, &ln.beta, ln.eps)? {
+        Some(h) => Ok(h),
+        None => ln.forward(x),
+    }
+}
+
+/// `x' = resid + (a W^T + b)` and `ln(x')`: the residual stream and the next sublayer's
+/// input, in one pass over the rows where a kernel exists.
+pub fn linear_residual_norm(
+    l: &Linear,
+    a: &Tensor,
+    resid: &Tensor,
+    ln: &LayerNorm,
+) -> Result<(Tensor, Tensor)> {
+    if let Some(b) = &l.bias {
+        let y = project(l, a)?;
+        if let Some(pair) =
+            crate::model::fast::bias_residual_layer_norm(&y, b, resid, &ln.gamma, &ln.beta, ln.eps)?
+        {
+            return Ok(pair);
+        }
+        let x = match crate::model::fast::bias_residual(&y, b, resid)? {
+            Some(v) => v,
+            None => (resid + y.broadcast_add(b)?)?,
+        };
+        let h = ln.forward(&x)?;
+        return Ok((x, h));
+    }
+    let x = linear_residual(l, a, resid)?;
+    let h = ln.forward(&x)?;
+    Ok((x, h))
+}
+
+/// `x W^T` through the device's fast GEMM where there is one, else candle's matmul.
+pub fn project(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    match crate::model::fast::matmul_t(x, &l.weight)? {
+        Some(y) => Ok(y),
+        None => x.broadcast_matmul(&l.weight.t()?),
+    }
+}
+
+pub fn linear(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    let y = project(l, x)?;
+    let Some(b) = &l.bias else { return Ok(y) };
+    match crate::model::fast::bias_add(&y, b)? {
+        Some(v) => Ok(v),
+        None => y.broadcast_add(b),
+    }
+}
+
+/// `gelu_erf(x W^T + b)`, the bias and GELU in one pass where a kernel exists.
+pub fn linear_gelu(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    let y = project(l, x)?;
+    let Some(b) = &l.bias else {
+        return y.gelu_erf();
+    };
+    match crate::model::fast::bias_gelu(&y, b)? {
+        Some(v) => Ok(v),
+        None => y.broadcast_add(b)?.gelu_erf(),
+    }
+}
+
+/// `resid + (x W^T + b)`, the bias and the residual in one pass where a kernel exists.
+pub fn linear_residual(l: &Linear, x: &Tensor, resid: &Tensor) -> Result<Tensor> {
+    let y = project(l, x)?;
+    let Some(b) = &l.bias else { return resid + y };
+    match crate::model::fast::bias_residual(&y, b, resid)? {
+        Some(v) => Ok(v),
+        None => resid + y.broadcast_add(b)?,
+    }
+}
+
+/// The block's attention through the fused kernel, reading q, k and v as strided views
+/// of the fused projection `[b, t, 3d]` (no copies); the two head_dim^-1/4 factors
+/// become one head_dim^-1/2 on the scores. `None` when the kernel does not apply.
+fn fused_attention(qkv: &Tensor, heads: usize, key_bias: &Tensor) -> Result<Option<Tensor>> {
+    let (b, t, d3) = qkv.dims3()?;
+    let d = d3 / 3;
+    let hd = d / heads;
+    // [b, t, 3, h, hd] → three [b, h, t, hd] views
+    let parts = qkv.reshape((b, t, 3, heads, hd))?;
+    let view = |i: usize| -> Result<Tensor> { parts.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2) };
+    let scale = (hd as f32).powf(-0.5);
+    let out = crate::model::fast::attention(
+        &view(0)?,
+        &view(1)?,
+        &view(2)?,
+        scale,
+        false,
+        Some(key_bias),
+    )?;
+    out.map(|a| a.reshape((b, t, d))).transpose()
 }
 
 #[derive(Clone, Debug)]
@@ -145,7 +254,7 @@ impl AudioEncoder {
 }
 
 /// `[B, 1, 1, T2]` f32: 0 for valid keys, −1e10 for padded ones.
-fn key_bias_tensor(key_valid: &[Vec<bool>], device: &Device) -> Result<Tensor> {
+pub fn key_bias_tensor(key_valid: &[Vec<bool>], device: &Device) -> Result<Tensor> {
     let b = key_valid.len();
     let t2 = key_valid.first().map_or(0, Vec::len);
     let data: Vec<f32> = key_valid

@@ -73,6 +73,21 @@ impl LlmState {
     pub fn capacity(&self) -> usize {
         self.caches.first().map_or(0, KvCache::capacity)
     }
+
+    /// Makes room for `needed` positions in every layer (see [`KvCache::reserve`]).
+    pub fn reserve(&mut self, needed: usize) -> Result<()> {
+        self.caches.iter_mut().try_for_each(|c| c.reserve(needed))
+    }
+
+    /// Counts `n` positions written into every layer's buffers by a fused kernel.
+    pub fn advance(&mut self, n: usize) -> Result<()> {
+        self.caches.iter_mut().try_for_each(|c| c.advance(n))
+    }
+
+    /// Whole key and value buffers `[1, kv_heads, capacity, hd]` of layer `i`.
+    pub fn layer_buffers(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
+        self.caches.get(i).and_then(KvCache::buffers)
+    }
 }
 
 /// RoPE angles as transformers' Qwen2 computes them in f32:
@@ -194,7 +209,17 @@ impl Qwen2Llm {
         let k = candle_nn::rotary_emb::rope(&heads(nh * hd, nkv)?, cos, sin)?;
         let v = heads((nh + nkv) * hd, nkv)?;
         let (k, v) = cache.append(&k, &v)?;
-        let a = gqa_attention(&q, &k, &v, nkv, (hd as f64).powf(-0.5), mask)?;
+        let scale = (hd as f64).powf(-0.5);
+        // Several new positions (a prefill): the fused kernel applies the causal mask
+        // itself and reads the cache in place; a single one keeps the matmul path.
+        let fused = match mask {
+            Some(_) => crate::model::fast::attention(&q, &k, &v, scale as f32, true, None)?,
+            None => None,
+        };
+        let a = match fused {
+            Some(a) => a,
+            None => gqa_attention(&q, &k, &v, nkv, scale, mask)?,
+        };
         let x = (x + layer.o_proj.forward(&a.reshape((b, n, hidden))?)?)?;
         let h = layer.post_attention_layernorm.forward(&x)?;
         let gu = layer.gate_up.forward(&h)?;

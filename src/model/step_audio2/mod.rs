@@ -52,6 +52,38 @@ pub struct StepAudio2Model {
 }
 
 impl StepAudio2Model {
+    /// Bytes of all weight tensors (as held on the device, fused q/k/v included).
+    pub fn parameter_bytes(&self) -> usize {
+        use crate::model::layers::{Conv1d, LayerNorm, Linear};
+        let t = |x: &Tensor| x.elem_count() * x.dtype().size_in_bytes();
+        let lin = |l: &Linear| t(&l.weight) + l.bias.as_ref().map_or(0, t);
+        let ln = |l: &LayerNorm| t(&l.gamma) + t(&l.beta);
+        let conv = |c: &Conv1d| t(&c.weight) + t(&c.bias);
+        let e = &self.encoder;
+        let mut n = conv(&e.conv1) + conv(&e.conv2) + t(&e.positions) + ln(&e.after_norm);
+        for b in &e.blocks {
+            n += ln(&b.attn_ln)
+                + lin(&b.qkv)
+                + lin(&b.out)
+                + ln(&b.mlp_ln)
+                + lin(&b.fc1)
+                + lin(&b.fc2);
+        }
+        let a = &self.adapter;
+        n += conv(&a.conv) + lin(&a.linear1) + lin(&a.linear2);
+        let l = &self.llm;
+        n += t(&l.embed_tokens) + t(&l.norm.weight) + lin(&l.lm_head) + t(&l.cos) + t(&l.sin);
+        for y in &l.layers {
+            n += t(&y.input_layernorm.weight)
+                + lin(&y.qkv)
+                + lin(&y.o_proj)
+                + t(&y.post_attention_layernorm.weight)
+                + lin(&y.gate_up)
+                + lin(&y.down_proj);
+        }
+        n
+    }
+
     /// Mels as one batch `[B, n_mels, T]`, zero-padded on the right to the
     /// longest (the published padding value), with their lengths.
     pub fn mel_batch(&self, mels: &[&LogMel]) -> Result<(Tensor, Vec<usize>), ModelError> {
@@ -79,6 +111,35 @@ impl StepAudio2Model {
     pub fn encode(&self, mels: &[&LogMel]) -> Result<EncoderOutput, ModelError> {
         let (x, lens) = self.mel_batch(mels)?;
         Ok(self.encoder.forward(&x, &lens)?)
+    }
+
+    /// Encoder + adapter on mels already on the device (`[n_mels, L_i]`, any float
+    /// dtype), batched like [`Self::audio_embeddings`]: zero-padded on the right to the
+    /// longest.
+    pub fn audio_embeddings_from_tensors(
+        &self,
+        mels: &[Tensor],
+    ) -> Result<Vec<Tensor>, ModelError> {
+        let lens = mels
+            .iter()
+            .map(|m| m.dim(1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        if lens.iter().all(|&l| l < 3) {
+            let h = self.config.text.hidden_size;
+            return mels
+                .iter()
+                .map(|_| Ok(Tensor::zeros((0, h), self.dtype, &self.device)?))
+                .collect();
+        }
+        let t = lens.iter().copied().max().unwrap_or(0);
+        let padded = mels
+            .iter()
+            .zip(&lens)
+            .map(|(m, &l)| m.to_dtype(self.dtype)?.pad_with_zeros(1, 0, t - l))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let x = Tensor::stack(&padded, 0)?;
+        let enc = self.encoder.forward(&x, &lens)?;
+        Ok(self.adapter.kept_rows(&enc)?.0)
     }
 
     /// Encoder + adapter: per mel, the `[n_i, H]` rows that replace its
@@ -135,6 +196,8 @@ pub struct StepAudio2 {
     pub model: StepAudio2Model,
     pub tokenizer: StepTokenizer,
     pub mel: Arc<MelExtractor>,
+    /// The same log-mel computed on the model's device, where it has a kernel for it.
+    pub device_mel: Option<crate::model::fast::DeviceMel>,
 }
 
 impl StepAudio2 {
@@ -155,11 +218,34 @@ impl StepAudio2 {
             }
         }
         let mel = Arc::new(MelExtractor::new(model.config.encoder.n_mels));
+        let device_mel =
+            crate::model::fast::DeviceMel::new(model.config.encoder.n_mels, &model.device)?;
         Ok(Self {
             model,
             tokenizer,
             mel,
+            device_mel,
         })
+    }
+
+    /// Encoder + adapter rows of a whole recording (16 kHz mono): 25 s pieces, each its
+    /// own mel (on the device when it has a log-mel kernel and that fast path is on),
+    /// encoded as one batch.
+    pub fn audio_rows(&self, audio: &[f32]) -> Result<Vec<Tensor>, ModelError> {
+        match &self.device_mel {
+            Some(dm) if crate::model::fast::fast_paths().mel => {
+                let mels = audio
+                    .chunks(STEP_AUDIO_PIECE_SAMPLES)
+                    .map(|piece| dm.compute(piece, STEP_AUDIO_TAIL_PADDING))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                self.model.audio_embeddings_from_tensors(&mels)
+            }
+            _ => {
+                let mels = self.mel.step_audio_pieces(audio);
+                let refs: Vec<&LogMel> = mels.iter().collect();
+                self.model.audio_embeddings(&refs)
+            }
+        }
     }
 
     pub fn session(&self, opts: SessionOptions) -> Result<Session, ModelError> {
@@ -174,9 +260,7 @@ impl StepAudio2 {
         audio: &[f32],
         opts: &TurnOptions,
     ) -> Result<TurnOutput, ModelError> {
-        let mels = self.mel.step_audio_pieces(audio);
-        let refs: Vec<&LogMel> = mels.iter().collect();
-        let rows = self.model.audio_embeddings(&refs)?;
+        let rows = self.audio_rows(audio)?;
         session.decode_final(self, &rows, &[], opts)
     }
 }

@@ -98,6 +98,9 @@ pub struct Session {
     committed: usize,
     opts: SessionOptions,
     restarts: usize,
+    /// The fused decode step over this session's KV cache (CUDA, bf16), made on the
+    /// first decode that can use it.
+    fused: crate::model::fast::FusedDecoder,
 }
 
 impl Session {
@@ -118,6 +121,7 @@ impl Session {
             committed,
             opts,
             restarts: 0,
+            fused: Default::default(),
         })
     }
 
@@ -275,17 +279,24 @@ impl Session {
         let mut logprob: Option<Tensor> = None;
         // A greedy id chosen but not yet run through the model.
         let mut pending: Option<u32> = None;
-        while out.generated.len() < budget {
+        // The fused decode step, where the device has one: it chooses the next id
+        // itself (and sums its log-probability on the device).
+        let mut fused = if budget > 1 {
+            self.fused.prepare(llm)?
+        } else {
+            None
+        };
+        let mut fused_started = false;
+        let mut next = 0;
+        if budget > 0 {
             if opts.record_logits {
                 out.step_logits.push(logits.to_dtype(DType::F32)?);
             }
-            let next = llm::argmax(&logits)?;
-            first_read.get_or_insert_with(Instant::now);
-            let lp = llm::max_logprob(&logits)?;
-            logprob = Some(match logprob {
-                Some(sum) => (sum + lp)?,
-                None => lp,
-            });
+            next = llm::argmax(&logits)?;
+            first_read = Some(Instant::now());
+            logprob = Some(llm::max_logprob(&logits)?);
+        }
+        while out.generated.len() < budget {
             out.scored += 1;
             if next == eot && opts.stop_at_eot {
                 out.finished = true;
@@ -296,10 +307,34 @@ impl Session {
                 pending = Some(next);
                 break;
             }
-            let h = llm.forward(&llm.embed(&[next])?.unsqueeze(0)?, &mut self.state)?;
-            logits = llm.logits_last(&h)?;
+            if let Some(f) = fused.as_mut() {
+                if !fused_started {
+                    f.start(next, self.state.len())?;
+                    fused_started = true;
+                }
+                next = f.step(&mut self.state)?;
+                if opts.record_logits {
+                    out.step_logits.push(f.logits()?);
+                }
+            } else {
+                let h = llm.forward(&llm.embed(&[next])?.unsqueeze(0)?, &mut self.state)?;
+                logits = llm.logits_last(&h)?;
+                if opts.record_logits {
+                    out.step_logits.push(logits.to_dtype(DType::F32)?);
+                }
+                next = llm::argmax(&logits)?;
+                let lp = llm::max_logprob(&logits)?;
+                logprob = Some(match logprob {
+                    Some(sum) => (sum + lp)?,
+                    None => lp,
+                });
+            }
             out.decode_steps += 1;
         }
+        let fused_logprob = match (fused.as_ref(), fused_started) {
+            (Some(f), true) => f.logprob_sum()?,
+            _ => 0.0,
+        };
         let decoded = Instant::now();
         let first_read = first_read.unwrap_or(decoded);
         out.prefill_time = first_read - start;
@@ -311,10 +346,11 @@ impl Session {
             tail.push(eot);
             llm.forward(&llm.embed(&tail)?.unsqueeze(0)?, &mut self.state)?;
         }
-        out.sum_logprob = match logprob {
-            Some(t) => t.to_dtype(DType::F32)?.to_vec1::<f32>()?[0] as f64,
-            None => 0.0,
-        };
+        out.sum_logprob = fused_logprob
+            + match logprob {
+                Some(t) => t.to_dtype(DType::F32)?.to_vec1::<f32>()?[0] as f64,
+                None => 0.0,
+            };
         out.text_tokens = prefix.to_vec();
         out.text_tokens
             .extend(sa.tokenizer.text_ids(&out.generated));

@@ -1,0 +1,815 @@
+//! Correctness checks of the GPU fast paths, meant to run on the device next to the
+//! benchmark (it needs a GPU; CI has none and runs the CPU tests instead).
+//!
+//! `--kernels`: each fast path against the plain candle path on the same device, on
+//! fresh random (or real audio) inputs: device log-mel vs the CPU frontend (and both vs
+//! an f64 DFT), flash attention vs f32 attention on upcast inputs (encoder shape with a
+//! padding mask, odd sizes, GQA prefill with a causal offset over a cache view), and the
+//! fused decode step (graph and direct launches) vs candle ops on a real-width LLM,
+//! teacher-forced so every step compares the same inputs.
+//!
+//! `--parity --ckpt DIR --reference FILE`: issue 5's full-shape check. DIR and FILE come
+//! from `scripts/reference/step_audio2_gpu_parity.py` (random weights at the real
+//! config, PyTorch reference outputs in bf16 on the same GPU). Compares mel, encoder,
+//! adapter, prompt ids, prefill logits and the logits of every teacher-forced decode
+//! step (fused step and candle step), and the greedy tokens.
+//!
+//! Prints PASS/FAIL lines and a summary; `--json FILE` writes the numbers.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use clap::Parser;
+use serde_json::json;
+use std::path::PathBuf;
+use stepaudio_live::device::{select_device, DeviceChoice};
+use stepaudio_live::frontend::{
+    mel_filterbank, LogMel, MelExtractor, HOP_LENGTH, N_FFT, N_FREQ, SAMPLE_RATE,
+    STEP_AUDIO_TAIL_PADDING,
+};
+use stepaudio_live::model::fast::{self, FastPaths, FusedDecoder};
+use stepaudio_live::model::step_audio2::config::StepAudio2Config;
+use stepaudio_live::model::step_audio2::llm::{argmax, LlmState, Qwen2Llm};
+use stepaudio_live::model::step_audio2::load::{load_step_audio2, random_weights};
+use stepaudio_live::model::step_audio2::prompt::SystemPrompt;
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[arg(long)]
+    kernels: bool,
+    #[arg(long)]
+    parity: bool,
+    #[arg(long)]
+    ckpt: Option<PathBuf>,
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// Real audio for the mel check.
+    #[arg(long = "wav")]
+    wavs: Vec<PathBuf>,
+    /// LLM layers of the real-width model of the decode check.
+    #[arg(long, default_value_t = 4)]
+    decode_layers: usize,
+    #[arg(long, default_value_t = 16)]
+    steps: usize,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cuda)]
+    device: DeviceChoice,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+struct Report {
+    lines: Vec<(String, bool, String)>,
+    json: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Report {
+    fn check(&mut self, name: &str, ok: bool, detail: String) {
+        println!("{} {name}: {detail}", if ok { "PASS" } else { "FAIL" });
+        self.lines.push((name.to_string(), ok, detail));
+    }
+}
+
+/// ‖a − b‖ / ‖b‖ and max |a − b| (f32, any shape); NaN anywhere gives NaN.
+fn rel_err(a: &Tensor, b: &Tensor) -> Result<(f64, f64)> {
+    let a = a.to_dtype(DType::F32)?.flatten_all()?;
+    let b = b.to_dtype(DType::F32)?.flatten_all()?;
+    let d = (&a - &b)?;
+    let num = d.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    let den = b.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    let max = d.abs()?.max(0)?.to_scalar::<f32>()? as f64;
+    let nan = a
+        .ne(&a)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if nan > 0.0 {
+        return Ok((f64::NAN, f64::NAN));
+    }
+    Ok(((num / den.max(1e-30)).sqrt(), max))
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let device = select_device(args.device)?;
+    if !fast::available(&device) {
+        bail!("no GPU fast paths on {device:?} in this build");
+    }
+    let mut rep = Report {
+        lines: vec![],
+        json: serde_json::Map::new(),
+    };
+    if args.kernels {
+        check_mel(&args, &device, &mut rep)?;
+        check_attention(&device, &mut rep)?;
+        check_decode(&args, &device, &mut rep)?;
+    }
+    if args.parity {
+        parity(&args, &device, &mut rep)?;
+    }
+    let failed = rep.lines.iter().filter(|l| !l.1).count();
+    println!(
+        "\n{} checks, {} failed{}",
+        rep.lines.len(),
+        failed,
+        if failed == 0 {
+            ""
+        } else {
+            " ← see FAIL lines"
+        }
+    );
+    if let Some(p) = &args.json {
+        let checks: Vec<_> = rep
+            .lines
+            .iter()
+            .map(|(n, ok, d)| json!({"name": n, "pass": ok, "detail": d}))
+            .collect();
+        rep.json.insert("checks".into(), json!(checks));
+        std::fs::write(p, serde_json::to_string_pretty(&rep.json)?)?;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------
+// log-mel
+// ------------------------------------------------------------------------------------
+
+/// Step-Audio log-mel in f64 by a direct DFT (an independent reference for both).
+fn mel_f64(audio: &[f32], n_mels: usize) -> Vec<f64> {
+    let mut x: Vec<f64> = audio.iter().map(|&v| v as f64).collect();
+    x.extend(std::iter::repeat(0.0).take(STEP_AUDIO_TAIL_PADDING));
+    let len = x.len() as isize;
+    let n_frames = x.len() / HOP_LENGTH;
+    let fb = mel_filterbank(n_mels);
+    let win: Vec<f64> = (0..N_FFT)
+        .map(|n| 0.5 - 0.5 * (2.0 * std::f64::consts::PI * n as f64 / N_FFT as f64).cos())
+        .collect();
+    let mut out = vec![0f64; n_mels * n_frames];
+    let mut power = vec![0f64; N_FREQ];
+    for t in 0..n_frames {
+        let start = (t * HOP_LENGTH) as isize - (N_FFT / 2) as isize;
+        let frame: Vec<f64> = (0..N_FFT)
+            .map(|i| {
+                let mut j = start + i as isize;
+                let period = 2 * (len - 1);
+                j = j.rem_euclid(period);
+                if j >= len {
+                    j = period - j;
+                }
+                x[j as usize] * win[i]
+            })
+            .collect();
+        for (k, p) in power.iter_mut().enumerate() {
+            let (mut re, mut im) = (0.0, 0.0);
+            for (n, &v) in frame.iter().enumerate() {
+                let ph = 2.0 * std::f64::consts::PI * ((k * n) % N_FFT) as f64 / N_FFT as f64;
+                re += v * ph.cos();
+                im -= v * ph.sin();
+            }
+            *p = re * re + im * im;
+        }
+        for m in 0..n_mels {
+            let s: f64 = (0..N_FREQ)
+                .map(|k| fb[m * N_FREQ + k] as f64 * power[k])
+                .sum();
+            out[m * n_frames + t] = s.max(1e-10).log10();
+        }
+    }
+    let max = out.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    out.iter()
+        .map(|&v| (v.max(max - 8.0) + 4.0) / 4.0)
+        .collect()
+}
+
+fn check_mel(args: &Args, device: &Device, rep: &mut Report) -> Result<()> {
+    let n_mels = 128;
+    let dm = fast::DeviceMel::new(n_mels, device)?.context("no device mel")?;
+    let cpu = MelExtractor::new(n_mels);
+    let mut inputs: Vec<(String, Vec<f32>)> = Vec::new();
+    for w in &args.wavs {
+        let a = stepaudio_live::audio::wav::read_wav_16k_mono(w)?;
+        inputs.push((
+            w.file_name().unwrap_or_default().to_string_lossy().into(),
+            a,
+        ));
+    }
+    // 15 s of noise plus a tone, fresh each run (never zeros)
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64;
+    let mut s = seed | 1;
+    let noise: Vec<f32> = (0..15 * SAMPLE_RATE)
+        .map(|i| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let u = (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            0.1 * u + 0.3 * (i as f32 * 0.05).sin()
+        })
+        .collect();
+    inputs.push(("random 15 s".into(), noise));
+    let mut worst: f64 = 0.0;
+    for (i, (name, audio)) in inputs.iter().enumerate() {
+        let g = dm.compute(audio, STEP_AUDIO_TAIL_PADDING)?;
+        let c: LogMel = cpu.step_audio(audio);
+        let ct = Tensor::from_vec(c.data.clone(), (c.n_mels, c.n_frames), device)?;
+        if g.dims() != ct.dims() {
+            rep.check(
+                &format!("mel {name} shape"),
+                false,
+                format!("{:?} vs {:?}", g.dims(), ct.dims()),
+            );
+            continue;
+        }
+        let (_, max_gc) = rel_err(&g, &ct)?;
+        let mut detail = format!("max |gpu − cpu| = {max_gc:.2e} over {} frames", c.n_frames);
+        if i == 0 {
+            let r = mel_f64(audio, n_mels);
+            let r = Tensor::from_vec(
+                r.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                (c.n_mels, c.n_frames),
+                device,
+            )?;
+            let (_, max_gr) = rel_err(&g, &r)?;
+            let (_, max_cr) = rel_err(&ct, &r)?;
+            detail += &format!("; vs f64 DFT: gpu {max_gr:.2e}, cpu {max_cr:.2e}");
+            rep.json
+                .insert(format!("mel_{name}_gpu_vs_f64"), json!(max_gr));
+            rep.json
+                .insert(format!("mel_{name}_cpu_vs_f64"), json!(max_cr));
+        }
+        rep.json
+            .insert(format!("mel_{name}_gpu_vs_cpu"), json!(max_gc));
+        worst = worst.max(max_gc);
+        rep.check(&format!("mel {name}"), max_gc <= 1e-4, detail);
+    }
+    rep.json.insert("mel_worst_gpu_vs_cpu".into(), json!(worst));
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------
+// flash attention
+// ------------------------------------------------------------------------------------
+
+fn attention_ref(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal: bool,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, h, nq, hd) = q.dims4()?;
+    let (_, hkv, nk, _) = k.dims4()?;
+    let rep = h / hkv;
+    let up = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.to_dtype(DType::F32)?
+            .unsqueeze(2)?
+            .expand((b, hkv, rep, nk, hd))?
+            .reshape((b, h, nk, hd))?)
+    };
+    let q = q.to_dtype(DType::F32)?.contiguous()?;
+    let (k, v) = (up(k)?, up(v)?);
+    let mut s = (q.matmul(&k.t()?)? * scale)?;
+    if causal {
+        let off = nk - nq;
+        let m: Vec<f32> = (0..nq)
+            .flat_map(|i| (0..nk).map(move |j| if j > i + off { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        s = s.broadcast_add(&Tensor::from_vec(m, (nq, nk), q.device())?)?;
+    }
+    if let Some(bias) = bias {
+        s = s.broadcast_add(&bias.reshape((b, 1, 1, nk))?)?;
+    }
+    let p = candle_nn::ops::softmax_last_dim(&s)?;
+    Ok(p.matmul(&v)?.transpose(1, 2)?.contiguous()?)
+}
+
+fn check_attention(device: &Device, rep: &mut Report) -> Result<()> {
+    fast::set_tf32(false);
+    fast::set_fast_paths(FastPaths::ALL);
+    let rnd = |shape: &[usize]| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(DType::BF16)?)
+    };
+    // (name, b, h, hkv, nq, nk, hd, causal, masked tail keys per batch entry, as views of a fused qkv)
+    let cases: &[(
+        &str,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        bool,
+        &[usize],
+        bool,
+    )] = &[
+        (
+            "encoder 30 s (2×20 heads, 1500, hd 64, key mask)",
+            2,
+            20,
+            20,
+            1500,
+            1500,
+            64,
+            false,
+            &[1, 100],
+            true,
+        ),
+        (
+            "odd sizes (77 × 77, hd 64)",
+            1,
+            4,
+            4,
+            77,
+            77,
+            64,
+            false,
+            &[1],
+            true,
+        ),
+        (
+            "GQA prefill (28/4 heads, 130 new after 20 cached, hd 128, causal)",
+            1,
+            28,
+            4,
+            130,
+            150,
+            128,
+            true,
+            &[],
+            false,
+        ),
+        (
+            "GQA prefill, 1 batch 3 (28/4, 64 after 0, causal)",
+            3,
+            28,
+            4,
+            64,
+            64,
+            128,
+            true,
+            &[],
+            false,
+        ),
+    ];
+    for variant in ["2stage", "1stage", "w8"] {
+        fast::set_flash_variant(variant)?;
+        for &(name, b, h, hkv, nq, nk, hd, causal, masked, fused_qkv) in cases {
+            if variant != "2stage" && hd != 64 {
+                continue;
+            }
+            let name = &format!("{name} [{variant}]");
+            let (q, k, v) = if fused_qkv {
+                let qkv = rnd(&[b, nq, 3, h, hd])?;
+                let view = |i: usize| -> Result<Tensor> {
+                    Ok(qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?)
+                };
+                (view(0)?, view(1)?, view(2)?)
+            } else {
+                let q = rnd(&[b, h, nq, hd])?;
+                // k/v: views of a larger cache buffer, as the LLM passes them
+                let kc = rnd(&[b, hkv, nk + 37, hd])?;
+                let vc = rnd(&[b, hkv, nk + 37, hd])?;
+                (q, kc.narrow(2, 0, nk)?, vc.narrow(2, 0, nk)?)
+            };
+            let bias = if masked.is_empty() {
+                None
+            } else {
+                let data: Vec<f32> = (0..b)
+                    .flat_map(|i| {
+                        (0..nk).map(move |j| {
+                            if j + masked[i % masked.len()] >= nk {
+                                -1e10
+                            } else {
+                                0.0
+                            }
+                        })
+                    })
+                    .collect();
+                Some(Tensor::from_vec(data, (b, nk), device)?)
+            };
+            let scale = (hd as f64).powf(-0.5);
+            let out = fast::attention(&q, &k, &v, scale as f32, causal, bias.as_ref())?
+                .context("flash attention did not apply")?;
+            let r = attention_ref(&q, &k, &v, scale, causal, bias.as_ref())?;
+            let (rel, max) = rel_err(&out, &r)?;
+            rep.json
+                .insert(format!("flash {name}"), json!({"rel": rel, "max_abs": max}));
+            rep.check(
+                &format!("flash {name}"),
+                rel < 1e-2,
+                format!("rel {rel:.2e}, max abs {max:.2e}"),
+            );
+        }
+    }
+    fast::set_flash_variant("default")?;
+    check_linear(device, rep)
+}
+
+/// The encoder's GEMM through cuBLAS and its fused epilogues against candle ops, and a
+/// whole real-width 2-block encoder with every fast path against none.
+fn check_linear(device: &Device, rep: &mut Report) -> Result<()> {
+    let rnd = |shape: &[usize], s: f32| -> Result<Tensor> {
+        Ok((Tensor::randn(0f32, 1.0, shape, device)? * s as f64)?.to_dtype(DType::BF16)?)
+    };
+    let x = rnd(&[1, 1500, 1280], 1.0)?;
+    let w = rnd(&[5120, 1280], 0.03)?;
+    let bias = rnd(&[5120], 0.1)?;
+    let want = x.broadcast_matmul(&w.t()?)?;
+    let got = fast::matmul_t(&x, &w)?.context("direct GEMM did not apply")?;
+    let (rel, _) = rel_err(&got, &want)?;
+    rep.check(
+        "cuBLAS GEMM (1500×1280 · 1280×5120) vs candle matmul",
+        rel < 1e-2,
+        format!("rel {rel:.2e}"),
+    );
+    let want_g = want.broadcast_add(&bias)?.gelu_erf()?;
+    let got_g = fast::bias_gelu(&want.copy()?, &bias)?.context("bias_gelu did not apply")?;
+    let (rel, max) = rel_err(&got_g, &want_g)?;
+    rep.check(
+        "bias + GELU kernel vs candle ops",
+        rel < 1e-2,
+        format!("rel {rel:.2e}, max abs {max:.2e}"),
+    );
+    let want_b = want.broadcast_add(&bias)?;
+    let got_b = fast::bias_add(&want.copy()?, &bias)?.context("bias_add did not apply")?;
+    let (rel, max) = rel_err(&got_b, &want_b)?;
+    rep.check(
+        "bias add kernel vs candle broadcast_add",
+        rel == 0.0,
+        format!("rel {rel:.2e}, max abs {max:.2e}"),
+    );
+    let resid = rnd(&[1, 1500, 5120], 1.0)?;
+    let want_r = (&resid + want.broadcast_add(&bias)?)?;
+    let got_r =
+        fast::bias_residual(&want, &bias, &resid)?.context("bias_residual did not apply")?;
+    let (rel, max) = rel_err(&got_r, &want_r)?;
+    rep.check(
+        "bias + residual kernel vs candle ops",
+        rel < 1e-2 && max <= 0.0625,
+        format!("rel {rel:.2e}, max abs {max:.2e}"),
+    );
+    let xs = rnd(&[1, 1500, 1280], 1.0)?;
+    let g = (rnd(&[1280], 0.1)?.to_dtype(DType::F32)? + 1.0)?.to_dtype(DType::BF16)?;
+    let be = rnd(&[1280], 0.1)?;
+    let want_ln = candle_nn::ops::layer_norm(&xs, &g, &be, 1e-5)?;
+    let got_ln = fast::layer_norm(&xs, &g, &be, 1e-5)?.context("layer_norm did not apply")?;
+    let (rel, max) = rel_err(&got_ln, &want_ln)?;
+    rep.check(
+        "LayerNorm kernel vs candle layer_norm",
+        rel < 1e-2,
+        format!("rel {rel:.2e}, max abs {max:.2e}"),
+    );
+    let y = rnd(&[1, 1500, 1280], 1.0)?;
+    let b1 = rnd(&[1280], 0.1)?;
+    let want_x = (&xs + y.broadcast_add(&b1)?)?;
+    let want_h = candle_nn::ops::layer_norm(&want_x, &g, &be, 1e-5)?;
+    let (got_x, got_h) = fast::bias_residual_layer_norm(&y, &b1, &xs, &g, &be, 1e-5)?
+        .context("fused LN did not apply")?;
+    let (rx, _) = rel_err(&got_x, &want_x)?;
+    let (rh, mh) = rel_err(&got_h, &want_h)?;
+    rep.check(
+        "bias + residual + LayerNorm kernel vs candle ops",
+        rx == 0.0 && rh < 1e-2,
+        format!("residual rel {rx:.2e}, normed rel {rh:.2e} (max abs {mh:.2e})"),
+    );
+    // whole encoder, 2 blocks at the real width, all fast paths vs none
+    let mut cfg = StepAudio2Config::mini();
+    cfg.encoder.n_layer = 2;
+    cfg.text.num_layers = 1;
+    cfg.text.vocab_size = 1024;
+    let model = random_weights(&cfg, device, DType::BF16, 11)?;
+    let mel = (Tensor::randn(0f32, 0.5, (1, 128, 1001), device)?).to_dtype(DType::BF16)?;
+    fast::set_fast_paths(FastPaths::NONE);
+    let a = model.encoder.forward(&mel, &[1001])?.out;
+    fast::set_fast_paths(FastPaths::ALL);
+    let b = model.encoder.forward(&mel, &[1001])?.out;
+    let (rel, _) = rel_err(&b, &a)?;
+    rep.check(
+        "encoder (2 real-width blocks, odd length 1001): fast paths vs candle ops",
+        rel < 1e-2,
+        format!("rel {rel:.2e}"),
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------
+// fused decode step
+// ------------------------------------------------------------------------------------
+
+/// Teacher-forced steps: `tokens[s]` goes in at step s; returns each step's logits.
+fn forced_steps(
+    llm: &Qwen2Llm,
+    prompt: &Tensor,
+    tokens: &[u32],
+    mode: FastPaths,
+) -> Result<(Vec<Tensor>, Vec<u32>)> {
+    fast::set_fast_paths(mode);
+    let mut state: LlmState = llm.new_state(prompt.dim(1)? + tokens.len() + 8);
+    let h = llm.forward(prompt, &mut state)?;
+    let mut logits = vec![llm.logits_last(&h)?.to_dtype(DType::F32)?];
+    let mut argmaxes = vec![argmax(&logits[0])?];
+    let mut fd = FusedDecoder::default();
+    let mut fused = fd.prepare(llm)?;
+    if mode.decode && fused.is_none() {
+        bail!("fused decode did not apply");
+    }
+    for &t in tokens {
+        match fused.as_mut() {
+            Some(f) => {
+                f.start(t, state.len())?;
+                let next = f.step(&mut state)?;
+                logits.push(f.logits()?);
+                argmaxes.push(next);
+            }
+            None => {
+                let h = llm.forward(&llm.embed(&[t])?.unsqueeze(0)?, &mut state)?;
+                let l = llm.logits_last(&h)?.to_dtype(DType::F32)?;
+                argmaxes.push(argmax(&l)?);
+                logits.push(l);
+            }
+        }
+    }
+    Ok((logits, argmaxes))
+}
+
+fn check_decode(args: &Args, device: &Device, rep: &mut Report) -> Result<()> {
+    let mut cfg = StepAudio2Config::mini();
+    cfg.text.num_layers = args.decode_layers;
+    cfg.encoder.n_layer = 1;
+    let model = random_weights(&cfg, device, DType::BF16, 7)?;
+    let llm = &model.llm;
+    let n_prompt = 57;
+    let ids: Vec<u32> = (0..n_prompt)
+        .map(|i| (i * 2654435761u64 % 150000) as u32)
+        .collect();
+    let prompt = llm.embed(&ids)?.unsqueeze(0)?;
+    let tokens: Vec<u32> = (0..args.steps)
+        .map(|i| (i as u64 * 40503 % 150000) as u32 + 7)
+        .collect();
+    let (ref_l, ref_a) = forced_steps(
+        llm,
+        &prompt,
+        &tokens,
+        FastPaths {
+            decode: false,
+            graph: false,
+            ..FastPaths::ALL
+        },
+    )?;
+    for (label, mode) in [
+        (
+            "fused decode, direct launches",
+            FastPaths {
+                graph: false,
+                ..FastPaths::ALL
+            },
+        ),
+        ("fused decode, CUDA graph", FastPaths::ALL),
+    ] {
+        let (l, a) = forced_steps(llm, &prompt, &tokens, mode)?;
+        let mut worst: f64 = 0.0;
+        for s in 1..l.len() {
+            worst = worst.max(rel_err(&l[s], &ref_l[s])?.0);
+        }
+        let same = a.iter().zip(&ref_a).filter(|(x, y)| x == y).count();
+        rep.json.insert(
+            format!("decode {label}"),
+            json!({"worst_rel": worst, "same_argmax": same, "steps": a.len()}),
+        );
+        rep.check(
+            &format!(
+                "{label} vs candle ops ({} layers, real widths, {} steps)",
+                args.decode_layers,
+                tokens.len()
+            ),
+            worst < 1e-2 && worst.is_finite(),
+            format!(
+                "worst logits rel {worst:.2e}; argmax equal at {same}/{} steps",
+                a.len()
+            ),
+        );
+    }
+    // graph and direct launches run the same kernels: their logits must be identical
+    let (l1, _) = forced_steps(
+        llm,
+        &prompt,
+        &tokens,
+        FastPaths {
+            graph: false,
+            ..FastPaths::ALL
+        },
+    )?;
+    let (l2, _) = forced_steps(llm, &prompt, &tokens, FastPaths::ALL)?;
+    let max = (1..l1.len())
+        .map(|s| rel_err(&l1[s], &l2[s]).map(|e| e.1))
+        .collect::<Result<Vec<_>>>()?;
+    let m = max.iter().copied().fold(0.0, f64::max);
+    rep.check(
+        "graph replay = direct launches",
+        m == 0.0,
+        format!("max abs diff {m:e}"),
+    );
+    fast::set_fast_paths(FastPaths::ALL);
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------
+// issue 5: parity with the PyTorch reference at the real shape
+// ------------------------------------------------------------------------------------
+
+fn parity(args: &Args, device: &Device, rep: &mut Report) -> Result<()> {
+    let ckpt = args.ckpt.as_ref().context("--parity needs --ckpt")?;
+    let refp = args
+        .reference
+        .as_ref()
+        .context("--parity needs --reference")?;
+    fast::set_fast_paths(FastPaths::ALL);
+    let t = std::time::Instant::now();
+    let sa = load_step_audio2(ckpt, device, DType::BF16)?;
+    device.synchronize()?;
+    println!(
+        "loaded {} in {:.1} s",
+        ckpt.display(),
+        t.elapsed().as_secs_f64()
+    );
+    let r = candle_core::safetensors::load(refp, &Device::Cpu)?;
+    let llm = &sa.model.llm;
+    let mut ci = 0;
+    while let Some(audio) = r.get(&format!("clip{ci}_audio")) {
+        let p = |n: &str| -> Result<Tensor> {
+            r.get(&format!("clip{ci}_{n}"))
+                .cloned()
+                .with_context(|| format!("clip{ci}_{n} missing"))
+        };
+        let audio: Vec<f32> = audio.to_vec1()?;
+        let ref_mel = p("mel")?;
+        // mel: CPU frontend and device kernel vs torch.stft
+        let cpu_mel = sa.mel.step_audio(&audio);
+        let cpu_t = Tensor::from_vec(
+            cpu_mel.data.clone(),
+            (cpu_mel.n_mels, cpu_mel.n_frames),
+            &Device::Cpu,
+        )?;
+        let (_, m1) = rel_err(&cpu_t, &ref_mel)?;
+        let dm = sa.device_mel.as_ref().context("no device mel")?;
+        let gpu_mel = dm.compute(&audio, STEP_AUDIO_TAIL_PADDING)?;
+        let (_, m2) = rel_err(&gpu_mel.to_device(&Device::Cpu)?, &ref_mel)?;
+        rep.check(
+            &format!("parity clip{ci} mel"),
+            m1 <= 1e-4 && m2 <= 1e-4,
+            format!("max |cpu − torch| {m1:.2e}, max |gpu − torch| {m2:.2e}"),
+        );
+        // encoder + adapter on the reference mel (bf16 like the reference's input)
+        let f32_or = |n: &str| r.get(&format!("clip{ci}_f32_{n}")).cloned();
+        let x = ref_mel
+            .to_device(device)?
+            .to_dtype(DType::BF16)?
+            .unsqueeze(0)?;
+        let enc = sa.model.encoder.forward(&x, &[ref_mel.dim(1)?])?;
+        let (rows, _) = sa.model.adapter.kept_rows(&enc)?;
+        for (what, mine) in [
+            ("encoder_out", enc.out.i(0)?),
+            ("adapter_out", rows[0].clone()),
+        ] {
+            let (rel_t, _) = rel_err(&mine, &p(what)?.to_device(device)?)?;
+            let mut detail = format!("rel vs torch bf16 {rel_t:.2e}");
+            let mut ok = rel_t <= 1e-2;
+            if let Some(f) = f32_or(what) {
+                let f = f.to_device(device)?;
+                let (rel_f, _) = rel_err(&mine, &f)?;
+                let (rel_tf, _) = rel_err(&p(what)?.to_device(device)?, &f)?;
+                detail += &format!("; vs f32: Rust bf16 {rel_f:.2e}, torch bf16 {rel_tf:.2e}");
+                ok = ok || rel_f <= 1.25 * rel_tf;
+                rep.json.insert(format!("parity clip{ci} {what}"), json!({"rel_torch_bf16": rel_t, "rel_f32": rel_f, "torch_bf16_rel_f32": rel_tf}));
+            }
+            rep.check(&format!("parity clip{ci} {what}"), ok, detail);
+        }
+        // prompt ids
+        let prompt = sa
+            .tokenizer
+            .asr_prompt(SystemPrompt::Chinese.text(), &[rows[0].dim(0)?])?;
+        let ref_ids: Vec<u32> = p("prompt_ids")?
+            .to_vec1::<i64>()?
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
+        rep.check(
+            &format!("parity clip{ci} prompt ids"),
+            prompt.ids == ref_ids,
+            format!("{} ids", ref_ids.len()),
+        );
+        // LLM: prefill + teacher-forced steps with the reference's greedy tokens, (a) on
+        // the reference's own adapter rows (the LLM alone), (b) on ours (whole pipeline)
+        let ref_tokens: Vec<u32> = p("greedy_tokens")?
+            .to_vec1::<i64>()?
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
+        let ref_logits = p("step_logits")?.to_device(device)?;
+        let f32_logits = f32_or("step_logits")
+            .map(|t| t.to_device(device))
+            .transpose()?;
+        let gaps: Vec<f32> = p("rel_gaps")?.to_vec1()?;
+        let ref_rows = p("adapter_out")?.to_device(device)?.to_dtype(DType::BF16)?;
+        let torch_vs_f32 = match &f32_logits {
+            Some(f) => (0..ref_tokens.len())
+                .map(|s| rel_err(&ref_logits.i(s)?, &f.i(s)?).map(|e| e.0))
+                .collect::<Result<Vec<_>>>()?,
+            None => vec![],
+        };
+        let forced = &ref_tokens[..ref_tokens.len() - 1];
+        for (label, mode) in [
+            ("fused decode", FastPaths::ALL),
+            ("candle ops", FastPaths::NONE),
+        ] {
+            for (input, rows_in) in [("LLM alone", &ref_rows), ("whole pipeline", &rows[0])] {
+                let embeds = sa
+                    .model
+                    .embed_prompt(&prompt, std::slice::from_ref(rows_in))?
+                    .unsqueeze(0)?;
+                let (logits, am) = forced_steps(llm, &embeds, forced, mode)?;
+                let mut rels = Vec::new();
+                let mut rels_f32 = Vec::new();
+                for (s, l) in logits.iter().enumerate() {
+                    rels.push(rel_err(l, &ref_logits.i(s)?)?.0);
+                    if let Some(f) = &f32_logits {
+                        rels_f32.push(rel_err(l, &f.i(s)?)?.0);
+                    }
+                }
+                let worst = rels.iter().copied().fold(0.0, f64::max);
+                let worst_f = rels_f32.iter().copied().fold(0.0, f64::max);
+                let worst_tf = torch_vs_f32.iter().copied().fold(0.0, f64::max);
+                let same = am
+                    .iter()
+                    .zip(&ref_tokens)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                let all_same = am.iter().zip(&ref_tokens).filter(|(a, b)| a == b).count();
+                rep.json.insert(format!("parity clip{ci} {label} {input}"), json!({
+                    "logits_rel_torch_bf16": rels, "logits_rel_f32": rels_f32, "torch_bf16_rel_f32": torch_vs_f32,
+                    "argmax": am, "reference_tokens": ref_tokens, "reference_rel_gaps": gaps,
+                    "same_prefix": same, "same_total": all_same}));
+                let mut detail = format!(
+                    "worst rel vs torch bf16 over prefill + {} steps {worst:.2e}",
+                    forced.len()
+                );
+                if !rels_f32.is_empty() {
+                    detail += &format!(
+                        "; vs f32 reference: Rust {worst_f:.2e}, torch bf16 {worst_tf:.2e}"
+                    );
+                }
+                rep.check(
+                    &format!("parity clip{ci} logits, {input} ({label})"),
+                    worst <= 1e-2,
+                    detail,
+                );
+                if !rels_f32.is_empty() {
+                    rep.check(&format!("parity clip{ci} logits vs f32, {input} ({label}): Rust bf16 within 1.25x of torch bf16"),
+                              worst_f <= 1.25 * worst_tf, format!("{worst_f:.2e} vs {worst_tf:.2e}"));
+                }
+                rep.check(
+                    &format!("parity clip{ci} greedy tokens, {input} ({label})"),
+                    same >= 4.min(ref_tokens.len()),
+                    format!("first {same} of {} equal ({all_same} in all); reference top1−top2 gaps/std {:?}",
+                            ref_tokens.len(), gaps.iter().map(|g| (g * 1000.0).round() / 1000.0).collect::<Vec<_>>()),
+                );
+            }
+        }
+        // free decoding through the session API (what the daemon runs)
+        let mut session = sa.session(stepaudio_live::model::step_audio2::SessionOptions {
+            system_prompt: SystemPrompt::Chinese,
+            max_new_tokens: ref_tokens.len(),
+            ..Default::default()
+        })?;
+        let out = session.decode_partial(
+            &sa,
+            &rows,
+            &[],
+            &stepaudio_live::model::step_audio2::TurnOptions {
+                max_new_tokens: ref_tokens.len(),
+                record_logits: false,
+                stop_at_eot: false,
+            },
+        )?;
+        let same = out
+            .generated
+            .iter()
+            .zip(&ref_tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        rep.check(
+            &format!("parity clip{ci} session greedy"),
+            same >= 4.min(ref_tokens.len()),
+            format!("{:?} vs reference {:?}", out.generated, ref_tokens),
+        );
+        ci += 1;
+    }
+    if ci == 0 {
+        bail!("{}: no clips", refp.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repository root, with the folder made by
+# `scripts/build-cuda.sh --stage .device` next to it. Builds nothing. In one call and on
+# one card: software check, warm-up (PTX JIT), kernel checks, the Rust benchmark (candle
+# ops and fused paths), the PyTorch baseline, optionally issue 5's parity check, and
+# one comparison table at the end.
+#
+#   STEPS="check bench torch parity" bash .device/scripts/device_compare.sh
+#
+# Logs and JSON go to $OUT (default /tmp/device-out).
+set -uo pipefail
+D=${DEVICE_DIR:-.device}
+OUT=${OUT:-/tmp/device-out}
+STEPS=${STEPS:-check bench torch}
+RUNS=${RUNS:-5}
+mkdir -p "$OUT"
+LOG=$OUT/run.log
+export STEPAUDIO_LIVE_SPEECH_DIR=$D/speech
+export CUDA_CACHE_MAXSIZE=4294967296   # keep candle's JIT-compiled PTX between processes
+export PYTHONUNBUFFERED=1
+say() { echo "== $(date +%T) $*" | tee -a "$LOG"; }
+
+say "software"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader | tee "$OUT/gpu.txt" | tee -a "$LOG"
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.version.cuda)' 2>&1 | tee -a "$LOG"
+BIN=/tmp/sa-bin
+mkdir -p $BIN && tar -C $BIN -xJf "$D/bins.tar.xz" || { echo "no binaries" | tee -a "$LOG"; exit 1; }
+EN=$D/speech/en_ps_librivox_0870.wav
+ZH="$D/speech/zh_aishell1_BAC009S0764W0121.wav+$D/speech/zh_wenetspeech_test_net_S00000.wav@5.62"
+
+for step in $STEPS; do
+  case $step in
+  check)
+    say "kernel checks (first run also JIT-compiles the PTX)"
+    $BIN/gpu_check --kernels --wav "$EN" --wav "$D/speech/zh_aishell1_BAC009S0764W0121.wav" --json "$OUT/check.json" 2>&1 | tee -a "$LOG"
+    ;;
+  bench)
+    say "Rust benchmark: candle ops, then fused paths, same process"
+    $BIN/benchmark_e2e --arch step-audio-2-mini --random-weights --device cuda --fast compare \
+      --runs "$RUNS" --wav "$EN" --wav "$ZH" --json "$OUT/rust_sa2.json" 2>&1 | tee -a "$LOG"
+    ;;
+  torch)
+    say "PyTorch baseline (encoder, LLM eager, LLM static cache + torch.compile)"
+    OUT=$OUT python3 "$D/scripts/torch-baseline-stepaudio2.py" encoder llm static 2>&1 | grep -v "^RESULT" | tee -a "$LOG"
+    ;;
+  parity)
+    say "issue 5 parity: random real-shape checkpoint + PyTorch reference (bf16, GPU)"
+    CK=/dev/shm/sa2_parity
+    avail=$(df -k --output=avail /dev/shm 2>/dev/null | tail -1 || echo 0)
+    [ "${avail:-0}" -gt 20000000 ] || CK=/tmp/sa2_parity
+    python3 "$D/scripts/reference/step_audio2_gpu_parity.py" --ckpt "$CK" --out "$OUT/parity_ref.safetensors" \
+      --tokenizer "$D/tokenizer.json" --steps 8 "$EN" "$D/speech/zh_aishell1_BAC009S0764W0121.wav" 2>&1 | tee -a "$LOG"
+    $BIN/gpu_check --parity --ckpt "$CK" --reference "$OUT/parity_ref.safetensors" --json "$OUT/parity.json" 2>&1 | tee -a "$LOG"
+    rm -rf "$CK" "$OUT/parity_ref.safetensors"
+    ;;
+  *) say "unknown step $step" ;;
+  esac
+done
+say "table"
+python3 "$D/scripts/device_table.py" "$OUT" 2>&1 | tee "$OUT/table.md"

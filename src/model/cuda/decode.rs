@@ -1,0 +1,499 @@
+//! The batch-1 decode step of the Qwen2 LLM as a fixed sequence of custom kernels over
+//! preallocated buffers, replayable as one CUDA graph.
+//!
+//! Why: a decode step moves ~14.2 GB of bf16 weights (Step-Audio 2 mini) and does
+//! almost no arithmetic, so its floor is memory bandwidth (~4.7 ms at 3 TB/s). Through
+//! candle ops it is ~25 kernel launches per layer plus allocations and host work; here
+//! it is 7 per layer, each GEMV streams its weight rows with 16-byte loads and does its
+//! RMSNorm, bias, residual add or SiLU gate in the same pass, and with the graph the
+//! host launches one thing per token.
+//!
+//! What makes the step replayable: the input token and its position live in a device
+//! buffer (`io = [token, position]`) that the kernels read and the last kernel
+//! advances (`io[0]` = the argmax, `io[1] += 1`), so the same graph serves every step.
+//! The KV-cache buffers are baked in; the graph is captured again if the cache was
+//! reallocated.
+
+use super::{dev_ptr, func, sm_count};
+use crate::model::step_audio2::llm::{LlmState, Qwen2Llm};
+use candle_core::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use candle_core::cuda::cudarc::driver::{
+    result, CudaFunction, CudaGraph, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda::{CudaDevice, WrapErr};
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Must match DEC_SPLITS in kernels.cu.
+const DEC_SPLITS: usize = 16;
+const ARGMAX_BLOCKS: usize = 264;
+
+struct LayerPtrs {
+    in_norm: u64,
+    qkv_w: u64,
+    qkv_b: u64,
+    o_w: u64,
+    post_norm: u64,
+    gate_up_w: u64,
+    down_w: u64,
+}
+
+struct Funcs {
+    gemv: CudaFunction,
+    embed: CudaFunction,
+    rope: CudaFunction,
+    attn_part: CudaFunction,
+    attn_comb: CudaFunction,
+    am_part: CudaFunction,
+    am_final: CudaFunction,
+}
+
+struct Captured {
+    graph: CudaGraph,
+    caches: Vec<(u64, u64)>,
+    cap: usize,
+}
+
+// SAFETY: a CUDA graph (and its executable) may be used from any host thread as long as
+// calls on it are serialised; the engine is owned by one session, which is driven by one
+// thread at a time (`&mut self` for every launch), so moving it between threads is sound.
+unsafe impl Send for Captured {}
+
+pub struct DecodeEngine {
+    dev: CudaDevice,
+    f: Funcs,
+    layers: Vec<LayerPtrs>,
+    embed: u64,
+    final_norm: u64,
+    lm_head: u64,
+    cos: u64,
+    sin: u64,
+    hidden: usize,
+    inter: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    vocab: usize,
+    eps: f32,
+    gemv_max_blocks: u32,
+    /// Keeps the weights (and so the raw pointers above) alive.
+    _weights: Vec<Tensor>,
+    // Scratch buffers, as candle tensors so they are freed with the engine.
+    x: Tensor,
+    qkv: Tensor,
+    q: Tensor,
+    attn: Tensor,
+    act: Tensor,
+    logits: Tensor,
+    part_m: Tensor,
+    part_l: Tensor,
+    part_o: Tensor,
+    am_max: Tensor,
+    am_idx: Tensor,
+    am_sum: Tensor,
+    io: Tensor,
+    lp: Tensor,
+    graph: Option<Captured>,
+    graph_failed: bool,
+}
+
+fn is_contiguous_bf16(t: &Tensor) -> bool {
+    t.dtype() == DType::BF16 && t.is_contiguous()
+}
+
+impl DecodeEngine {
+    /// An engine for `llm`, or `None` when its shapes are not the ones the kernels were
+    /// written for (bf16, head dim 128, widths multiple of 8).
+    pub fn new(llm: &Qwen2Llm) -> Result<Option<Self>> {
+        let Device::Cuda(dev) = llm.device() else {
+            return Ok(None);
+        };
+        let dev = dev.clone();
+        let hidden = llm.hidden_size();
+        let (nh, nkv, hd) = (llm.num_heads, llm.num_kv_heads, llm.head_dim);
+        let inter = match llm.layers.first() {
+            Some(l) => l.gate_up.out_features() / 2,
+            None => return Ok(None),
+        };
+        let mut weights = vec![
+            llm.embed_tokens.clone(),
+            llm.norm.weight.clone(),
+            llm.lm_head.weight.clone(),
+            llm.cos.clone(),
+            llm.sin.clone(),
+        ];
+        for l in &llm.layers {
+            weights.push(l.input_layernorm.weight.clone());
+            weights.push(l.qkv.weight.clone());
+            match &l.qkv.bias {
+                Some(b) => weights.push(b.clone()),
+                None => return Ok(None),
+            }
+            weights.push(l.o_proj.weight.clone());
+            weights.push(l.post_attention_layernorm.weight.clone());
+            weights.push(l.gate_up.weight.clone());
+            weights.push(l.down_proj.weight.clone());
+        }
+        if llm.dtype() != DType::BF16
+            || hd != 128
+            || nkv == 0
+            || nh % nkv != 0
+            || hidden % 8 != 0
+            || inter % 8 != 0
+            || hidden * 2 > 48 * 1024
+            || inter * 2 > 48 * 1024
+            || !weights.iter().all(is_contiguous_bf16)
+            || llm.layers.iter().any(|l| {
+                l.o_proj.bias.is_some() || l.gate_up.bias.is_some() || l.down_proj.bias.is_some()
+            })
+        {
+            tracing::debug!("fused decode: model shape not covered, using candle ops");
+            return Ok(None);
+        }
+        let p = |t: &Tensor| dev_ptr(t);
+        let layers = llm
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerPtrs {
+                    in_norm: p(&l.input_layernorm.weight)?,
+                    qkv_w: p(&l.qkv.weight)?,
+                    qkv_b: p(l.qkv.bias.as_ref().expect("checked above"))?,
+                    o_w: p(&l.o_proj.weight)?,
+                    post_norm: p(&l.post_attention_layernorm.weight)?,
+                    gate_up_w: p(&l.gate_up.weight)?,
+                    down_w: p(&l.down_proj.weight)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let device = llm.device();
+        let zeros = |n: usize, dt: DType| Tensor::zeros(n, dt, device);
+        let f = Funcs {
+            gemv: func(&dev, "gemv_bf16")?,
+            embed: func(&dev, "embed_row")?,
+            rope: func(&dev, "rope_kv_append")?,
+            attn_part: func(&dev, "attn_decode_partial")?,
+            attn_comb: func(&dev, "attn_decode_combine")?,
+            am_part: func(&dev, "argmax_partial")?,
+            am_final: func(&dev, "argmax_final")?,
+        };
+        let eng = Self {
+            f,
+            layers,
+            embed: p(&llm.embed_tokens)?,
+            final_norm: p(&llm.norm.weight)?,
+            lm_head: p(&llm.lm_head.weight)?,
+            cos: p(&llm.cos)?,
+            sin: p(&llm.sin)?,
+            hidden,
+            inter,
+            nh,
+            nkv,
+            hd,
+            vocab: llm.vocab_size(),
+            eps: llm.norm.eps,
+            gemv_max_blocks: sm_count(&dev)? * 8,
+            _weights: weights,
+            x: zeros(hidden, DType::BF16)?,
+            qkv: zeros((nh + 2 * nkv) * hd, DType::BF16)?,
+            q: zeros(nh * hd, DType::BF16)?,
+            attn: zeros(nh * hd, DType::BF16)?,
+            act: zeros(inter, DType::BF16)?,
+            logits: zeros(llm.vocab_size(), DType::F32)?,
+            part_m: zeros(nh * DEC_SPLITS, DType::F32)?,
+            part_l: zeros(nh * DEC_SPLITS, DType::F32)?,
+            part_o: zeros(nh * DEC_SPLITS * hd, DType::F32)?,
+            am_max: zeros(ARGMAX_BLOCKS, DType::F32)?,
+            am_idx: zeros(ARGMAX_BLOCKS, DType::U32)?,
+            am_sum: zeros(ARGMAX_BLOCKS, DType::F32)?,
+            io: zeros(2, DType::U32)?,
+            lp: zeros(1, DType::F32)?,
+            graph: None,
+            graph_failed: false,
+            dev,
+        };
+        Ok(Some(eng))
+    }
+
+    /// Whether this engine was built for `llm` (same weight buffers).
+    pub fn serves(&self, llm: &Qwen2Llm) -> bool {
+        dev_ptr(&llm.lm_head.weight).ok() == Some(self.lm_head)
+    }
+
+    /// Sets the next step's input token and position, and clears the summed
+    /// log-probability.
+    pub fn start(&mut self, token: u32, position: usize) -> Result<()> {
+        let stream = self.dev.cuda_stream();
+        let io = [token, position as u32];
+        // SAFETY: io and lp are live device buffers of 2 u32 and 1 f32.
+        unsafe {
+            result::memcpy_htod_async(dev_ptr(&self.io)?, &io, stream.cu_stream()).w()?;
+            result::memset_d8_async(dev_ptr(&self.lp)?, 0, 4, stream.cu_stream()).w()?;
+        }
+        Ok(())
+    }
+
+    /// One decode step: the token set by [`Self::start`] (or chosen by the previous
+    /// step) at position `state.len()` goes through the model, its key and value are
+    /// appended to `state`, and the greedy next token is returned (the one sync).
+    pub fn step(&mut self, state: &mut LlmState, use_graph: bool) -> Result<u32> {
+        let pos = state.len();
+        state.reserve(pos + 1)?;
+        let (caches, cap) = self.cache_ptrs(state)?;
+        if use_graph && !self.graph_failed {
+            let stale = match &self.graph {
+                Some(g) => g.caches != caches || g.cap != cap,
+                None => true,
+            };
+            if stale {
+                self.graph = None;
+                match self.capture(&caches, cap) {
+                    Ok(g) => self.graph = Some(g),
+                    Err(e) => {
+                        tracing::warn!(
+                            "CUDA graph capture failed ({e}); launching kernels directly"
+                        );
+                        self.graph_failed = true;
+                    }
+                }
+            }
+        }
+        match (&self.graph, use_graph && !self.graph_failed) {
+            (Some(g), true) => g.graph.launch().w()?,
+            _ => self.enqueue(&caches, cap)?,
+        }
+        let mut io = [0u32; 2];
+        let stream = self.dev.cuda_stream();
+        // SAFETY: io is a live device buffer of 2 u32; synchronised right after.
+        unsafe { result::memcpy_dtoh_async(&mut io, dev_ptr(&self.io)?, stream.cu_stream()).w()? };
+        stream.synchronize().w()?;
+        state.advance(1)?;
+        if io[1] as usize != pos + 1 {
+            candle_core::bail!("fused decode: position {} after a step at {pos}", io[1]);
+        }
+        Ok(io[0])
+    }
+
+    /// The logits `[V]` (f32) of the last step; overwritten by the next one.
+    pub fn logits(&self) -> &Tensor {
+        &self.logits
+    }
+
+    /// Sum of log p(argmax) over the steps since [`Self::start`].
+    pub fn logprob_sum(&self) -> Result<f64> {
+        Ok(self.lp.to_vec1::<f32>()?[0] as f64)
+    }
+
+    fn cache_ptrs(&self, state: &LlmState) -> Result<(Vec<(u64, u64)>, usize)> {
+        let mut v = Vec::with_capacity(state.num_layers());
+        for i in 0..state.num_layers() {
+            let (k, vv) = state.layer_buffers(i).ok_or_else(|| {
+                candle_core::Error::Msg("fused decode: KV cache not allocated".into())
+            })?;
+            if k.dtype() != DType::BF16 || k.dims4()?.0 != 1 {
+                candle_core::bail!("fused decode: KV cache must be bf16 with batch 1");
+            }
+            v.push((dev_ptr(k)?, dev_ptr(vv)?));
+        }
+        Ok((v, state.capacity()))
+    }
+
+    fn capture(&self, caches: &[(u64, u64)], cap: usize) -> Result<Captured> {
+        let stream = self.dev.cuda_stream();
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .w()?;
+        let enq = self.enqueue(caches, cap);
+        let graph = stream.end_capture(CUgraphInstantiate_flags(0)).w();
+        enq?;
+        let graph = graph?.ok_or_else(|| candle_core::Error::Msg("empty CUDA graph".into()))?;
+        graph.upload().w()?;
+        tracing::debug!(
+            layers = caches.len(),
+            cap,
+            "captured the decode step as a CUDA graph"
+        );
+        Ok(Captured {
+            graph,
+            caches: caches.to_vec(),
+            cap,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemv(
+        &self,
+        w: u64,
+        x: u64,
+        norm: u64,
+        bias: u64,
+        out: u64,
+        n: usize,
+        k: usize,
+        mode: i32,
+    ) -> Result<()> {
+        let blocks = (n.div_ceil(8) as u32).min(self.gemv_max_blocks);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (2 * k) as u32,
+        };
+        let (n, k, eps) = (n as i32, k as i32, self.eps);
+        let stream = self.dev.cuda_stream();
+        let mut b = stream.launch_builder(&self.f.gemv);
+        b.arg(&w)
+            .arg(&x)
+            .arg(&norm)
+            .arg(&eps)
+            .arg(&bias)
+            .arg(&out)
+            .arg(&n)
+            .arg(&k)
+            .arg(&mode);
+        // SAFETY: w is [n(*2 for mode 2), k] bf16, x [k], out [n]; checked at construction.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    /// Enqueues the kernels of one step on the device's stream.
+    fn enqueue(&self, caches: &[(u64, u64)], cap: usize) -> Result<()> {
+        let stream = self.dev.cuda_stream();
+        let (h, nh, nkv, hd) = (self.hidden, self.nh, self.nkv, self.hd);
+        let x = dev_ptr(&self.x)?;
+        let qkv = dev_ptr(&self.qkv)?;
+        let q = dev_ptr(&self.q)?;
+        let attn = dev_ptr(&self.attn)?;
+        let act = dev_ptr(&self.act)?;
+        let logits = dev_ptr(&self.logits)?;
+        let (pm, pl, po) = (
+            dev_ptr(&self.part_m)?,
+            dev_ptr(&self.part_l)?,
+            dev_ptr(&self.part_o)?,
+        );
+        let io = dev_ptr(&self.io)?;
+        let (nh_i, nkv_i, hd_i, cap_i, h_i) =
+            (nh as i32, nkv as i32, hd as i32, cap as i32, h as i32);
+        let scale_log2 = (hd as f32).powf(-0.5) * std::f32::consts::LOG2_E;
+        let null = 0u64;
+
+        {
+            let mut b = stream.launch_builder(&self.f.embed);
+            b.arg(&self.embed).arg(&io).arg(&h_i).arg(&x);
+            let cfg = LaunchConfig {
+                grid_dim: ((h / 8).div_ceil(256) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: embed is [V, h], io[0] < V (an argmax or a checked token id).
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        let qkv_rows = (nh + 2 * nkv) * hd;
+        for (l, &(kc, vc)) in self.layers.iter().zip(caches) {
+            self.gemv(l.qkv_w, x, l.in_norm, l.qkv_b, qkv, qkv_rows, h, 0)?;
+            {
+                let mut b = stream.launch_builder(&self.f.rope);
+                b.arg(&qkv)
+                    .arg(&self.cos)
+                    .arg(&self.sin)
+                    .arg(&io)
+                    .arg(&nh_i)
+                    .arg(&nkv_i)
+                    .arg(&hd_i)
+                    .arg(&cap_i)
+                    .arg(&q)
+                    .arg(&kc)
+                    .arg(&vc);
+                let cfg = LaunchConfig {
+                    grid_dim: ((nh + nkv) as u32, 1, 1),
+                    block_dim: ((hd / 2) as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: position io[1] < cap (reserved by `step`) and < the RoPE table.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            {
+                let mut b = stream.launch_builder(&self.f.attn_part);
+                b.arg(&q)
+                    .arg(&kc)
+                    .arg(&vc)
+                    .arg(&io)
+                    .arg(&nh_i)
+                    .arg(&nkv_i)
+                    .arg(&cap_i)
+                    .arg(&scale_log2)
+                    .arg(&pm)
+                    .arg(&pl)
+                    .arg(&po);
+                let cfg = LaunchConfig {
+                    grid_dim: (nh as u32, DEC_SPLITS as u32, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: reads cache rows 0..=io[1] of each kv head.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            {
+                let mut b = stream.launch_builder(&self.f.attn_comb);
+                b.arg(&pm).arg(&pl).arg(&po).arg(&attn);
+                let cfg = LaunchConfig {
+                    grid_dim: (nh as u32, 1, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: partials of nh heads × DEC_SPLITS.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            self.gemv(l.o_w, attn, null, null, x, h, nh * hd, 1)?;
+            self.gemv(l.gate_up_w, x, l.post_norm, null, act, self.inter, h, 2)?;
+            self.gemv(l.down_w, act, null, null, x, h, self.inter, 1)?;
+        }
+        self.gemv(
+            self.lm_head,
+            x,
+            self.final_norm,
+            null,
+            logits,
+            self.vocab,
+            h,
+            3,
+        )?;
+        let (am_max, am_idx, am_sum) = (
+            dev_ptr(&self.am_max)?,
+            dev_ptr(&self.am_idx)?,
+            dev_ptr(&self.am_sum)?,
+        );
+        let lp = dev_ptr(&self.lp)?;
+        let (v_i, parts) = (self.vocab as i32, ARGMAX_BLOCKS as i32);
+        {
+            let mut b = stream.launch_builder(&self.f.am_part);
+            b.arg(&logits)
+                .arg(&v_i)
+                .arg(&am_max)
+                .arg(&am_idx)
+                .arg(&am_sum);
+            let cfg = LaunchConfig {
+                grid_dim: (ARGMAX_BLOCKS as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: logits [V], partial buffers [ARGMAX_BLOCKS].
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        {
+            let mut b = stream.launch_builder(&self.f.am_final);
+            b.arg(&am_max)
+                .arg(&am_idx)
+                .arg(&am_sum)
+                .arg(&parts)
+                .arg(&io)
+                .arg(&lp);
+            let cfg = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: as above; writes io[0..2] and lp[0].
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,880 @@
+// CUDA kernels of stepaudio-live's GPU hot paths, compiled to PTX by build.rs
+// (only with the `cuda` feature) and loaded through candle's custom-module API.
+//
+//   * log-mel:            one block per STFT frame (windowed DFT against a twiddle
+//                         table, power, sparse Slaney filterbank, log10, global max),
+//                         then one elementwise pass for the (max - 8) clamp.
+//   * flash attention:    bf16 tensor-core (mma.sync m16n8k16) attention with an
+//                         online softmax in f32; scores never reach device memory.
+//                         Strided Q/K/V so it reads the fused qkv projection or the
+//                         KV cache in place; GQA, causal offset, additive key bias.
+//   * batch-1 decode:     the kernels of one Qwen2 decode step over preallocated
+//                         buffers (bf16 GEMV with fused RMSNorm / bias / residual /
+//                         SiLU-gate epilogues, RoPE + KV-cache append, split-K decode
+//                         attention, argmax + log-probability), so that the whole step
+//                         can be captured once into a CUDA graph. Position and token
+//                         live in device memory, which is what makes a graph replayable.
+//
+// Everything accumulates in f32; bf16 values are rounded once when stored.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+#define NEG_BIG (-1.0e30f)
+
+__device__ __forceinline__ float bf_lo(uint32_t u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float bf_hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Ordered-int encoding of a float, so atomicMax on ints is a max on floats.
+__device__ __forceinline__ int float_to_ordered(float f) {
+    int i = __float_as_int(f);
+    return i >= 0 ? i : i ^ 0x7fffffff;
+}
+__device__ __forceinline__ float ordered_to_float(int i) {
+    return __int_as_float(i >= 0 ? i : i ^ 0x7fffffff);
+}
+
+// =====================================================================================
+// Log-mel
+// =====================================================================================
+
+#define MEL_NFFT 400
+#define MEL_HOP 160
+#define MEL_NBINS 201
+
+__device__ __forceinline__ int reflect_index(int i, int len) {
+    if (len == 1) return 0;
+    int period = 2 * (len - 1);
+    int j = i % period;
+    if (j < 0) j += period;
+    if (j >= len) j = period - j;
+    return j;
+}
+
+// One block (256 threads) per frame t < n_frames. The signal is `audio` (n_audio
+// samples) followed by `tail_zeros` zeros; the centred STFT reflects it at both ends.
+// twiddle: cos[400] then sin[400] of 2*pi*k/400; window[400]; the mel filters are
+// stored sparsely: filter m covers bins fb_first[m] .. fb_first[m] + fb_len[m] - 1 with
+// weights fb_w[fb_off[m] + j]. Writes log10(max(mel, 1e-10)) to out[m * n_frames + t]
+// and folds the block's max into *gmax (ordered int).
+extern "C" __global__ void logmel_frames(const float* __restrict__ audio, int n_audio,
+                                         int tail_zeros, const float* __restrict__ window,
+                                         const float* __restrict__ twiddle,
+                                         const int* __restrict__ fb_first,
+                                         const int* __restrict__ fb_len,
+                                         const int* __restrict__ fb_off,
+                                         const float* __restrict__ fb_w, int n_mels,
+                                         int n_frames, float* __restrict__ out,
+                                         int* __restrict__ gmax) {
+    __shared__ float xw[MEL_NFFT];
+    __shared__ float tw_cos[MEL_NFFT];
+    __shared__ float tw_sin[MEL_NFFT];
+    __shared__ float power[MEL_NBINS + 3];
+    __shared__ float red[8];
+    const int t = blockIdx.x;
+    if (t >= n_frames) return;
+    const int len = n_audio + tail_zeros;
+    const int start = t * MEL_HOP - MEL_NFFT / 2;
+    for (int i = threadIdx.x; i < MEL_NFFT; i += blockDim.x) {
+        int j = reflect_index(start + i, len);
+        float s = j < n_audio ? audio[j] : 0.0f;
+        xw[i] = s * window[i];
+        tw_cos[i] = twiddle[i];
+        tw_sin[i] = twiddle[MEL_NFFT + i];
+    }
+    __syncthreads();
+    for (int k = threadIdx.x; k < MEL_NBINS; k += blockDim.x) {
+        float re = 0.0f, im = 0.0f;
+        int idx = 0;  // (k * n) mod 400, stepped without a division
+        for (int n = 0; n < MEL_NFFT; ++n) {
+            float x = xw[n];
+            re = fmaf(x, tw_cos[idx], re);
+            im = fmaf(x, tw_sin[idx], im);
+            idx += k;
+            if (idx >= MEL_NFFT) idx -= MEL_NFFT;
+        }
+        power[k] = re * re + im * im;
+    }
+    __syncthreads();
+    float local_max = -INFINITY;
+    for (int m = threadIdx.x; m < n_mels; m += blockDim.x) {
+        const int first = fb_first[m], n = fb_len[m], off = fb_off[m];
+        float acc = 0.0f;
+        for (int j = 0; j < n; ++j) acc = fmaf(power[first + j], fb_w[off + j], acc);
+        float v = log10f(fmaxf(acc, 1e-10f));
+        out[(size_t)m * n_frames + t] = v;
+        local_max = fmaxf(local_max, v);
+    }
+    local_max = warp_max(local_max);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) red[warp] = local_max;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float m = red[0];
+        for (int w = 1; w < (int)(blockDim.x >> 5); ++w) m = fmaxf(m, red[w]);
+        atomicMax(gmax, float_to_ordered(m));
+    }
+}
+
+// (max(x, gmax - 8) + 4) / 4 in place; optionally also a bf16 copy for the encoder.
+extern "C" __global__ void logmel_normalize(float* __restrict__ mel, int n,
+                                            const int* __restrict__ gmax,
+                                            bf16* __restrict__ out_bf16) {
+    const float floor_v = ordered_to_float(*gmax) - 8.0f;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float v = (fmaxf(mel[i], floor_v) + 4.0f) * 0.25f;
+        mel[i] = v;
+        if (out_bf16) out_bf16[i] = __float2bfloat16_rn(v);
+    }
+}
+
+// =====================================================================================
+// Flash attention (prefill and encoder), bf16 in/out, f32 softmax
+// =====================================================================================
+
+__device__ __forceinline__ void mma_bf16_16816(float* c, const uint32_t* a, uint32_t b0,
+                                               uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+#define FA_BK 64      // keys per tile
+
+struct AttnParams {
+    const bf16* q;
+    const bf16* k;
+    const bf16* v;
+    bf16* o;
+    const float* key_bias;  // [B, key_bias_stride] added to the scaled scores, or null
+    long long q_bs, q_hs, q_rs;  // strides in elements: batch, head, row
+    long long k_bs, k_hs, k_rs;
+    long long v_bs, v_hs, v_rs;
+    long long o_bs, o_hs, o_rs;
+    long long key_bias_stride;
+    int nq, nk, heads, kv_group;  // kv head = head / kv_group
+    int causal;                   // query i sees key j iff j <= i + causal_offset
+    int causal_offset;
+    float scale_log2;             // softmax scale * log2(e)
+};
+
+// grid (ceil(nq / 64), heads, batch), 128 threads. Each warp owns 16 query rows; the
+// S = Q K^T accumulator fragments are reused directly as the A operand of P V (the
+// m16n8k16 C and A register layouts line up), so P never leaves registers.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    const uint32_t sa = (uint32_t)__cvta_generic_to_shared(smem);
+    const int n = valid ? 16 : 0;  // 0 source bytes: the 16 smem bytes are zero-filled
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// STAGES = 2: the next K/V tile is copied (cp.async, no registers) while the current
+// one is used, hiding the L2/HBM latency that a synchronous load exposes once per tile.
+template <int HD, int STAGES, int WARPS>
+__device__ void flash_attn_impl(const AttnParams& p) {
+    constexpr int BQ = 16 * WARPS;        // query rows per block
+    constexpr int NTHREADS = 32 * WARPS;
+    constexpr int KCH = HD / 16;   // k-chunks of the QK^T product
+    constexpr int NT_O = HD / 8;   // n-tiles of the output
+    constexpr int NT_S = FA_BK / 8;
+    // Padded smem rows (16 bytes): the 8 rows a fragment load touches fall in 8
+    // different bank groups, for the 32-bit K loads and for ldmatrix on V alike.
+    constexpr int KPAD = HD + 8;
+    __shared__ __align__(16) bf16 Ks_all[STAGES][FA_BK * KPAD];
+    __shared__ __align__(16) bf16 Vs_all[STAGES][FA_BK * KPAD];
+
+    const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / p.kv_group;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    const bf16* qbase = p.q + b * p.q_bs + h * p.q_hs;
+    const bf16* kbase = p.k + b * p.k_bs + kvh * p.k_hs;
+    const bf16* vbase = p.v + b * p.v_bs + kvh * p.v_hs;
+    const float* kbias = p.key_bias ? p.key_bias + b * p.key_bias_stride : nullptr;
+
+    const int row0 = qb * BQ + warp * 16 + g;  // this thread's rows: row0, row0 + 8
+    const int row1 = row0 + 8;
+
+    // Q fragments for the whole head dimension, kept in registers.
+    uint32_t qa[KCH][4];
+#pragma unroll
+    for (int kk = 0; kk < KCH; ++kk) {
+        const int c = kk * 16 + tq * 2;
+        qa[kk][0] = row0 < p.nq ? *reinterpret_cast<const uint32_t*>(qbase + row0 * p.q_rs + c) : 0u;
+        qa[kk][1] = row1 < p.nq ? *reinterpret_cast<const uint32_t*>(qbase + row1 * p.q_rs + c) : 0u;
+        qa[kk][2] = row0 < p.nq ? *reinterpret_cast<const uint32_t*>(qbase + row0 * p.q_rs + c + 8) : 0u;
+        qa[kk][3] = row1 < p.nq ? *reinterpret_cast<const uint32_t*>(qbase + row1 * p.q_rs + c + 8) : 0u;
+    }
+
+    float o[NT_O][4];
+#pragma unroll
+    for (int d = 0; d < NT_O; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+    float m0 = NEG_BIG, m1 = NEG_BIG, l0 = 0.0f, l1 = 0.0f;
+
+    int k_end = p.nk;
+    if (p.causal) {
+        const int last_q = min(p.nq - 1, qb * BQ + BQ - 1);
+        k_end = min(p.nk, last_q + p.causal_offset + 1);
+    }
+    // K and V tiles row-major; rows past nk are zero (0 * garbage could be NaN).
+    constexpr int VEC_PER_ROW = HD / 8;
+    auto load_tile = [&](int kt, int stage) {
+        for (int i = tid; i < FA_BK * VEC_PER_ROW; i += NTHREADS) {
+            const int r = i / VEC_PER_ROW, c = (i % VEC_PER_ROW) * 8;
+            const bool ok = kt + r < p.nk;
+            const long long row = ok ? kt + r : 0;
+            if (STAGES > 1) {
+                cp_async16(&Ks_all[stage][r * KPAD + c], kbase + row * p.k_rs + c, ok);
+                cp_async16(&Vs_all[stage][r * KPAD + c], vbase + row * p.v_rs + c, ok);
+            } else {
+                uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+                if (ok) {
+                    kv4 = *reinterpret_cast<const uint4*>(kbase + row * p.k_rs + c);
+                    vv4 = *reinterpret_cast<const uint4*>(vbase + row * p.v_rs + c);
+                }
+                *reinterpret_cast<uint4*>(&Ks_all[stage][r * KPAD + c]) = kv4;
+                *reinterpret_cast<uint4*>(&Vs_all[stage][r * KPAD + c]) = vv4;
+            }
+        }
+        if (STAGES > 1) cp_async_commit();
+    };
+    if (STAGES > 1) load_tile(0, 0);
+    for (int kt = 0, it = 0; kt < k_end; kt += FA_BK, ++it) {
+        const int stage = STAGES > 1 ? (it & 1) : 0;
+        if (STAGES > 1) {
+            if (kt + FA_BK < k_end) {
+                // the other buffer was last read in the previous iteration, which ended
+                // with a barrier
+                load_tile(kt + FA_BK, stage ^ 1);
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+        } else {
+            load_tile(kt, 0);
+        }
+        __syncthreads();
+        const bf16* Ks = Ks_all[stage];
+        const bf16* Vs = Vs_all[stage];
+
+        float s[NT_S][4];
+#pragma unroll
+        for (int j = 0; j < NT_S; ++j) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < KCH; ++kk) {
+                const bf16* kr = &Ks[(j * 8 + g) * KPAD + kk * 16 + tq * 2];
+                mma_bf16_16816(s[j], qa[kk], *reinterpret_cast<const uint32_t*>(kr),
+                               *reinterpret_cast<const uint32_t*>(kr + 8));
+            }
+        }
+        // scale, mask, row max
+        float mx0 = NEG_BIG, mx1 = NEG_BIG;
+#pragma unroll
+        for (int j = 0; j < NT_S; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = kt + j * 8 + tq * 2 + (e & 1);
+                const int row = (e < 2) ? row0 : row1;
+                float v = s[j][e] * p.scale_log2;
+                if (kbias && key < p.nk) v += kbias[key] * 1.4426950408889634f;
+                bool masked = key >= p.nk || (p.causal && key > row + p.causal_offset);
+                v = masked ? NEG_BIG : v;
+                s[j][e] = v;
+                if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float a0 = exp2f(m0 - mn0), a1 = exp2f(m1 - mn1);
+        m0 = mn0;
+        m1 = mn1;
+        float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NT_S; ++j) {
+            // a masked entry is NEG_BIG below the max: exp2 underflows to exactly 0
+            s[j][0] = exp2f(s[j][0] - mn0);
+            s[j][1] = exp2f(s[j][1] - mn0);
+            s[j][2] = exp2f(s[j][2] - mn1);
+            s[j][3] = exp2f(s[j][3] - mn1);
+            ps0 += s[j][0] + s[j][1];
+            ps1 += s[j][2] + s[j][3];
+        }
+        l0 = l0 * a0 + ps0;
+        l1 = l1 * a1 + ps1;
+#pragma unroll
+        for (int d = 0; d < NT_O; ++d) {
+            o[d][0] *= a0;
+            o[d][1] *= a0;
+            o[d][2] *= a1;
+            o[d][3] *= a1;
+        }
+        // O += P V, P taken straight from the S fragments
+#pragma unroll
+        for (int kc = 0; kc < FA_BK / 16; ++kc) {
+            uint32_t pa[4];
+            pa[0] = pack_bf16x2(s[2 * kc][0], s[2 * kc][1]);
+            pa[1] = pack_bf16x2(s[2 * kc][2], s[2 * kc][3]);
+            pa[2] = pack_bf16x2(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+            pa[3] = pack_bf16x2(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+#pragma unroll
+            for (int d = 0; d < NT_O; ++d) {
+                // B fragment (16 keys x 8 dims) = two transposed 8x8 tiles of row-major V:
+                // lanes 0-15 name the 16 key rows (lanes 16-31 repeat them, unused).
+                const bf16* vr = &Vs[(kc * 16 + (lane & 15)) * KPAD + d * 8];
+                const uint32_t addr = (uint32_t)__cvta_generic_to_shared(vr);
+                uint32_t b0, b1;
+                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                             : "=r"(b0), "=r"(b1)
+                             : "r"(addr));
+                mma_bf16_16816(o[d], pa, b0, b1);
+            }
+        }
+        __syncthreads();  // all warps are done with this stage before it is refilled
+    }
+    // the row sums were kept per thread (its 16 of 64 columns): add the quad's parts
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f;
+    const float inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    bf16* obase = p.o + b * p.o_bs + h * p.o_hs;
+#pragma unroll
+    for (int d = 0; d < NT_O; ++d) {
+        const int c = d * 8 + tq * 2;
+        if (row0 < p.nq)
+            *reinterpret_cast<uint32_t*>(obase + row0 * p.o_rs + c) =
+                pack_bf16x2(o[d][0] * inv0, o[d][1] * inv0);
+        if (row1 < p.nq)
+            *reinterpret_cast<uint32_t*>(obase + row1 * p.o_rs + c) =
+                pack_bf16x2(o[d][2] * inv1, o[d][3] * inv1);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) flash_attn_hd64(AttnParams p) {
+    flash_attn_impl<64, 2, 4>(p);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_attn_hd64_1stage(AttnParams p) {
+    flash_attn_impl<64, 1, 4>(p);
+}
+// 128 query rows per block: each K/V tile brought into shared memory serves twice the
+// rows (half the L2 → SM traffic and barrier waits per FLOP).
+extern "C" __global__ void __launch_bounds__(256) flash_attn_hd64_w8(AttnParams p) {
+    flash_attn_impl<64, 2, 8>(p);
+}
+// hd 128 with two stages would need 70 KB of shared memory (an opt-in launch); the
+// prefill it serves is a small part of the time, so it keeps one stage.
+extern "C" __global__ void __launch_bounds__(128) flash_attn_hd128(AttnParams p) {
+    flash_attn_impl<128, 1, 4>(p);
+}
+
+// y += bias (rows of `cols`), in place: candle's broadcast add walks a strided index per
+// element and took ~100 us for the 30 s encoder's qkv projection.
+extern "C" __global__ void bias_add_bf16(bf16* __restrict__ y, const bf16* __restrict__ bias,
+                                         long long n, int cols) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        y[i] = __float2bfloat16_rn(__bfloat162float(y[i]) + __bfloat162float(bias[i % cols]));
+}
+
+// =====================================================================================
+// Elementwise epilogues of the encoder's linear layers (bf16, rows of `cols`)
+// =====================================================================================
+
+// y = gelu_erf(y + bias) in place.
+extern "C" __global__ void bias_gelu_bf16(bf16* __restrict__ y, const bf16* __restrict__ bias,
+                                          long long n, int cols) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        // round after the bias add, as a separate add kernel would
+        const float v = __bfloat162float(__float2bfloat16_rn(__bfloat162float(y[i]) +
+                                                             __bfloat162float(bias[i % cols])));
+        y[i] = __float2bfloat16_rn(0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
+    }
+}
+
+// out = resid + (y + bias), rounded like the two separate adds.
+extern "C" __global__ void bias_residual_bf16(const bf16* __restrict__ y,
+                                              const bf16* __restrict__ bias,
+                                              const bf16* __restrict__ resid,
+                                              bf16* __restrict__ out, long long n, int cols) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float yb = __bfloat162float(__float2bfloat16_rn(__bfloat162float(y[i]) +
+                                                              __bfloat162float(bias[i % cols])));
+        out[i] = __float2bfloat16_rn(__bfloat162float(resid[i]) + yb);
+    }
+}
+
+// =====================================================================================
+// Batch-1 decode step
+// =====================================================================================
+
+// Streaming 16-byte load that does not allocate in L1: weights are read exactly once.
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
+    float a = bf_lo(w.x) * bf_lo(x.x);
+    a = fmaf(bf_hi(w.x), bf_hi(x.x), a);
+    a = fmaf(bf_lo(w.y), bf_lo(x.y), a);
+    a = fmaf(bf_hi(w.y), bf_hi(x.y), a);
+    a = fmaf(bf_lo(w.z), bf_lo(x.z), a);
+    a = fmaf(bf_hi(w.z), bf_hi(x.z), a);
+    a = fmaf(bf_lo(w.w), bf_lo(x.w), a);
+    a = fmaf(bf_hi(w.w), bf_hi(x.w), a);
+    return a;
+}
+
+// Dot product of one weight row (K bf16, 16-byte aligned) with the staged input, by one
+// warp; four 16-byte loads in flight per lane.
+__device__ __forceinline__ float warp_row_dot(const bf16* __restrict__ wrow,
+                                              const uint4* __restrict__ xs, int nvec,
+                                              int lane) {
+    const uint4* w4 = reinterpret_cast<const uint4*>(wrow);
+    float acc = 0.0f;
+    int c = lane;
+    for (; c + 96 < nvec; c += 128) {
+        uint4 w0 = ld_stream(w4 + c), w1 = ld_stream(w4 + c + 32);
+        uint4 w2 = ld_stream(w4 + c + 64), w3 = ld_stream(w4 + c + 96);
+        acc += dot8(w0, xs[c]);
+        acc += dot8(w1, xs[c + 32]);
+        acc += dot8(w2, xs[c + 64]);
+        acc += dot8(w3, xs[c + 96]);
+    }
+    for (; c < nvec; c += 32) acc += dot8(ld_stream(w4 + c), xs[c]);
+    return warp_sum(acc);
+}
+
+// Stages the GEMV input in shared memory as bf16: either x itself or
+// bf16(x * rsqrt(mean(x^2) + eps) * norm_w), which is what the RMSNorm kernel would have
+// written to memory.
+__device__ __forceinline__ void stage_input(const bf16* __restrict__ x,
+                                            const bf16* __restrict__ norm_w, float eps,
+                                            int K, bf16* xs) {
+    __shared__ float red[32];
+    __shared__ float rstd_s;
+    if (norm_w) {
+        float ss = 0.0f;
+        for (int i = threadIdx.x; i < K; i += blockDim.x) {
+            float v = __bfloat162float(x[i]);
+            ss = fmaf(v, v, ss);
+        }
+        ss = warp_sum(ss);
+        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float t = 0.0f;
+            for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += red[w];
+            rstd_s = rsqrtf(t / (float)K + eps);
+        }
+        __syncthreads();
+        const float rstd = rstd_s;
+        for (int i = threadIdx.x; i < K; i += blockDim.x)
+            xs[i] = __float2bfloat16_rn(__bfloat162float(x[i]) * rstd * __bfloat162float(norm_w[i]));
+    } else {
+        const uint4* x4 = reinterpret_cast<const uint4*>(x);
+        uint4* s4 = reinterpret_cast<uint4*>(xs);
+        for (int i = threadIdx.x; i < K / 8; i += blockDim.x) s4[i] = x4[i];
+    }
+    __syncthreads();
+}
+
+// GEMV modes (y = W x, W row-major [N, K] as stored in the checkpoint):
+//   0: out_bf16[i] = y_i + bias_i (bias may be null)
+//   1: out_bf16[i] += y_i                       (residual add, in place)
+//   2: out_bf16[i] = silu(y_i) * y_{i + N}      (gate/up fused; W has 2N rows)
+//   3: out_f32[i]  = y_i                        (logits)
+// 8 warps per block, one output row per warp per pass; the grid may be smaller than
+// N / 8 (blocks then loop), so the input is staged once per block.
+extern "C" __global__ void __launch_bounds__(256) gemv_bf16(
+    const bf16* __restrict__ W, const bf16* __restrict__ x, const bf16* __restrict__ norm_w,
+    float eps, const bf16* __restrict__ bias, void* __restrict__ out, int N, int K, int mode) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* xs = reinterpret_cast<bf16*>(smem_raw);
+    stage_input(x, norm_w, eps, K, xs);
+    const uint4* xs4 = reinterpret_cast<const uint4*>(xs);
+    const int nvec = K / 8;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int row = blockIdx.x * 8 + warp; row < N; row += gridDim.x * 8) {
+        if (mode == 2) {
+            const float gte = warp_row_dot(W + (size_t)row * K, xs4, nvec, lane);
+            const float up = warp_row_dot(W + (size_t)(row + N) * K, xs4, nvec, lane);
+            if (lane == 0) {
+                const float silu = gte / (1.0f + __expf(-gte));
+                reinterpret_cast<bf16*>(out)[row] = __float2bfloat16_rn(silu * up);
+            }
+        } else {
+            const float y = warp_row_dot(W + (size_t)row * K, xs4, nvec, lane);
+            if (lane == 0) {
+                if (mode == 0) {
+                    const float bb = bias ? __bfloat162float(bias[row]) : 0.0f;
+                    reinterpret_cast<bf16*>(out)[row] = __float2bfloat16_rn(y + bb);
+                } else if (mode == 1) {
+                    bf16* o = reinterpret_cast<bf16*>(out);
+                    o[row] = __float2bfloat16_rn(__bfloat162float(o[row]) + y);
+                } else {
+                    reinterpret_cast<float*>(out)[row] = y;
+                }
+            }
+        }
+    }
+}
+
+// io[0] = token id to embed, io[1] = its position. x[H] = embed[io[0]].
+extern "C" __global__ void embed_row(const bf16* __restrict__ embed, const int* __restrict__ io,
+                                     int H, bf16* __restrict__ x) {
+    const uint4* src = reinterpret_cast<const uint4*>(embed + (size_t)io[0] * H);
+    uint4* dst = reinterpret_cast<uint4*>(x);
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < H / 8; i += gridDim.x * blockDim.x)
+        dst[i] = src[i];
+}
+
+// RoPE on the q and k heads of the fused qkv projection at position io[1], and the
+// KV-cache append of k and v there. One block per q head and per kv head (grid
+// nh + nkv), hd / 2 threads: thread i rotates the pair (i, i + hd/2) with the bf16
+// cos/sin table row of that position (non-interleaved halves, as Qwen2).
+// Cache layout [nkv, cap, hd].
+extern "C" __global__ void rope_kv_append(const bf16* __restrict__ qkv,
+                                          const bf16* __restrict__ cos_t,
+                                          const bf16* __restrict__ sin_t,
+                                          const int* __restrict__ io, int nh, int nkv, int hd,
+                                          int cap, bf16* __restrict__ q_out,
+                                          bf16* __restrict__ kcache,
+                                          bf16* __restrict__ vcache) {
+    const int pos = io[1];
+    const int half = hd / 2;
+    const int i = threadIdx.x;
+    const int head = blockIdx.x;
+    const float c = __bfloat162float(cos_t[(size_t)pos * half + i]);
+    const float s = __bfloat162float(sin_t[(size_t)pos * half + i]);
+    const bf16* src = qkv + (size_t)head * hd;  // q heads, then k heads: contiguous
+    const float x1 = __bfloat162float(src[i]), x2 = __bfloat162float(src[i + half]);
+    const bf16 r1 = __float2bfloat16_rn(x1 * c - x2 * s);
+    const bf16 r2 = __float2bfloat16_rn(x2 * c + x1 * s);
+    if (head < nh) {
+        q_out[(size_t)head * hd + i] = r1;
+        q_out[(size_t)head * hd + i + half] = r2;
+    } else {
+        const int kvh = head - nh;
+        bf16* kd = kcache + ((size_t)kvh * cap + pos) * hd;
+        kd[i] = r1;
+        kd[i + half] = r2;
+        const bf16* vsrc = qkv + (size_t)(nh + nkv + kvh) * hd;
+        bf16* vd = vcache + ((size_t)kvh * cap + pos) * hd;
+        vd[i] = vsrc[i];
+        vd[i + half] = vsrc[i + half];
+    }
+}
+
+#define DEC_SPLITS 16
+
+// Split-K attention of one query per head over cache positions 0..io[1] (inclusive).
+// grid (nh, DEC_SPLITS), 128 threads; hd == 128: each lane holds 4 dims. Writes the
+// split's running max (log2 domain), sum and unnormalised output.
+extern "C" __global__ void __launch_bounds__(128) attn_decode_partial(
+    const bf16* __restrict__ q, const bf16* __restrict__ kcache,
+    const bf16* __restrict__ vcache, const int* __restrict__ io, int nh, int nkv, int cap,
+    float scale_log2, float* __restrict__ part_m, float* __restrict__ part_l,
+    float* __restrict__ part_o) {
+    constexpr int HD = 128;
+    const int h = blockIdx.x, sp = blockIdx.y;
+    const int kvh = h / (nh / nkv);
+    const int len = io[1] + 1;
+    const int chunk = (len + DEC_SPLITS - 1) / DEC_SPLITS;
+    const int beg = sp * chunk, end = min(len, beg + chunk);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const uint2 qv = *reinterpret_cast<const uint2*>(q + (size_t)h * HD + lane * 4);
+    const float q0 = bf_lo(qv.x) * scale_log2, q1 = bf_hi(qv.x) * scale_log2;
+    const float q2 = bf_lo(qv.y) * scale_log2, q3 = bf_hi(qv.y) * scale_log2;
+    float m = NEG_BIG, l = 0.0f, a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+    const bf16* kb = kcache + (size_t)kvh * cap * HD + lane * 4;
+    const bf16* vb = vcache + (size_t)kvh * cap * HD + lane * 4;
+    for (int j = beg + warp; j < end; j += 4) {
+        const uint2 kv = *reinterpret_cast<const uint2*>(kb + (size_t)j * HD);
+        const uint2 vv = *reinterpret_cast<const uint2*>(vb + (size_t)j * HD);
+        float sdot = q0 * bf_lo(kv.x) + q1 * bf_hi(kv.x) + q2 * bf_lo(kv.y) + q3 * bf_hi(kv.y);
+        sdot = warp_sum(sdot);
+        const float mn = fmaxf(m, sdot);
+        const float alpha = exp2f(m - mn), pj = exp2f(sdot - mn);
+        l = l * alpha + pj;
+        a0 = a0 * alpha + pj * bf_lo(vv.x);
+        a1 = a1 * alpha + pj * bf_hi(vv.x);
+        a2 = a2 * alpha + pj * bf_lo(vv.y);
+        a3 = a3 * alpha + pj * bf_hi(vv.y);
+        m = mn;
+    }
+    __shared__ float sm[4], sl[4];
+    __shared__ float so[4][HD];
+    if (lane == 0) {
+        sm[warp] = m;
+        sl[warp] = l;
+    }
+    so[warp][lane * 4 + 0] = a0;
+    so[warp][lane * 4 + 1] = a1;
+    so[warp][lane * 4 + 2] = a2;
+    so[warp][lane * 4 + 3] = a3;
+    __syncthreads();
+    const float M = fmaxf(fmaxf(sm[0], sm[1]), fmaxf(sm[2], sm[3]));
+    const int d = threadIdx.x;  // 128 threads = HD
+    float acc = 0.0f, L = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+        const float f = exp2f(sm[w] - M);
+        acc += so[w][d] * f;
+        L += sl[w] * f;
+    }
+    const size_t idx = (size_t)h * DEC_SPLITS + sp;
+    part_o[idx * HD + d] = acc;
+    if (d == 0) {
+        part_m[idx] = M;
+        part_l[idx] = L;
+    }
+}
+
+// grid nh, 128 threads: merges the splits into out[h * 128 + d] (bf16).
+extern "C" __global__ void __launch_bounds__(128) attn_decode_combine(
+    const float* __restrict__ part_m, const float* __restrict__ part_l,
+    const float* __restrict__ part_o, bf16* __restrict__ out) {
+    constexpr int HD = 128;
+    const int h = blockIdx.x, d = threadIdx.x;
+    float M = NEG_BIG;
+    for (int s = 0; s < DEC_SPLITS; ++s) M = fmaxf(M, part_m[h * DEC_SPLITS + s]);
+    float L = 0.0f, acc = 0.0f;
+    for (int s = 0; s < DEC_SPLITS; ++s) {
+        const size_t idx = (size_t)h * DEC_SPLITS + s;
+        const float f = exp2f(part_m[idx] - M);
+        L += part_l[idx] * f;
+        acc += part_o[idx * HD + d] * f;
+    }
+    out[h * HD + d] = __float2bfloat16_rn(acc / L);
+}
+
+#define AM_THREADS 256
+
+// Per-block argmax (first index on ties) and sum of exp(logit - block max).
+extern "C" __global__ void __launch_bounds__(AM_THREADS) argmax_partial(
+    const float* __restrict__ logits, int V, float* __restrict__ pmax,
+    int* __restrict__ pidx, float* __restrict__ psum) {
+    __shared__ float smax[AM_THREADS];
+    __shared__ int sidx[AM_THREADS];
+    __shared__ float ssum[AM_THREADS];
+    const int per = (V + gridDim.x - 1) / gridDim.x;
+    const int beg = blockIdx.x * per, end = min(V, beg + per);
+    float best = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = beg + threadIdx.x; i < end; i += AM_THREADS) {
+        const float v = logits[i];
+        if (v > best) {  // i increases per thread: keeps the first index of a tie
+            best = v;
+            bi = i;
+        }
+    }
+    smax[threadIdx.x] = best;
+    sidx[threadIdx.x] = bi;
+    __syncthreads();
+    for (int s = AM_THREADS / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            const float o = smax[threadIdx.x + s];
+            const int oi = sidx[threadIdx.x + s];
+            if (o > smax[threadIdx.x] || (o == smax[threadIdx.x] && oi < sidx[threadIdx.x])) {
+                smax[threadIdx.x] = o;
+                sidx[threadIdx.x] = oi;
+            }
+        }
+        __syncthreads();
+    }
+    const float bmax = smax[0];
+    float sum = 0.0f;
+    for (int i = beg + threadIdx.x; i < end; i += AM_THREADS) sum += __expf(logits[i] - bmax);
+    ssum[threadIdx.x] = sum;
+    __syncthreads();
+    for (int s = AM_THREADS / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) ssum[threadIdx.x] += ssum[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        pmax[blockIdx.x] = bmax;
+        pidx[blockIdx.x] = sidx[0];
+        psum[blockIdx.x] = ssum[0];
+    }
+}
+
+// One block: merges the partials; io[0] = argmax (the next step's input token),
+// io[1] += 1 (its position), *lp_acc += log p(argmax).
+extern "C" __global__ void __launch_bounds__(AM_THREADS) argmax_final(
+    const float* __restrict__ pmax, const int* __restrict__ pidx,
+    const float* __restrict__ psum, int nparts, int* __restrict__ io,
+    float* __restrict__ lp_acc) {
+    __shared__ float smax[AM_THREADS];
+    __shared__ int sidx[AM_THREADS];
+    __shared__ float ssum[AM_THREADS];
+    float best = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < nparts; i += AM_THREADS) {
+        const float v = pmax[i];
+        const int vi = pidx[i];
+        if (v > best || (v == best && vi < bi)) {
+            best = v;
+            bi = vi;
+        }
+    }
+    smax[threadIdx.x] = best;
+    sidx[threadIdx.x] = bi;
+    __syncthreads();
+    for (int s = AM_THREADS / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            const float o = smax[threadIdx.x + s];
+            const int oi = sidx[threadIdx.x + s];
+            if (o > smax[threadIdx.x] || (o == smax[threadIdx.x] && oi < sidx[threadIdx.x])) {
+                smax[threadIdx.x] = o;
+                sidx[threadIdx.x] = oi;
+            }
+        }
+        __syncthreads();
+    }
+    const float M = smax[0];
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < nparts; i += AM_THREADS) sum += psum[i] * __expf(pmax[i] - M);
+    ssum[threadIdx.x] = sum;
+    __syncthreads();
+    for (int s = AM_THREADS / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) ssum[threadIdx.x] += ssum[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        io[0] = sidx[0];
+        io[1] = io[1] + 1;
+        *lp_acc += -logf(ssum[0]);
+    }
+}
+
+// LayerNorm of rows of `cols` (cols % 8 == 0, cols <= 2048): one warp per row, the row
+// kept in registers, mean and variance in f32 (two passes over the registers), output
+// rounded once. Optionally first forms the row as resid + (y + bias) (rounded like two
+// separate adds) and stores it to x_out: the residual add and the next LayerNorm of an
+// encoder block in one read of the row.
+template <bool RESID>
+__device__ void layernorm_row(const bf16* __restrict__ y, const bf16* __restrict__ bias,
+                              const bf16* __restrict__ resid, bf16* __restrict__ x_out,
+                              const bf16* __restrict__ gamma, const bf16* __restrict__ beta,
+                              bf16* __restrict__ out, int rows, int cols, float eps) {
+    constexpr int MAXV = 8;  // 16-byte vectors per lane: cols <= 32 * 8 * 8
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (warp >= rows) return;
+    const int nvec = cols / 8;
+    const size_t base = (size_t)warp * cols;
+    float v[MAXV][8];
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < MAXV; ++j) {
+        const int c = lane + 32 * j;
+        if (c < nvec) {
+            const uint4 a = *reinterpret_cast<const uint4*>(y + base + c * 8);
+            const uint32_t* aw = reinterpret_cast<const uint32_t*>(&a);
+            if (RESID) {
+                const uint4 bb = *reinterpret_cast<const uint4*>(bias + c * 8);
+                const uint4 rr = *reinterpret_cast<const uint4*>(resid + base + c * 8);
+                const uint32_t* bw = reinterpret_cast<const uint32_t*>(&bb);
+                const uint32_t* rw = reinterpret_cast<const uint32_t*>(&rr);
+                uint4 o;
+                uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float lo = __bfloat162float(__float2bfloat16_rn(bf_lo(aw[e]) + bf_lo(bw[e])));
+                    const float hi = __bfloat162float(__float2bfloat16_rn(bf_hi(aw[e]) + bf_hi(bw[e])));
+                    ow[e] = pack_bf16x2(bf_lo(rw[e]) + lo, bf_hi(rw[e]) + hi);
+                    v[j][2 * e] = bf_lo(ow[e]);
+                    v[j][2 * e + 1] = bf_hi(ow[e]);
+                }
+                *reinterpret_cast<uint4*>(x_out + base + c * 8) = o;
+            } else {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    v[j][2 * e] = bf_lo(aw[e]);
+                    v[j][2 * e + 1] = bf_hi(aw[e]);
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) sum += v[j][e];
+        }
+    }
+    const float mean = warp_sum(sum) / (float)cols;
+    float sq = 0.0f;
+#pragma unroll
+    for (int j = 0; j < MAXV; ++j) {
+        if (lane + 32 * j < nvec) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const float d = v[j][e] - mean;
+                sq = fmaf(d, d, sq);
+            }
+        }
+    }
+    const float rstd = rsqrtf(warp_sum(sq) / (float)cols + eps);
+#pragma unroll
+    for (int j = 0; j < MAXV; ++j) {
+        const int c = lane + 32 * j;
+        if (c < nvec) {
+            const uint4 gg = *reinterpret_cast<const uint4*>(gamma + c * 8);
+            const uint4 be = *reinterpret_cast<const uint4*>(beta + c * 8);
+            const uint32_t* gw = reinterpret_cast<const uint32_t*>(&gg);
+            const uint32_t* bw = reinterpret_cast<const uint32_t*>(&be);
+            uint4 o;
+            uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float lo = (v[j][2 * e] - mean) * rstd * bf_lo(gw[e]) + bf_lo(bw[e]);
+                const float hi = (v[j][2 * e + 1] - mean) * rstd * bf_hi(gw[e]) + bf_hi(bw[e]);
+                ow[e] = pack_bf16x2(lo, hi);
+            }
+            *reinterpret_cast<uint4*>(out + base + c * 8) = o;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) layernorm_bf16(
+    const bf16* __restrict__ x, const bf16* __restrict__ gamma, const bf16* __restrict__ beta,
+    bf16* __restrict__ out, int rows, int cols, float eps) {
+    layernorm_row<false>(x, nullptr, nullptr, nullptr, gamma, beta, out, rows, cols, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(256) bias_residual_layernorm_bf16(
+    const bf16* __restrict__ y, const bf16* __restrict__ bias, const bf16* __restrict__ resid,
+    bf16* __restrict__ x_out, const bf16* __restrict__ gamma, const bf16* __restrict__ beta,
+    bf16* __restrict__ out, int rows, int cols, float eps) {
+    layernorm_row<true>(y, bias, resid, x_out, gamma, beta, out, rows, cols, eps);
+}

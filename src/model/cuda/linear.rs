@@ -1,0 +1,254 @@
+//! The encoder's linear layers on CUDA: the GEMM straight through cuBLAS (`cublasGemmEx`,
+//! bf16 in/out, f32 accumulation, the "TN" layout that the row-major `[out, in]`
+//! checkpoint weights already have), and the elementwise work after it (bias + GELU,
+//! bias + residual) in one pass each instead of candle's two or three.
+
+use super::{cuda_device, dev_ptr, func};
+use candle_core::cuda::cudarc::cublas::result::gemm_ex;
+use candle_core::cuda::cudarc::cublas::sys::{
+    cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType,
+};
+use candle_core::cuda::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda::{CudaStorage, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Result, Storage, Tensor};
+use half::bf16;
+
+fn bf16_contiguous(t: &Tensor) -> bool {
+    t.dtype() == DType::BF16 && t.is_contiguous()
+}
+
+/// Wraps a fresh device buffer of `shape` as a tensor.
+fn alloc_bf16(dev: &candle_core::cuda::CudaDevice, shape: &[usize]) -> Result<(Tensor, u64)> {
+    let n: usize = shape.iter().product();
+    // SAFETY: every element is written by the caller's kernel or GEMM before any read.
+    let slice = unsafe { dev.alloc::<bf16>(n)? };
+    let ptr = {
+        let stream = dev.cuda_stream();
+        let (p, sync) = slice.device_ptr(&stream);
+        drop(sync);
+        p
+    };
+    let t = Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone())),
+        shape,
+        BackpropOp::none(),
+        false,
+    );
+    Ok((t, ptr))
+}
+
+/// `x W^T` for `x` `[.., K]` and `W` `[N, K]`, both contiguous bf16: `[.., N]`. `None`
+/// for other dtypes or layouts.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !bf16_contiguous(x) || !bf16_contiguous(w) || w.rank() != 2 {
+        return Ok(None);
+    }
+    let (n, k) = w.dims2()?;
+    let dims = x.dims();
+    if dims.last() != Some(&k) {
+        return Ok(None);
+    }
+    let m = x.elem_count() / k;
+    let dev = cuda_device(x)?;
+    let mut out_shape = dims.to_vec();
+    *out_shape.last_mut().expect("rank >= 1") = n;
+    let (out, o_ptr) = alloc_bf16(&dev, &out_shape)?;
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let blas = dev.cublas_handle();
+    // Column-major view: Y^T [N, M] = W [N, K] · X^T [K, M]; W row-major [N, K] is W^T in
+    // column-major (op T), X row-major [M, K] is X^T in column-major (op N).
+    // SAFETY: pointers of live contiguous buffers with the dimensions passed.
+    unsafe {
+        gemm_ex(
+            *blas.handle(),
+            cublasOperation_t::CUBLAS_OP_T,
+            cublasOperation_t::CUBLAS_OP_N,
+            n as i32,
+            m as i32,
+            k as i32,
+            (&alpha) as *const f32 as *const _,
+            dev_ptr(w)? as *const _,
+            cudaDataType::CUDA_R_16BF,
+            k as i32,
+            dev_ptr(x)? as *const _,
+            cudaDataType::CUDA_R_16BF,
+            k as i32,
+            (&beta) as *const f32 as *const _,
+            o_ptr as *mut _,
+            cudaDataType::CUDA_R_16BF,
+            n as i32,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+        .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    }
+    Ok(Some(out))
+}
+
+fn launch_cfg(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).min(132 * 16) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `gelu_erf(y + bias)`, `y` `[.., C]`, `bias` `[C]`, in one pass (in place on a copy-free
+/// fresh `y`).
+pub fn bias_gelu(y: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
+    let cols = bias.elem_count();
+    if !bf16_contiguous(y) || !bf16_contiguous(bias) || y.dims().last() != Some(&cols) {
+        return Ok(None);
+    }
+    let dev = cuda_device(y)?;
+    let f = func(&dev, "bias_gelu_bf16")?;
+    let (yp, bp, n, c) = (
+        dev_ptr(y)?,
+        dev_ptr(bias)?,
+        y.elem_count() as i64,
+        cols as i32,
+    );
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&yp).arg(&bp).arg(&n).arg(&c);
+    // SAFETY: y has n elements, bias `cols`; y is written in place (callers pass a tensor
+    // that nothing else shares: the fresh output of the GEMM).
+    unsafe { b.launch(launch_cfg(n as usize)) }.w()?;
+    Ok(Some(y.clone()))
+}
+
+/// `y += bias` in place (`y` `[.., C]`, fresh, not shared).
+pub fn bias_add(y: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
+    let cols = bias.elem_count();
+    if !bf16_contiguous(y) || !bf16_contiguous(bias) || y.dims().last() != Some(&cols) {
+        return Ok(None);
+    }
+    let dev = cuda_device(y)?;
+    let f = func(&dev, "bias_add_bf16")?;
+    let (yp, bp, n, c) = (
+        dev_ptr(y)?,
+        dev_ptr(bias)?,
+        y.elem_count() as i64,
+        cols as i32,
+    );
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&yp).arg(&bp).arg(&n).arg(&c);
+    // SAFETY: y has n elements, bias `cols`.
+    unsafe { b.launch(launch_cfg(n as usize)) }.w()?;
+    Ok(Some(y.clone()))
+}
+
+/// `resid + (y + bias)` in one pass, into a new tensor.
+pub fn bias_residual(y: &Tensor, bias: &Tensor, resid: &Tensor) -> Result<Option<Tensor>> {
+    let cols = bias.elem_count();
+    if !bf16_contiguous(y)
+        || !bf16_contiguous(bias)
+        || !bf16_contiguous(resid)
+        || y.dims() != resid.dims()
+        || y.dims().last() != Some(&cols)
+    {
+        return Ok(None);
+    }
+    let dev = cuda_device(y)?;
+    let (out, op) = alloc_bf16(&dev, y.dims())?;
+    let f = func(&dev, "bias_residual_bf16")?;
+    let (yp, bp, rp) = (dev_ptr(y)?, dev_ptr(bias)?, dev_ptr(resid)?);
+    let (n, c) = (y.elem_count() as i64, cols as i32);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&yp).arg(&bp).arg(&rp).arg(&op).arg(&n).arg(&c);
+    // SAFETY: all four buffers have n (bias: cols) elements.
+    unsafe { b.launch(launch_cfg(n as usize)) }.w()?;
+    Ok(Some(out))
+}
+
+fn ln_ok(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> bool {
+    let cols = gamma.elem_count();
+    bf16_contiguous(x)
+        && bf16_contiguous(gamma)
+        && bf16_contiguous(beta)
+        && beta.elem_count() == cols
+        && x.dims().last() == Some(&cols)
+        && cols % 8 == 0
+        && cols <= 2048
+}
+
+fn ln_launch(rows: usize) -> LaunchConfig {
+    // one warp per row, 8 rows per block
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// LayerNorm over the last dim, one warp per row.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Option<Tensor>> {
+    if !ln_ok(x, gamma, beta) {
+        return Ok(None);
+    }
+    let dev = cuda_device(x)?;
+    let cols = gamma.elem_count();
+    let rows = x.elem_count() / cols;
+    let (out, op) = alloc_bf16(&dev, x.dims())?;
+    let f = func(&dev, "layernorm_bf16")?;
+    let (xp, gp, bp) = (dev_ptr(x)?, dev_ptr(gamma)?, dev_ptr(beta)?);
+    let (r, c) = (rows as i32, cols as i32);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&xp)
+        .arg(&gp)
+        .arg(&bp)
+        .arg(&op)
+        .arg(&r)
+        .arg(&c)
+        .arg(&eps);
+    // SAFETY: x and out are [rows, cols], gamma/beta [cols].
+    unsafe { b.launch(ln_launch(rows)) }.w()?;
+    Ok(Some(out))
+}
+
+/// `x = resid + (y + bias)` and `LayerNorm(x)` in one pass: `(x, normed)`.
+pub fn bias_residual_layer_norm(
+    y: &Tensor,
+    bias: &Tensor,
+    resid: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if !ln_ok(y, gamma, beta)
+        || !bf16_contiguous(resid)
+        || !bf16_contiguous(bias)
+        || resid.dims() != y.dims()
+        || bias.elem_count() != gamma.elem_count()
+    {
+        return Ok(None);
+    }
+    let dev = cuda_device(y)?;
+    let cols = gamma.elem_count();
+    let rows = y.elem_count() / cols;
+    let (x, xp) = alloc_bf16(&dev, y.dims())?;
+    let (out, op) = alloc_bf16(&dev, y.dims())?;
+    let f = func(&dev, "bias_residual_layernorm_bf16")?;
+    let (yp, bp, rp) = (dev_ptr(y)?, dev_ptr(bias)?, dev_ptr(resid)?);
+    let (gp, betap) = (dev_ptr(gamma)?, dev_ptr(beta)?);
+    let (r, c) = (rows as i32, cols as i32);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&yp)
+        .arg(&bp)
+        .arg(&rp)
+        .arg(&xp)
+        .arg(&gp)
+        .arg(&betap)
+        .arg(&op)
+        .arg(&r)
+        .arg(&c)
+        .arg(&eps);
+    // SAFETY: y, resid, x, out are [rows, cols]; bias, gamma, beta [cols].
+    unsafe { b.launch(ln_launch(rows)) }.w()?;
+    Ok(Some((x, out)))
+}

@@ -1,0 +1,146 @@
+//! CUDA kernels of the hot paths (built only with the `cuda` feature): the kernels are
+//! in `kernels.cu`, compiled to PTX by `build.rs` and loaded once per device through
+//! candle's custom-module cache. See [`crate::model::fast`] for how model code reaches
+//! them and falls back when they do not apply.
+
+pub mod attention;
+pub mod decode;
+pub mod linear;
+pub mod mel;
+
+use candle_core::cuda::cudarc::driver::sys::CUdevice_attribute;
+use candle_core::cuda::cudarc::driver::{CudaFunction, DevicePtr};
+use candle_core::cuda::{CudaDevice, CudaStorageSlice, WrapErr};
+use candle_core::{Result, Storage, Tensor};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/stepaudio_kernels.ptx"));
+const MODULE: &str = "stepaudio_live_kernels";
+
+/// A kernel of `kernels.cu`, loaded on first use; launch it on `dev.cuda_stream()`.
+pub fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    Ok(dev
+        .get_or_load_custom_func(name, MODULE, PTX)?
+        .into_cuda_function())
+}
+
+/// Whether the kernels can run on this GPU: they use bf16 tensor-core instructions of
+/// compute capability 8.0 (Ampere) and newer. Cached per device.
+pub fn supported(dev: &CudaDevice) -> bool {
+    static CACHE: Mutex<Option<HashMap<candle_core::cuda::DeviceId, bool>>> = Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    *cache
+        .get_or_insert_with(HashMap::new)
+        .entry(dev.id())
+        .or_insert_with(|| {
+            let ctx = dev.cuda_stream().context().clone();
+            match ctx.compute_capability() {
+                Ok((major, _)) if major >= 8 => true,
+                Ok((major, minor)) => {
+                    tracing::info!(
+                        "GPU compute capability {major}.{minor} < 8.0: custom kernels off, plain candle ops"
+                    );
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!("could not read the GPU's compute capability: {e}");
+                    false
+                }
+            }
+        })
+}
+
+/// Keeps freed memory in the device's stream-ordered pool instead of returning it to the
+/// driver at every synchronisation (the default release threshold is 0). candle
+/// allocates every op's output with cuMemAllocAsync, so without this each host sync (one
+/// per decoded token, one per timed stage) makes the next allocations map memory again.
+pub fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
+    use candle_core::cuda::cudarc::driver::{result, sys};
+    let ctx = dev.cuda_stream().context().clone();
+    ctx.bind_to_thread().w()?;
+    // SAFETY: the device handle comes from a live context; the attribute is a u64.
+    unsafe {
+        let pool = result::device::get_mem_pool(ctx.cu_device()).w()?;
+        let mut threshold: u64 = u64::MAX;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold) as *mut u64 as *mut _,
+        )
+        .w()?;
+    }
+    Ok(())
+}
+
+/// Peak bytes allocated from the device's pool (`CU_MEMPOOL_ATTR_USED_MEM_HIGH`),
+/// optionally resetting the high-water mark afterwards.
+pub fn pool_peak(dev: &CudaDevice, reset: bool) -> Result<usize> {
+    use candle_core::cuda::cudarc::driver::{result, sys};
+    let ctx = dev.cuda_stream().context().clone();
+    ctx.bind_to_thread().w()?;
+    // SAFETY: as in `keep_pool_memory`; the attribute is a u64.
+    unsafe {
+        let pool = result::device::get_mem_pool(ctx.cu_device()).w()?;
+        let mut v: u64 = 0;
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&mut v) as *mut u64 as *mut _,
+        )
+        .result()
+        .w()?;
+        if reset {
+            let mut zero: u64 = 0;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut zero) as *mut u64 as *mut _,
+            )
+            .w()?;
+        }
+        Ok(v as usize)
+    }
+}
+
+pub fn sm_count(dev: &CudaDevice) -> Result<u32> {
+    let n = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    Ok(n.max(1) as u32)
+}
+
+pub fn memory_used(dev: &CudaDevice) -> Result<usize> {
+    let (free, total) = dev.cuda_stream().context().mem_get_info().w()?;
+    Ok(total - free)
+}
+
+/// Device address of the first element of `t` (its layout's start offset included).
+/// The address stays valid while `t`'s storage lives; callers keep a clone of `t`.
+pub fn dev_ptr(t: &Tensor) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        candle_core::bail!("expected a CUDA tensor, got one on {:?}", t.device())
+    };
+    let stream = cs.device.cuda_stream();
+    let base = match &cs.slice {
+        CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::F16(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::F32(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::U32(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::I32(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::I64(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::U8(s) => s.device_ptr(&stream).0,
+        _ => candle_core::bail!("dev_ptr: unsupported dtype {:?}", t.dtype()),
+    };
+    Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
+}
+
+pub fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        other => candle_core::bail!("expected a CUDA tensor, got one on {other:?}"),
+    }
+}

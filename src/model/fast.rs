@@ -1,0 +1,466 @@
+//! Device-specific fast paths behind one switchboard, so model code asks "is there a
+//! faster way for these tensors?" and falls back to plain candle ops when the answer is
+//! no (CPU, Metal, a dtype or shape the kernels do not cover, or a build without the
+//! `cuda` feature). Everything CUDA-specific lives in [`crate::model::cuda`] behind
+//! `cfg(feature = "cuda")`; this module compiles everywhere.
+//!
+//! The switches exist so one process can time the reference path and the fast path on
+//! the same warm GPU (benchmarks) and check one against the other (tests). They are
+//! read from `STEPAUDIO_FAST` once (`all` (default), `none`, or a comma list of
+//! `mel,attention,decode,graph,gemm,epilogue`), and can be changed at run time with
+//! [`set_fast_paths`].
+
+use candle_core::{DType, Device, Result, Tensor};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastPaths {
+    /// Log-mel on the device (one kernel per STFT frame batch).
+    pub mel: bool,
+    /// Fused (flash) attention for the encoder and the LLM prefill.
+    pub attention: bool,
+    /// The fused batch-1 decode step (GEMV kernels over preallocated buffers).
+    pub decode: bool,
+    /// Replay that decode step as a CUDA graph (needs `decode`).
+    pub graph: bool,
+    /// The encoder's GEMMs straight through cuBLAS (`cublasGemmEx`, TN layout).
+    pub gemm: bool,
+    /// The encoder's bias + GELU and bias + residual in one pass each.
+    pub epilogue: bool,
+}
+
+impl FastPaths {
+    pub const ALL: FastPaths = FastPaths {
+        mel: true,
+        attention: true,
+        decode: true,
+        graph: true,
+        gemm: true,
+        epilogue: true,
+    };
+    pub const NONE: FastPaths = FastPaths {
+        mel: false,
+        attention: false,
+        decode: false,
+        graph: false,
+        gemm: false,
+        epilogue: false,
+    };
+
+    fn bits(self) -> u8 {
+        self.mel as u8
+            | (self.attention as u8) << 1
+            | (self.decode as u8) << 2
+            | (self.graph as u8) << 3
+            | (self.gemm as u8) << 4
+            | (self.epilogue as u8) << 5
+    }
+
+    fn from_bits(b: u8) -> Self {
+        FastPaths {
+            mel: b & 1 != 0,
+            attention: b & 2 != 0,
+            decode: b & 4 != 0,
+            graph: b & 8 != 0,
+            gemm: b & 16 != 0,
+            epilogue: b & 32 != 0,
+        }
+    }
+
+    /// `all`, `none`, or a comma-separated subset of `mel,attention,decode,graph`.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "" | "all" => return Ok(Self::ALL),
+            "none" => return Ok(Self::NONE),
+            _ => {}
+        }
+        let mut f = Self::NONE;
+        for part in s.split(',') {
+            match part.trim() {
+                "mel" => f.mel = true,
+                "attention" | "attn" => f.attention = true,
+                "decode" => f.decode = true,
+                "graph" => f.graph = true,
+                "gemm" => f.gemm = true,
+                "epilogue" => f.epilogue = true,
+                other => return Err(format!("unknown fast path `{other}`")),
+            }
+        }
+        Ok(f)
+    }
+}
+
+impl std::fmt::Display for FastPaths {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if *self == Self::NONE {
+            return write!(f, "none");
+        }
+        let names: Vec<&str> = [
+            (self.mel, "mel"),
+            (self.attention, "attention"),
+            (self.decode, "decode"),
+            (self.graph, "graph"),
+            (self.gemm, "gemm"),
+            (self.epilogue, "epilogue"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, n)| *n)
+        .collect();
+        write!(f, "{}", names.join(","))
+    }
+}
+
+const UNSET: u8 = 0xff;
+static FLAGS: AtomicU8 = AtomicU8::new(UNSET);
+
+/// The switches now in force.
+pub fn fast_paths() -> FastPaths {
+    let b = FLAGS.load(Ordering::Relaxed);
+    if b != UNSET {
+        return FastPaths::from_bits(b);
+    }
+    static FROM_ENV: OnceLock<FastPaths> = OnceLock::new();
+    let f = *FROM_ENV.get_or_init(|| match std::env::var("STEPAUDIO_FAST") {
+        Ok(s) => FastPaths::parse(&s).unwrap_or_else(|e| {
+            tracing::warn!("STEPAUDIO_FAST: {e}; using all fast paths");
+            FastPaths::ALL
+        }),
+        Err(_) => FastPaths::ALL,
+    });
+    let _ = FLAGS.compare_exchange(UNSET, f.bits(), Ordering::Relaxed, Ordering::Relaxed);
+    FastPaths::from_bits(FLAGS.load(Ordering::Relaxed))
+}
+
+pub fn set_fast_paths(f: FastPaths) {
+    FLAGS.store(f.bits(), Ordering::Relaxed);
+}
+
+/// Whether this binary has any device fast path for `device` at all.
+pub fn available(device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return super::cuda::supported(d);
+    }
+    let _ = device;
+    false
+}
+
+/// Scaled dot-product attention through the fused kernel, or `None` when it does not
+/// apply (then the caller runs its reference path).
+///
+/// `q` `[b, h, nq, hd]`, `k`/`v` `[b, h_kv, nk, hd]` (any strides with a unit last
+/// stride: views of a fused projection or of the KV cache are read in place), bf16.
+/// Query head `i` uses kv head `i / (h / h_kv)`. With `causal`, query `i` sees keys
+/// `0..=i + nk - nq`. `key_bias` `[b, nk]` f32 is added to the scaled scores (the
+/// encoder's padding mask). Returns `[b, nq, h, hd]` (heads merged by a reshape).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    causal: bool,
+    key_bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    if !fast_paths().attention || q.dtype() != DType::BF16 {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = q.device() {
+        if super::cuda::supported(d) {
+            return super::cuda::attention::flash_attention(q, k, v, scale, causal, key_bias);
+        }
+    }
+    let _ = (k, v, scale, causal, key_bias);
+    Ok(None)
+}
+
+fn cuda_bf16(t: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = t.device() {
+        return t.dtype() == DType::BF16 && super::cuda::supported(d);
+    }
+    let _ = t;
+    false
+}
+
+/// `x W^T` (`W` `[N, K]` as stored) through cuBLAS directly, or `None` (then the caller
+/// uses candle's matmul).
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !fast_paths().gemm || !cuda_bf16(x) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    return super::cuda::linear::matmul_t(x, w);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = w;
+        Ok(None)
+    }
+}
+
+/// `gelu_erf(y + bias)` in one pass; `y` must be a fresh tensor nothing else shares (it
+/// is overwritten). `None` when the fused kernel does not apply.
+pub fn bias_gelu(y: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
+    if !fast_paths().epilogue || !cuda_bf16(y) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    return super::cuda::linear::bias_gelu(y, bias);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = bias;
+        Ok(None)
+    }
+}
+
+/// `resid + (y + bias)` in one pass, or `None`.
+pub fn bias_residual(y: &Tensor, bias: &Tensor, resid: &Tensor) -> Result<Option<Tensor>> {
+    if !fast_paths().epilogue || !cuda_bf16(y) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    return super::cuda::linear::bias_residual(y, bias, resid);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (bias, resid);
+        Ok(None)
+    }
+}
+
+/// Chooses the flash kernel variant for head dim 64 (`default`, `2stage`, `1stage`,
+/// `w8`); a no-op without CUDA.
+pub fn set_flash_variant(v: &str) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    return super::cuda::attention::set_variant(v);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = v;
+        Ok(())
+    }
+}
+
+/// `y += bias` in place (rows of `bias.len()`); `y` must be a fresh tensor nothing else
+/// shares. `None` when the kernel does not apply.
+pub fn bias_add(y: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
+    if !fast_paths().epilogue || !cuda_bf16(y) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    return super::cuda::linear::bias_add(y, bias);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = bias;
+        Ok(None)
+    }
+}
+
+/// LayerNorm over the last dim in one kernel (one warp per row), or `None`.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Option<Tensor>> {
+    if !fast_paths().epilogue || !cuda_bf16(x) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    return super::cuda::linear::layer_norm(x, gamma, beta, eps);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (gamma, beta, eps);
+        Ok(None)
+    }
+}
+
+/// `x = resid + (y + bias)` and `LayerNorm(x)` in one pass, or `None`.
+pub fn bias_residual_layer_norm(
+    y: &Tensor,
+    bias: &Tensor,
+    resid: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if !fast_paths().epilogue || !cuda_bf16(y) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    return super::cuda::linear::bias_residual_layer_norm(y, bias, resid, gamma, beta, eps);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (bias, resid, gamma, beta, eps);
+        Ok(None)
+    }
+}
+
+/// Peak bytes allocated from the CUDA device's memory pool since the last reset (the
+/// pool keeps freed memory, so total − free overstates what is in use), where known.
+pub fn device_memory_peak(device: &Device, reset: bool) -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return super::cuda::pool_peak(d, reset).ok();
+    }
+    let _ = (device, reset);
+    None
+}
+
+/// Log-mel of 16 kHz audio computed on `device` (Whisper formula, `tail_zeros` zero
+/// samples appended, global-max clamp over this mel), as `[n_mels, n_frames]` f32 on
+/// the device, or `None` when the device has no kernel for it.
+pub struct DeviceMel {
+    #[cfg(feature = "cuda")]
+    inner: super::cuda::mel::CudaMel,
+    n_mels: usize,
+}
+
+impl DeviceMel {
+    pub fn new(n_mels: usize, device: &Device) -> Result<Option<Self>> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = device {
+            if super::cuda::supported(d) {
+                return Ok(Some(Self {
+                    inner: super::cuda::mel::CudaMel::new(n_mels, d)?,
+                    n_mels,
+                }));
+            }
+        }
+        let _ = (n_mels, device);
+        Ok(None)
+    }
+
+    pub fn n_mels(&self) -> usize {
+        self.n_mels
+    }
+
+    /// Uploads `audio` and returns its log-mel `[n_mels, (len + tail_zeros) / 160]` (f32).
+    pub fn compute(&self, audio: &[f32], tail_zeros: usize) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        return self.inner.compute(audio, tail_zeros);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (audio, tail_zeros);
+            candle_core::bail!("no device log-mel in this build")
+        }
+    }
+
+    /// The same from audio already on the device (`[len]` f32).
+    pub fn compute_on_device(&self, audio: &Tensor, tail_zeros: usize) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        return self.inner.compute_tensor(audio, tail_zeros);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (audio, tail_zeros);
+            candle_core::bail!("no device log-mel in this build")
+        }
+    }
+}
+
+/// Device memory in use on the device of `device` (total − free), in bytes, where the
+/// backend can tell.
+pub fn device_memory_used(device: &Device) -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return super::cuda::memory_used(d).ok();
+    }
+    let _ = device;
+    None
+}
+
+/// Lets f32 matrix products use TF32 tensor cores on CUDA (about 10 bits of mantissa
+/// in the products; off by default). No effect elsewhere.
+pub fn set_tf32(on: bool) {
+    #[cfg(feature = "cuda")]
+    candle_core::cuda::set_gemm_reduced_precision_f32(on);
+    let _ = on;
+}
+
+/// The fused batch-1 decode step of one session (it bakes that session's KV-cache
+/// buffers into a CUDA graph). Empty until [`FusedDecoder::prepare`] finds it applies.
+#[derive(Default)]
+pub struct FusedDecoder {
+    #[cfg(feature = "cuda")]
+    engine: Option<super::cuda::decode::DecodeEngine>,
+    /// The model was checked and is not covered: do not check again.
+    #[cfg(feature = "cuda")]
+    unsupported: bool,
+}
+
+/// A fused decoder ready to step (borrowed from its [`FusedDecoder`]).
+pub struct FusedStep<'a> {
+    #[cfg(feature = "cuda")]
+    engine: &'a mut super::cuda::decode::DecodeEngine,
+    #[cfg(feature = "cuda")]
+    graph: bool,
+    #[cfg(not(feature = "cuda"))]
+    never: std::convert::Infallible,
+    _life: std::marker::PhantomData<&'a mut ()>,
+}
+
+impl FusedDecoder {
+    /// The fused step for `llm`, if the fast path is switched on and covers it.
+    pub fn prepare(
+        &mut self,
+        llm: &super::step_audio2::llm::Qwen2Llm,
+    ) -> Result<Option<FusedStep<'_>>> {
+        let flags = fast_paths();
+        if !flags.decode || !available(llm.device()) {
+            return Ok(None);
+        }
+        #[cfg(feature = "cuda")]
+        {
+            if self.unsupported {
+                return Ok(None);
+            }
+            if !self.engine.as_ref().is_some_and(|e| e.serves(llm)) {
+                self.engine = super::cuda::decode::DecodeEngine::new(llm)?;
+                self.unsupported = self.engine.is_none();
+            }
+            Ok(self.engine.as_mut().map(|engine| FusedStep {
+                engine,
+                graph: flags.graph,
+                _life: std::marker::PhantomData,
+            }))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Ok(None)
+    }
+}
+
+impl FusedStep<'_> {
+    /// The next step's input token and its position; clears the log-probability sum.
+    pub fn start(&mut self, token: u32, position: usize) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        return self.engine.start(token, position);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (token, position);
+            match self.never {}
+        }
+    }
+
+    /// Runs the pending token at `state.len()`, appends its key/value, returns the
+    /// greedy next token (which becomes the next step's input).
+    pub fn step(&mut self, state: &mut super::step_audio2::llm::LlmState) -> Result<u32> {
+        #[cfg(feature = "cuda")]
+        return self.engine.step(state, self.graph);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = state;
+            match self.never {}
+        }
+    }
+
+    /// A copy of the last step's logits `[V]` (f32).
+    pub fn logits(&self) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        return self.engine.logits().copy();
+        #[cfg(not(feature = "cuda"))]
+        match self.never {}
+    }
+
+    /// Sum of the chosen tokens' log-probabilities since [`Self::start`].
+    pub fn logprob_sum(&self) -> Result<f64> {
+        #[cfg(feature = "cuda")]
+        return self.engine.logprob_sum();
+        #[cfg(not(feature = "cuda"))]
+        match self.never {}
+    }
+}
