@@ -7,11 +7,14 @@
 //! arrive on a channel the task selects on next to the socket, so the task
 //! never waits for the model: a busy model delays transcripts, not I/O.
 //!
-//! When the model falls far behind a session (more than
-//! [`MAX_PENDING_UPDATES`] of its updates queued, as happens to a client that
-//! sends faster than real time), the task stops reading that client's audio
-//! until the worker catches up; TCP flow control then slows the client. Its
-//! events keep flowing meanwhile, and other sessions are not affected.
+//! The worker keeps at most one partial per segment queued, so a session's
+//! queue is essentially its finals not yet decoded. Only when that backlog
+//! passes [`MAX_PENDING_UPDATES`] (minutes of speech: a client sending far
+//! faster than real time, or a model far too slow for the load) does the
+//! task stop reading that client's audio until the worker catches up; TCP
+//! flow control then slows the client. Its events keep flowing meanwhile,
+//! and other sessions are not affected. Below that, audio is always read at
+//! once, so pings and closes are answered however busy the model is.
 
 use super::protocol::{self, close, ClientMessage, ErrorCode, ProtocolError, ServerMessage, Start};
 use super::subscribers::{close_message, send_with_timeout, Hub};
@@ -34,8 +37,9 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 /// Updates of one session the worker may hold before the session stops
-/// reading audio (finals are a few hundred KB of mel at most each).
-pub const MAX_PENDING_UPDATES: usize = 24;
+/// reading audio. Each holds its segment's mel (≤ 15 s: 480 KB for 80
+/// bins), so this bounds a session's backlog to about 30 MB.
+pub const MAX_PENDING_UPDATES: usize = 64;
 /// How often a paused session looks whether the worker caught up.
 const BACKPRESSURE_POLL: Duration = Duration::from_millis(20);
 

@@ -220,8 +220,8 @@ impl Hub {
         let kind = Kind::of(event);
         // Serialise once for every subscriber; the bytes are shared.
         let text = Utf8Bytes::from(protocol::stream_event_json(event, stream));
-        let subscribers = self.lock().subscribers.clone();
-        for s in &subscribers {
+        // Each push is a short append under the queue's own lock.
+        for s in &self.lock().subscribers {
             s.push(kind, &text);
         }
         self.published.fetch_add(1, Ordering::Relaxed);

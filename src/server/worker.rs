@@ -2,9 +2,9 @@
 //! audio-in session. Sessions hand it segment updates; it keeps each
 //! session's recogniser (own committed context over the shared weights) and
 //! [`SegmentDecoder`], takes one job per session in turn (round-robin, so a
-//! session that floods the queue cannot starve the others), skips partials
-//! that newer audio of the same segment has superseded, and never skips a
-//! final. Results go back on each session's own channel; nothing here ever
+//! session that floods the queue cannot starve the others), drops queued
+//! partials as soon as newer audio of the same segment arrives, and never
+//! drops a final. Results go back on each session's own channel; nothing here ever
 //! waits for a socket.
 
 use crate::model::recognizer::{FrontendSpec, Recognizer};
@@ -179,10 +179,25 @@ impl Worker {
     }
 
     fn enqueue(&mut self, id: SessionId, job: Job) {
-        match self.sessions.get_mut(&id) {
-            Some(s) => s.jobs.push_back(job),
-            None => tracing::warn!(session = id, "job for an unknown session dropped"),
+        let Some(s) = self.sessions.get_mut(&id) else {
+            tracing::warn!(session = id, "job for an unknown session dropped");
+            return;
+        };
+        // A queued partial or pause decode is stale once newer audio of its
+        // segment arrives: drop it now, so that a session's queue holds at
+        // most one of them per segment (plus finals, never dropped) and its
+        // pending count measures real work.
+        if let Job::Update(new) = &job {
+            let before = s.jobs.len();
+            s.jobs.retain(|j| {
+                !matches!(j, Job::Update(u) if u.segment == new.segment
+                    && matches!(u.kind, UpdateKind::Partial | UpdateKind::Pause))
+            });
+            let stale = before - s.jobs.len();
+            s.skipped_partials += stale as u64;
+            s.pending.fetch_sub(stale, Ordering::Relaxed);
         }
+        s.jobs.push_back(job);
     }
 
     /// Does one job of the next session (in rotation) that has any.
@@ -217,17 +232,6 @@ impl Worker {
     }
 
     fn decode(id: SessionId, session: &mut Session, update: SegmentUpdate) {
-        // A partial or pause decode is stale once newer audio of its segment
-        // is queued; finals are always decoded.
-        let superseded = matches!(update.kind, UpdateKind::Partial | UpdateKind::Pause)
-            && session
-                .jobs
-                .iter()
-                .any(|j| matches!(j, Job::Update(u) if u.segment == update.segment));
-        if superseded {
-            session.skipped_partials += 1;
-            return;
-        }
         match session.decoder.handle(&update, session.recognizer.as_mut()) {
             Ok(Some(ev)) => {
                 let _ = session.events.send(WorkerEvent::Event(ev));
