@@ -81,6 +81,22 @@ pub struct LiveArgs {
     /// Output: text (a line per final) or jsonl (every event).
     #[arg(long = "format", value_enum, default_value_t = LiveFormat::Text)]
     pub live_format: LiveFormat,
+    /// Also serve the events over WebSocket (and the captions page) on ADDR.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = crate::server::DEFAULT_ADDR)]
+    pub ws: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub stream: StreamArgs,
+    /// Seconds between stats events in jsonl output (0: only at the end).
+    #[arg(long, default_value_t = 10.0)]
+    pub stats_interval: f64,
+}
+
+/// Segmenting and recogniser options, shared by live sources and the
+/// server's audio-in sessions.
+#[derive(Args, Debug, Clone)]
+pub struct StreamArgs {
     /// Spoken language for multilingual models (default en).
     #[arg(long = "lang")]
     pub lang: Option<String>,
@@ -114,9 +130,44 @@ pub struct LiveArgs {
     /// Step-Audio 2: restart from the system prompt when the context passes this many tokens.
     #[arg(long, default_value_t = 4096)]
     pub max_context: usize,
-    /// Seconds between stats events in jsonl output (0: only at the end).
-    #[arg(long, default_value_t = 10.0)]
-    pub stats_interval: f64,
+}
+
+/// WebSocket server options (`--ws` and `serve`).
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// Secret every WebSocket client must send (`Authorization: Bearer` or `?token=`).
+    #[arg(long, value_name = "SECRET")]
+    pub token: Option<String>,
+    /// Allow a non-loopback address without --token.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Web page origin allowed to connect besides the server's own (repeatable; `*` for any).
+    #[arg(long = "allow-origin", value_name = "ORIGIN")]
+    pub allow_origin: Vec<String>,
+    /// Most audio-in sessions at once.
+    #[arg(long, default_value_t = crate::server::Limits::default().max_sessions)]
+    pub max_sessions: usize,
+    /// Most subscribers at once.
+    #[arg(long, default_value_t = crate::server::Limits::default().max_subscribers)]
+    pub max_subscribers: usize,
+    /// Largest WebSocket message a client may send (bytes).
+    #[arg(long, default_value_t = crate::server::Limits::default().max_message_bytes)]
+    pub max_message_bytes: usize,
+    /// Events queued per subscriber before its partials are dropped.
+    #[arg(long, default_value_t = crate::server::Limits::default().subscriber_queue)]
+    pub subscriber_queue: usize,
+}
+
+/// `serve`: the WebSocket server alone; audio comes only from clients.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on (host:port; port 0 picks a free one).
+    #[arg(default_value = crate::server::DEFAULT_ADDR)]
+    pub addr: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub stream: StreamArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -149,6 +200,8 @@ pub enum Command {
     },
     /// Word error rate over a manifest: transcribe it, or score --hyp.
     Eval(crate::eval::run::EvalArgs),
+    /// WebSocket server without a local source: clients send audio, subscribers get events.
+    Serve(ServeArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -237,6 +290,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )?;
             Ok(ExitCode::SUCCESS)
         }
+        Some(Command::Serve(args)) => serve(&cli.global, &args),
         None => live(&cli.global, &cli.live),
     }
 }
@@ -347,7 +401,6 @@ fn install_stop_handler() -> anyhow::Result<Arc<AtomicBool>> {
 fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
     use crate::audio::source::{list_input_devices, start_source, SourceSpec};
     use crate::stream::pipeline::{run_live, LiveOptions};
-    use crate::stream::tracker::TrackerConfig;
     if args.list_devices {
         for d in list_input_devices()? {
             println!("{d}");
@@ -374,9 +427,7 @@ fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(EXIT_BAD_INPUT));
     };
-    if !(args.partial_interval > 0.0 && args.max_segment > 1.0) {
-        anyhow::bail!("--partial-interval must be positive and --max-segment over 1 s");
-    }
+    args.stream.validate()?;
     let stop = install_stop_handler()?;
     let model = crate::model::LoadedModel::load(
         &global.model,
@@ -384,28 +435,34 @@ fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
         global.dtype.map(ComputeDType::dtype),
         global.decoder_weights,
     )?;
-    let recognizer = model.recognizer(&recognizer_options(args))?;
+    let recognizer = model.recognizer(&args.stream.recognizer_options())?;
+    // The server starts before the source, so that subscribers can join
+    // before the first word.
+    let server = match &args.ws {
+        Some(addr) => {
+            let config = server_config(addr, global, &args.server, &args.stream);
+            let server = crate::server::Server::start(config, model.clone())?;
+            announce(server.local_addr(), args.server.token.is_some());
+            Some(server)
+        }
+        None => None,
+    };
+    let publisher = server.as_ref().map(|s| s.publisher());
     let source = start_source(&spec, stop.clone()).map_err(|e| match e {
         crate::audio::source::SourceError::Audio(a) => anyhow::Error::new(a),
         other => anyhow::Error::new(other),
     })?;
     let opts = LiveOptions {
-        tracker: TrackerConfig {
-            vad_mode: args.vad_mode,
-            frame_ms: args.vad_frame_ms,
-            pre_roll_ms: args.pre_roll_ms,
-            min_speech_ms: args.min_speech_ms,
-            hangover_ms: args.hangover_ms,
-            tail_pad_ms: args.tail_pad_ms,
-            max_segment_ms: (args.max_segment * 1000.0) as u32,
-            partial_interval_ms: (args.partial_interval * 1000.0) as u32,
-        },
+        tracker: args.stream.tracker_config(),
         stats_interval: (args.stats_interval > 0.0)
             .then(|| std::time::Duration::from_secs_f64(args.stats_interval)),
     };
     let mut sink = StdoutSink::stdout(args.live_format);
     let mut stdout_gone = false;
     let result = run_live(source, recognizer, &opts, stop.clone(), |ev| {
+        if let Some(p) = &publisher {
+            p.publish(crate::server::protocol::LOCAL_STREAM, ev);
+        }
         if stdout_gone {
             return;
         }
@@ -417,6 +474,10 @@ fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
         }
     });
     let _ = sink.finish();
+    // Every local event is published by now; sessions flush, then all close.
+    if let Some(server) = server {
+        server.shutdown();
+    }
     let summary = result?;
     tracing::info!(
         audio_s = summary.stats.audio_seconds,
@@ -426,6 +487,65 @@ fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    args.stream.validate()?;
+    let stop = install_stop_handler()?;
+    let model = crate::model::LoadedModel::load(
+        &global.model,
+        global.compute,
+        global.dtype.map(ComputeDType::dtype),
+        global.decoder_weights,
+    )?;
+    let config = server_config(&args.addr, global, &args.server, &args.stream);
+    let token = args.server.token.is_some();
+    let summary = crate::server::run_serve(config, model, stop, |addr| announce(addr, token))?;
+    if summary.unflushed_sessions > 0 {
+        anyhow::bail!(
+            "{} session(s) had not flushed their last segment at shutdown",
+            summary.unflushed_sessions
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Tells the user (and scripts, which parse the `listening on` line) where
+/// the server is.
+fn announce(addr: std::net::SocketAddr, token: bool) {
+    let hint = if token { "?token=…" } else { "" };
+    eprintln!(
+        "listening on ws://{addr} (captions page http://{addr}/{hint}, subscribe {}, audio in {})",
+        crate::server::protocol::SUBSCRIBE_PATH,
+        crate::server::protocol::AUDIO_PATH
+    );
+}
+
+fn server_config(
+    addr: &str,
+    global: &GlobalArgs,
+    server: &ServerArgs,
+    stream: &StreamArgs,
+) -> crate::server::ServerConfig {
+    crate::server::ServerConfig {
+        addr: addr.to_string(),
+        token: server.token.clone(),
+        insecure: server.insecure,
+        allowed_origins: server.allow_origin.clone(),
+        limits: crate::server::Limits {
+            max_sessions: server.max_sessions,
+            max_subscribers: server.max_subscribers,
+            max_message_bytes: server.max_message_bytes,
+            subscriber_queue: server.subscriber_queue,
+        },
+        tracker: stream.tracker_config(),
+        recognizer: stream.recognizer_options(),
+        // A directory shows as its last component, a cache name as itself.
+        model_name: std::path::Path::new(&global.model).file_name().map_or_else(
+            || global.model.clone(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
+    }
+}
+
 fn parse_vad_frame_ms(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(ms @ (10 | 20 | 30)) => Ok(ms),
@@ -433,15 +553,37 @@ fn parse_vad_frame_ms(s: &str) -> Result<u32, String> {
     }
 }
 
-fn recognizer_options(args: &LiveArgs) -> crate::model::RecognizerOptions {
-    use crate::model::step_audio2::prompt::SystemPrompt;
-    crate::model::RecognizerOptions {
-        language: args.lang.clone(),
-        step_audio_prompt: match (&args.prompt, args.lang.as_deref()) {
-            (Some(p), _) => SystemPrompt::Custom(p.clone()),
-            (None, Some("en")) => SystemPrompt::English,
-            (None, _) => SystemPrompt::Chinese,
-        },
-        step_audio_max_context: args.max_context,
+impl StreamArgs {
+    fn validate(&self) -> anyhow::Result<()> {
+        if !(self.partial_interval > 0.0 && self.max_segment > 1.0) {
+            anyhow::bail!("--partial-interval must be positive and --max-segment over 1 s");
+        }
+        Ok(())
+    }
+
+    fn tracker_config(&self) -> crate::stream::tracker::TrackerConfig {
+        crate::stream::tracker::TrackerConfig {
+            vad_mode: self.vad_mode,
+            frame_ms: self.vad_frame_ms,
+            pre_roll_ms: self.pre_roll_ms,
+            min_speech_ms: self.min_speech_ms,
+            hangover_ms: self.hangover_ms,
+            tail_pad_ms: self.tail_pad_ms,
+            max_segment_ms: (self.max_segment * 1000.0) as u32,
+            partial_interval_ms: (self.partial_interval * 1000.0) as u32,
+        }
+    }
+
+    fn recognizer_options(&self) -> crate::model::RecognizerOptions {
+        use crate::model::step_audio2::prompt::SystemPrompt;
+        crate::model::RecognizerOptions {
+            language: self.lang.clone(),
+            step_audio_prompt: match (&self.prompt, self.lang.as_deref()) {
+                (Some(p), _) => SystemPrompt::Custom(p.clone()),
+                (None, Some("en")) => SystemPrompt::English,
+                (None, _) => SystemPrompt::Chinese,
+            },
+            step_audio_max_context: self.max_context,
+        }
     }
 }

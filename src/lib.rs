@@ -13,5 +13,6 @@ pub mod eval;
 pub mod frontend;
 pub mod model;
 pub mod output;
+pub mod server;
 pub mod stream;
 pub mod transcribe;

@@ -1,0 +1,487 @@
+//! Audio-in sessions: a client sends `start`, binary audio frames and `end`,
+//! and gets its own transcript events back.
+//!
+//! Each session runs its own [`StreamTracker`] (VAD, segmenter, incremental
+//! mel) in its connection task; that work is small and bounded per frame.
+//! Segment updates go to the shared model worker, and the events it returns
+//! arrive on a channel the task selects on next to the socket, so the task
+//! never waits for the model: a busy model delays transcripts, not I/O.
+//!
+//! The worker keeps at most one partial per segment queued, so a session's
+//! queue is essentially its finals not yet decoded. Only when that backlog
+//! passes [`MAX_PENDING_UPDATES`] (minutes of speech: a client sending far
+//! faster than real time, or a model far too slow for the load) does the
+//! task stop reading that client's audio until the worker catches up; TCP
+//! flow control then slows the client. Its events keep flowing meanwhile,
+//! and other sessions are not affected. Below that, audio is always read at
+//! once, so pings and closes are answered however busy the model is.
+
+use super::protocol::{self, close, ClientMessage, ErrorCode, ProtocolError, ServerMessage, Start};
+use super::subscribers::{close_message, send_with_timeout, Hub};
+use super::worker::{SessionId, SessionModel, SessionModelStats, WorkerEvent, WorkerMsg};
+use crate::audio::resample::{downmix, StreamResampler};
+use crate::audio::MODEL_SAMPLE_RATE;
+use crate::model::RecognizerOptions;
+use crate::stream::events::{Event, Stats};
+use crate::stream::tracker::{StreamTracker, TrackerConfig, TrackerOutput};
+use crate::stream::usage::ProcessUsage;
+use crossbeam_channel::Sender;
+use futures_util::{Sink, StreamExt};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+/// Updates of one session the worker may hold before the session stops
+/// reading audio. Each holds its segment's mel (≤ 15 s: 480 KB for 80
+/// bins), so this bounds a session's backlog to about 30 MB.
+pub const MAX_PENDING_UPDATES: usize = 64;
+/// How often a paused session looks whether the worker caught up.
+const BACKPRESSURE_POLL: Duration = Duration::from_millis(20);
+
+/// What every session needs from the server.
+pub struct SessionEnv {
+    pub worker: Sender<WorkerMsg>,
+    pub hub: Arc<Hub>,
+    pub tracker: TrackerConfig,
+    pub recognizer: RecognizerOptions,
+}
+
+/// The client side of a session: sends fail softly, and after the first
+/// failure nothing more is sent (the session still finishes its work).
+struct Client<T> {
+    tx: T,
+    open: bool,
+}
+
+impl<T: Sink<Message> + Unpin> Client<T> {
+    async fn send(&mut self, msg: Message) {
+        if self.open && send_with_timeout(&mut self.tx, msg).await.is_err() {
+            tracing::debug!("audio client stopped reading");
+            self.open = false;
+        }
+    }
+
+    async fn text(&mut self, text: String) {
+        self.send(Message::text(text)).await
+    }
+
+    async fn error(&mut self, e: &ProtocolError) {
+        self.text(protocol::error_json(e.code, &e.message)).await
+    }
+
+    async fn close(&mut self, code: CloseCode, reason: &str) {
+        self.send(close_message(code, reason)).await;
+        self.open = false;
+    }
+}
+
+/// Resolves once the server starts shutting down.
+pub(crate) async fn shutting_down(rx: &mut watch::Receiver<bool>) {
+    // An error means the server is gone, which is a shutdown too.
+    let _ = rx.wait_for(|&s| s).await;
+}
+
+/// Why reading stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    /// The client sent `end`.
+    End,
+    /// The client closed or the connection broke: flush, but nobody to tell.
+    Gone,
+    Shutdown,
+    TooBig,
+    /// The model worker is gone.
+    Internal,
+}
+
+struct Opened {
+    start: Start,
+    model: SessionModel,
+    events: mpsc::UnboundedReceiver<WorkerEvent>,
+    pending: Arc<AtomicUsize>,
+}
+
+/// Runs one audio-in connection to its end.
+pub async fn serve_session<S>(
+    ws: WebSocketStream<S>,
+    env: Arc<SessionEnv>,
+    id: SessionId,
+    hello: String,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (tx, mut rx) = ws.split();
+    let mut client = Client { tx, open: true };
+    client.text(hello).await;
+    let Some(opened) = await_start(&mut client, &mut rx, &env, id, &mut shutdown).await else {
+        return;
+    };
+    let Opened {
+        start,
+        model,
+        mut events,
+        pending,
+    } = opened;
+    let stream_name = format!("s{id}");
+    let tracker_cfg = TrackerConfig {
+        vad_mode: start.vad_mode.unwrap_or(env.tracker.vad_mode),
+        ..env.tracker.clone()
+    };
+    let mut tracker =
+        match StreamTracker::new(&tracker_cfg, model.frontend, model.max_segment_seconds) {
+            Ok(t) => t,
+            Err(e) => {
+                let e = ProtocolError::new(ErrorCode::BadStart, e.to_string());
+                client.error(&e).await;
+                client.close(close::INTERNAL, "cannot set up the VAD").await;
+                let _ = env.worker.send(WorkerMsg::Close { id });
+                return;
+            }
+        };
+    let mut resampler = if start.sample_rate == MODEL_SAMPLE_RATE {
+        None
+    } else {
+        match StreamResampler::new(start.sample_rate, MODEL_SAMPLE_RATE) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                let e = ProtocolError::new(ErrorCode::BadStart, e.to_string());
+                client.error(&e).await;
+                client
+                    .close(close::INTERNAL, "cannot set up the resampler")
+                    .await;
+                let _ = env.worker.send(WorkerMsg::Close { id });
+                return;
+            }
+        }
+    };
+    tracing::info!(session = id, rate = start.sample_rate, channels = start.channels, publish = start.publish, model = %model.name, "audio session started");
+    client
+        .text(
+            ServerMessage::Started {
+                protocol: protocol::PROTOCOL_VERSION,
+                session: &stream_name,
+                sample_rate: start.sample_rate,
+                channels: start.channels,
+                format: start.format,
+                publish: start.publish,
+            }
+            .to_json(),
+        )
+        .await;
+
+    let mut out = Output {
+        client,
+        hub: start.publish.then(|| env.hub.clone()),
+        stream: stream_name,
+        segments: 0,
+        finals: 0,
+    };
+    let started = Instant::now();
+    let cpu_at_start = ProcessUsage::read().cpu_seconds;
+    let mut samples_16k: u64 = 0;
+    let mut interleaved = Vec::new();
+    let mut outputs = Vec::new();
+    let forward = |outputs: &mut Vec<TrackerOutput>, updates: &mut Vec<WorkerMsg>| {
+        let mut evs = Vec::new();
+        for o in outputs.drain(..) {
+            match o {
+                TrackerOutput::Event(ev) => evs.push(ev),
+                TrackerOutput::Update(update) => {
+                    pending.fetch_add(1, Ordering::Relaxed);
+                    updates.push(WorkerMsg::Update { id, update });
+                }
+                TrackerOutput::Resume { segment } => {
+                    updates.push(WorkerMsg::Resume { id, segment })
+                }
+            }
+        }
+        evs
+    };
+    let mut updates = Vec::new();
+
+    let ending = loop {
+        let reading = pending.load(Ordering::Relaxed) < MAX_PENDING_UPDATES;
+        tokio::select! {
+            msg = rx.next(), if reading => {
+                let msg = match msg {
+                    None | Some(Ok(Message::Close(_))) => break Ending::Gone,
+                    Some(Err(WsError::Capacity(e))) => {
+                        let e = ProtocolError::new(ErrorCode::MessageTooBig, e.to_string());
+                        out.client.error(&e).await;
+                        break Ending::TooBig;
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(session = id, "audio connection failed: {e}");
+                        break Ending::Gone;
+                    }
+                    Some(Ok(m)) => m,
+                };
+                match msg {
+                    Message::Binary(bytes) => {
+                        if let Err(e) = protocol::decode_audio(&bytes, start.format, start.channels, &mut interleaved) {
+                            out.client.error(&e).await;
+                            continue;
+                        }
+                        let mono = downmix(&interleaved, start.channels as usize);
+                        let samples = match &mut resampler {
+                            Some(r) => match r.push(&mono) {
+                                Ok(s) => s,
+                                Err(e) => {
+                                    tracing::error!(session = id, "resampler failed: {e}");
+                                    break Ending::Internal;
+                                }
+                            },
+                            None => mono,
+                        };
+                        samples_16k += samples.len() as u64;
+                        tracker.push(&samples, Instant::now(), &mut outputs);
+                        let evs = forward(&mut outputs, &mut updates);
+                        if !send_all(&env.worker, &mut updates) {
+                            break Ending::Internal;
+                        }
+                        for ev in evs {
+                            out.deliver(ev).await;
+                        }
+                    }
+                    Message::Text(text) => match protocol::parse_client_message(&text) {
+                        Ok(ClientMessage::End) => break Ending::End,
+                        Ok(ClientMessage::Start(_)) => {
+                            let e = ProtocolError::new(ErrorCode::AlreadyStarted, "this session is already started");
+                            out.client.error(&e).await;
+                        }
+                        Err(e) => out.client.error(&e).await,
+                    },
+                    // Pings are answered by tungstenite itself.
+                    _ => {}
+                }
+            }
+            ev = events.recv() => match ev {
+                Some(ev) => {
+                    if out.worker_event(ev).await.is_some() {
+                        tracing::error!(session = id, "worker closed the session early");
+                        break Ending::Internal;
+                    }
+                }
+                None => break Ending::Internal,
+            },
+            _ = shutting_down(&mut shutdown) => break Ending::Shutdown,
+            _ = tokio::time::sleep(BACKPRESSURE_POLL), if !reading => {}
+        }
+    };
+
+    // Finish the stream whatever ended it: the open segment becomes final
+    // and reaches the client (if still there) and subscribers.
+    if ending != Ending::Internal {
+        if let Some(r) = &mut resampler {
+            if let Ok(rest) = r.flush() {
+                samples_16k += rest.len() as u64;
+                tracker.push(&rest, Instant::now(), &mut outputs);
+            }
+        }
+        tracker.finish(&mut outputs);
+    }
+    let evs = forward(&mut outputs, &mut updates);
+    updates.push(WorkerMsg::Close { id });
+    let worker_alive = ending != Ending::Internal && send_all(&env.worker, &mut updates);
+    for ev in evs {
+        out.deliver(ev).await;
+    }
+    let mut model_stats = SessionModelStats::default();
+    if worker_alive {
+        while let Some(ev) = events.recv().await {
+            if let Some(stats) = out.worker_event(ev).await {
+                model_stats = stats;
+                break;
+            }
+        }
+    }
+    let audio_seconds = samples_16k as f64 / MODEL_SAMPLE_RATE as f64;
+    let wall = started.elapsed().as_secs_f64();
+    let usage = ProcessUsage::read();
+    let stats = Stats {
+        audio_seconds,
+        wall_seconds: wall,
+        dropped_samples: 0,
+        overflow_events: 0,
+        skipped_partials: model_stats.skipped_partials,
+        segments: out.segments,
+        finals: out.finals,
+        model_rtf: if audio_seconds > 0.0 {
+            model_stats.model_time.as_secs_f64() / audio_seconds
+        } else {
+            0.0
+        },
+        cpu_percent: if wall > 0.0 {
+            (usage.cpu_seconds - cpu_at_start) / wall * 100.0
+        } else {
+            0.0
+        },
+        rss_mb: usage.rss_mb,
+        peak_rss_mb: usage.peak_rss_mb,
+    };
+    out.deliver(Event::Stats(stats)).await;
+    tracing::info!(
+        session = id,
+        ?ending,
+        audio_s = audio_seconds,
+        finals = out.finals,
+        "audio session ended"
+    );
+    match ending {
+        Ending::End => out.client.close(close::NORMAL, "session ended").await,
+        Ending::Shutdown => {
+            out.client
+                .close(close::GOING_AWAY, "server shutting down")
+                .await
+        }
+        Ending::TooBig => out.client.close(close::TOO_BIG, "message too big").await,
+        Ending::Internal => {
+            out.client
+                .close(close::INTERNAL, "model worker failed")
+                .await
+        }
+        Ending::Gone => {}
+    }
+}
+
+/// Hands queued messages to the worker; false if it is gone.
+fn send_all(worker: &Sender<WorkerMsg>, updates: &mut Vec<WorkerMsg>) -> bool {
+    updates.drain(..).all(|m| worker.send(m).is_ok())
+}
+
+/// Waits for a valid `start` and a recogniser for it; `None` when the
+/// connection ends first.
+async fn await_start<T, R>(
+    client: &mut Client<T>,
+    rx: &mut R,
+    env: &SessionEnv,
+    id: SessionId,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Opened>
+where
+    T: Sink<Message> + Unpin,
+    R: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    loop {
+        let msg = tokio::select! {
+            m = rx.next() => m,
+            _ = shutting_down(shutdown) => {
+                client.close(close::GOING_AWAY, "server shutting down").await;
+                return None;
+            }
+        };
+        let text = match msg {
+            None | Some(Ok(Message::Close(_))) => return None,
+            Some(Err(WsError::Capacity(e))) => {
+                let e = ProtocolError::new(ErrorCode::MessageTooBig, e.to_string());
+                client.error(&e).await;
+                client.close(close::TOO_BIG, "message too big").await;
+                return None;
+            }
+            Some(Err(_)) => return None,
+            Some(Ok(Message::Binary(_))) => {
+                let e = ProtocolError::new(
+                    ErrorCode::NotStarted,
+                    "audio before `start`; frame dropped",
+                );
+                client.error(&e).await;
+                continue;
+            }
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(_)) => continue,
+        };
+        let start = match protocol::parse_client_message(&text) {
+            Ok(ClientMessage::Start(s)) => s,
+            Ok(ClientMessage::End) => {
+                client.close(close::NORMAL, "ended before start").await;
+                return None;
+            }
+            Err(e) => {
+                client.error(&e).await;
+                continue;
+            }
+        };
+        let mut options = env.recognizer.clone();
+        if let Some(lang) = &start.language {
+            options.language = Some(lang.clone());
+        }
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let open = WorkerMsg::Open {
+            id,
+            options,
+            events: events_tx,
+            pending: pending.clone(),
+        };
+        if env.worker.send(open).is_err() {
+            client.close(close::INTERNAL, "model worker failed").await;
+            return None;
+        }
+        match events.recv().await {
+            Some(WorkerEvent::Opened(Ok(model))) => {
+                return Some(Opened {
+                    start,
+                    model,
+                    events,
+                    pending,
+                })
+            }
+            Some(WorkerEvent::Opened(Err(m))) => {
+                let e = ProtocolError::new(
+                    ErrorCode::BadStart,
+                    format!("cannot start a recogniser with these options: {m}"),
+                );
+                client.error(&e).await;
+            }
+            _ => {
+                client.close(close::INTERNAL, "model worker failed").await;
+                return None;
+            }
+        }
+    }
+}
+
+/// Where a session's events go: its client and, if it publishes, the subscribers.
+struct Output<T> {
+    client: Client<T>,
+    hub: Option<Arc<Hub>>,
+    stream: String,
+    segments: u64,
+    finals: u64,
+}
+
+impl<T: Sink<Message> + Unpin> Output<T> {
+    async fn deliver(&mut self, ev: Event) {
+        match ev {
+            Event::SpeechStart { .. } => self.segments += 1,
+            Event::Final { .. } => self.finals += 1,
+            _ => {}
+        }
+        if let Some(hub) = &self.hub {
+            hub.publish(&self.stream, &ev);
+        }
+        self.client.text(ev.to_json()).await;
+    }
+
+    /// Delivers a worker event; returns the model stats once the worker has
+    /// closed the session.
+    async fn worker_event(&mut self, ev: WorkerEvent) -> Option<SessionModelStats> {
+        match ev {
+            WorkerEvent::Event(ev) => self.deliver(ev).await,
+            WorkerEvent::ModelError(m) => {
+                self.client
+                    .error(&ProtocolError::new(ErrorCode::ModelError, m))
+                    .await
+            }
+            WorkerEvent::Closed(stats) => return Some(stats),
+            WorkerEvent::Opened(_) => {}
+        }
+        None
+    }
+}
