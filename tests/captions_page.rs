@@ -186,21 +186,33 @@ impl Cdp {
     }
 
     async fn eval(&mut self, expression: &str) -> Value {
+        self.try_eval(expression)
+            .await
+            .unwrap_or_else(|r| panic!("{expression}: {r}"))
+    }
+
+    /// The value, or the whole answer when the expression threw.
+    async fn try_eval(&mut self, expression: &str) -> Result<Value, Value> {
         let r = self
             .call(
                 "Runtime.evaluate",
                 json!({"expression": expression, "returnByValue": true}),
             )
             .await;
-        assert!(r.get("exceptionDetails").is_none(), "{expression}: {r}");
-        r["result"]["value"].clone()
+        match r.get("exceptionDetails") {
+            Some(_) => Err(r),
+            None => Ok(r["result"]["value"].clone()),
+        }
     }
 
     /// Evaluates `expression` until `ok` holds for its value.
     async fn wait_for(&mut self, expression: &str, ok: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let v = self.eval(expression).await;
+            // While the page is still loading (no body yet, or a navigation
+            // replacing the context) the expression may throw: that is "not
+            // yet", not a failure, until the deadline.
+            let v = self.try_eval(expression).await.unwrap_or_else(|r| r);
             if ok(&v) {
                 return v;
             }
