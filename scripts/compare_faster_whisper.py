@@ -190,7 +190,7 @@ def main() -> None:
         assert abs(rescored - report["rate"]) < 1e-12, (rescored, report["rate"])
         return {
             "system": "stepaudio-live (candle)", "model": name,
-            "compute_type": "float32 (weights as stored, computed in f32)", "wer": report["rate"],
+            "compute_type": "f32 (int8 decode-step weights, f32 logits refined for the top 32)", "wer": report["rate"],
             "model_load_s": report["model_load_s"], "transcribe_s": report["transcribe_s"],
             "audio_s": report["audio_s"], "rtf": report["rtf"], "peak_rss_mb": peak / 2**20,
             "process_wall_s": wall,

@@ -429,12 +429,7 @@ fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
     };
     args.stream.validate()?;
     let stop = install_stop_handler()?;
-    let model = crate::model::LoadedModel::load(
-        &global.model,
-        global.compute,
-        global.dtype.map(ComputeDType::dtype),
-        global.decoder_weights,
-    )?;
+    let model = load_model(global)?;
     let recognizer = model.recognizer(&args.stream.recognizer_options())?;
     // The server starts before the source, so that subscribers can join
     // before the first word.
@@ -487,15 +482,19 @@ fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> {
-    args.stream.validate()?;
-    let stop = install_stop_handler()?;
-    let model = crate::model::LoadedModel::load(
+fn load_model(global: &GlobalArgs) -> anyhow::Result<crate::model::LoadedModel> {
+    Ok(crate::model::LoadedModel::load(
         &global.model,
         global.compute,
         global.dtype.map(ComputeDType::dtype),
         global.decoder_weights,
-    )?;
+    )?)
+}
+
+fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    args.stream.validate()?;
+    let stop = install_stop_handler()?;
+    let model = load_model(global)?;
     let config = server_config(&args.addr, global, &args.server, &args.stream);
     let token = args.server.token.is_some();
     let summary = crate::server::run_serve(config, model, stop, |addr| announce(addr, token))?;
