@@ -125,7 +125,7 @@ pub struct StreamArgs {
     #[arg(long, default_value_t = 0.5)]
     pub partial_interval: f64,
     /// Step-Audio 2 system prompt (default: the Chinese ASR prompt; `--lang en` the English one).
-    #[arg(long = "asr-prompt")]
+    #[arg(long = "asr-prompt", visible_alias = "prompt")]
     pub prompt: Option<String>,
     /// Step-Audio 2: restart from the system prompt when the context passes this many tokens.
     #[arg(long, default_value_t = 4096)]

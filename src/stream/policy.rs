@@ -40,6 +40,15 @@ impl StablePrefix {
                 }
                 end -= 1;
             }
+            // Hold back the last agreed word: two hypotheses half a second
+            // apart often agree on a wrong last word that more audio would
+            // fix, and committed words are forced into every later decode.
+            if end > before {
+                end = (before + 1..end)
+                    .rev()
+                    .find(|&i| starts_word(hypothesis[i]))
+                    .unwrap_or(before);
+            }
             if end > before {
                 self.committed.extend_from_slice(&hypothesis[before..end]);
             }
@@ -59,30 +68,33 @@ mod tests {
     }
 
     #[test]
-    fn commits_the_agreed_prefix_up_to_a_word_boundary() {
+    fn commits_the_agreed_prefix_up_to_a_word_boundary_but_the_last_word() {
         let mut p = StablePrefix::new();
         assert_eq!(
             p.update(&[100, 1, 101, 102], word),
             0,
             "one hypothesis is not agreement"
         );
-        // Agree on [100, 1, 101]; next tokens 102 / 103 both start words.
-        assert_eq!(p.update(&[100, 1, 101, 103, 2], word), 3);
-        assert_eq!(p.committed(), &[100, 1, 101]);
-        // Agreement up to [.., 103, 2] but 2 then 4 continue a word: back off to before 103.
+        // Agree on the words [100, 1] [101]; the last agreed word is held back.
+        assert_eq!(p.update(&[100, 1, 101, 103, 2], word), 2);
+        assert_eq!(p.committed(), &[100, 1]);
+        // Agreement up to [.., 103, 2] but 2 then 4 continue a word: back off
+        // to before 103, then hold back 101.
         assert_eq!(p.update(&[100, 1, 101, 103, 2, 4], word), 0);
         // The previous hypothesis ended inside that word: still nothing new.
         assert_eq!(p.update(&[100, 1, 101, 103, 2, 4, 105], word), 0);
-        assert_eq!(p.update(&[100, 1, 101, 103, 2, 4, 105, 106], word), 3);
-        assert_eq!(p.committed(), &[100, 1, 101, 103, 2, 4]);
+        // Agreed through [103, 2, 4]: 101 is committed, [103, 2, 4] held back.
+        assert_eq!(p.update(&[100, 1, 101, 103, 2, 4, 105, 106], word), 1);
+        assert_eq!(p.committed(), &[100, 1, 101]);
     }
 
     #[test]
     fn never_commits_the_last_token_of_a_hypothesis() {
         let mut p = StablePrefix::new();
-        p.update(&[100, 101], word);
-        // Identical hypotheses: the final word may still grow, so it stays open.
-        assert_eq!(p.update(&[100, 101], word), 1);
+        p.update(&[100, 101, 102], word);
+        // Identical hypotheses: the final word may still grow, so it stays
+        // open, and the word before it is held back.
+        assert_eq!(p.update(&[100, 101, 102], word), 1);
         assert_eq!(p.committed(), &[100]);
     }
 }
