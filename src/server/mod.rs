@@ -469,7 +469,7 @@ async fn handle_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<
 async fn serve_audio(mut ws: WebSocketStream<TcpStream>, peer: SocketAddr, shared: &Arc<Shared>) {
     use futures_util::SinkExt;
     let max = shared.config.limits.max_sessions;
-    let Some(_guard) = shared.session_tasks.try_enter(max) else {
+    let Some(slot) = shared.session_tasks.try_enter(max) else {
         tracing::info!(%peer, "audio session refused: {max} sessions open");
         let msg = format!("{max} sessions are open, the limit; try again later");
         let _ = ws
@@ -492,6 +492,7 @@ async fn serve_audio(mut ws: WebSocketStream<TcpStream>, peer: SocketAddr, share
         id,
         hello(shared, protocol::AUDIO_PATH),
         shared.shutdown.clone(),
+        slot,
     )
     .await;
 }

@@ -107,12 +107,16 @@ struct Opened {
 }
 
 /// Runs one audio-in connection to its end.
-pub async fn serve_session<S>(
+/// `slot` (the session's place under the session limit) is released once
+/// the session's last event is sent, before the close handshake, so a client
+/// that has seen the close may open its next session at once.
+pub async fn serve_session<S, Slot>(
     ws: WebSocketStream<S>,
     env: Arc<SessionEnv>,
     id: SessionId,
     hello: String,
     mut shutdown: watch::Receiver<bool>,
+    slot: Slot,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -333,6 +337,7 @@ pub async fn serve_session<S>(
         finals = out.finals,
         "audio session ended"
     );
+    drop(slot);
     match ending {
         Ending::End => out.client.close(close::NORMAL, "session ended").await,
         Ending::Shutdown => {
