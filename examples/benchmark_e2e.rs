@@ -31,7 +31,8 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use stepaudio_live::audio::wav::read_wav_16k_mono;
-use stepaudio_live::device::{select_device, DeviceChoice};
+use stepaudio_live::cli::ComputeDType;
+use stepaudio_live::device::{default_dtype, select_device, DeviceChoice};
 use stepaudio_live::frontend::{LogMel, MelExtractor, SAMPLE_RATE, STEP_AUDIO_TAIL_PADDING};
 use stepaudio_live::model::fast::{self, FastPaths};
 use stepaudio_live::model::hub::resolve_model;
@@ -68,8 +69,8 @@ struct Args {
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
     /// f32, f16 or bf16 (Step-Audio 2; default bf16 on a GPU, f32 on the CPU).
-    #[arg(long)]
-    dtype: Option<String>,
+    #[arg(long, value_enum)]
+    dtype: Option<ComputeDType>,
     /// Greedy steps per clip (Step-Audio 2; EOT does not stop them: random weights).
     #[arg(long, default_value_t = 32)]
     tokens: usize,
@@ -235,17 +236,6 @@ fn whisper(args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn parse_dtype(s: Option<&str>, device: &Device) -> Result<DType> {
-    Ok(match s {
-        None if device.is_cpu() => DType::F32,
-        None => DType::BF16,
-        Some("f32") => DType::F32,
-        Some("f16") => DType::F16,
-        Some("bf16") => DType::BF16,
-        Some(other) => bail!("unknown dtype {other} (f32, f16, bf16)"),
-    })
-}
-
 struct MemWatch {
     device: Device,
     peak: usize,
@@ -264,7 +254,9 @@ fn step_audio2(args: &Args) -> Result<()> {
         bail!("--arch step-audio-2-mini needs --random-weights (no checkpoint here)");
     }
     let device = select_device(args.device)?;
-    let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
+    let dtype = args
+        .dtype
+        .map_or_else(|| default_dtype(&device), ComputeDType::dtype);
     let mut mem = MemWatch {
         device: device.clone(),
         peak: 0,

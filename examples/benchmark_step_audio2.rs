@@ -19,7 +19,8 @@ use candle_core::{DType, Device};
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use stepaudio_live::device::{select_device, DeviceChoice};
+use stepaudio_live::cli::ComputeDType;
+use stepaudio_live::device::{default_dtype, select_device, DeviceChoice};
 use stepaudio_live::frontend::{LogMel, MelExtractor, SAMPLE_RATE};
 use stepaudio_live::model::step_audio2::config::StepAudio2Config;
 use stepaudio_live::model::step_audio2::load::{load_step_audio2, random_weights};
@@ -54,8 +55,8 @@ struct Args {
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
     /// f32, f16 or bf16; default bf16 on a GPU, f32 on the CPU.
-    #[arg(long)]
-    dtype: Option<String>,
+    #[arg(long, value_enum)]
+    dtype: Option<ComputeDType>,
     /// WAV file, any rate and channels (default: the shared 7.1 s English clip).
     #[arg(long)]
     wav: Option<PathBuf>,
@@ -82,17 +83,6 @@ fn default_wav() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_path("../shared/eval/speech"));
     dir.join("en_ps_librivox_0870.wav")
-}
-
-fn parse_dtype(s: Option<&str>, device: &Device) -> Result<DType> {
-    Ok(match s {
-        None if device.is_cpu() => DType::F32,
-        None => DType::BF16,
-        Some("f32") => DType::F32,
-        Some("f16") => DType::F16,
-        Some("bf16") => DType::BF16,
-        Some(other) => bail!("unknown dtype {other} (f32, f16, bf16)"),
-    })
 }
 
 fn build(args: &Args, device: &Device, dtype: DType) -> Result<StepAudio2> {
@@ -173,7 +163,9 @@ fn main() -> Result<()> {
         .init();
     let args = Args::parse();
     let device = select_device(args.device)?;
-    let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
+    let dtype = args
+        .dtype
+        .map_or_else(|| default_dtype(&device), ComputeDType::dtype);
     let wav = args.wav.clone().unwrap_or_else(default_wav);
     let audio = stepaudio_live::audio::wav::read_wav_16k_mono(&wav)
         .with_context(|| format!("reading {}", wav.display()))?;

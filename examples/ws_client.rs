@@ -108,7 +108,16 @@ fn show(cli: &Cli, text: &str) -> Option<Value> {
 
 async fn subscribe(cli: &Cli) -> anyhow::Result<()> {
     let mut ws = connect(cli, "/v1/subscribe").await?;
-    while let Some(msg) = ws.next().await {
+    print_until_close(cli, &mut ws).await
+}
+
+/// Shows every event until the server closes the connection.
+async fn print_until_close<S>(cli: &Cli, incoming: &mut S) -> anyhow::Result<()>
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+        + Unpin,
+{
+    while let Some(msg) = incoming.next().await {
         match msg? {
             Message::Text(t) => {
                 show(cli, &t);
@@ -189,18 +198,7 @@ async fn stream(
         tx.send(Message::text(r#"{"type":"end"}"#)).await?;
         anyhow::Ok(tx)
     });
-    while let Some(msg) = rx.next().await {
-        match msg? {
-            Message::Text(t) => {
-                show(cli, &t);
-            }
-            Message::Close(frame) => {
-                eprintln!("closed: {frame:?}");
-                break;
-            }
-            _ => {}
-        }
-    }
+    print_until_close(cli, &mut rx).await?;
     drop(sender.await??);
     Ok(())
 }

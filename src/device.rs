@@ -24,6 +24,16 @@ pub enum DeviceError {
     },
 }
 
+/// The compute type used when none is asked for: f32 on the CPU (no fast
+/// half-precision matmuls there), bf16 on a GPU.
+pub fn default_dtype(device: &Device) -> candle_core::DType {
+    if device.is_cpu() {
+        candle_core::DType::F32
+    } else {
+        candle_core::DType::BF16
+    }
+}
+
 pub fn select_device(choice: DeviceChoice) -> Result<Device, DeviceError> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),

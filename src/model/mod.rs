@@ -156,11 +156,7 @@ impl LoadedModel {
         decoder_weights: whisper::DecoderWeights,
     ) -> Result<Self, anyhow::Error> {
         let device = crate::device::select_device(compute)?;
-        let dtype = dtype.unwrap_or(if device.is_cpu() {
-            candle_core::DType::F32
-        } else {
-            candle_core::DType::BF16
-        });
+        let dtype = dtype.unwrap_or_else(|| crate::device::default_dtype(&device));
         let dir = hub::resolve_model(name_or_dir)?;
         if is_step_audio2_dir(&dir) {
             let sa = step_audio2::load::load_step_audio2(&dir, &device, dtype)?;

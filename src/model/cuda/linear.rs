@@ -94,15 +94,25 @@ fn launch_cfg(n: usize) -> LaunchConfig {
     }
 }
 
-/// `gelu_erf(y + bias)`, `y` `[.., C]`, `bias` `[C]`, in one pass (in place on a copy-free
-/// fresh `y`).
+/// `gelu_erf(y + bias)`, `y` `[.., C]`, `bias` `[C]`, in one pass, in place on `y`
+/// (the fresh output of a GEMM that nothing else shares).
 pub fn bias_gelu(y: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
+    bias_epilogue(y, bias, "bias_gelu_bf16")
+}
+
+/// `y += bias` in place (`y` `[.., C]`, fresh, not shared).
+pub fn bias_add(y: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
+    bias_epilogue(y, bias, "bias_add_bf16")
+}
+
+/// Launches a kernel `(y, bias, n, cols)` that rewrites `y` in place with its bias row.
+fn bias_epilogue(y: &Tensor, bias: &Tensor, kernel: &str) -> Result<Option<Tensor>> {
     let cols = bias.elem_count();
     if !bf16_contiguous(y) || !bf16_contiguous(bias) || y.dims().last() != Some(&cols) {
         return Ok(None);
     }
     let dev = cuda_device(y)?;
-    let f = func(&dev, "bias_gelu_bf16")?;
+    let f = func(&dev, kernel)?;
     let (yp, bp, n, c) = (
         dev_ptr(y)?,
         dev_ptr(bias)?,
@@ -114,28 +124,6 @@ pub fn bias_gelu(y: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
     b.arg(&yp).arg(&bp).arg(&n).arg(&c);
     // SAFETY: y has n elements, bias `cols`; y is written in place (callers pass a tensor
     // that nothing else shares: the fresh output of the GEMM).
-    unsafe { b.launch(launch_cfg(n as usize)) }.w()?;
-    Ok(Some(y.clone()))
-}
-
-/// `y += bias` in place (`y` `[.., C]`, fresh, not shared).
-pub fn bias_add(y: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
-    let cols = bias.elem_count();
-    if !bf16_contiguous(y) || !bf16_contiguous(bias) || y.dims().last() != Some(&cols) {
-        return Ok(None);
-    }
-    let dev = cuda_device(y)?;
-    let f = func(&dev, "bias_add_bf16")?;
-    let (yp, bp, n, c) = (
-        dev_ptr(y)?,
-        dev_ptr(bias)?,
-        y.elem_count() as i64,
-        cols as i32,
-    );
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(&yp).arg(&bp).arg(&n).arg(&c);
-    // SAFETY: y has n elements, bias `cols`.
     unsafe { b.launch(launch_cfg(n as usize)) }.w()?;
     Ok(Some(y.clone()))
 }
