@@ -1,10 +1,53 @@
-//! Accuracy of shorter Whisper encoder windows for short segments: each
-//! English eval file of at most 8 s decoded as one window of W seconds
-//! (audio + silence), W in {4+, 10, 15, 20, 30}; WER and time per W.
+//! Accuracy and cost of encoding less than Whisper's full 30 s window, on
+//! the English eval files of at most `--max-seconds` (default 8 s), each
+//! decoded as one window:
+//! - `window:W` — a shorter window of W s (audio + silence; 0 = the audio
+//!   plus 2 s, rounded up to 2 s), positions from the start of the table;
+//! - `fresh:M` — the full 30 s window, but only the audio's positions plus M
+//!   are computed; the padding's states come from a padding-only window at
+//!   the same level (`WhisperModel::encode_fresh`);
+//! - `full` — the full 30 s window, as offline transcription.
+//!
+//! Usage: `cargo run --release --example context_experiment -- [VARIANT…]`
+//! (default: full window:10 window:20 fresh:0 fresh:25 fresh:50 fresh:100).
 use stepaudio_live::eval::wer::{score, ErrorCounts, Unit};
+use stepaudio_live::frontend::{LogMel, WHISPER_CHUNK_FRAMES};
 use stepaudio_live::model::whisper::decoding::DecodingOptions;
+use stepaudio_live::model::whisper::SilentWindows;
+
+#[derive(Clone, Copy, Debug)]
+enum Variant {
+    Full,
+    Window(usize),
+    Fresh(usize),
+}
+
+fn parse(v: &str) -> anyhow::Result<Variant> {
+    Ok(match v.split_once(':') {
+        None if v == "full" => Variant::Full,
+        Some(("window", w)) => Variant::Window(w.parse()?),
+        Some(("fresh", m)) => Variant::Fresh(m.parse()?),
+        _ => anyhow::bail!("unknown variant {v:?} (full, window:W, fresh:M)"),
+    })
+}
 
 fn main() -> anyhow::Result<()> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut max_seconds = 8.0;
+    if let Some(i) = args.iter().position(|a| a == "--max-seconds") {
+        max_seconds = args.get(i + 1).map_or(Ok(8.0), |v| v.parse())?;
+        args.drain(i..(i + 2).min(args.len()));
+    }
+    if args.is_empty() {
+        args = "full window:10 window:20 fresh:0 fresh:25 fresh:50 fresh:100"
+            .split(' ')
+            .map(String::from)
+            .collect();
+    }
+    let variants = args
+        .iter()
+        .map(|a| parse(a))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let dir = stepaudio_live::model::hub::resolve_model("tiny.en")?;
     let mut model = stepaudio_live::model::whisper::load::load_whisper(
         &dir,
@@ -13,18 +56,18 @@ fn main() -> anyhow::Result<()> {
     )?;
     model.decoder.quantize_for_decoding()?;
     let manifest = std::fs::read_to_string("../shared/eval/speech/manifest.tsv")?;
-    let windows = [0usize, 10, 15, 20, 30];
-    let mut totals = vec![ErrorCounts::default(); windows.len()];
-    let mut times = vec![0f64; windows.len()];
+    let mut totals = vec![ErrorCounts::default(); variants.len()];
+    let mut times = vec![Vec::new(); variants.len()];
     let prompt = model.task_tokens(None, Default::default(), false)?;
     let opts = DecodingOptions {
         timestamps: false,
         max_new_tokens: 96,
         ..Default::default()
     };
+    println!("{:<30} {}", "file", args.join(" "));
     for line in manifest.lines().skip(1) {
         let cols: Vec<&str> = line.split('\t').collect();
-        if cols[2] != "en" || cols[3].parse::<f64>()? > 8.0 {
+        if cols[2] != "en" || cols[3].parse::<f64>()? > max_seconds {
             continue;
         }
         let audio = stepaudio_live::audio::wav::read_wav_16k_mono(std::path::Path::new(&format!(
@@ -32,19 +75,46 @@ fn main() -> anyhow::Result<()> {
             cols[1]
         )))?;
         let mut row = format!("{:<30}", cols[0]);
-        for (i, &w) in windows.iter().enumerate() {
-            // 0: the audio plus 2 s, rounded up to 2 s.
-            let frames = if w == 0 {
-                ((audio.len() / 160 + 200).div_ceil(200) * 200).min(3000)
-            } else {
-                w * 100
-            };
+        for (i, &variant) in variants.iter().enumerate() {
+            let audio_frames = audio.len() / 160;
             let t = std::time::Instant::now();
-            let mel = model.mel.whisper_frames(&audio, frames);
-            let enc = model.encode(&mel)?;
-            let cross = model.cross_attention(&enc)?;
+            let cross = match variant {
+                Variant::Full => model.cross_attention(
+                    &model.encode(&model.mel.whisper_frames(&audio, WHISPER_CHUNK_FRAMES))?,
+                )?,
+                Variant::Window(w) => {
+                    let frames = if w == 0 {
+                        ((audio_frames + 200).div_ceil(200) * 200).min(WHISPER_CHUNK_FRAMES)
+                    } else {
+                        w * 100
+                    };
+                    model.cross_attention(
+                        &model.encode(&model.mel.whisper_frames(&audio, frames))?,
+                    )?
+                }
+                Variant::Fresh(margin) => {
+                    let mut padded = audio.clone();
+                    padded.resize(WHISPER_CHUNK_FRAMES * 160, 0.0);
+                    let raw = model.mel.raw_frames(&padded);
+                    let max = raw.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let key = SilentWindows::level_key(max);
+                    // The padding-only window is made once per level, outside the timing.
+                    model.silent_states(key)?;
+                    let t_fresh = std::time::Instant::now();
+                    let mel = LogMel::from_raw_frames_with_max(
+                        model.config.n_mels,
+                        raw,
+                        SilentWindows::level_max(key),
+                    );
+                    let cross = model.encode_fresh(&mel, audio_frames.div_ceil(2) + margin, key)?;
+                    times[i].push(t_fresh.elapsed().as_secs_f64());
+                    cross
+                }
+            };
+            if !matches!(variant, Variant::Fresh(_)) {
+                times[i].push(t.elapsed().as_secs_f64());
+            }
             let out = model.greedy_decode(&cross, &prompt, 0, &opts)?;
-            times[i] += t.elapsed().as_secs_f64();
             let text = model.tokenizer.decode_text(&out.tokens);
             let c = score(cols[8], &text, Unit::Word);
             row += &format!(" {:>6.2}", c.rate());
@@ -52,11 +122,14 @@ fn main() -> anyhow::Result<()> {
         }
         println!("{row}");
     }
-    for (i, w) in windows.iter().enumerate() {
+    for (i, v) in args.iter().enumerate() {
+        let mut t = times[i].clone();
+        t.sort_by(f64::total_cmp);
         println!(
-            "window {w:>2} s: WER {:.2} %, time {:.1} s",
+            "{v:<10} WER {:>6.2} %, encoder+cross median {:>5.0} ms over {} files",
             100.0 * totals[i].rate(),
-            times[i]
+            1e3 * t.get(t.len() / 2).copied().unwrap_or(0.0),
+            t.len()
         );
     }
     Ok(())

@@ -109,8 +109,8 @@ pub struct StreamArgs {
     /// Silence (ms) that ends a segment.
     #[arg(long, default_value_t = 300)]
     pub hangover_ms: u32,
-    /// Speech (ms) needed to open a segment.
-    #[arg(long, default_value_t = 90)]
+    /// Continuous speech (ms) needed to open a segment (shorter blips, e.g. clicks, are ignored).
+    #[arg(long, default_value_t = 120)]
     pub min_speech_ms: u32,
     /// Audio (ms) kept before the detected speech onset.
     #[arg(long, default_value_t = 200)]
@@ -130,6 +130,11 @@ pub struct StreamArgs {
     /// Step-Audio 2: restart from the system prompt when the context passes this many tokens.
     #[arg(long, default_value_t = 4096)]
     pub max_context: usize,
+    /// Whisper: run the encoder over the whole 30 s window for every decode
+    /// (as offline transcription) instead of only the segment's audio plus
+    /// 2 s, with the padding's states reused from a padding-only window.
+    #[arg(long)]
+    pub full_window: bool,
 }
 
 /// WebSocket server options (`--ws` and `serve`).
@@ -583,6 +588,7 @@ impl StreamArgs {
                 (None, _) => SystemPrompt::Chinese,
             },
             step_audio_max_context: self.max_context,
+            whisper_full_window: self.full_window,
         }
     }
 }

@@ -24,7 +24,7 @@ pub const STEP_AUDIO_TAIL_PADDING: usize = 479;
 /// Step-Audio 2 cuts longer audio into pieces of this many samples.
 pub const STEP_AUDIO_PIECE_SAMPLES: usize = 25 * SAMPLE_RATE;
 
-const LOG10_FLOOR: f32 = -10.0; // log10(1e-10)
+pub const LOG10_FLOOR: f32 = -10.0; // log10(1e-10)
 /// Frames per parallel task of the one-shot computation.
 const FRAMES_PER_TASK: usize = 128;
 
@@ -348,8 +348,14 @@ impl LogMel {
     /// Applies the global clamp and scaling to frame-major raw log10 frames and
     /// transposes them to mel-major.
     pub fn from_raw_frames(n_mels: usize, raw: Vec<f32>) -> Self {
-        let n_frames = raw.len() / n_mels;
         let max = raw.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        Self::from_raw_frames_with_max(n_mels, raw, max)
+    }
+
+    /// As [`LogMel::from_raw_frames`] with the clamp set 8 below `max` rather
+    /// than below the frames' own maximum.
+    pub fn from_raw_frames_with_max(n_mels: usize, raw: Vec<f32>, max: f32) -> Self {
+        let n_frames = raw.len() / n_mels;
         let floor = max - 8.0;
         let mut data = vec![0f32; raw.len()];
         for (t, frame) in raw.chunks_exact(n_mels).enumerate() {

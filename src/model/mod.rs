@@ -127,6 +127,10 @@ pub struct RecognizerOptions {
     pub language: Option<String>,
     pub step_audio_prompt: step_audio2::prompt::SystemPrompt,
     pub step_audio_max_context: usize,
+    /// Whisper: encode the whole 30 s window for every decode instead of
+    /// reusing the padding's states past the audio (see
+    /// `WhisperModel::encode_fresh`).
+    pub whisper_full_window: bool,
 }
 
 impl Default for RecognizerOptions {
@@ -135,6 +139,7 @@ impl Default for RecognizerOptions {
             language: None,
             step_audio_prompt: Default::default(),
             step_audio_max_context: step_audio2::SessionOptions::default().max_context,
+            whisper_full_window: false,
         }
     }
 }
@@ -184,6 +189,7 @@ impl LoadedModel {
                 model.clone(),
                 opts.language.as_deref(),
                 crate::transcribe::Task::Transcribe,
+                !opts.whisper_full_window,
             )?)),
             Self::StepAudio2(sa) => {
                 let session = step_audio2::SessionOptions {

@@ -131,6 +131,38 @@ impl WhisperDecoder {
         }
     }
 
+    /// Cross-attention of a window whose first positions are `fresh`
+    /// `[1, n, d]` and the rest those `silent` was computed from (see
+    /// `WhisperEncoder::forward_fresh`): only the fresh rows are projected.
+    pub fn cross_attention_fresh(
+        &self,
+        fresh: &Tensor,
+        silent: &CrossAttention,
+    ) -> Result<CrossAttention> {
+        let n = fresh.dim(1)?;
+        let own = self.cross_attention(fresh)?;
+        if silent
+            .layers
+            .first()
+            .is_none_or(|(k, _)| k.dim(2).is_ok_and(|t| t <= n))
+        {
+            return Ok(own);
+        }
+        let layers = own
+            .layers
+            .into_iter()
+            .zip(&silent.layers)
+            .map(|((k, v), (sk, sv))| {
+                let rest = sk.dim(2)? - n;
+                Ok((
+                    Tensor::cat(&[&k, &sk.narrow(2, n, rest)?], 2)?,
+                    Tensor::cat(&[&v, &sv.narrow(2, n, rest)?], 2)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(CrossAttention { layers })
+    }
+
     pub fn cross_attention(&self, encoded: &Tensor) -> Result<CrossAttention> {
         let d = encoded.dim(2)?;
         let layers = self

@@ -57,6 +57,7 @@ pub fn load_whisper(dir: &Path, device: &Device, dtype: DType) -> Result<Whisper
         suppress,
         device: device.clone(),
         dtype,
+        silent_windows: Default::default(),
     })
 }
 

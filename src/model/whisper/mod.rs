@@ -11,8 +11,8 @@ pub mod tokens;
 use crate::frontend::MelExtractor;
 use candle_core::{DType, Device, Tensor};
 use decoder::{CrossAttention, WhisperDecoder};
-use encoder::WhisperEncoder;
-use std::sync::Arc;
+use encoder::{SilentWindow, WhisperEncoder};
+use std::sync::{Arc, Mutex};
 use tokens::WhisperTokenizer;
 
 /// Dimensions read off the weights (and config where the weights are silent).
@@ -64,9 +64,90 @@ pub struct WhisperModel {
     pub mel: Arc<MelExtractor>,
     pub device: Device,
     pub dtype: DType,
+    /// Padding-only windows by level, for [`WhisperModel::encode_fresh`].
+    pub silent_windows: SilentWindows,
+}
+
+/// What a window of nothing but padding at one level leaves in the encoder
+/// and in the decoder's cross-attention (≈ 37 MB for tiny).
+pub struct SilentStates {
+    pub encoder: SilentWindow,
+    pub cross: CrossAttention,
+}
+
+/// The padding levels met most recently, at most [`SilentWindows::CAPACITY`].
+#[derive(Default)]
+pub struct SilentWindows {
+    /// (level key, states), most recently used last.
+    entries: Mutex<Vec<(i32, Arc<SilentStates>)>>,
+}
+
+impl SilentWindows {
+    const CAPACITY: usize = 3;
+    /// Levels are the log-mel maximum in steps of this (log10 power).
+    pub const LEVEL_STEP: f32 = 0.25;
+
+    /// The level key of a log-mel maximum.
+    pub fn level_key(max: f32) -> i32 {
+        (max / Self::LEVEL_STEP).round() as i32
+    }
+
+    /// The log-mel maximum a level key stands for.
+    pub fn level_max(key: i32) -> f32 {
+        key as f32 * Self::LEVEL_STEP
+    }
 }
 
 impl WhisperModel {
+    /// The padding-only window states for level `key`, computed (one full
+    /// encoder pass) the first time the level is met.
+    pub fn silent_states(&self, key: i32) -> candle_core::Result<Arc<SilentStates>> {
+        let mut entries = self
+            .silent_windows
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = entries.iter().position(|(k, _)| *k == key) {
+            let entry = entries.remove(i);
+            let states = entry.1.clone();
+            entries.push(entry);
+            return Ok(states);
+        }
+        tracing::debug!(
+            level = SilentWindows::level_max(key),
+            "encoding a padding-only window for a new level"
+        );
+        let n_mels = self.config.n_mels;
+        let frames = 2 * self.config.n_audio_ctx;
+        // The normalised value of a padding frame: (max − 8 + 4) / 4.
+        let value = (SilentWindows::level_max(key) - 4.0) / 4.0;
+        let mel = Tensor::full(value, (1, n_mels, frames), &self.device)?.to_dtype(self.dtype)?;
+        let encoder = self.encoder.silent_window(&mel)?;
+        let cross = self.decoder.cross_attention(&encoder.output)?;
+        let states = Arc::new(SilentStates { encoder, cross });
+        if entries.len() >= SilentWindows::CAPACITY {
+            entries.remove(0);
+        }
+        entries.push((key, states.clone()));
+        Ok(states)
+    }
+
+    /// Encodes a window whose mel frames from `2·fresh` on are padding at
+    /// level `key` (see [`WhisperEncoder::forward_fresh`]) and prepares its
+    /// cross-attention, projecting only the fresh positions.
+    pub fn encode_fresh(
+        &self,
+        mel: &crate::frontend::LogMel,
+        fresh: usize,
+        key: i32,
+    ) -> candle_core::Result<CrossAttention> {
+        let states = self.silent_states(key)?;
+        let t = Tensor::from_slice(&mel.data, (1, mel.n_mels, mel.n_frames), &self.device)?
+            .to_dtype(self.dtype)?;
+        let encoded = self.encoder.forward_fresh(&t, fresh, &states.encoder)?;
+        self.decoder.cross_attention_fresh(&encoded, &states.cross)
+    }
+
     /// Encodes a normalised log-mel and prepares the decoder's cross-attention.
     pub fn encode(&self, mel: &crate::frontend::LogMel) -> candle_core::Result<Tensor> {
         let t = Tensor::from_slice(&mel.data, (1, mel.n_mels, mel.n_frames), &self.device)?

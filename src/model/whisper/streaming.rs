@@ -1,21 +1,32 @@
 //! Whisper as a live [`Recognizer`]: each segment is one window decoded
 //! without timestamps, conditioned on the text of the previous finals.
 //!
-//! The encoder always sees the segment padded with silence to 30 s, as in
-//! training. Shorter windows would cut the encoder's cost for short
-//! segments, but `examples/context_experiment.rs` shows what they do to
-//! tiny.en on the English eval clips of ≤ 8 s: WER 11.4 % at 30 s, 15.2 %
-//! at 20 s, 16.5 % at 15 s, 95.6 % at 10 s and 287 % for the segment plus
-//! 2 s (the decoder loops, repeating the text until its token limit).
+//! The decoder always sees a 30 s window, the segment padded with silence,
+//! as in training: shorter windows wreck tiny.en (`examples/
+//! context_experiment.rs`, English eval clips of ≤ 8 s: WER 11.4 % at 30 s,
+//! 15.2 % at 20 s, 95.6 % at 10 s; the decoder loops). But most of a live
+//! segment's window is padding, and the padding's encoder states hardly
+//! depend on the audio before it. So by default only the audio's positions
+//! plus 2 s are encoded; the rest, and their cross-attention keys and
+//! values, come from a padding-only window at the same level, computed once
+//! per level (`WhisperModel::encode_fresh`). Same clips: identical WER, the
+//! encoder 517 → 139 ms median. `--full-window` turns it off.
 
+use super::decoder::CrossAttention;
 use super::decoding::DecodingOptions;
-use super::WhisperModel;
-use crate::frontend::{LogMel, N_FFT, WHISPER_CHUNK_FRAMES};
+use super::{SilentWindows, WhisperModel};
+use crate::frontend::{LogMel, LOG10_FLOOR, N_FFT, WHISPER_CHUNK_FRAMES};
 use crate::model::recognizer::{FrontendSpec, Hypothesis, Recognizer, SegmentFeatures};
 use crate::model::ModelError;
 use crate::transcribe::Task;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// Encoder positions (2 s) computed past the end of the audio when the
+/// padding's states are reused. With none, tiny.en's streaming WER on the
+/// eval set rose from 12.26 % to 14.76 % (hallucinated "you" on noise);
+/// with 100 (and 250) it was 12.46 %.
+const FRESH_MARGIN: usize = 100;
 
 pub struct WhisperRecognizer {
     model: Arc<WhisperModel>,
@@ -25,6 +36,9 @@ pub struct WhisperRecognizer {
     condition_on_previous: bool,
     no_speech_threshold: f64,
     logprob_threshold: f64,
+    /// Encode only the audio's positions plus this many (see
+    /// [`WhisperModel::encode_fresh`]); `None`: the whole 30 s window.
+    fresh_margin: Option<usize>,
 }
 
 impl WhisperRecognizer {
@@ -32,6 +46,7 @@ impl WhisperRecognizer {
         model: Arc<WhisperModel>,
         language: Option<&str>,
         task: Task,
+        reuse_padding: bool,
     ) -> Result<Self, ModelError> {
         let task_tokens = model.task_tokens(language.or(Some("en")), task, false)?;
         Ok(Self {
@@ -41,17 +56,41 @@ impl WhisperRecognizer {
             condition_on_previous: true,
             no_speech_threshold: 0.6,
             logprob_threshold: -1.0,
+            fresh_margin: reuse_padding.then_some(FRESH_MARGIN),
         })
     }
 
-    fn log_mel(&self, features: &SegmentFeatures) -> LogMel {
+    /// Encodes a segment padded to 30 s and prepares its cross-attention.
+    fn encode(&self, features: &SegmentFeatures) -> Result<CrossAttention, ModelError> {
         let n_mels = features.n_mels;
         let target = WHISPER_CHUNK_FRAMES;
+        let audio_frames = (features.raw_frames.len() / n_mels).min(target);
+        let max = features
+            .raw_frames
+            .iter()
+            .copied()
+            .fold(LOG10_FLOOR, f32::max);
         let mut raw = features.raw_frames.clone();
         // Frames past the audio are silence: log10(1e-10), as the one-shot mel.
-        raw.resize(target * n_mels, -10.0);
+        raw.resize(target * n_mels, LOG10_FLOOR);
         raw.truncate(target * n_mels);
-        LogMel::from_raw_frames(n_mels, raw)
+        let fresh = self
+            .fresh_margin
+            .map(|m| audio_frames.div_ceil(2) + m)
+            .filter(|&f| f < target / 2);
+        match fresh {
+            Some(fresh) => {
+                let key = SilentWindows::level_key(max);
+                let mel =
+                    LogMel::from_raw_frames_with_max(n_mels, raw, SilentWindows::level_max(key));
+                Ok(self.model.encode_fresh(&mel, fresh, key)?)
+            }
+            None => {
+                let mel = LogMel::from_raw_frames_with_max(n_mels, raw, max);
+                let encoded = self.model.encode(&mel)?;
+                Ok(self.model.cross_attention(&encoded)?)
+            }
+        }
     }
 }
 
@@ -81,9 +120,7 @@ impl Recognizer for WhisperRecognizer {
         prefix: &[u32],
     ) -> Result<Hypothesis, ModelError> {
         let t0 = Instant::now();
-        let mel = self.log_mel(features);
-        let encoded = self.model.encode(&mel)?;
-        let cross = self.model.cross_attention(&encoded)?;
+        let cross = self.encode(features)?;
         let encode_time = t0.elapsed();
         let conditioning: &[u32] = if self.condition_on_previous {
             &self.context

@@ -1,0 +1,130 @@
+//! The streaming encoder shortcut (`WhisperModel::encode_fresh`): only the
+//! audio's positions plus a margin are computed; the padding's states come
+//! from a padding-only window at the same level.
+//!
+//! - Exactness of the plumbing: on a window of nothing but padding the
+//!   shortcut must reproduce the full computation (same inputs everywhere).
+//! - The approximation on real speech, against the transformers reference
+//!   fixture (`scripts/reference/make_whisper_fixtures.py`, tiny.en, a 30 s
+//!   window of speech plus padding): the audio's rows within 6 % relative L2
+//!   of the reference's (measured 4.8 %; the exact encoder is within 1e-3
+//!   max abs), and the same greedy transcript as the reference.
+
+mod common;
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use stepaudio_live::model::whisper::decoding::DecodingOptions;
+use stepaudio_live::model::whisper::load::load_whisper;
+
+const MARGIN: usize = 100;
+/// Relative L2 of the audio's rows against the reference's full window
+/// (measured 0.048: what the audio would have changed in the padding's
+/// states, and through them in the audio's, is left out).
+const REL_TOLERANCE: f64 = 0.06;
+
+/// The first `n` positions of `[1, T, d]` or `[T, d]`.
+fn rows(t: &Tensor, n: usize) -> Vec<f32> {
+    let time_dim = t.rank() - 2;
+    to_vec_f32(&t.narrow(time_dim, 0, n).unwrap())
+}
+
+#[test]
+fn padding_only_window_is_reproduced_exactly() {
+    let model = load_whisper(&model_dir("tiny.en"), &Device::Cpu, DType::F32).unwrap();
+    let mel = Tensor::full(-0.6f32, (1, 80, 3000), &Device::Cpu).unwrap();
+    let silent = model.encoder.silent_window(&mel).unwrap();
+    let full = model.encoder.forward(&mel).unwrap();
+    let err = max_abs_diff(&to_vec_f32(&silent.output), &to_vec_f32(&full));
+    assert!(err < 1e-5, "silent window output vs forward: {err}");
+    for fresh in [1, 37, 200, 1500] {
+        let ours = model.encoder.forward_fresh(&mel, fresh, &silent).unwrap();
+        assert_eq!(ours.dims(), &[1, fresh, 384]);
+        let err = max_abs_diff(&to_vec_f32(&ours), &rows(&full, fresh));
+        assert!(err < 1e-4, "fresh {fresh}: {err}");
+    }
+    // Cross-attention of fresh rows + the silent rest equals that of the whole.
+    let silent_cross = model.decoder.cross_attention(&silent.output).unwrap();
+    let fresh = model.encoder.forward_fresh(&mel, 200, &silent).unwrap();
+    let combined = model
+        .decoder
+        .cross_attention_fresh(&fresh, &silent_cross)
+        .unwrap();
+    let prompt = model
+        .task_tokens(Some("en"), Default::default(), false)
+        .unwrap();
+    let mut a = model.decoder.new_state();
+    let mut b = model.decoder.new_state();
+    let ha = model
+        .decoder
+        .forward_hidden(&prompt, &mut a, &combined)
+        .unwrap();
+    let hb = model
+        .decoder
+        .forward_hidden(&prompt, &mut b, &silent_cross)
+        .unwrap();
+    let err = max_abs_diff(&to_vec_f32(&ha), &to_vec_f32(&hb));
+    assert!(err < 1e-4, "decoder hidden states: {err}");
+}
+
+#[test]
+fn speech_keeps_the_reference_transcript() {
+    let model = load_whisper(&model_dir("tiny.en"), &Device::Cpu, DType::F32).unwrap();
+    let enc_fx = load_fixture("whisper_tiny_en/encoder.safetensors");
+    let dec_fx = load_fixture("whisper_tiny_en/decoder.safetensors");
+    let mel_data = to_vec_f32(&enc_fx["mel"]);
+    let mel = Tensor::from_vec(mel_data.clone(), (1, 80, 3000), &Device::Cpu).unwrap();
+    // The padding frames at the end all hold one value; the audio ends where they start.
+    let pad = mel_data[2999];
+    let audio_frames = (0..3000)
+        .rev()
+        .find(|&t| (0..80).any(|m| mel_data[m * 3000 + t] != pad))
+        .map_or(0, |t| t + 1);
+    assert!(
+        (100..2000).contains(&audio_frames),
+        "the fixture should be a short clip padded to 30 s ({audio_frames} frames)"
+    );
+    let silent_mel = Tensor::full(pad, (1, 80, 3000), &Device::Cpu).unwrap();
+    let silent = model.encoder.silent_window(&silent_mel).unwrap();
+    let fresh_n = audio_frames.div_ceil(2) + MARGIN;
+    let fresh = model.encoder.forward_fresh(&mel, fresh_n, &silent).unwrap();
+    let reference = enc_fx["encoder_out"].clone();
+    // The audio's own positions (the margin positions are padding, where the
+    // audio's influence left out is largest).
+    let audio_n = audio_frames.div_ceil(2);
+    let (ours, theirs) = (rows(&fresh, audio_n), rows(&reference, audio_n));
+    let rel = rel_l2(&ours, &theirs);
+    eprintln!(
+        "fresh rows ({fresh_n} of 1500) vs reference: relative L2 {rel}, max abs {}",
+        max_abs_diff(&ours, &theirs)
+    );
+    assert!(
+        rel <= REL_TOLERANCE,
+        "fresh rows differ from the reference: relative L2 {rel}"
+    );
+
+    let cross = model
+        .decoder
+        .cross_attention_fresh(
+            &fresh,
+            &model.decoder.cross_attention(&silent.output).unwrap(),
+        )
+        .unwrap();
+    let prompt = model
+        .task_tokens(Some("en"), Default::default(), false)
+        .unwrap();
+    let opts = DecodingOptions {
+        timestamps: false,
+        ..Default::default()
+    };
+    let out = model.greedy_decode(&cross, &prompt, 0, &opts).unwrap();
+    let expected: Vec<u32> = dec_fx["greedy_tokens"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|t| t as u32)
+        .collect();
+    assert_eq!(
+        out.tokens, expected,
+        "greedy tokens differ from the reference"
+    );
+}
