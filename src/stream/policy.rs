@@ -1,13 +1,23 @@
 //! Which part of an open segment's hypothesis may be committed before the
-//! segment ends: the longest prefix on which the last two hypotheses agree
-//! (local agreement), cut back to a word boundary, so a word still being
-//! spoken is never committed. Committed tokens are forced as the start of
-//! every later hypothesis of the segment, so committed text never changes.
+//! segment ends: the longest prefix on which the last [`AGREEMENT`]
+//! hypotheses agree (local agreement), cut back to a word boundary, so a
+//! word still being spoken is never committed, and less its last word.
+//! Committed tokens are forced as the start of every later hypothesis of the
+//! segment, so committed text never changes.
+
+use std::collections::VecDeque;
+
+/// Hypotheses that must agree before their common prefix is committed.
+/// Two, half a second apart, committed wrong words that more audio would
+/// have fixed (and forcing them derails the rest of the segment); three
+/// did better once partials became cheap enough to come every 0.5 s.
+pub const AGREEMENT: usize = 3;
 
 #[derive(Debug, Default, Clone)]
 pub struct StablePrefix {
     committed: Vec<u32>,
-    previous: Option<Vec<u32>>,
+    /// The most recent hypotheses, at most `AGREEMENT - 1`.
+    previous: VecDeque<Vec<u32>>,
 }
 
 impl StablePrefix {
@@ -24,25 +34,31 @@ impl StablePrefix {
     pub fn update(&mut self, hypothesis: &[u32], starts_word: impl Fn(u32) -> bool) -> usize {
         debug_assert!(hypothesis.starts_with(&self.committed));
         let before = self.committed.len();
-        if let Some(prev) = &self.previous {
-            let agree = prev
+        if self.previous.len() + 1 >= AGREEMENT {
+            let agree = self
+                .previous
                 .iter()
-                .zip(hypothesis)
-                .take_while(|(a, b)| a == b)
-                .count();
-            // Commit only whole words: the agreed run must be followed, in both
-            // hypotheses, by a token that starts a new word.
+                .map(|prev| {
+                    prev.iter()
+                        .zip(hypothesis)
+                        .take_while(|(a, b)| a == b)
+                        .count()
+                })
+                .min()
+                .unwrap_or(hypothesis.len());
+            // Commit only whole words: the agreed run must be followed, in every
+            // hypothesis, by a token that starts a new word.
             let mut end = agree;
             while end > before {
                 let next_new_word = |h: &[u32]| h.get(end).is_some_and(|&t| starts_word(t));
-                if next_new_word(prev) && next_new_word(hypothesis) {
+                if next_new_word(hypothesis) && self.previous.iter().all(|p| next_new_word(p)) {
                     break;
                 }
                 end -= 1;
             }
-            // Hold back the last agreed word: two hypotheses half a second
-            // apart often agree on a wrong last word that more audio would
-            // fix, and committed words are forced into every later decode.
+            // Hold back the last agreed word: hypotheses half a second apart
+            // often agree on a wrong last word that more audio would fix, and
+            // committed words are forced into every later decode.
             if end > before {
                 end = (before + 1..end)
                     .rev()
@@ -53,7 +69,10 @@ impl StablePrefix {
                 self.committed.extend_from_slice(&hypothesis[before..end]);
             }
         }
-        self.previous = Some(hypothesis.to_vec());
+        self.previous.push_back(hypothesis.to_vec());
+        while self.previous.len() >= AGREEMENT {
+            self.previous.pop_front();
+        }
         self.committed.len() - before
     }
 }
@@ -68,23 +87,25 @@ mod tests {
     }
 
     #[test]
-    fn commits_the_agreed_prefix_up_to_a_word_boundary_but_the_last_word() {
+    fn commits_the_prefix_three_hypotheses_agree_on_up_to_a_word_boundary_but_the_last_word() {
+        assert_eq!(AGREEMENT, 3, "the sequence below is written for three");
         let mut p = StablePrefix::new();
+        assert_eq!(p.update(&[100, 1, 101, 102], word), 0, "one hypothesis");
         assert_eq!(
-            p.update(&[100, 1, 101, 102], word),
+            p.update(&[100, 1, 101, 103, 2], word),
             0,
-            "one hypothesis is not agreement"
+            "two are not enough"
         );
-        // Agree on the words [100, 1] [101]; the last agreed word is held back.
-        assert_eq!(p.update(&[100, 1, 101, 103, 2], word), 2);
+        // All three agree on the words [100, 1] [101]; the last is held back.
+        assert_eq!(p.update(&[100, 1, 101, 103, 2, 4], word), 2);
         assert_eq!(p.committed(), &[100, 1]);
-        // Agreement up to [.., 103, 2] but 2 then 4 continue a word: back off
-        // to before 103, then hold back 101.
-        assert_eq!(p.update(&[100, 1, 101, 103, 2, 4], word), 0);
-        // The previous hypothesis ended inside that word: still nothing new.
+        // Agreement up to [.., 103, 2] but 4 continues a word: back off to
+        // before 103, then hold back 101.
         assert_eq!(p.update(&[100, 1, 101, 103, 2, 4, 105], word), 0);
-        // Agreed through [103, 2, 4]: 101 is committed, [103, 2, 4] held back.
-        assert_eq!(p.update(&[100, 1, 101, 103, 2, 4, 105, 106], word), 1);
+        // The oldest of the three ended inside [103, 2, 4]: nothing new.
+        assert_eq!(p.update(&[100, 1, 101, 103, 2, 4, 105, 106], word), 0);
+        // All three contain [103, 2, 4] 105: 101 is committed, [103, 2, 4] held back.
+        assert_eq!(p.update(&[100, 1, 101, 103, 2, 4, 105, 106, 107], word), 1);
         assert_eq!(p.committed(), &[100, 1, 101]);
     }
 
@@ -92,9 +113,19 @@ mod tests {
     fn never_commits_the_last_token_of_a_hypothesis() {
         let mut p = StablePrefix::new();
         p.update(&[100, 101, 102], word);
+        p.update(&[100, 101, 102], word);
         // Identical hypotheses: the final word may still grow, so it stays
         // open, and the word before it is held back.
         assert_eq!(p.update(&[100, 101, 102], word), 1);
         assert_eq!(p.committed(), &[100]);
+    }
+
+    #[test]
+    fn a_disagreeing_hypothesis_in_the_window_blocks_commitment() {
+        let mut p = StablePrefix::new();
+        p.update(&[100, 101, 102, 103], word);
+        p.update(&[104, 101, 102, 103], word);
+        assert_eq!(p.update(&[100, 101, 102, 103], word), 0);
+        assert!(p.committed().is_empty());
     }
 }
