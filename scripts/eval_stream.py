@@ -31,6 +31,8 @@ import tempfile
 import time
 import wave
 
+# `--tail-pad-ms` of the binary when EXTRA does not set it.
+DEFAULT_TAIL_PAD_MS = 150.0
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
@@ -79,7 +81,7 @@ def write_manifest(entries, dest):
             w.writerow([e["id"], e["path"], e["language"], e["transcript"]])
 
 
-def run_stream(binary, model, path, realtime, extra, pre_roll_s):
+def run_stream(binary, model, path, realtime, extra, pre_roll_s, tail_pad_ms=0.0):
     cmd = [binary, "--model", model, "--input", path, "--format", "jsonl", "--stats-interval", "0"] + extra
     if realtime:
         cmd.append("--realtime")
@@ -106,6 +108,8 @@ def run_stream(binary, model, path, realtime, extra, pre_roll_s):
     return {
         "text": text,
         "final_latency_ms": [e["latency_ms"] for e in finals],
+        # A silence-ended segment's audio ends tail_pad after its last voiced frame.
+        "after_speech_ms": [e["latency_ms"] + tail_pad_ms for e in finals if e.get("reason") == "silence"],
         "first_partial_s": delays,
         "stats": stats[-1] if stats else {},
         "wall_s": wall,
@@ -133,6 +137,8 @@ def main():
     ap.add_argument("--unpaced", action="store_true", help="also run without --realtime and report RTF")
     ap.add_argument("--limit", type=int, default=0, help="only the first N utterances (quick check)")
     ap.add_argument("--pre-roll-ms", type=float, default=200.0)
+    ap.add_argument("--tail-pad-ms", type=float, default=None,
+                    help="the binary's tail padding (default: from EXTRA, else the binary's default)")
     ap.add_argument("extra", nargs="*", help="arguments passed to the binary (after --)")
     args = ap.parse_args()
 
@@ -150,9 +156,15 @@ def main():
     write_manifest(entries, manifest)
 
     pre_roll = args.pre_roll_ms / 1000.0
+    tail_pad = args.tail_pad_ms
+    if tail_pad is None:
+        tail_pad = float(args.extra[args.extra.index("--tail-pad-ms") + 1]) if "--tail-pad-ms" in args.extra \
+            else DEFAULT_TAIL_PAD_MS
+    after_speech = []
     hyps, latencies, delays, dropped, cpu, rss, audio, segments = [], [], [], 0, [], [], 0.0, 0
     for e in entries:
-        r = run_stream(args.bin, args.model, e["path"], True, args.extra, pre_roll)
+        r = run_stream(args.bin, args.model, e["path"], True, args.extra, pre_roll, tail_pad)
+        after_speech += r["after_speech_ms"]
         hyps.append({"id": e["id"], "text": r["text"]})
         latencies += r["final_latency_ms"]
         delays += r["first_partial_s"]
@@ -186,6 +198,8 @@ def main():
     print(f"| WER offline `transcribe` | {100 * offline_report['rate']:.2f} % |")
     print(f"| WER streaming finals (`--realtime`) | {100 * stream_report['rate']:.2f} % |")
     print(f"| final latency p50 / p95 | {percentile(latencies, 50):.0f} / {percentile(latencies, 95):.0f} ms ({len(latencies)} finals) |")
+    print(f"| final after the last voiced frame (latency + {tail_pad:.0f} ms tail pad), p50 / p95 "
+          f"| {percentile(after_speech, 50):.0f} / {percentile(after_speech, 95):.0f} ms ({len(after_speech)} silence-ended finals) |")
     print(f"| first partial after speech onset, p50 / p95 | {percentile(delays, 50):.2f} / {percentile(delays, 95):.2f} s |")
     print(f"| dropped samples (ring overflow) | {dropped} |")
     print(f"| CPU (mean over runs, % of one core) | {statistics.mean(cpu):.0f} % |")
@@ -194,6 +208,7 @@ def main():
         print(f"| RTF without --realtime (wall incl. model load / audio) | {unpaced:.3f} |")
     with open(os.path.join(tmp, "summary.json"), "w") as f:
         json.dump({"stream": stream_report, "offline": offline_report, "latencies_ms": latencies,
+                   "after_speech_ms": after_speech,
                    "first_partial_s": delays}, f)
     print(f"\n(details in {tmp})")
 

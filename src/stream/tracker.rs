@@ -34,7 +34,7 @@ impl Default for TrackerConfig {
             vad_mode: 2,
             frame_ms: 30,
             pre_roll_ms: 200,
-            min_speech_ms: 90,
+            min_speech_ms: 120,
             hangover_ms: 300,
             tail_pad_ms: 150,
             max_segment_ms: 15_000,
