@@ -114,8 +114,7 @@ async fn subscribe(cli: &Cli) -> anyhow::Result<()> {
 /// Shows every event until the server closes the connection.
 async fn print_until_close<S>(cli: &Cli, incoming: &mut S) -> anyhow::Result<()>
 where
-    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
-        + Unpin,
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
     while let Some(msg) = incoming.next().await {
         match msg? {
