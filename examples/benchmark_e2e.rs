@@ -262,16 +262,8 @@ fn step_audio2(args: &Args) -> Result<()> {
         peak: 0,
     };
     let before_model = fast::device_memory_used(&device);
-    let mut cfg = StepAudio2Config::mini();
-    if let Some(n) = args.llm_layers {
-        cfg.text.num_layers = n;
-    }
-    if let Some(n) = args.encoder_layers {
-        cfg.encoder.n_layer = n;
-    }
-    if let Some(v) = args.vocab_size {
-        cfg.text.vocab_size = v;
-    }
+    let cfg =
+        StepAudio2Config::mini().reshaped(args.encoder_layers, args.llm_layers, args.vocab_size);
     let tok_path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/step_audio2/tiny_ckpt/tokenizer.json");
     let tok_path = if tok_path.exists() {

@@ -92,23 +92,16 @@ fn build(args: &Args, device: &Device, dtype: DType) -> Result<StepAudio2> {
     if !args.random_weights {
         bail!("pass --model DIR or --random-weights");
     }
-    let mut cfg = match &args.config {
+    let cfg = match &args.config {
         Some(p) => StepAudio2Config::from_file(p)?,
         None => StepAudio2Config::mini(),
     };
-    if let Some(n) = args.layers {
-        cfg.encoder.n_layer = n;
-        cfg.text.num_layers = n;
-    }
-    if let Some(n) = args.encoder_layers {
-        cfg.encoder.n_layer = n;
-    }
-    if let Some(n) = args.llm_layers {
-        cfg.text.num_layers = n;
-    }
-    if let Some(v) = args.vocab_size {
-        cfg.text.vocab_size = v;
-    }
+    // --layers sets both; --encoder-layers / --llm-layers override it.
+    let cfg = cfg.reshaped(
+        args.encoder_layers.or(args.layers),
+        args.llm_layers.or(args.layers),
+        args.vocab_size,
+    );
     let tok_path = args
         .tokenizer
         .clone()

@@ -13,7 +13,6 @@
 mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use stepaudio_live::model::whisper::decoding::DecodingOptions;
 use stepaudio_live::model::whisper::load::load_whisper;
 
 const MARGIN: usize = 100;
@@ -49,9 +48,7 @@ fn padding_only_window_is_reproduced_exactly() {
         .decoder
         .cross_attention_fresh(&fresh, &silent_cross)
         .unwrap();
-    let prompt = model
-        .task_tokens(Some("en"), Default::default(), false)
-        .unwrap();
+    let (prompt, _) = english_greedy_setup(&model);
     let mut a = model.decoder.new_state();
     let mut b = model.decoder.new_state();
     let ha = model
@@ -109,20 +106,9 @@ fn speech_keeps_the_reference_transcript() {
             &model.decoder.cross_attention(&silent.output).unwrap(),
         )
         .unwrap();
-    let prompt = model
-        .task_tokens(Some("en"), Default::default(), false)
-        .unwrap();
-    let opts = DecodingOptions {
-        timestamps: false,
-        ..Default::default()
-    };
+    let (prompt, opts) = english_greedy_setup(&model);
     let out = model.greedy_decode(&cross, &prompt, 0, &opts).unwrap();
-    let expected: Vec<u32> = dec_fx["greedy_tokens"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|t| t as u32)
-        .collect();
+    let expected = token_ids(&dec_fx["greedy_tokens"]);
     assert_eq!(
         out.tokens, expected,
         "greedy tokens differ from the reference"

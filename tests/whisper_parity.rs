@@ -7,7 +7,6 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use stepaudio_live::frontend::LogMel;
-use stepaudio_live::model::whisper::decoding::DecodingOptions;
 use stepaudio_live::model::whisper::load::load_whisper;
 use stepaudio_live::model::whisper::WhisperModel;
 
@@ -63,19 +62,10 @@ fn check_logits(model: &WhisperModel, fixture: &str) {
 
 fn check_greedy(model: &WhisperModel, fixture: &str) {
     let fx = load_fixture(fixture);
-    let expected: Vec<u32> = i64s(&fx["greedy_tokens"])
-        .into_iter()
-        .map(|t| t as u32)
-        .collect();
+    let expected = token_ids(&fx["greedy_tokens"]);
     let encoded = model.encode(&encoder_mel()).unwrap();
     let cross = model.cross_attention(&encoded).unwrap();
-    let prompt = model
-        .task_tokens(Some("en"), Default::default(), false)
-        .unwrap();
-    let opts = DecodingOptions {
-        timestamps: false,
-        ..Default::default()
-    };
+    let (prompt, opts) = english_greedy_setup(model);
     let out = model.greedy_decode(&cross, &prompt, 0, &opts).unwrap();
     assert_eq!(out.tokens, expected, "{fixture}: greedy tokens differ");
     assert!(out.finished);

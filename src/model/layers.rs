@@ -169,6 +169,17 @@ pub fn attention(
     probs.matmul(&v.contiguous()?)
 }
 
+/// `own` `[b, h, n, d]` followed by `whole`'s positions from `n` on: keys or
+/// values of a window whose first positions were recomputed and whose rest
+/// is reused from a cached `whole` `[b, h, T, d]`.
+pub fn with_cached_tail(own: &Tensor, whole: &Tensor) -> Result<Tensor> {
+    let (n, total) = (own.dim(2)?, whole.dim(2)?);
+    if n >= total {
+        return Ok(own.clone());
+    }
+    Tensor::cat(&[own, &whole.narrow(2, n, total - n)?], 2)
+}
+
 /// Causal mask for `n` new positions after `past` cached ones: `[n, past + n]`,
 /// 0 where a query may attend, −inf where it may not.
 pub fn causal_mask(

@@ -76,3 +76,30 @@ pub fn model_dir(name: &str) -> PathBuf {
 pub fn read_audio(path: &Path) -> Vec<f32> {
     stepaudio_live::audio::wav::read_wav_16k_mono(path).unwrap()
 }
+
+/// Token ids stored as i64 in a fixture.
+pub fn token_ids(t: &Tensor) -> Vec<u32> {
+    t.to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect()
+}
+
+/// The English transcription prompt and no-timestamp options the Whisper
+/// fixtures' greedy tokens were made with.
+pub fn english_greedy_setup(
+    model: &stepaudio_live::model::whisper::WhisperModel,
+) -> (
+    Vec<u32>,
+    stepaudio_live::model::whisper::decoding::DecodingOptions,
+) {
+    let prompt = model
+        .task_tokens(Some("en"), Default::default(), false)
+        .unwrap();
+    let opts = stepaudio_live::model::whisper::decoding::DecodingOptions {
+        timestamps: false,
+        ..Default::default()
+    };
+    (prompt, opts)
+}

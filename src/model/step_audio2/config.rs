@@ -56,6 +56,26 @@ pub struct StepAudio2Config {
 pub const PUBLISHED_ADAPTER_HIDDEN: usize = 2048;
 
 impl StepAudio2Config {
+    /// The same shape with fewer encoder or LLM layers or a smaller
+    /// vocabulary (benchmarks of one piece, or runs that must fit a device).
+    pub fn reshaped(
+        mut self,
+        encoder_layers: Option<usize>,
+        llm_layers: Option<usize>,
+        vocab_size: Option<usize>,
+    ) -> Self {
+        if let Some(n) = encoder_layers {
+            self.encoder.n_layer = n;
+        }
+        if let Some(n) = llm_layers {
+            self.text.num_layers = n;
+        }
+        if let Some(v) = vocab_size {
+            self.text.vocab_size = v;
+        }
+        self
+    }
+
     /// The shape of Step-Audio 2 mini (DESIGN.md): Whisper-large-v3-sized
     /// encoder, Qwen2.5-7B-sized LLM.
     pub fn mini() -> Self {

@@ -3,7 +3,9 @@
 
 use crate::model::cpu_ops::gelu_erf;
 use crate::model::kv_cache::KvCache;
-use crate::model::layers::{attention, causal_mask, merge_heads, split_heads, LayerNorm, Linear};
+use crate::model::layers::{
+    attention, causal_mask, merge_heads, split_heads, with_cached_tail, LayerNorm, Linear,
+};
 use candle_core::{Result, Tensor};
 
 #[derive(Clone, Debug)]
@@ -139,26 +141,12 @@ impl WhisperDecoder {
         fresh: &Tensor,
         silent: &CrossAttention,
     ) -> Result<CrossAttention> {
-        let n = fresh.dim(1)?;
-        let own = self.cross_attention(fresh)?;
-        if silent
-            .layers
-            .first()
-            .is_none_or(|(k, _)| k.dim(2).is_ok_and(|t| t <= n))
-        {
-            return Ok(own);
-        }
-        let layers = own
+        let layers = self
+            .cross_attention(fresh)?
             .layers
             .into_iter()
             .zip(&silent.layers)
-            .map(|((k, v), (sk, sv))| {
-                let rest = sk.dim(2)? - n;
-                Ok((
-                    Tensor::cat(&[&k, &sk.narrow(2, n, rest)?], 2)?,
-                    Tensor::cat(&[&v, &sv.narrow(2, n, rest)?], 2)?,
-                ))
-            })
+            .map(|((k, v), (sk, sv))| Ok((with_cached_tail(&k, sk)?, with_cached_tail(&v, sv)?)))
             .collect::<Result<_>>()?;
         Ok(CrossAttention { layers })
     }

@@ -2,7 +2,9 @@
 //! transformer blocks, final LayerNorm.
 
 use crate::model::cpu_ops::gelu_erf;
-use crate::model::layers::{attention, merge_heads, split_heads, Conv1d, LayerNorm, Linear};
+use crate::model::layers::{
+    attention, merge_heads, split_heads, with_cached_tail, Conv1d, LayerNorm, Linear,
+};
 use candle_core::{Result, Tensor};
 
 #[derive(Clone, Debug)]
@@ -27,20 +29,14 @@ impl EncoderBlock {
         heads: usize,
         frozen: Option<&(Tensor, Tensor)>,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
-        let (_, t, d) = x.dims3()?;
+        let d = x.dim(2)?;
         let h = self.attn_ln.forward(x)?;
         let qkv = self.qkv.forward(&h)?;
         let q = split_heads(&qkv.narrow(2, 0, d)?, heads)?.contiguous()?;
         let k = split_heads(&qkv.narrow(2, d, d)?, heads)?.contiguous()?;
         let v = split_heads(&qkv.narrow(2, 2 * d, d)?, heads)?.contiguous()?;
         let (keys, values) = match frozen {
-            Some((fk, fv)) => {
-                let rest = fk.dim(2)? - t;
-                (
-                    Tensor::cat(&[&k, &fk.narrow(2, t, rest)?], 2)?,
-                    Tensor::cat(&[&v, &fv.narrow(2, t, rest)?], 2)?,
-                )
-            }
+            Some((fk, fv)) => (with_cached_tail(&k, fk)?, with_cached_tail(&v, fv)?),
             None => (k.clone(), v.clone()),
         };
         let scale = ((d / heads) as f64).powf(-0.5);

@@ -142,17 +142,21 @@ impl WhisperModel {
         key: i32,
     ) -> candle_core::Result<CrossAttention> {
         let states = self.silent_states(key)?;
-        let t = Tensor::from_slice(&mel.data, (1, mel.n_mels, mel.n_frames), &self.device)?
-            .to_dtype(self.dtype)?;
-        let encoded = self.encoder.forward_fresh(&t, fresh, &states.encoder)?;
+        let encoded = self
+            .encoder
+            .forward_fresh(&self.mel_tensor(mel)?, fresh, &states.encoder)?;
         self.decoder.cross_attention_fresh(&encoded, &states.cross)
     }
 
     /// Encodes a normalised log-mel and prepares the decoder's cross-attention.
     pub fn encode(&self, mel: &crate::frontend::LogMel) -> candle_core::Result<Tensor> {
-        let t = Tensor::from_slice(&mel.data, (1, mel.n_mels, mel.n_frames), &self.device)?
-            .to_dtype(self.dtype)?;
-        self.encoder.forward(&t)
+        self.encoder.forward(&self.mel_tensor(mel)?)
+    }
+
+    /// A log-mel as the encoder's `[1, n_mels, frames]` input on the model's device.
+    fn mel_tensor(&self, mel: &crate::frontend::LogMel) -> candle_core::Result<Tensor> {
+        Tensor::from_slice(&mel.data, (1, mel.n_mels, mel.n_frames), &self.device)?
+            .to_dtype(self.dtype)
     }
 
     pub fn cross_attention(&self, encoded: &Tensor) -> candle_core::Result<CrossAttention> {

@@ -70,14 +70,15 @@ impl WhisperRecognizer {
             .iter()
             .copied()
             .fold(LOG10_FLOOR, f32::max);
-        let mut raw = features.raw_frames.clone();
-        // Frames past the audio are silence: log10(1e-10), as the one-shot mel.
-        raw.resize(target * n_mels, LOG10_FLOOR);
-        raw.truncate(target * n_mels);
         let fresh = self
             .fresh_margin
             .map(|m| audio_frames.div_ceil(2) + m)
             .filter(|&f| f < target / 2);
+        // The shortcut reads only the frames its fresh positions reach.
+        let frames = fresh.map_or(target, |f| (2 * f + 4).min(target));
+        let mut raw = features.raw_frames.clone();
+        // Frames past the audio are silence: log10(1e-10), as the one-shot mel.
+        raw.resize(frames * n_mels, LOG10_FLOOR);
         match fresh {
             Some(fresh) => {
                 let key = SilentWindows::level_key(max);
