@@ -101,7 +101,10 @@ pub struct StreamArgs {
     #[arg(long = "lang")]
     pub lang: Option<String>,
     /// VAD aggressiveness, 0 (keeps most) to 3 (rejects most non-speech).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=3))]
+    // 1, not 2: mode 2 cut a hoarse speaker's words out of segments (eval
+    // cold corpus: "the original one" lost); the noise it lets through is
+    // what the no-speech rule catches.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=3))]
     pub vad_mode: u8,
     /// VAD frame length in ms: 10, 20 or 30.
     #[arg(long, default_value_t = 30, value_parser = parse_vad_frame_ms)]
@@ -132,9 +135,14 @@ pub struct StreamArgs {
     pub max_context: usize,
     /// Whisper: run the encoder over the whole 30 s window for every decode
     /// (as offline transcription) instead of only the segment's audio plus
-    /// 2 s, with the padding's states reused from a padding-only window.
+    /// 0.5 s, with the padding's states reused from a padding-only window.
     #[arg(long)]
     pub full_window: bool,
+    /// Whisper: decode the previous segment again in front of the next one,
+    /// its text forced, when it is at most this long (s; 0: off), so a
+    /// segment's first words have the speech before them as context.
+    #[arg(long, default_value_t = 10.0)]
+    pub carry_audio: f64,
 }
 
 /// WebSocket server options (`--ws` and `serve`).
@@ -589,6 +597,7 @@ impl StreamArgs {
             },
             step_audio_max_context: self.max_context,
             whisper_full_window: self.full_window,
+            whisper_carry_seconds: self.carry_audio,
         }
     }
 }

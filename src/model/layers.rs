@@ -169,15 +169,25 @@ pub fn attention(
     probs.matmul(&v.contiguous()?)
 }
 
-/// `own` `[b, h, n, d]` followed by `whole`'s positions from `n` on: keys or
-/// values of a window whose first positions were recomputed and whose rest
-/// is reused from a cached `whole` `[b, h, T, d]`.
-pub fn with_cached_tail(own: &Tensor, whole: &Tensor) -> Result<Tensor> {
+/// Keys or values of a window whose positions `c..c + n` were recomputed
+/// (`own` `[b, h, n, d]`): `head`'s `c` positions (audio encoded earlier; none
+/// when `None`), then `own`, then a cached `whole` `[b, h, T, d]` from
+/// `c + n` on.
+pub fn splice_cached(head: Option<&Tensor>, own: &Tensor, whole: &Tensor) -> Result<Tensor> {
+    let c = match head {
+        Some(h) => h.dim(2)?,
+        None => 0,
+    };
     let (n, total) = (own.dim(2)?, whole.dim(2)?);
-    if n >= total {
+    let mut parts: Vec<Tensor> = head.into_iter().cloned().collect();
+    parts.push(own.clone());
+    if c + n < total {
+        parts.push(whole.narrow(2, c + n, total - c - n)?);
+    }
+    if parts.len() == 1 {
         return Ok(own.clone());
     }
-    Tensor::cat(&[own, &whole.narrow(2, n, total - n)?], 2)
+    Tensor::cat(&parts, 2)
 }
 
 /// Causal mask for `n` new positions after `past` cached ones: `[n, past + n]`,

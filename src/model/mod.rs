@@ -131,6 +131,9 @@ pub struct RecognizerOptions {
     /// reusing the padding's states past the audio (see
     /// `WhisperModel::encode_fresh`).
     pub whisper_full_window: bool,
+    /// Whisper: a previous segment up to this long (s) is decoded again,
+    /// its text forced, in front of the next (0: off).
+    pub whisper_carry_seconds: f64,
 }
 
 impl Default for RecognizerOptions {
@@ -140,6 +143,7 @@ impl Default for RecognizerOptions {
             step_audio_prompt: Default::default(),
             step_audio_max_context: step_audio2::SessionOptions::default().max_context,
             whisper_full_window: false,
+            whisper_carry_seconds: 10.0,
         }
     }
 }
@@ -190,6 +194,7 @@ impl LoadedModel {
                 opts.language.as_deref(),
                 crate::transcribe::Task::Transcribe,
                 !opts.whisper_full_window,
+                opts.whisper_carry_seconds,
             )?)),
             Self::StepAudio2(sa) => {
                 let session = step_audio2::SessionOptions {

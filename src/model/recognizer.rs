@@ -66,6 +66,11 @@ pub trait Recognizer: Send {
         features: &SegmentFeatures,
         hypothesis: &Hypothesis,
     ) -> Result<(), ModelError>;
+    /// Work for the next segment that can wait until the final of the last
+    /// one is out (Whisper: encoding the segment carried into the next).
+    fn after_final(&mut self) -> Result<(), ModelError> {
+        Ok(())
+    }
     /// Text of tokens this recogniser produced.
     fn detokenize(&self, tokens: &[u32]) -> String;
     /// Whether `token` begins a new word (commits stop at word boundaries).

@@ -234,7 +234,11 @@ impl Worker {
     fn decode(id: SessionId, session: &mut Session, update: SegmentUpdate) {
         match session.decoder.handle(&update, session.recognizer.as_mut()) {
             Ok(Some(ev)) => {
+                let is_final = matches!(ev, Event::Final { .. });
                 let _ = session.events.send(WorkerEvent::Event(ev));
+                if is_final {
+                    session.decoder.after_final(session.recognizer.as_mut());
+                }
             }
             Ok(None) => {}
             Err(e) => {

@@ -11,6 +11,12 @@ use crate::model::recognizer::{Hypothesis, Recognizer};
 use crate::model::ModelError;
 use std::time::{Duration, Instant};
 
+/// Text is committed from partials only once a segment holds this much
+/// audio (4 s at 16 kHz). A shorter one ends soon and its final comes from
+/// all of its audio; early partials of a sentence agreed on wrong words
+/// ("Looking like last" for "Look in thy glass") that were then forced.
+const COMMIT_AFTER_SAMPLES: usize = 4 * 16_000;
+
 struct SegmentState {
     segment: u64,
     policy: StablePrefix,
@@ -67,6 +73,17 @@ impl SegmentDecoder {
         }
     }
 
+    /// Lets the recogniser prepare for the next segment once a final is out
+    /// (counted as model time; a failure is logged, and the work is redone
+    /// by the next decode).
+    pub fn after_final(&mut self, recognizer: &mut dyn Recognizer) {
+        let t = Instant::now();
+        if let Err(e) = recognizer.after_final() {
+            tracing::warn!("preparing the next segment failed: {e}");
+        }
+        self.model_time += t.elapsed();
+    }
+
     pub fn handle(
         &mut self,
         update: &SegmentUpdate,
@@ -81,9 +98,10 @@ impl SegmentDecoder {
                 self.model_time += t.elapsed();
                 let state = self.state(segment);
                 if update.kind == UpdateKind::Partial {
+                    let long = update.features.samples >= COMMIT_AFTER_SAMPLES;
                     state
                         .policy
-                        .update(&hyp.tokens, |tok| recognizer.starts_word(tok));
+                        .update_if(&hyp.tokens, |tok| recognizer.starts_word(tok), long);
                 } else {
                     state.at_pause = Some((update.features.samples, hyp.clone()));
                 }
@@ -116,6 +134,15 @@ impl SegmentDecoder {
                     None => recognizer.decode(&update.features, state.policy.committed())?,
                 };
                 recognizer.commit(&update.features, &hyp)?;
+                tracing::debug!(
+                    segment,
+                    no_speech_prob = hyp.no_speech_prob,
+                    avg_logprob = hyp.avg_logprob,
+                    encode_ms = hyp.encode_time.as_secs_f64() * 1e3,
+                    decode_ms = hyp.decode_time.as_secs_f64() * 1e3,
+                    text = %hyp.text,
+                    "final decoded"
+                );
                 self.model_time += t.elapsed();
                 self.finals += 1;
                 Ok(Some(Event::Final {

@@ -316,10 +316,14 @@ fn inference_thread(
                 let before = decoder.model_time;
                 match decoder.handle(&update, recognizer.as_mut()) {
                     Ok(Some(ev)) => {
-                        if matches!(ev, Event::Final { .. }) {
+                        let is_final = matches!(ev, Event::Final { .. });
+                        if is_final {
                             counters.finals.fetch_add(1, Ordering::Relaxed);
                         }
                         let _ = events_tx.send(ev);
+                        if is_final {
+                            decoder.after_final(recognizer.as_mut());
+                        }
                     }
                     Ok(None) => {}
                     Err(e) => {

@@ -32,9 +32,20 @@ impl StablePrefix {
     /// Takes the newest hypothesis (which starts with the committed tokens)
     /// and returns how many tokens became committed.
     pub fn update(&mut self, hypothesis: &[u32], starts_word: impl Fn(u32) -> bool) -> usize {
+        self.update_if(hypothesis, starts_word, true)
+    }
+
+    /// As [`Self::update`]; with `may_commit` false the hypothesis only joins
+    /// the ones later hypotheses must agree with.
+    pub fn update_if(
+        &mut self,
+        hypothesis: &[u32],
+        starts_word: impl Fn(u32) -> bool,
+        may_commit: bool,
+    ) -> usize {
         debug_assert!(hypothesis.starts_with(&self.committed));
         let before = self.committed.len();
-        if self.previous.len() + 1 >= AGREEMENT {
+        if may_commit && self.previous.len() + 1 >= AGREEMENT {
             let agree = self
                 .previous
                 .iter()
@@ -118,6 +129,17 @@ mod tests {
         // open, and the word before it is held back.
         assert_eq!(p.update(&[100, 101, 102], word), 1);
         assert_eq!(p.committed(), &[100]);
+    }
+
+    #[test]
+    fn hypotheses_that_may_not_commit_still_count_for_agreement() {
+        let mut p = StablePrefix::new();
+        assert_eq!(p.update_if(&[100, 101, 102], word, false), 0);
+        assert_eq!(p.update_if(&[100, 101, 102], word, false), 0);
+        assert_eq!(p.update_if(&[100, 101, 102], word, false), 0);
+        assert!(p.committed().is_empty());
+        // The two before it agree with this one: [100] is committed at once.
+        assert_eq!(p.update_if(&[100, 101, 102], word, true), 1);
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub struct TrackerConfig {
 impl Default for TrackerConfig {
     fn default() -> Self {
         Self {
-            vad_mode: 2,
+            vad_mode: 1,
             frame_ms: 30,
             pre_roll_ms: 200,
             min_speech_ms: 120,

@@ -4,7 +4,7 @@
 use crate::model::cpu_ops::gelu_erf;
 use crate::model::kv_cache::KvCache;
 use crate::model::layers::{
-    attention, causal_mask, merge_heads, split_heads, with_cached_tail, LayerNorm, Linear,
+    attention, causal_mask, merge_heads, splice_cached, split_heads, LayerNorm, Linear,
 };
 use candle_core::{Result, Tensor};
 
@@ -42,6 +42,18 @@ const REFINED_LOGITS: usize = 32;
 /// Cross-attention keys and values of one encoded window, per layer.
 pub struct CrossAttention {
     layers: Vec<(Tensor, Tensor)>,
+}
+
+impl CrossAttention {
+    /// The first `n` positions.
+    pub fn narrow(&self, n: usize) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { layers })
+    }
 }
 
 /// Self-attention cache of one decoding pass.
@@ -133,11 +145,13 @@ impl WhisperDecoder {
         }
     }
 
-    /// Cross-attention of a window whose first positions are `fresh`
-    /// `[1, n, d]` and the rest those `silent` was computed from (see
-    /// `WhisperEncoder::forward_fresh`): only the fresh rows are projected.
-    pub fn cross_attention_fresh(
+    /// Cross-attention of a window whose positions `c..c + n` are `fresh`
+    /// `[1, n, d]`, the first `c` those of `head` (if any), and the rest
+    /// those `silent` was computed from (see `WhisperEncoder::forward_after`):
+    /// only the fresh rows are projected.
+    pub fn cross_attention_after(
         &self,
+        head: Option<&CrossAttention>,
         fresh: &Tensor,
         silent: &CrossAttention,
     ) -> Result<CrossAttention> {
@@ -146,7 +160,14 @@ impl WhisperDecoder {
             .layers
             .into_iter()
             .zip(&silent.layers)
-            .map(|((k, v), (sk, sv))| Ok((with_cached_tail(&k, sk)?, with_cached_tail(&v, sv)?)))
+            .enumerate()
+            .map(|(i, ((k, v), (sk, sv)))| {
+                let h = head.map(|h| &h.layers[i]);
+                Ok((
+                    splice_cached(h.map(|h| &h.0), &k, sk)?,
+                    splice_cached(h.map(|h| &h.1), &v, sv)?,
+                ))
+            })
             .collect::<Result<_>>()?;
         Ok(CrossAttention { layers })
     }

@@ -3,7 +3,7 @@
 
 use crate::model::cpu_ops::gelu_erf;
 use crate::model::layers::{
-    attention, merge_heads, split_heads, with_cached_tail, Conv1d, LayerNorm, Linear,
+    attention, merge_heads, splice_cached, split_heads, Conv1d, LayerNorm, Linear,
 };
 use candle_core::{Result, Tensor};
 
@@ -18,16 +18,24 @@ pub struct EncoderBlock {
     pub fc2: Linear,
 }
 
+/// Keys and values `[1, h, ·, dh]` one block attends to besides its own.
+struct Frozen<'a> {
+    /// Positions before the block's own (audio encoded earlier).
+    head: Option<&'a (Tensor, Tensor)>,
+    /// A whole window, used after the own positions.
+    whole: &'a (Tensor, Tensor),
+}
+
 impl EncoderBlock {
-    /// One block over `x` `[1, t, d]`. With `frozen` (keys and values of a
-    /// whole window `[1, h, T, dh]`), `x` holds only the first `t` positions
-    /// and attends to its own keys followed by the frozen ones from `t` on.
+    /// One block over `x` `[1, t, d]`. With `frozen`, `x` holds only the
+    /// positions after the frozen head and attends to the head's keys, its
+    /// own, then the whole window's from there on.
     /// Returns the output and this call's own keys and values.
     fn forward(
         &self,
         x: &Tensor,
         heads: usize,
-        frozen: Option<&(Tensor, Tensor)>,
+        frozen: Option<Frozen>,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let d = x.dim(2)?;
         let h = self.attn_ln.forward(x)?;
@@ -36,7 +44,13 @@ impl EncoderBlock {
         let k = split_heads(&qkv.narrow(2, d, d)?, heads)?.contiguous()?;
         let v = split_heads(&qkv.narrow(2, 2 * d, d)?, heads)?.contiguous()?;
         let (keys, values) = match frozen {
-            Some((fk, fv)) => (with_cached_tail(&k, fk)?, with_cached_tail(&v, fv)?),
+            Some(Frozen {
+                head,
+                whole: (wk, wv),
+            }) => (
+                splice_cached(head.map(|h| &h.0), &k, wk)?,
+                splice_cached(head.map(|h| &h.1), &v, wv)?,
+            ),
             None => (k.clone(), v.clone()),
         };
         let scale = ((d / heads) as f64).powf(-0.5);
@@ -58,6 +72,37 @@ pub struct SilentWindow {
     pub output: Tensor,
 }
 
+/// Positions before the new audio whose mel frames
+/// [`WhisperEncoder::forward_after`] takes for its convolutions (position p
+/// reads frames from 2p − 3).
+pub const HEAD_CONTEXT: usize = 2;
+
+/// Encoder keys and values `[1, h, c, dh]`, per block, of audio encoded
+/// alone at positions `0..c`, to stand in front of audio that follows it
+/// ([`WhisperEncoder::forward_after`]).
+#[derive(Clone, Debug)]
+pub struct EncodedHead {
+    pub keys_values: Vec<(Tensor, Tensor)>,
+}
+
+impl EncodedHead {
+    pub fn positions(&self) -> usize {
+        self.keys_values
+            .first()
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    /// The first `n` positions.
+    pub fn narrow(&self, n: usize) -> Result<Self> {
+        let keys_values = self
+            .keys_values
+            .iter()
+            .map(|(k, v)| Ok((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { keys_values })
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct WhisperEncoder {
     pub conv1: Conv1d,
@@ -74,7 +119,7 @@ impl WhisperEncoder {
     /// into `[1, frames/2, d]`. Fewer than 3000 frames is the streaming
     /// shortcut: positions are taken from the start of the table.
     pub fn forward(&self, mel: &Tensor) -> Result<Tensor> {
-        let mut x = self.embed(mel, mel.dim(2)? / 2)?;
+        let mut x = self.embed(mel, 0, mel.dim(2)? / 2)?;
         for block in &self.blocks {
             x = block.forward(&x, self.heads, None)?.0;
         }
@@ -84,7 +129,7 @@ impl WhisperEncoder {
     /// Runs a full window of padding (`mel` `[1, n_mels, 2·n_audio_ctx]`) and
     /// keeps every block's keys and values.
     pub fn silent_window(&self, mel: &Tensor) -> Result<SilentWindow> {
-        let mut x = self.embed(mel, mel.dim(2)? / 2)?;
+        let mut x = self.embed(mel, 0, mel.dim(2)? / 2)?;
         let mut keys_values = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
             let (y, kv) = block.forward(&x, self.heads, None)?;
@@ -110,18 +155,51 @@ impl WhisperEncoder {
         fresh: usize,
         silent: &SilentWindow,
     ) -> Result<Tensor> {
-        let fresh = fresh.min(silent.output.dim(1)?);
-        // Conv receptive fields: position p reads mel frames up to 2p + 2.
-        let frames = (2 * fresh + 4).min(mel.dim(2)?);
-        let mut x = self.embed(&mel.narrow(2, 0, frames)?, fresh)?;
-        for (block, frozen) in self.blocks.iter().zip(&silent.keys_values) {
-            x = block.forward(&x, self.heads, Some(frozen))?.0;
-        }
-        self.ln_post.forward(&x)
+        Ok(self.forward_after(mel, fresh, None, silent)?.0)
     }
 
-    /// Convolutions and positions: the first `positions` of `[1, t, d]`.
-    fn embed(&self, mel: &Tensor, positions: usize) -> Result<Tensor> {
+    /// As [`Self::forward_fresh`] for audio that follows `head` (positions
+    /// `0..c`): `mel` holds the window's frames from `2·(c − k)` on, with
+    /// `k = min(c, HEAD_CONTEXT)` (the frames before the new audio that its
+    /// first position's convolutions read), and the new audio is encoded at
+    /// positions `c..c + fresh`; they attend to the head's keys and values too, which
+    /// are not recomputed (they leave out what the new audio would change
+    /// in them, as the padding's do). Returns the fresh positions' output
+    /// and their keys and values.
+    pub fn forward_after(
+        &self,
+        mel: &Tensor,
+        fresh: usize,
+        head: Option<&EncodedHead>,
+        silent: &SilentWindow,
+    ) -> Result<(Tensor, EncodedHead)> {
+        let offset = head.map_or(0, EncodedHead::positions);
+        let context = offset.min(HEAD_CONTEXT);
+        let fresh = fresh.min(silent.output.dim(1)?.saturating_sub(offset));
+        // Conv receptive fields: position p reads mel frames 2p − 3 ..= 2p + 2.
+        let frames = (2 * (fresh + context) + 4).min(mel.dim(2)?);
+        let x = self.embed(
+            &mel.narrow(2, 0, frames)?,
+            offset - context,
+            fresh + context,
+        )?;
+        let mut x = x.narrow(1, context, x.dim(1)? - context)?;
+        let mut keys_values = Vec::with_capacity(self.blocks.len());
+        for (i, (block, whole)) in self.blocks.iter().zip(&silent.keys_values).enumerate() {
+            let frozen = Frozen {
+                head: head.map(|h| &h.keys_values[i]),
+                whole,
+            };
+            let (y, kv) = block.forward(&x, self.heads, Some(frozen))?;
+            keys_values.push(kv);
+            x = y;
+        }
+        Ok((self.ln_post.forward(&x)?, EncodedHead { keys_values }))
+    }
+
+    /// Convolutions and positions: the first `positions` of `[1, t, d]`,
+    /// numbered from `offset`.
+    fn embed(&self, mel: &Tensor, offset: usize, positions: usize) -> Result<Tensor> {
         let x = if mel.device().is_cpu() {
             // conv1 (80 mel bins in) as one im2col GEMM is ~1.5× faster than
             // candle's conv1d on the CPU; for the stride-2 conv2 the gathering
@@ -139,10 +217,12 @@ impl WhisperEncoder {
         };
         let t = positions.min(x.dim(1)?);
         let max = self.positions.dim(0)?;
-        if t > max {
-            candle_core::bail!("encoder input of {t} positions exceeds the model's {max}");
+        if offset + t > max {
+            candle_core::bail!(
+                "encoder input of {t} positions after {offset} exceeds the model's {max}"
+            );
         }
         x.narrow(1, 0, t)?
-            .broadcast_add(&self.positions.narrow(0, 0, t)?)
+            .broadcast_add(&self.positions.narrow(0, offset, t)?)
     }
 }

@@ -75,6 +75,30 @@ pub struct SilentStates {
     pub cross: CrossAttention,
 }
 
+/// Encoder and cross-attention states of audio encoded alone, reused in
+/// front of the audio that follows it (`WhisperModel::encode_after`).
+pub struct EncodedAudio {
+    pub encoder: encoder::EncodedHead,
+    pub cross: CrossAttention,
+    /// The padding level it was normalised and encoded with.
+    pub key: i32,
+}
+
+impl EncodedAudio {
+    pub fn positions(&self) -> usize {
+        self.encoder.positions()
+    }
+
+    /// The first `n` positions.
+    pub fn narrow(&self, n: usize) -> candle_core::Result<Self> {
+        Ok(Self {
+            encoder: self.encoder.narrow(n)?,
+            cross: self.cross.narrow(n)?,
+            key: self.key,
+        })
+    }
+}
+
 /// The padding levels met most recently, at most [`SilentWindows::CAPACITY`].
 #[derive(Default)]
 pub struct SilentWindows {
@@ -141,11 +165,52 @@ impl WhisperModel {
         fresh: usize,
         key: i32,
     ) -> candle_core::Result<CrossAttention> {
+        self.encode_after(mel, fresh, key, None)
+    }
+
+    /// As [`Self::encode_fresh`] for audio that follows `head`'s (encoded
+    /// earlier at the same level): the new audio takes the positions after
+    /// the head's, whose states are reused.
+    pub fn encode_after(
+        &self,
+        mel: &crate::frontend::LogMel,
+        fresh: usize,
+        key: i32,
+        head: Option<&EncodedAudio>,
+    ) -> candle_core::Result<CrossAttention> {
         let states = self.silent_states(key)?;
-        let encoded = self
-            .encoder
-            .forward_fresh(&self.mel_tensor(mel)?, fresh, &states.encoder)?;
-        self.decoder.cross_attention_fresh(&encoded, &states.cross)
+        let (encoded, _) = self.encoder.forward_after(
+            &self.mel_tensor(mel)?,
+            fresh,
+            head.map(|h| &h.encoder),
+            &states.encoder,
+        )?;
+        self.decoder
+            .cross_attention_after(head.map(|h| &h.cross), &encoded, &states.cross)
+    }
+
+    /// Encodes audio alone (the padding past `2·positions` frames at level
+    /// `key`) and keeps the states of its first `positions`, to go in front
+    /// of later audio ([`Self::encode_after`]).
+    pub fn encode_head(
+        &self,
+        mel: &crate::frontend::LogMel,
+        positions: usize,
+        fresh: usize,
+        key: i32,
+    ) -> candle_core::Result<EncodedAudio> {
+        let states = self.silent_states(key)?;
+        let (encoded, encoder) =
+            self.encoder
+                .forward_after(&self.mel_tensor(mel)?, fresh, None, &states.encoder)?;
+        let positions = positions.min(encoded.dim(1)?);
+        Ok(EncodedAudio {
+            encoder: encoder.narrow(positions)?,
+            cross: self
+                .decoder
+                .cross_attention(&encoded.narrow(1, 0, positions)?)?,
+            key,
+        })
     }
 
     /// Encodes a normalised log-mel and prepares the decoder's cross-attention.

@@ -7,26 +7,102 @@
 //! 15.2 % at 20 s, 95.6 % at 10 s; the decoder loops). But most of a live
 //! segment's window is padding, and the padding's encoder states hardly
 //! depend on the audio before it. So by default only the audio's positions
-//! plus 2 s are encoded; the rest, and their cross-attention keys and
+//! plus 0.5 s are encoded; the rest, and their cross-attention keys and
 //! values, come from a padding-only window at the same level, computed once
-//! per level (`WhisperModel::encode_fresh`). Same clips: identical WER, the
-//! encoder 517 → 139 ms median. `--full-window` turns it off.
+//! per level (`WhisperModel::encode_fresh`). Same clips, 2 s margin:
+//! identical WER, the encoder 517 → 139 ms median. `--full-window` turns it
+//! off.
+//!
+//! Segments end at every pause, and Whisper hears a segment's first words
+//! without the speech before them (sonnet headings "3. Look in thy glass"
+//! became "Three. Looking like last"). With `--carry-audio S` the previous
+//! final segment, if it is at most S s long and held text, is put in front
+//! of the new one and its final text forced; only what follows is the new
+//! segment's hypothesis. Its encoder states are computed once, after its
+//! final is out, and reused in front of the new audio
+//! (`WhisperModel::encode_after`), all but its last second, which is
+//! encoded again with the new audio.
 
 use super::decoder::CrossAttention;
-use super::decoding::DecodingOptions;
-use super::{SilentWindows, WhisperModel};
+use super::decoding::{DecodedWindow, DecodingOptions};
+use super::encoder::HEAD_CONTEXT;
+use super::{EncodedAudio, SilentWindows, WhisperModel};
 use crate::frontend::{LogMel, LOG10_FLOOR, N_FFT, WHISPER_CHUNK_FRAMES};
 use crate::model::recognizer::{FrontendSpec, Hypothesis, Recognizer, SegmentFeatures};
 use crate::model::ModelError;
 use crate::transcribe::Task;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-/// Encoder positions (2 s) computed past the end of the audio when the
+/// Encoder positions (0.5 s) computed past the end of the audio when the
 /// padding's states are reused. With none, tiny.en's streaming WER on the
-/// eval set rose from 12.26 % to 14.76 % (hallucinated "you" on noise);
-/// with 100 (and 250) it was 12.46 %.
-const FRESH_MARGIN: usize = 100;
+/// eval set once rose from 12.26 % to 14.76 % (hallucinated "you" on
+/// noise), with 100 it was 12.46 %; since the no-speech rule below catches
+/// those, unpaced WER with 0 / 25 / 50 / 100 is 10.47 / 10.37 / 10.77 /
+/// 10.77 %, and every position costs encoder time in each decode.
+const FRESH_MARGIN: usize = 25;
+
+/// A segment whose no-speech probability is above this is silence whatever
+/// the log-probability of its text. Whisper's own rule (no-speech > 0.6 and
+/// mean log-prob < -1) is made for 30 s windows of audio; a VAD segment of
+/// noise is a short blip in a window of padding, and tiny.en decodes it as
+/// a confident "you" (no-speech 0.79–0.93, mean log-prob -0.58 to -0.90 on
+/// the eval set) while short real words ("um", "and") stayed at ≤ 0.70.
+const NO_SPEECH_ALONE: f64 = 0.75;
+
+/// A segment up to this many level steps (1.0 in log10) louder than the
+/// stream's level is normalised with the stream's level. The level only
+/// sets the floor of the log-mel (8 below it) and the padding's value, so
+/// this changes nothing but the quietest frames; per-segment levels met a
+/// new padding window (a full encoder pass, ≈ 0.6 s) in 2–11 segments of
+/// every eval recording.
+const LEVEL_RISE_STEPS: i32 = 4;
+/// A speech segment this many steps (2.0) quieter lowers the stream's level.
+const LEVEL_FALL_STEPS: i32 = 8;
+
+/// Whether a decoded segment is silence: Whisper's rule (no-speech above
+/// 0.6 and mean log-probability below -1), or no-speech above
+/// [`NO_SPEECH_ALONE`].
+fn is_silence(no_speech_prob: f64, avg_logprob: f64) -> bool {
+    no_speech_prob > 0.6 && (avg_logprob < -1.0 || no_speech_prob > NO_SPEECH_ALONE)
+}
+
+/// Positions (1 s) at the end of the carried segment that are encoded again
+/// with the new audio rather than reused, so the two meet in both
+/// directions. With none, the new segment's first words were dropped
+/// after a short carried heading ("Three." then "and tell the face" for
+/// "Look in thy glass and tell the face"); unpaced eval WER 10.97 % with
+/// none, 10.77 % with 50 or 100, 10.37 % re-encoding all of it.
+const HEAD_OVERLAP: usize = 50;
+
+/// The largest log-mel value of a segment (what sets its padding level).
+fn segment_max(raw_frames: &[f32]) -> f32 {
+    raw_frames.iter().copied().fold(LOG10_FLOOR, f32::max)
+}
+
+/// The mel frames the padding shortcut reads for `fresh` positions: the
+/// audio's, then silence (log10 of 1e-10, as the one-shot mel), normalised
+/// at padding level `key`.
+fn padded_mel(
+    n_mels: usize,
+    raw_frames: &[f32],
+    audio_frames: usize,
+    fresh: usize,
+    key: i32,
+) -> LogMel {
+    let frames = (2 * fresh + 4).min(WHISPER_CHUNK_FRAMES);
+    let mut raw = raw_frames[..audio_frames.min(frames) * n_mels].to_vec();
+    raw.resize(frames * n_mels, LOG10_FLOOR);
+    LogMel::from_raw_frames_with_max(n_mels, raw, SilentWindows::level_max(key))
+}
+
+/// The last final segment, decoded again in front of the next one.
+struct CarriedSegment {
+    raw_frames: Vec<f32>,
+    tokens: Vec<u32>,
+    /// Its states encoded alone (padding shortcut only), made after the final.
+    encoded: Option<EncodedAudio>,
+}
 
 pub struct WhisperRecognizer {
     model: Arc<WhisperModel>,
@@ -34,11 +110,14 @@ pub struct WhisperRecognizer {
     /// Text tokens of the finals so far (the prompt keeps the most recent).
     context: Vec<u32>,
     condition_on_previous: bool,
-    no_speech_threshold: f64,
-    logprob_threshold: f64,
     /// Encode only the audio's positions plus this many (see
     /// [`WhisperModel::encode_fresh`]); `None`: the whole 30 s window.
     fresh_margin: Option<usize>,
+    /// Longest previous segment (in mel frames) carried into the next decode.
+    carry_frames: usize,
+    carried: Option<CarriedSegment>,
+    /// Padding level (a [`SilentWindows`] key) of the stream's speech so far.
+    level: Option<i32>,
 }
 
 impl WhisperRecognizer {
@@ -47,6 +126,7 @@ impl WhisperRecognizer {
         language: Option<&str>,
         task: Task,
         reuse_padding: bool,
+        carry_seconds: f64,
     ) -> Result<Self, ModelError> {
         let task_tokens = model.task_tokens(language.or(Some("en")), task, false)?;
         Ok(Self {
@@ -54,44 +134,154 @@ impl WhisperRecognizer {
             task_tokens,
             context: Vec::new(),
             condition_on_previous: true,
-            no_speech_threshold: 0.6,
-            logprob_threshold: -1.0,
             fresh_margin: reuse_padding.then_some(FRESH_MARGIN),
+            carry_frames: (carry_seconds.max(0.0) * 100.0) as usize,
+            carried: None,
+            level: None,
         })
     }
 
     /// Encodes a segment padded to 30 s and prepares its cross-attention.
-    fn encode(&self, features: &SegmentFeatures) -> Result<CrossAttention, ModelError> {
-        let n_mels = features.n_mels;
+    /// Encodes a segment padded to 30 s, after `head` (the carried segment's
+    /// states) when given, and prepares its cross-attention.
+    fn encode(
+        &self,
+        n_mels: usize,
+        raw_frames: &[f32],
+        head: Option<&EncodedAudio>,
+    ) -> Result<CrossAttention, ModelError> {
         let target = WHISPER_CHUNK_FRAMES;
-        let audio_frames = (features.raw_frames.len() / n_mels).min(target);
-        let max = features
-            .raw_frames
-            .iter()
-            .copied()
-            .fold(LOG10_FLOOR, f32::max);
-        let fresh = self
-            .fresh_margin
-            .map(|m| audio_frames.div_ceil(2) + m)
-            .filter(|&f| f < target / 2);
-        // The shortcut reads only the frames its fresh positions reach.
-        let frames = fresh.map_or(target, |f| (2 * f + 4).min(target));
-        let mut raw = features.raw_frames.clone();
-        // Frames past the audio are silence: log10(1e-10), as the one-shot mel.
-        raw.resize(frames * n_mels, LOG10_FLOOR);
+        let audio_frames = (raw_frames.len() / n_mels).min(target);
+        let max = segment_max(raw_frames);
+        let room = target / 2 - head.map_or(0, EncodedAudio::positions);
+        let fresh = match (self.fresh_margin, head) {
+            (Some(m), Some(_)) => Some((audio_frames.div_ceil(2) + m).min(room)),
+            (Some(m), None) => Some(audio_frames.div_ceil(2) + m).filter(|&f| f < target / 2),
+            (None, _) => None,
+        };
         match fresh {
             Some(fresh) => {
-                let key = SilentWindows::level_key(max);
-                let mel =
-                    LogMel::from_raw_frames_with_max(n_mels, raw, SilentWindows::level_max(key));
-                Ok(self.model.encode_fresh(&mel, fresh, key)?)
+                let key = head.map_or_else(|| self.level_for(max), |h| h.key);
+                let mel = padded_mel(n_mels, raw_frames, audio_frames, fresh, key);
+                Ok(self.model.encode_after(&mel, fresh, key, head)?)
             }
             None => {
+                let mut raw = raw_frames[..audio_frames * n_mels].to_vec();
+                raw.resize(target * n_mels, LOG10_FLOOR);
                 let mel = LogMel::from_raw_frames_with_max(n_mels, raw, max);
                 let encoded = self.model.encode(&mel)?;
                 Ok(self.model.cross_attention(&encoded)?)
             }
         }
+    }
+
+    /// Encodes the carried segment alone, once, for the decodes that put it
+    /// in front of the next segment (with the padding shortcut on).
+    fn encode_carried(&mut self) -> Result<(), ModelError> {
+        let (Some(margin), Some(level)) = (self.fresh_margin, self.level) else {
+            return Ok(());
+        };
+        let n_mels = self.model.config.n_mels;
+        let Some(carried) = self.carried.as_mut().filter(|c| c.encoded.is_none()) else {
+            return Ok(());
+        };
+        let audio_frames = carried.raw_frames.len() / n_mels;
+        let positions = audio_frames.div_ceil(2);
+        let fresh = positions + margin;
+        let mel = padded_mel(n_mels, &carried.raw_frames, audio_frames, fresh, level);
+        carried.encoded = Some(self.model.encode_head(&mel, positions, fresh, level)?);
+        Ok(())
+    }
+
+    fn has_words(&self, tokens: &[u32]) -> bool {
+        self.model
+            .tokenizer
+            .decode_text(tokens)
+            .chars()
+            .any(char::is_alphanumeric)
+    }
+
+    /// The padding level for a segment whose log-mel maximum is `max`: the
+    /// stream's, unless the segment is much louder. Quieter segments (noise
+    /// blips) keep the stream's level, so their noise is not stretched over
+    /// the full range the model expects of speech.
+    fn level_for(&self, max: f32) -> i32 {
+        let own = SilentWindows::level_key(max);
+        match self.level {
+            Some(level) if own <= level + LEVEL_RISE_STEPS => level,
+            _ => own,
+        }
+    }
+
+    /// Follows the level of committed speech (segments that decoded to text).
+    fn track_level(&mut self, features: &SegmentFeatures) {
+        let own = SilentWindows::level_key(segment_max(&features.raw_frames));
+        self.level = match self.level {
+            Some(level) if own <= level + LEVEL_RISE_STEPS && own > level - LEVEL_FALL_STEPS => {
+                Some(level)
+            }
+            _ => Some(own),
+        };
+    }
+
+    /// Decodes the segment, after the carried one if given (its text forced
+    /// and then removed from the result), and applies the no-speech rule to
+    /// a segment decoded alone (with carried speech in the window the
+    /// no-speech probability says nothing about the new audio).
+    fn decode_window(
+        &self,
+        features: &SegmentFeatures,
+        carried: Option<&CarriedSegment>,
+        prefix: &[u32],
+        encode_time: &mut Duration,
+    ) -> Result<DecodedWindow, ModelError> {
+        let t = Instant::now();
+        let n_mels = features.n_mels;
+        // The carried states serve if they were made at the new audio's level.
+        let head = carried
+            .and_then(|c| c.encoded.as_ref())
+            .filter(|h| h.key == self.level_for(segment_max(&features.raw_frames)));
+        let cross = match (carried, head) {
+            (Some(c), Some(head)) => {
+                // The carried segment's last positions are encoded again with
+                // the new audio, so the two meet in both directions.
+                let overlap = HEAD_OVERLAP.min(head.positions());
+                let kept = head.positions() - overlap;
+                let context = kept.min(HEAD_CONTEXT);
+                let from = (2 * (kept - context) * n_mels).min(c.raw_frames.len());
+                let frames = [&c.raw_frames[from..], features.raw_frames.as_slice()].concat();
+                self.encode(n_mels, &frames, Some(&head.narrow(kept)?))?
+            }
+            (Some(c), None) => {
+                let joined = [c.raw_frames.as_slice(), &features.raw_frames].concat();
+                self.encode(n_mels, &joined, None)?
+            }
+            (None, _) => self.encode(n_mels, &features.raw_frames, None)?,
+        };
+        *encode_time += t.elapsed();
+        let carried_tokens: &[u32] = carried.map_or(&[], |c| &c.tokens);
+        // Carried text is forced, so the prompt stops before it.
+        let conditioning: &[u32] = if self.condition_on_previous {
+            &self.context[..self.context.len().saturating_sub(carried_tokens.len())]
+        } else {
+            &[]
+        };
+        let forced = [carried_tokens, prefix].concat();
+        let (prompt, sot_index) = self.model.build_prompt(conditioning, &self.task_tokens);
+        let opts = DecodingOptions {
+            timestamps: false,
+            ..Default::default()
+        };
+        let mut window = self
+            .model
+            .greedy_decode_forced(&cross, &prompt, sot_index, &forced, &opts)?;
+        window.tokens.drain(..carried_tokens.len());
+        let silent = carried.is_none() && is_silence(window.no_speech_prob, window.avg_logprob);
+        // A segment the model itself calls silence keeps only what was already committed.
+        if silent && prefix.is_empty() {
+            window.tokens.clear();
+        }
+        Ok(window)
     }
 }
 
@@ -121,34 +311,26 @@ impl Recognizer for WhisperRecognizer {
         prefix: &[u32],
     ) -> Result<Hypothesis, ModelError> {
         let t0 = Instant::now();
-        let cross = self.encode(features)?;
-        let encode_time = t0.elapsed();
-        let conditioning: &[u32] = if self.condition_on_previous {
-            &self.context
-        } else {
-            &[]
-        };
-        let (prompt, sot_index) = self.model.build_prompt(conditioning, &self.task_tokens);
-        let opts = DecodingOptions {
-            timestamps: false,
-            ..Default::default()
-        };
-        let result = self
-            .model
-            .greedy_decode_forced(&cross, &prompt, sot_index, prefix, &opts)?;
-        let silent = result.no_speech_prob > self.no_speech_threshold
-            && result.avg_logprob < self.logprob_threshold;
-        // A segment the model itself calls silence keeps only what was already committed.
-        let tokens = if silent && prefix.is_empty() {
-            Vec::new()
-        } else {
-            result.tokens
-        };
+        self.encode_carried()?;
+        let mut encode_time = t0.elapsed();
+        // The previous segment goes first when both fit one window.
+        let carried = self.carried.as_ref().filter(|c| {
+            (c.raw_frames.len() + features.raw_frames.len()) / features.n_mels.max(1)
+                <= WHISPER_CHUNK_FRAMES - 2 * FRESH_MARGIN
+        });
+        let mut window = self.decode_window(features, carried, prefix, &mut encode_time)?;
+        // After carried text tiny.en sometimes ends the transcript at once
+        // (nothing, or a full stop) though the new segment holds speech
+        // ("And I think" lost): the segment is then decoded alone.
+        if carried.is_some() && !self.has_words(&window.tokens[prefix.len()..]) {
+            window = self.decode_window(features, None, prefix, &mut encode_time)?;
+        }
+        let tokens = window.tokens;
         Ok(Hypothesis {
             text: self.model.tokenizer.decode_text(&tokens),
             tokens,
-            no_speech_prob: Some(result.no_speech_prob),
-            avg_logprob: result.avg_logprob,
+            no_speech_prob: Some(window.no_speech_prob),
+            avg_logprob: window.avg_logprob,
             encode_time,
             decode_time: t0.elapsed() - encode_time,
         })
@@ -156,16 +338,30 @@ impl Recognizer for WhisperRecognizer {
 
     fn commit(
         &mut self,
-        _features: &SegmentFeatures,
+        features: &SegmentFeatures,
         hypothesis: &Hypothesis,
     ) -> Result<(), ModelError> {
         self.context.extend_from_slice(&hypothesis.tokens);
+        if !hypothesis.tokens.is_empty() {
+            self.track_level(features);
+        }
+        // Only text-bearing segments short enough are carried; noise is not.
+        self.carried = (!hypothesis.tokens.is_empty() && features.n_frames() <= self.carry_frames)
+            .then(|| CarriedSegment {
+                raw_frames: features.raw_frames.clone(),
+                tokens: hypothesis.tokens.clone(),
+                encoded: None,
+            });
         // The prompt only ever uses the most recent half-context of tokens.
         let keep = self.model.decoder.n_text_ctx() / 2;
         if self.context.len() > 2 * keep {
             self.context.drain(..self.context.len() - keep);
         }
         Ok(())
+    }
+
+    fn after_final(&mut self) -> Result<(), ModelError> {
+        self.encode_carried()
     }
 
     fn detokenize(&self, tokens: &[u32]) -> String {
@@ -178,5 +374,34 @@ impl Recognizer for WhisperRecognizer {
 
     fn reset_context(&mut self) {
         self.context.clear();
+        self.carried = None;
+        self.level = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_silence;
+
+    #[test]
+    fn silence_rule_separates_the_eval_sets_noise_from_short_words() {
+        // (no-speech, mean log-prob) of finals on the eval set, tiny.en.
+        for (ns, lp) in [
+            (0.885, -1.224),
+            (0.914, -0.900),
+            (0.930, -0.601),
+            (0.791, -0.872),
+        ] {
+            assert!(is_silence(ns, lp), "noise decoded as 'you': {ns} {lp}");
+        }
+        for (ns, lp) in [
+            (0.700, -0.873),
+            (0.638, -0.474),
+            (0.388, -0.437),
+            (0.01, -2.0),
+        ] {
+            assert!(!is_silence(ns, lp), "short speech: {ns} {lp}");
+        }
+        assert!(is_silence(0.65, -1.2), "Whisper's own rule still holds");
     }
 }
