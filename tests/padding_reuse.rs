@@ -37,6 +37,40 @@ fn rows(t: &Tensor, n: usize) -> Vec<f32> {
     to_vec_f32(&t.narrow(time_dim, 0, n).unwrap())
 }
 
+/// The reference fixtures' speech window: a short clip padded to 30 s.
+struct SpeechFixture {
+    enc_fx: std::collections::HashMap<String, Tensor>,
+    dec_fx: std::collections::HashMap<String, Tensor>,
+    mel: Tensor,
+    /// The normalised value of the padding frames.
+    pad: f32,
+    audio_frames: usize,
+}
+
+fn speech_fixture() -> SpeechFixture {
+    let enc_fx = load_fixture("whisper_tiny_en/encoder.safetensors");
+    let dec_fx = load_fixture("whisper_tiny_en/decoder.safetensors");
+    let mel_data = to_vec_f32(&enc_fx["mel"]);
+    let mel = Tensor::from_vec(mel_data.clone(), (1, 80, 3000), &Device::Cpu).unwrap();
+    // The padding frames at the end all hold one value; the audio ends where they start.
+    let pad = mel_data[2999];
+    let audio_frames = (0..3000)
+        .rev()
+        .find(|&t| (0..80).any(|m| mel_data[m * 3000 + t] != pad))
+        .map_or(0, |t| t + 1);
+    assert!(
+        (100..2000).contains(&audio_frames),
+        "the fixture should be a short clip padded to 30 s ({audio_frames} frames)"
+    );
+    SpeechFixture {
+        enc_fx,
+        dec_fx,
+        mel,
+        pad,
+        audio_frames,
+    }
+}
+
 #[test]
 fn padding_only_window_is_reproduced_exactly() {
     let model = load_whisper(&model_dir("tiny.en"), &Device::Cpu, DType::F32).unwrap();
@@ -124,20 +158,13 @@ fn positions_after_an_encoded_head_are_reproduced_exactly_on_padding() {
 #[test]
 fn speech_keeps_the_reference_transcript() {
     let model = load_whisper(&model_dir("tiny.en"), &Device::Cpu, DType::F32).unwrap();
-    let enc_fx = load_fixture("whisper_tiny_en/encoder.safetensors");
-    let dec_fx = load_fixture("whisper_tiny_en/decoder.safetensors");
-    let mel_data = to_vec_f32(&enc_fx["mel"]);
-    let mel = Tensor::from_vec(mel_data.clone(), (1, 80, 3000), &Device::Cpu).unwrap();
-    // The padding frames at the end all hold one value; the audio ends where they start.
-    let pad = mel_data[2999];
-    let audio_frames = (0..3000)
-        .rev()
-        .find(|&t| (0..80).any(|m| mel_data[m * 3000 + t] != pad))
-        .map_or(0, |t| t + 1);
-    assert!(
-        (100..2000).contains(&audio_frames),
-        "the fixture should be a short clip padded to 30 s ({audio_frames} frames)"
-    );
+    let SpeechFixture {
+        enc_fx,
+        dec_fx,
+        mel,
+        pad,
+        audio_frames,
+    } = speech_fixture();
     let silent_mel = Tensor::full(pad, (1, 80, 3000), &Device::Cpu).unwrap();
     let silent = model.encoder.silent_window(&silent_mel).unwrap();
     let fresh_n = audio_frames.div_ceil(2) + MARGIN;
@@ -182,15 +209,13 @@ fn speech_keeps_the_reference_transcript() {
 #[test]
 fn speech_after_an_encoded_head_keeps_the_reference_transcript() {
     let model = load_whisper(&model_dir("tiny.en"), &Device::Cpu, DType::F32).unwrap();
-    let enc_fx = load_fixture("whisper_tiny_en/encoder.safetensors");
-    let dec_fx = load_fixture("whisper_tiny_en/decoder.safetensors");
-    let mel_data = to_vec_f32(&enc_fx["mel"]);
-    let mel = Tensor::from_vec(mel_data.clone(), (1, 80, 3000), &Device::Cpu).unwrap();
-    let pad = mel_data[2999];
-    let audio_frames = (0..3000)
-        .rev()
-        .find(|&t| (0..80).any(|m| mel_data[m * 3000 + t] != pad))
-        .map_or(0, |t| t + 1);
+    let SpeechFixture {
+        enc_fx,
+        dec_fx,
+        mel,
+        pad,
+        audio_frames,
+    } = speech_fixture();
     let audio_n = audio_frames.div_ceil(2);
     let split = audio_n / 2;
     let silent_mel = Tensor::full(pad, (1, 80, 3000), &Device::Cpu).unwrap();

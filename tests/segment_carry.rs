@@ -9,25 +9,12 @@
 //!   carried: results equal a recogniser without carrying, token for token.
 
 mod common;
-use std::sync::OnceLock;
 use stepaudio_live::frontend::MelExtractor;
 use stepaudio_live::model::recognizer::{Recognizer, SegmentFeatures};
 use stepaudio_live::model::{LoadedModel, RecognizerOptions};
 
 fn model() -> LoadedModel {
-    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let dir = common::model_dir("tiny.en");
-            LoadedModel::load(
-                dir.to_str().unwrap(),
-                stepaudio_live::device::DeviceChoice::Cpu,
-                None,
-                stepaudio_live::model::whisper::DecoderWeights::Int8,
-            )
-            .expect("tiny.en loads")
-        })
-        .clone()
+    common::tiny_en()
 }
 
 fn recognizer(carry_seconds: f64) -> Box<dyn Recognizer> {

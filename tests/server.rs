@@ -10,7 +10,6 @@ use futures_util::SinkExt;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::sync::OnceLock;
 use std::time::Duration;
 use stepaudio_live::eval::wer::{normalize, score, Unit};
 use stepaudio_live::model::LoadedModel;
@@ -21,19 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use ws_support::*;
 
 fn model() -> LoadedModel {
-    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let dir = common::model_dir("tiny.en");
-            LoadedModel::load(
-                dir.to_str().unwrap(),
-                stepaudio_live::device::DeviceChoice::Cpu,
-                None,
-                stepaudio_live::model::whisper::DecoderWeights::Int8,
-            )
-            .expect("tiny.en loads")
-        })
-        .clone()
+    common::tiny_en()
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -169,6 +169,14 @@ pub fn attention(
     probs.matmul(&v.contiguous()?)
 }
 
+/// The first `n` positions (dim 2) of per-layer keys and values `[b, h, T, d]`.
+pub fn narrow_positions(layers: &[(Tensor, Tensor)], n: usize) -> Result<Vec<(Tensor, Tensor)>> {
+    layers
+        .iter()
+        .map(|(k, v)| Ok((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?)))
+        .collect()
+}
+
 /// Keys or values of a window whose positions `c..c + n` were recomputed
 /// (`own` `[b, h, n, d]`): `head`'s `c` positions (audio encoded earlier; none
 /// when `None`), then `own`, then a cached `whole` `[b, h, T, d]` from

@@ -103,3 +103,21 @@ pub fn english_greedy_setup(
     };
     (prompt, opts)
 }
+
+/// The real tiny.en, int8 decoder weights, loaded once per test binary.
+pub fn tiny_en() -> stepaudio_live::model::LoadedModel {
+    static MODEL: std::sync::OnceLock<stepaudio_live::model::LoadedModel> =
+        std::sync::OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let dir = model_dir("tiny.en");
+            stepaudio_live::model::LoadedModel::load(
+                dir.to_str().unwrap(),
+                stepaudio_live::device::DeviceChoice::Cpu,
+                None,
+                stepaudio_live::model::whisper::DecoderWeights::Int8,
+            )
+            .expect("tiny.en loads")
+        })
+        .clone()
+}

@@ -4,7 +4,8 @@
 use crate::model::cpu_ops::gelu_erf;
 use crate::model::kv_cache::KvCache;
 use crate::model::layers::{
-    attention, causal_mask, merge_heads, splice_cached, split_heads, LayerNorm, Linear,
+    attention, causal_mask, merge_heads, narrow_positions, splice_cached, split_heads, LayerNorm,
+    Linear,
 };
 use candle_core::{Result, Tensor};
 
@@ -47,12 +48,9 @@ pub struct CrossAttention {
 impl CrossAttention {
     /// The first `n` positions.
     pub fn narrow(&self, n: usize) -> Result<Self> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|(k, v)| Ok((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?)))
-            .collect::<Result<_>>()?;
-        Ok(Self { layers })
+        Ok(Self {
+            layers: narrow_positions(&self.layers, n)?,
+        })
     }
 }
 

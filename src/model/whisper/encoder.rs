@@ -3,7 +3,7 @@
 
 use crate::model::cpu_ops::gelu_erf;
 use crate::model::layers::{
-    attention, merge_heads, splice_cached, split_heads, Conv1d, LayerNorm, Linear,
+    attention, merge_heads, narrow_positions, splice_cached, split_heads, Conv1d, LayerNorm, Linear,
 };
 use candle_core::{Result, Tensor};
 
@@ -94,12 +94,9 @@ impl EncodedHead {
 
     /// The first `n` positions.
     pub fn narrow(&self, n: usize) -> Result<Self> {
-        let keys_values = self
-            .keys_values
-            .iter()
-            .map(|(k, v)| Ok((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?)))
-            .collect::<Result<_>>()?;
-        Ok(Self { keys_values })
+        Ok(Self {
+            keys_values: narrow_positions(&self.keys_values, n)?,
+        })
     }
 }
 
