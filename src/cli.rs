@@ -141,7 +141,7 @@ pub struct StreamArgs {
     /// Whisper: decode the previous segment again in front of the next one,
     /// its text forced, when it is at most this long (s; 0: off), so a
     /// segment's first words have the speech before them as context.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = parse_seconds)]
     pub carry_audio: f64,
 }
 
@@ -562,6 +562,14 @@ fn parse_vad_frame_ms(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(ms @ (10 | 20 | 30)) => Ok(ms),
         _ => Err(format!("`{s}`: WebRTC VAD frames are 10, 20 or 30 ms")),
+    }
+}
+
+/// A length of audio in seconds: finite and not negative.
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("`{s}`: expected seconds, a number ≥ 0")),
     }
 }
 

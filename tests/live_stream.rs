@@ -324,6 +324,15 @@ fn bad_live_arguments_exit_with_code_2() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+    // A negative carry length is refused before any audio is read.
+    let real = speech("en_ps_cards_001.wav");
+    let out = bin()
+        .args(["--input", real.to_str().unwrap(), "--carry-audio=-1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("carry-audio"), "{stderr}");
 }
 
 /// The capture path through a real audio server: PulseAudio with a null
