@@ -177,6 +177,18 @@ pub fn narrow_positions(layers: &[(Tensor, Tensor)], n: usize) -> Result<Vec<(Te
         .collect()
 }
 
+/// [`splice_cached`] for keys and values together.
+pub fn splice_cached_pair(
+    head: Option<&(Tensor, Tensor)>,
+    own: (&Tensor, &Tensor),
+    whole: &(Tensor, Tensor),
+) -> Result<(Tensor, Tensor)> {
+    Ok((
+        splice_cached(head.map(|h| &h.0), own.0, &whole.0)?,
+        splice_cached(head.map(|h| &h.1), own.1, &whole.1)?,
+    ))
+}
+
 /// Keys or values of a window whose positions `c..c + n` were recomputed
 /// (`own` `[b, h, n, d]`): `head`'s `c` positions (audio encoded earlier; none
 /// when `None`), then `own`, then a cached `whole` `[b, h, T, d]` from

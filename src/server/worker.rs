@@ -232,15 +232,15 @@ impl Worker {
     }
 
     fn decode(id: SessionId, session: &mut Session, update: SegmentUpdate) {
-        match session.decoder.handle(&update, session.recognizer.as_mut()) {
-            Ok(Some(ev)) => {
-                let is_final = matches!(ev, Event::Final { .. });
-                let _ = session.events.send(WorkerEvent::Event(ev));
-                if is_final {
-                    session.decoder.after_final(session.recognizer.as_mut());
-                }
-            }
-            Ok(None) => {}
+        let events = &session.events;
+        let emit = |ev| {
+            let _ = events.send(WorkerEvent::Event(ev));
+        };
+        match session
+            .decoder
+            .handle_and_emit(&update, session.recognizer.as_mut(), emit)
+        {
+            Ok(()) => {}
             Err(e) => {
                 tracing::error!(
                     session = id,

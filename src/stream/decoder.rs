@@ -73,15 +73,29 @@ impl SegmentDecoder {
         }
     }
 
-    /// Lets the recogniser prepare for the next segment once a final is out
-    /// (counted as model time; a failure is logged, and the work is redone
-    /// by the next decode).
-    pub fn after_final(&mut self, recognizer: &mut dyn Recognizer) {
-        let t = Instant::now();
-        if let Err(e) = recognizer.after_final() {
-            tracing::warn!("preparing the next segment failed: {e}");
+    /// Decodes `update` and hands its event, if any, to `emit`; after a
+    /// final is emitted the recogniser prepares for the next segment
+    /// (counted as model time; a failure there is logged, and the work is
+    /// redone by the next decode).
+    pub fn handle_and_emit(
+        &mut self,
+        update: &SegmentUpdate,
+        recognizer: &mut dyn Recognizer,
+        emit: impl FnOnce(Event),
+    ) -> Result<(), ModelError> {
+        let Some(event) = self.handle(update, recognizer)? else {
+            return Ok(());
+        };
+        let is_final = matches!(event, Event::Final { .. });
+        emit(event);
+        if is_final {
+            let t = Instant::now();
+            if let Err(e) = recognizer.after_final() {
+                tracing::warn!("preparing the next segment failed: {e}");
+            }
+            self.model_time += t.elapsed();
         }
-        self.model_time += t.elapsed();
+        Ok(())
     }
 
     pub fn handle(

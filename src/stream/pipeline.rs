@@ -314,18 +314,14 @@ fn inference_thread(
                     continue;
                 }
                 let before = decoder.model_time;
-                match decoder.handle(&update, recognizer.as_mut()) {
-                    Ok(Some(ev)) => {
-                        let is_final = matches!(ev, Event::Final { .. });
-                        if is_final {
-                            counters.finals.fetch_add(1, Ordering::Relaxed);
-                        }
-                        let _ = events_tx.send(ev);
-                        if is_final {
-                            decoder.after_final(recognizer.as_mut());
-                        }
+                let emit = |ev: Event| {
+                    if matches!(ev, Event::Final { .. }) {
+                        counters.finals.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(None) => {}
+                    let _ = events_tx.send(ev);
+                };
+                match decoder.handle_and_emit(&update, recognizer.as_mut(), emit) {
+                    Ok(()) => {}
                     Err(e) => {
                         tracing::error!("decoding segment {} failed: {e}", update.segment);
                         let _ = events_tx.send(Event::Error {

@@ -4,8 +4,8 @@
 use crate::model::cpu_ops::gelu_erf;
 use crate::model::kv_cache::KvCache;
 use crate::model::layers::{
-    attention, causal_mask, merge_heads, narrow_positions, splice_cached, split_heads, LayerNorm,
-    Linear,
+    attention, causal_mask, merge_heads, narrow_positions, splice_cached_pair, split_heads,
+    LayerNorm, Linear,
 };
 use candle_core::{Result, Tensor};
 
@@ -159,12 +159,8 @@ impl WhisperDecoder {
             .into_iter()
             .zip(&silent.layers)
             .enumerate()
-            .map(|(i, ((k, v), (sk, sv)))| {
-                let h = head.map(|h| &h.layers[i]);
-                Ok((
-                    splice_cached(h.map(|h| &h.0), &k, sk)?,
-                    splice_cached(h.map(|h| &h.1), &v, sv)?,
-                ))
+            .map(|(i, ((k, v), whole))| {
+                splice_cached_pair(head.map(|h| &h.layers[i]), (&k, &v), whole)
             })
             .collect::<Result<_>>()?;
         Ok(CrossAttention { layers })
