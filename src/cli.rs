@@ -3,7 +3,8 @@
 
 use crate::audio::{wav, AudioError};
 use crate::device::{select_device, DeviceChoice};
-use crate::model::{hub, whisper::load::load_whisper_for_inference};
+use crate::fetch::{self, FetchError};
+use crate::model::whisper::load::load_whisper_for_inference;
 use crate::output::{write_transcript, OutputFormat};
 use crate::stream::sink::{LiveFormat, StdoutSink};
 use crate::transcribe::{Task, TranscribeOptions};
@@ -206,7 +207,7 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Transcribe audio files and print their text.
     Transcribe(TranscribeArgs),
-    /// List or fetch models.
+    /// List, fetch, verify or describe models.
     Models {
         #[command(subcommand)]
         action: ModelsAction,
@@ -219,10 +220,22 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum ModelsAction {
-    /// Known model names and whether they are in the cache.
+    /// Known model names, their pinned sources and whether they are in the cache.
     List,
-    /// Download a model into the cache.
-    Fetch { name: String },
+    /// Download a model into the cache (files checked against their pins).
+    Fetch {
+        name: String,
+        /// Download again and replace the cached copy.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Hash every file of cached models again and compare with the pins.
+    Verify {
+        /// One model (default: every known model in the cache).
+        name: Option<String>,
+    },
+    /// Size and SHA-256 of every file in a model directory (or a cached name).
+    Info { dir: String },
 }
 
 #[derive(Args, Debug)]
@@ -270,7 +283,12 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
-            if err
+            let fetch_code = err
+                .chain()
+                .find_map(|e| e.downcast_ref::<FetchError>().map(FetchError::exit_code));
+            if let Some(code) = fetch_code {
+                ExitCode::from(code)
+            } else if err
                 .chain()
                 .any(|e| e.downcast_ref::<AudioError>().is_some())
             {
@@ -311,16 +329,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn models(action: ModelsAction) -> anyhow::Result<ExitCode> {
     match action {
         ModelsAction::List => {
-            let models_dir = hub::cache_dir().join("models");
+            let models_dir = fetch::models_dir();
             println!("cache: {}", models_dir.display());
-            println!("{:<18} {:<7} {:<64} path", "name", "cached", "sources");
-            for m in hub::KNOWN_MODELS {
+            println!(
+                "{:<18} {:<7} {:<96} path",
+                "name", "cached", "sources (pinned)"
+            );
+            for m in fetch::KNOWN_MODELS {
                 println!(
-                    "{:<18} {:<7} {:<64} {}",
+                    "{:<18} {:<7} {:<96} {}",
                     m.name,
-                    if hub::is_cached(m.name) { "yes" } else { "no" },
-                    m.sources(),
-                    hub::cached_path(m.name).display()
+                    if fetch::is_cached(m.name) {
+                        "yes"
+                    } else {
+                        "no"
+                    },
+                    m.source_labels(),
+                    fetch::cached_path(m.name).display()
                 );
             }
             // Models put into the cache by hand (not in the table).
@@ -329,32 +354,90 @@ fn models(action: ModelsAction) -> anyhow::Result<ExitCode> {
                 .flatten()
                 .flatten()
                 .map(|e| e.file_name().to_string_lossy().to_string())
-                .filter(|n| !n.starts_with('.') && hub::known_model(n).is_none())
+                .filter(|n| !n.starts_with('.') && fetch::known_model(n).is_none())
                 .collect();
             others.sort();
             for name in others {
                 let path = models_dir.join(&name);
                 let cached = crate::model::detect_layout(&path).is_ok();
                 println!(
-                    "{:<18} {:<7} {:<64} {}",
+                    "{:<18} {:<7} {:<96} {}",
                     name,
                     if cached { "yes" } else { "no" },
-                    "(local)",
+                    "(local, not verified)",
                     path.display()
                 );
             }
         }
-        ModelsAction::Fetch { name } => {
-            if hub::is_cached(&name) {
-                eprintln!("{name} is already in the cache");
+        ModelsAction::Fetch { name, force } => {
+            if fetch::is_cached(&name) && !force {
+                eprintln!("{name} is already in the cache (checking it)");
             }
-            match hub::fetch_model(&name) {
-                Ok(dir) => println!("{}", dir.display()),
-                Err(e @ crate::model::ModelError::UnknownName { .. }) => {
-                    eprintln!("error: {e}");
-                    return Ok(ExitCode::from(EXIT_BAD_INPUT));
+            println!("{}", fetch::fetch(&name, force)?.display());
+        }
+        ModelsAction::Verify { name } => {
+            let names: Vec<String> = match name {
+                Some(n) => vec![n],
+                None => fetch::KNOWN_MODELS
+                    .iter()
+                    .filter(|m| fetch::cached_path(m.name).is_dir())
+                    .map(|m| m.name.to_string())
+                    .collect(),
+            };
+            let mut failed = None;
+            for name in &names {
+                match fetch::verify_cached(name) {
+                    Ok(files) => println!("{name}: ok ({files} files match their pins)"),
+                    Err(e) => {
+                        println!("{name}: FAILED");
+                        eprintln!("error: {e}");
+                        failed.get_or_insert(e.exit_code());
+                    }
                 }
-                Err(e) => return Err(e.into()),
+            }
+            if names.is_empty() {
+                eprintln!(
+                    "no known model is in the cache ({})",
+                    fetch::models_dir().display()
+                );
+            }
+            if let Some(code) = failed {
+                return Ok(ExitCode::from(code));
+            }
+        }
+        ModelsAction::Info { dir } => {
+            let path = if std::path::Path::new(&dir).is_dir() {
+                std::path::PathBuf::from(&dir)
+            } else if fetch::cached_path(&dir).is_dir() {
+                fetch::cached_path(&dir)
+            } else {
+                return Err(FetchError::NoSuchDirectory { path: dir }.into());
+            };
+            let layout = crate::model::detect_layout(&path)?;
+            let family = if crate::model::is_step_audio2_dir(&path) {
+                "Step-Audio 2"
+            } else {
+                "Whisper"
+            };
+            println!("{}: {family}, {layout:?} layout", path.display());
+            let files = fetch::describe_dir(&path)?;
+            // Which known model, if any, these files are.
+            let matches = fetch::KNOWN_MODELS.iter().find(|m| {
+                m.files.iter().all(|pin| {
+                    files.iter().any(|(p, size, sha)| {
+                        p.file_name().is_some_and(|n| n == pin.name)
+                            && pin.size.is_none_or(|s| s == *size)
+                            && pin.sha256.is_none_or(|h| h == sha)
+                    })
+                })
+            });
+            for (file, size, sha) in &files {
+                let name = file.file_name().unwrap_or_default().to_string_lossy();
+                println!("{sha}  {size:>12}  {name}");
+            }
+            match matches {
+                Some(m) => println!("matches the pins of known model `{}`", m.name),
+                None => println!("matches no known model's pins"),
             }
         }
     }
@@ -368,7 +451,7 @@ fn transcribe(global: &GlobalArgs, args: TranscribeArgs) -> anyhow::Result<ExitC
         inputs.push((f.display().to_string(), wav::read_wav_16k_mono(f)?));
     }
     let device = select_device(global.compute)?;
-    let dir = hub::resolve_model(&global.model)?;
+    let dir = fetch::resolve(&global.model)?;
     let model = load_whisper_for_inference(
         &dir,
         &device,
@@ -496,8 +579,9 @@ fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn load_model(global: &GlobalArgs) -> anyhow::Result<crate::model::LoadedModel> {
+    let dir = fetch::resolve(&global.model)?;
     Ok(crate::model::LoadedModel::load(
-        &global.model,
+        &dir,
         global.compute,
         global.dtype.map(ComputeDType::dtype),
         global.decoder_weights,

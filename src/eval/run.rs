@@ -7,7 +7,7 @@ use super::wer::{self, ErrorCounts, Unit};
 use super::EvalError;
 use crate::audio::{wav, MODEL_SAMPLE_RATE};
 use crate::device::{select_device, DeviceChoice};
-use crate::model::{hub, whisper::load::load_whisper_for_inference, whisper::DecoderWeights};
+use crate::model::{whisper::load::load_whisper_for_inference, whisper::DecoderWeights};
 use crate::transcribe::TranscribeOptions;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -311,7 +311,7 @@ fn transcribe_entries(
 ) -> Result<EvalReport, EvalError> {
     let device = select_device(device)?;
     let load_start = Instant::now();
-    let dir = hub::resolve_model(model).map_err(EvalError::Model)?;
+    let dir = crate::fetch::resolve(model).map_err(EvalError::Fetch)?;
     let whisper =
         load_whisper_for_inference(&dir, &device, candle_core::DType::F32, decoder_weights)
             .map_err(EvalError::Model)?;

@@ -1,12 +1,12 @@
 //! Models: weight files (CTranslate2 and safetensors), the shared layers, the
-//! Whisper family and Step-Audio 2 mini, and fetching models by name.
+//! Whisper family and Step-Audio 2 mini. Finding a model's files by name is
+//! the job of `crate::fetch`; everything here starts from a directory.
 
 pub mod cpu_ops;
 pub mod ct2;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod fast;
-pub mod hub;
 pub mod kv_cache;
 pub mod layers;
 pub mod quant;
@@ -41,12 +41,6 @@ pub enum ModelError {
     Config { path: String, reason: String },
     #[error("{path}: tokenizer: {reason}")]
     Tokenizer { path: String, reason: String },
-    #[error(
-        "unknown model `{name}` (known names: {known}); pass a directory to use another model"
-    )]
-    UnknownName { name: String, known: String },
-    #[error("fetching model `{name}` failed: {reason}")]
-    Fetch { name: String, reason: String },
     #[error("{0}")]
     Invalid(String),
     #[error("tensor computation failed: {0}")]
@@ -156,19 +150,18 @@ pub enum LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads the model named or found at `name_or_dir` on `compute`. `dtype`
-    /// defaults to f32 on the CPU and bf16 on a GPU.
+    /// Loads the model in `dir` on `compute`. `dtype` defaults to f32 on the
+    /// CPU and bf16 on a GPU.
     pub fn load(
-        name_or_dir: &str,
+        dir: &Path,
         compute: crate::device::DeviceChoice,
         dtype: Option<candle_core::DType>,
         decoder_weights: whisper::DecoderWeights,
     ) -> Result<Self, anyhow::Error> {
         let device = crate::device::select_device(compute)?;
         let dtype = dtype.unwrap_or_else(|| crate::device::default_dtype(&device));
-        let dir = hub::resolve_model(name_or_dir)?;
-        if is_step_audio2_dir(&dir) {
-            let sa = step_audio2::load::load_step_audio2(&dir, &device, dtype)?;
+        if is_step_audio2_dir(dir) {
+            let sa = step_audio2::load::load_step_audio2(dir, &device, dtype)?;
             Ok(Self::StepAudio2(std::sync::Arc::new(sa)))
         } else {
             // Whisper on the CPU computes in f32 whatever the stored precision.
@@ -178,7 +171,7 @@ impl LoadedModel {
                 dtype
             };
             Ok(Self::Whisper(std::sync::Arc::new(
-                whisper::load::load_whisper_for_inference(&dir, &device, dtype, decoder_weights)?,
+                whisper::load::load_whisper_for_inference(dir, &device, dtype, decoder_weights)?,
             )))
         }
     }
