@@ -202,8 +202,8 @@ fn english_clip_matches_reference() {
 #[test]
 fn chinese_clip_matches_reference() {
     single_clip(
-        "zh_aishell2_IT0011W0001.safetensors",
-        "zh_aishell2_IT0011W0001.wav",
+        "zh_aishell1_BAC009S0764W0121.safetensors",
+        "zh_aishell1_BAC009S0764W0121.wav",
         SystemPrompt::Chinese,
     );
 }
@@ -230,7 +230,7 @@ fn second_turn_on_the_persisted_cache_matches_from_scratch() {
     let sa = load();
     let fx = load_fixture("step_audio2/two_turns.safetensors");
     let rows1 = clip_rows(&sa, "en_ps_cards_001.safetensors");
-    let rows2 = clip_rows(&sa, "zh_aishell2_IT0011W0001.safetensors");
+    let rows2 = clip_rows(&sa, "zh_aishell1_BAC009S0764W0121.safetensors");
     let bounds = usizes(&fx["segment_bounds"]);
 
     let mut session = sa.session(session_opts(SystemPrompt::English, 12)).unwrap();
@@ -313,7 +313,7 @@ fn second_turn_on_the_persisted_cache_matches_from_scratch() {
 fn partial_rollback_leaves_the_cache_bit_identical() {
     let sa = load();
     let rows1 = clip_rows(&sa, "en_ps_cards_001.safetensors");
-    let rows2 = clip_rows(&sa, "zh_aishell2_IT0011W0001.safetensors");
+    let rows2 = clip_rows(&sa, "zh_aishell1_BAC009S0764W0121.safetensors");
     let mut session = sa.session(session_opts(SystemPrompt::English, 12)).unwrap();
     session
         .decode_final(&sa, std::slice::from_ref(&rows1), &[], &record(12))
@@ -359,7 +359,7 @@ fn forced_prefix_continues_the_greedy_transcript() {
     let sa = load();
     let fx = load_fixture("step_audio2/two_turns.safetensors");
     let rows1 = clip_rows(&sa, "en_ps_cards_001.safetensors");
-    let rows2 = clip_rows(&sa, "zh_aishell2_IT0011W0001.safetensors");
+    let rows2 = clip_rows(&sa, "zh_aishell1_BAC009S0764W0121.safetensors");
     let greedy = ids(&fx["turn2_greedy_tokens"]);
     let mut session = sa.session(session_opts(SystemPrompt::English, 12)).unwrap();
     session
@@ -406,7 +406,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
 fn max_context_restarts_from_the_system_prompt() {
     let sa = load();
     let rows1 = clip_rows(&sa, "en_ps_cards_001.safetensors");
-    let rows2 = clip_rows(&sa, "zh_aishell2_IT0011W0001.safetensors");
+    let rows2 = clip_rows(&sa, "zh_aishell1_BAC009S0764W0121.safetensors");
     let opts = SessionOptions {
         system_prompt: SystemPrompt::English,
         max_context: 60,
@@ -448,7 +448,7 @@ fn max_context_restarts_from_the_system_prompt() {
     for (a, b) in t2.step_logits.iter().zip(&alone.step_logits) {
         assert_eq!(to_vec_f32(a), to_vec_f32(b));
     }
-    // 21 + 42 + 13 = 76 > 60: restarted again after turn 2.
+    // 21 + 70 (53 audio patches) + the answer > 60: restarted again after turn 2.
     assert_eq!(session.restarts(), 2);
 }
 

@@ -34,7 +34,11 @@ import step_audio2_ref as ref  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 DEFAULT_OUT = os.path.join(REPO, "tests", "fixtures", "step_audio2", "tiny_ckpt")
-MIN_REL_GAP = 2e-2
+# 0.02 when seed 1006 was chosen; 0.018 since the Chinese clip became the AISHELL-1 one in
+# assets/ (seed 1006's smallest margin is then 0.0187, in two_turns turn 2, step 1), so that
+# the search still ends at the stored checkpoint. Rust and the reference agree to ~1e-6
+# relative, far inside either margin.
+MIN_REL_GAP = 1.8e-2
 
 ENCODER = dict(n_mels=128, n_audio_ctx=1500, n_audio_state=64, n_audio_head=4,
                n_audio_layer=2, n_codebook_size=4096, llm_dim=128, kernel_size=3,
@@ -45,7 +49,7 @@ ADAPTER_HIDDEN = 256   # width of adapter.linear1 (2048 in the real model; see R
 BPE_VOCAB = 640        # BPE model size incl. the 256 byte symbols; specials come after
 
 # Special tokens appended after the BPE ids, in this order. Names follow the real
-# tokenizer where DESIGN.md / the published code name them; the five
+# tokenizer where docs/architecture.md / the published code name them; the five
 # <|step_reserved_k|> tokens are placeholders of ours that mirror the gap between
 # <audio_patch> (151690) and the first audio token (151696) in the real tokenizer.
 TEXT_SPECIALS = ["<|endoftext|>", "<|BOT|>", "<|EOT|>", "<tts_start>", "<tts_end>"]

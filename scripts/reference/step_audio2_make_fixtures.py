@@ -4,7 +4,7 @@
 
 Writes tests/fixtures/step_audio2/:
   en_ps_cards_001.safetensors          single clip, English system prompt
-  zh_aishell2_IT0011W0001.safetensors  single clip, Chinese (default) system prompt
+  zh_aishell1_BAC009S0764W0121.safetensors  single clip, Chinese (default) system prompt
   two_turns.safetensors                system + turn 1 (clip 1 + its transcript) + turn 2
   long_27s.safetensors                 27 s input: two 25 s pieces, mel/encoder level
 See step_audio2_README.md for every tensor.
@@ -28,11 +28,11 @@ import step_audio2_ref as ref  # noqa: E402
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 FIXDIR = os.path.join(REPO, "tests", "fixtures", "step_audio2")
 CKPT = os.path.join(FIXDIR, "tiny_ckpt")
-SPEECH = os.path.normpath(os.path.join(REPO, "..", "shared", "eval", "speech"))
+SPEECH = os.environ.get("STEPAUDIO_LIVE_SPEECH_DIR", os.path.join(REPO, "assets"))
 
 STEPS = 12                              # decode steps stored per run
 CLIP1 = ("en_ps_cards_001", ref.ASR_PROMPT_EN)
-CLIP2 = ("zh_aishell2_IT0011W0001", ref.ASR_PROMPT_ZH)
+CLIP2 = ("zh_aishell1_BAC009S0764W0121", ref.ASR_PROMPT_ZH)
 LONG_CLIP = "en_mfa_acoustic_corpus"
 LONG_SAMPLES = 27 * ref.SAMPLE_RATE
 TWO_TURN_PROMPT = ref.ASR_PROMPT_EN
