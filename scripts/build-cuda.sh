@@ -7,9 +7,10 @@
 #
 # With a normal CUDA toolkit (nvcc on PATH or CUDA_ROOT set) it just builds. Without one it
 # installs nvcc, headers and the CUDA 13.0 libraries from PyPI wheels plus a stub libcuda
-# (only for linking; the real driver is used at run time) with the workplace's shared
-# script ../shared/tools/setup-cuda-toolchain.sh (override: SETUP_CUDA=path), into
-# CUDA_WHEEL_PREFIX (default /tmp/cuda13).
+# (only for linking; the real driver is used at run time) with
+# scripts/setup-cuda-toolchain.sh (override: SETUP_CUDA=path), into
+# CUDA_WHEEL_PREFIX (default /tmp/cuda13). The staged speech clips come from assets/
+# (override: STEPAUDIO_LIVE_SPEECH_DIR).
 #
 # Environment: CUDA_COMPUTE_CAP (default 90: H100/H200; 80 for A100, 89 for L4/4090),
 # CARGO_TARGET_DIR (default target-cuda: keep it, the first candle-kernels build takes
@@ -23,7 +24,7 @@ export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target-cuda}
 if ! command -v nvcc >/dev/null 2>&1 && [ -z "${CUDA_ROOT:-}" ]; then
   PREFIX=${CUDA_WHEEL_PREFIX:-/tmp/cuda13}
-  SETUP=${SETUP_CUDA:-../shared/tools/setup-cuda-toolchain.sh}
+  SETUP=${SETUP_CUDA:-scripts/setup-cuda-toolchain.sh}
   [ -f "$SETUP" ] || { echo "no nvcc and no $SETUP: install the CUDA toolkit or set SETUP_CUDA" >&2; exit 1; }
   cargo fetch
   bash "$SETUP" "$PREFIX"
@@ -44,12 +45,12 @@ if [ -n "$STAGE" ]; then
   tar -C "$tmp" -cJf "$STAGE/bins.tar.xz" benchmark_e2e gpu_check
   rm -rf "$tmp"
   cp scripts/device_compare.sh scripts/device_table.py "$STAGE/scripts/"
-  cp scripts/reference/step_audio2_ref.py scripts/reference/step_audio2_gpu_parity.py "$STAGE/scripts/reference/"
+  cp scripts/reference/step_audio2_ref.py scripts/reference/step_audio2_gpu_parity.py \
+    scripts/reference/torch_baseline_stepaudio2.py "$STAGE/scripts/reference/"
   cp tests/fixtures/step_audio2/tiny_ckpt/tokenizer.json "$STAGE/tokenizer.json"
-  SPEECH=${STEPAUDIO_LIVE_SPEECH_DIR:-../shared/eval/speech}
-  for w in en_ps_librivox_0870 zh_aishell1_BAC009S0764W0121 zh_wenetspeech_test_net_S00000; do
+  SPEECH=${STEPAUDIO_LIVE_SPEECH_DIR:-assets}
+  for w in en_ps_librivox_0870 zh_aishell1_BAC009S0764W0121; do
     cp "$SPEECH/$w.wav" "$STAGE/speech/"
   done
-  [ -f ../shared/tools/torch-baseline-stepaudio2.py ] && cp ../shared/tools/torch-baseline-stepaudio2.py "$STAGE/scripts/"
   du -sh "$STAGE"
 fi

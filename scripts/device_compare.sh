@@ -26,7 +26,8 @@ python3 -c 'import torch, transformers; print("torch", torch.__version__, "trans
 BIN=/tmp/sa-bin
 mkdir -p $BIN && tar -C $BIN -xJf "$D/bins.tar.xz" || { echo "no binaries" | tee -a "$LOG"; exit 1; }
 EN=$D/speech/en_ps_librivox_0870.wav
-ZH="$D/speech/zh_aishell1_BAC009S0764W0121.wav+$D/speech/zh_wenetspeech_test_net_S00000.wav@5.62"
+# 5.62 s of Chinese: the AISHELL-1 clip (4.2 s) twice, cut (assets/ has no longer Chinese clip).
+ZH="$D/speech/zh_aishell1_BAC009S0764W0121.wav+$D/speech/zh_aishell1_BAC009S0764W0121.wav@5.62"
 
 for step in $STEPS; do
   case $step in
@@ -41,7 +42,7 @@ for step in $STEPS; do
     ;;
   torch)
     say "PyTorch baseline (encoder, LLM eager, LLM static cache + torch.compile)"
-    OUT=$OUT python3 "$D/scripts/torch-baseline-stepaudio2.py" encoder llm static 2>&1 | grep -v "^RESULT" | tee -a "$LOG"
+    OUT=$OUT python3 "$D/scripts/reference/torch_baseline_stepaudio2.py" encoder llm static 2>&1 | grep -v "^RESULT" | tee -a "$LOG"
     ;;
   parity)
     say "issue 5 parity: random real-shape checkpoint + PyTorch reference (bf16, GPU)"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Prints one comparison table from the JSON files that scripts/device_compare.sh writes:
 the Rust benchmark (benchmark_e2e --arch step-audio-2-mini --json, one or two modes),
-the PyTorch baseline (torch-baseline-stepaudio2.py), the kernel checks and the parity
+the PyTorch baseline (reference/torch_baseline_stepaudio2.py), the kernel checks and the parity
 check (gpu_check --json). Missing files are skipped.
 
 Usage: device_table.py OUT_DIR
