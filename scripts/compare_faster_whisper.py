@@ -12,8 +12,10 @@ fallback, conditioned on previous text, no VAD, timestamps on, language "en".
 Threads: all cores for both (cpu_threads and OMP_NUM_THREADS / RAYON_NUM_THREADS).
 
     python3 scripts/compare_faster_whisper.py [--binary target/release/stepaudio-live]
-        [--manifest ../shared/eval/speech/manifest.tsv] [--models tiny.en base] [--out DIR]
+        [--manifest assets/manifest.tsv] [--models tiny.en base] [--out DIR]
 
+The manifest defaults to assets/manifest.tsv (or manifest.tsv in
+$STEPAUDIO_LIVE_SPEECH_DIR); pass a larger evaluation set with --manifest PATH.
 Prints a Markdown table (and writes results.json into --out).
 """
 
@@ -33,7 +35,7 @@ LOADS = []  # 1-minute load averages seen before and after each measured run
 
 def default_manifest() -> Path:
     speech = os.environ.get("STEPAUDIO_LIVE_SPEECH_DIR")
-    base = Path(speech) if speech else REPO.parent / "shared" / "eval" / "speech"
+    base = Path(speech) if speech else REPO / "assets"
     return base / "manifest.tsv"
 
 
@@ -125,7 +127,8 @@ def models_dir(binary: Path, env) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--binary", type=Path, default=default_binary())
-    parser.add_argument("--manifest", type=Path, default=default_manifest())
+    parser.add_argument("--manifest", type=Path, default=default_manifest(),
+                        help="evaluation manifest (default: assets/manifest.tsv)")
     parser.add_argument("--models", nargs="+", default=["tiny.en", "base"])
     parser.add_argument("--compute-types", nargs="+", default=["int8", "float32"])
     parser.add_argument("--language", default="en")

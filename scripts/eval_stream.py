@@ -18,7 +18,12 @@ one at a time, and reports:
   * with --unpaced, the RTF of the same runs without --realtime.
 
 Usage: scripts/eval_stream.py [--bin target/release/stepaudio-live] [--model tiny.en]
-                              [--unpaced] [--limit N] [-- EXTRA ARGS FOR THE BINARY]
+                              [--manifest PATH] [--unpaced] [--limit N]
+                              [-- EXTRA ARGS FOR THE BINARY]
+
+The manifest defaults to assets/manifest.tsv (the recordings that ship with the
+repository); pass a larger evaluation set with --manifest PATH (same columns, files
+relative to the manifest's folder).
 """
 import argparse
 import csv
@@ -133,7 +138,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default=os.path.join(REPO, "target/release/stepaudio-live"))
     ap.add_argument("--model", default="tiny.en")
-    ap.add_argument("--manifest", default=os.path.join(REPO, "../shared/eval/speech/manifest.tsv"))
+    ap.add_argument("--manifest", default=os.path.join(REPO, "assets", "manifest.tsv"),
+                    help="evaluation manifest (default: assets/manifest.tsv)")
     ap.add_argument("--unpaced", action="store_true", help="also run without --realtime and report RTF")
     ap.add_argument("--limit", type=int, default=0, help="only the first N utterances (quick check)")
     ap.add_argument("--pre-roll-ms", type=float, default=200.0)

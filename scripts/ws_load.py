@@ -20,7 +20,11 @@ partials skipped. Needs the `websockets` package (pip install websockets).
 
     python3 scripts/ws_load.py --binary target/release/stepaudio-live \\
         [--model tiny.en] [--subscribers 50] \\
-        [--sessions 4] [--duration 120] [--baseline 60] [--json out.json]
+        [--sessions 4] [--duration 120] [--baseline 60] [--json out.json] \\
+        [--speech-dir DIR]
+
+The recordings come from assets/ (or $STEPAUDIO_LIVE_SPEECH_DIR); --speech-dir
+points at another folder holding the same file names.
 """
 
 import argparse
@@ -41,13 +45,13 @@ except ImportError:
     sys.exit("needs the websockets package: python3 -m pip install websockets")
 
 REPO = Path(__file__).resolve().parent.parent
-SPEECH = Path(os.environ.get("STEPAUDIO_LIVE_SPEECH_DIR", REPO.parent / "shared/eval/speech"))
+SPEECH = Path(os.environ.get("STEPAUDIO_LIVE_SPEECH_DIR", REPO / "assets"))
 # Short and medium English recordings; the 50 s sonnets would dominate a loop.
 PLAYLIST = [
     "en_jfk_ask_not", "en_ps_librivox_0870", "en_mfa_thoughts", "en_ps_librivox_0880",
     "en_librispeech_61-70968-0000", "en_ps_librivox_0890", "en_mfa_her",
     "en_ps_librivox_0920", "en_timit_ldc93s1", "en_ps_librivox_0930", "en_mfa_surround",
-    "en_fw_stereo_right", "en_ps_goforward", "en_mfa_words", "en_ps_cards_005",
+    "en_ps_goforward", "en_mfa_words", "en_ps_cards_005",
 ]
 RATE = 16000
 CHUNK_MS = 100
@@ -55,11 +59,11 @@ GAP_S = 0.6  # silence between recordings, so that segments end between them
 HARD_LIMIT_S = 1200  # the whole run, whatever happens
 
 
-def load_playlist():
+def load_playlist(speech_dir: Path):
     pcm = bytearray()
     gap = bytes(int(RATE * GAP_S) * 2)
     for name in PLAYLIST:
-        with wave.open(str(SPEECH / f"{name}.wav")) as w:
+        with wave.open(str(speech_dir / f"{name}.wav")) as w:
             assert w.getframerate() == RATE and w.getnchannels() == 1 and w.getsampwidth() == 2, name
             pcm += w.readframes(w.getnframes())
         pcm += gap
@@ -203,11 +207,13 @@ async def main():
     ap.add_argument("--duration", type=float, default=120)
     ap.add_argument("--baseline", type=float, default=60, help="seconds of the single-stream run (0: skip)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--speech-dir", type=Path, default=SPEECH,
+                    help="folder with the playlist's recordings (default: assets/)")
     a = ap.parse_args()
     if not (1 <= a.subscribers <= 200 and 1 <= a.sessions <= 16 and 1 <= a.duration <= 600 and 0 <= a.baseline <= 600):
         sys.exit("bounds: 1-200 subscribers, 1-16 sessions, duration 1-600 s, baseline 0-600 s")
 
-    pcm = load_playlist()
+    pcm = load_playlist(a.speech_dir)
     proc = await asyncio.create_subprocess_exec(
         a.binary, "serve", "127.0.0.1:0", "--model", a.model,
         "--max-subscribers", str(a.subscribers + 10), "--max-sessions", str(a.sessions + 2),

@@ -1,4 +1,5 @@
-//! Log-mel frontend shared by Whisper and Step-Audio 2 (formula in DESIGN.md).
+//! Log-mel frontend shared by Whisper and Step-Audio 2 (formula in
+//! docs/architecture.md, "Log-mel frontend").
 //!
 //! Periodic Hann window of 400, n_fft 400, hop 160, centred STFT with reflect
 //! padding, power spectrum, Slaney mel filterbank, `log10(max(mel, 1e-10))`,

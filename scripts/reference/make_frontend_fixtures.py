@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference log-mel frontend (DESIGN.md, "Log-mel frontend") and its test fixtures.
+"""Reference log-mel frontend (docs/architecture.md, "Log-mel frontend") and its test fixtures.
 
 Independent float64 numpy implementation:
   periodic Hann(400), n_fft 400, hop 160, centred STFT with reflect padding of 200 samples on
@@ -38,7 +38,7 @@ N_SAMPLES_30S = 30 * SR  # 480000
 STEPAUDIO_PAD = 479
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-SPEECH = os.path.join(REPO, "..", "shared", "eval", "speech")
+SPEECH = os.environ.get("STEPAUDIO_LIVE_SPEECH_DIR", os.path.join(REPO, "assets"))
 
 
 def periodic_hann(n: int) -> np.ndarray:

@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
     ap.add_argument("out_dir")
-    ap.add_argument("--audio", default="en_jfk_ask_not.wav", help="file in ../shared/eval/speech")
+    ap.add_argument("--audio", default="en_jfk_ask_not.wav", help="file in assets/ (or $STEPAUDIO_LIVE_SPEECH_DIR)")
     ap.add_argument("--positions", type=int, default=5, help="number of logit positions K")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--full-encoder", action="store_true", help="write encoder.safetensors (mel + all rows)")

@@ -33,7 +33,8 @@ import step_audio2_ref as ref  # noqa: E402
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TOKENIZER = os.path.join(REPO, "tests", "fixtures", "step_audio2", "tiny_ckpt", "tokenizer.json")
 
-# The real Step-Audio 2 mini config (DESIGN.md; key set as in the tiny checkpoint).
+# The real Step-Audio 2 mini config (docs/architecture.md, "Step-Audio 2 mini"; key set as in
+# the tiny checkpoint).
 CONFIG = {
     "architectures": ["StepAudio2ForCausalLM"],
     "model_type": "step_audio_2",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Independent PyTorch reference of the Step-Audio 2 mini architecture (ASR path).
 
-Written from ../shared/DESIGN.md ("Log-mel frontend", "Step-Audio 2 mini") and from
+Written from docs/architecture.md ("Log-mel frontend", "Step-Audio 2 mini") and from
 reading the behaviour of the published inference code (stepfun-ai/Step-Audio2:
 stepaudio2.py, utils.py, and the model repo's modeling_step_audio_2.py); no code was
 copied from them. Plain torch ops only: no transformers model classes.

@@ -13,11 +13,12 @@ pub fn fixture(rel: &str) -> PathBuf {
     repo().join("tests/fixtures").join(rel)
 }
 
-/// The shared evaluation recordings (`../shared/eval/speech`).
+/// A recording from the repository's `assets/` (see `assets/ATTRIBUTION.md`);
+/// `STEPAUDIO_LIVE_SPEECH_DIR` points elsewhere.
 pub fn speech(name: &str) -> PathBuf {
     let dir = std::env::var_os("STEPAUDIO_LIVE_SPEECH_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared/eval/speech"));
+        .unwrap_or_else(|| repo().join("assets"));
     dir.join(name)
 }
 

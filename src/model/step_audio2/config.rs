@@ -76,8 +76,8 @@ impl StepAudio2Config {
         self
     }
 
-    /// The shape of Step-Audio 2 mini (DESIGN.md): Whisper-large-v3-sized
-    /// encoder, Qwen2.5-7B-sized LLM.
+    /// The shape of Step-Audio 2 mini (docs/architecture.md, "Step-Audio 2
+    /// mini"): Whisper-large-v3-sized encoder, Qwen2.5-7B-sized LLM.
     pub fn mini() -> Self {
         Self {
             encoder: EncoderConfig {
