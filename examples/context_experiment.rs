@@ -64,7 +64,7 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|a| parse(a))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let dir = stepaudio_live::model::hub::resolve_model("tiny.en")?;
+    let dir = stepaudio_live::fetch::resolve("tiny.en")?;
     let mut model = stepaudio_live::model::whisper::load::load_whisper(
         &dir,
         &candle_core::Device::Cpu,

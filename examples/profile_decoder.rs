@@ -1,7 +1,7 @@
 use candle_core::{DType, Device, Tensor};
 use std::time::Instant;
 fn main() -> anyhow::Result<()> {
-    let dir = stepaudio_live::model::hub::resolve_model("tiny.en")?;
+    let dir = stepaudio_live::fetch::resolve("tiny.en")?;
     let m = stepaudio_live::model::whisper::load::load_whisper(&dir, &Device::Cpu, DType::F32)?;
     let enc = Tensor::randn(0f32, 1., (1, 1500, 384), &Device::Cpu)?;
     let cross = m.cross_attention(&enc)?;

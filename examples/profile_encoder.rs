@@ -15,7 +15,7 @@ fn best(reps: usize, mut f: impl FnMut() -> candle_core::Result<Tensor>) -> Dura
 }
 
 fn main() -> anyhow::Result<()> {
-    let dir = stepaudio_live::model::hub::resolve_model("tiny.en")?;
+    let dir = stepaudio_live::fetch::resolve("tiny.en")?;
     let m = stepaudio_live::model::whisper::load::load_whisper(&dir, &Device::Cpu, DType::F32)?;
     let mel = Tensor::randn(0f32, 1., (1, 80, 3000), &Device::Cpu)?;
     let reps = 7;

@@ -2,9 +2,8 @@
 //! into messages and exit codes here, at the binary's edge.
 
 use crate::audio::{wav, AudioError};
-use crate::device::{select_device, DeviceChoice};
+use crate::device::DeviceChoice;
 use crate::fetch::{self, FetchError};
-use crate::model::whisper::load::load_whisper_for_inference;
 use crate::output::{write_transcript, OutputFormat};
 use crate::stream::sink::{LiveFormat, StdoutSink};
 use crate::transcribe::{Task, TranscribeOptions};
@@ -245,7 +244,7 @@ pub struct TranscribeArgs {
     pub files: Vec<PathBuf>,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
-    /// Spoken language (e.g. en, zh, de); detected when omitted on multilingual models.
+    /// Spoken language (e.g. en, zh, de); detected when omitted on multilingual Whisper models. Step-Audio 2: `en` selects the English ASR prompt.
     #[arg(long)]
     pub language: Option<String>,
     #[arg(long, value_enum, default_value_t = Task::Transcribe)]
@@ -256,7 +255,7 @@ pub struct TranscribeArgs {
     /// Do not feed the previous window's text back as a prompt.
     #[arg(long)]
     pub no_condition: bool,
-    /// Text to prime the decoder with (names, spelling).
+    /// Text to prime the decoder with (names, spelling); for Step-Audio 2, the ASR system prompt.
     #[arg(long)]
     pub prompt: Option<String>,
 }
@@ -316,6 +315,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &args,
                 &cli.global.model,
                 cli.global.compute,
+                cli.global.dtype.map(ComputeDType::dtype),
                 cli.global.decoder_weights,
                 stdout,
             )?;
@@ -450,15 +450,7 @@ fn transcribe(global: &GlobalArgs, args: TranscribeArgs) -> anyhow::Result<ExitC
     for f in &args.files {
         inputs.push((f.display().to_string(), wav::read_wav_16k_mono(f)?));
     }
-    let device = select_device(global.compute)?;
-    let dir = fetch::resolve(&global.model)?;
-    let model = load_whisper_for_inference(
-        &dir,
-        &device,
-        candle_core::DType::F32,
-        global.decoder_weights,
-    )
-    .with_context(|| format!("loading model {}", dir.display()))?;
+    let model = load_model(global)?;
     let opts = TranscribeOptions {
         language: args.language.clone(),
         task: args.task,
@@ -467,15 +459,32 @@ fn transcribe(global: &GlobalArgs, args: TranscribeArgs) -> anyhow::Result<ExitC
         initial_prompt: args.prompt.clone(),
         ..Default::default()
     };
+    let step_audio = crate::model::step_audio2::SessionOptions {
+        system_prompt: step_audio_prompt(args.prompt.as_deref(), args.language.as_deref()),
+        ..Default::default()
+    };
     let stdout = std::io::stdout();
     for (name, audio) in inputs {
-        let transcript = model
-            .transcribe(&audio, &opts)
+        let transcript = crate::transcribe::transcribe_loaded(&model, &audio, &opts, &step_audio)
             .with_context(|| format!("transcribing {name}"))?;
         let mut lock = stdout.lock();
         write_transcript(&mut lock, args.format, &name, &transcript.segments)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Step-Audio 2's ASR system prompt: the given text, else English for
+/// `en`, else the published (Chinese) one.
+fn step_audio_prompt(
+    prompt: Option<&str>,
+    lang: Option<&str>,
+) -> crate::model::step_audio2::prompt::SystemPrompt {
+    use crate::model::step_audio2::prompt::SystemPrompt;
+    match (prompt, lang) {
+        (Some(p), _) => SystemPrompt::Custom(p.to_string()),
+        (None, Some("en")) => SystemPrompt::English,
+        (None, _) => SystemPrompt::Chinese,
+    }
 }
 
 /// Raises the stop flag on the first Ctrl-C / SIGTERM / SIGHUP (the pipeline
@@ -679,14 +688,9 @@ impl StreamArgs {
     }
 
     fn recognizer_options(&self) -> crate::model::RecognizerOptions {
-        use crate::model::step_audio2::prompt::SystemPrompt;
         crate::model::RecognizerOptions {
             language: self.lang.clone(),
-            step_audio_prompt: match (&self.prompt, self.lang.as_deref()) {
-                (Some(p), _) => SystemPrompt::Custom(p.clone()),
-                (None, Some("en")) => SystemPrompt::English,
-                (None, _) => SystemPrompt::Chinese,
-            },
+            step_audio_prompt: step_audio_prompt(self.prompt.as_deref(), self.lang.as_deref()),
             step_audio_max_context: self.max_context,
             whisper_full_window: self.full_window,
             whisper_carry_seconds: self.carry_audio,

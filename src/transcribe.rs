@@ -319,3 +319,61 @@ fn is_silence(result: &DecodedWindow, opts: &TranscribeOptions) -> bool {
         _ => false,
     }
 }
+
+/// Offline long-form with Step-Audio 2: the recording is cut into 25 s
+/// pieces as the published code cuts it and encoded as one batch; each piece
+/// is then its own turn of one session (decoded and committed, so it is
+/// conditioned on the pieces before it), and its text becomes a segment
+/// spanning the piece.
+pub fn transcribe_step_audio2(
+    sa: &crate::model::step_audio2::StepAudio2,
+    audio: &[f32],
+    session: crate::model::step_audio2::SessionOptions,
+) -> Result<Transcript, ModelError> {
+    use crate::frontend::STEP_AUDIO_PIECE_SAMPLES;
+    use crate::model::step_audio2::TurnOptions;
+    let start = Instant::now();
+    let rows = sa.audio_rows(audio)?;
+    let encoder = start.elapsed();
+    let turn = TurnOptions::new(session.max_new_tokens);
+    let mut session = sa.session(session)?;
+    let mut transcript = Transcript::default();
+    for (i, piece) in rows.into_iter().enumerate() {
+        let out = session.decode_final(sa, &[piece], &[], &turn)?;
+        let begin = i * STEP_AUDIO_PIECE_SAMPLES;
+        let end = (begin + STEP_AUDIO_PIECE_SAMPLES).min(audio.len());
+        transcript.timings.decoder += out.prefill_time + out.decode_time;
+        transcript.timings.tokens += out.decode_steps;
+        transcript.timings.windows += 1;
+        transcript.segments.push(Segment {
+            start: begin as f64 / SAMPLE_RATE as f64,
+            end: end as f64 / SAMPLE_RATE as f64,
+            text: sa
+                .tokenizer
+                .decode_text(&out.text_tokens)
+                .trim()
+                .to_string(),
+            avg_logprob: out.sum_logprob / out.scored.max(1) as f64,
+            no_speech_prob: 0.0,
+            tokens: out.text_tokens,
+        });
+    }
+    transcript.timings.encoder = encoder;
+    Ok(transcript)
+}
+
+/// Offline transcription with whichever family `model` holds (the
+/// `transcribe` and `eval` commands).
+pub fn transcribe_loaded(
+    model: &crate::model::LoadedModel,
+    audio: &[f32],
+    whisper: &TranscribeOptions,
+    step_audio: &crate::model::step_audio2::SessionOptions,
+) -> Result<Transcript, ModelError> {
+    match model {
+        crate::model::LoadedModel::Whisper(m) => m.transcribe(audio, whisper),
+        crate::model::LoadedModel::StepAudio2(sa) => {
+            transcribe_step_audio2(sa, audio, step_audio.clone())
+        }
+    }
+}

@@ -761,3 +761,111 @@ fn f16_and_random_weights_build() {
         .unwrap();
     assert!(out.scored >= 1);
 }
+
+// ------------------------------------------------------------ offline driver
+
+/// Offline transcription of a single-utterance file gives the reference's
+/// tokens (one 25 s piece, one turn), the same as the live recogniser's
+/// final on that audio; the `transcribe` command loads the checkpoint
+/// directory through the common loader and prints that text with its span.
+#[test]
+fn offline_transcribe_equals_the_live_final_and_the_reference() {
+    let sa = load();
+    let fx = load_fixture("step_audio2/en_ps_cards_001.safetensors");
+    let expected = ids(&fx["text_tokens"]);
+    let audio = read_audio(&speech("en_ps_cards_001.wav"));
+    let offline = stepaudio_live::transcribe::transcribe_step_audio2(
+        &sa,
+        &audio,
+        session_opts(SystemPrompt::English, expected.len()),
+    )
+    .unwrap();
+    assert_eq!(offline.segments.len(), 1);
+    let seg = &offline.segments[0];
+    assert_eq!(seg.tokens, expected);
+    assert_eq!(seg.start, 0.0);
+    assert!((seg.end - audio.len() as f64 / 16000.0).abs() < 1e-9);
+
+    let mut rec = load_step_audio2_recognizer(
+        &ckpt(),
+        &Device::Cpu,
+        DType::F32,
+        session_opts(SystemPrompt::English, expected.len()),
+    )
+    .unwrap();
+    let mut padded = audio.clone();
+    padded.resize(audio.len() + 479, 0.0);
+    let features = SegmentFeatures {
+        n_mels: 128,
+        raw_frames: MelExtractor::new(128).raw_frames(&padded),
+        samples: audio.len(),
+    };
+    let live = rec.decode_final(&features, &[]).unwrap();
+    assert_eq!(live.tokens, seg.tokens);
+    assert_eq!(live.text.trim(), seg.text);
+
+    // The command, with the default token budget: the text of the library
+    // call with the same budget, as one JSON segment spanning the file.
+    let full = stepaudio_live::transcribe::transcribe_step_audio2(
+        &sa,
+        &audio,
+        session_opts(
+            SystemPrompt::English,
+            SessionOptions::default().max_new_tokens,
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stepaudio-live"))
+        .args([
+            "transcribe",
+            "--language",
+            "en",
+            "--format",
+            "jsonl",
+            "--model",
+        ])
+        .arg(ckpt())
+        .arg(speech("en_ps_cards_001.wav"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        line["text"].as_str().unwrap().trim(),
+        full.segments[0].text,
+        "{stdout}"
+    );
+    assert_eq!(line["start"].as_f64(), Some(0.0), "{stdout}");
+}
+
+/// A recording longer than 25 s becomes one segment per piece, each with
+/// its own span and the text of its own turn.
+#[test]
+fn offline_transcribe_of_long_audio_has_one_segment_per_25s_piece() {
+    let sa = load();
+    let audio = read_audio(&speech("en_mfa_acoustic_corpus.wav"));
+    let t = stepaudio_live::transcribe::transcribe_step_audio2(
+        &sa,
+        &audio,
+        session_opts(SystemPrompt::English, 6),
+    )
+    .unwrap();
+    assert_eq!(t.segments.len(), 2);
+    assert_eq!((t.segments[0].start, t.segments[0].end), (0.0, 25.0));
+    assert_eq!(t.segments[1].start, 25.0);
+    assert!((t.segments[1].end - audio.len() as f64 / 16000.0).abs() < 1e-9);
+    // The second piece's turn is decoded after the first was committed.
+    let rows = sa.audio_rows(&audio).unwrap();
+    let mut session = sa.session(session_opts(SystemPrompt::English, 6)).unwrap();
+    let turn = TurnOptions::new(6);
+    let first = session.decode_final(&sa, &rows[..1], &[], &turn).unwrap();
+    let second = session.decode_final(&sa, &rows[1..], &[], &turn).unwrap();
+    assert_eq!(t.segments[0].tokens, first.text_tokens);
+    assert_eq!(t.segments[1].tokens, second.text_tokens);
+}

@@ -6,9 +6,10 @@
 use super::wer::{self, ErrorCounts, Unit};
 use super::EvalError;
 use crate::audio::{wav, MODEL_SAMPLE_RATE};
-use crate::device::{select_device, DeviceChoice};
-use crate::model::{whisper::load::load_whisper_for_inference, whisper::DecoderWeights};
-use crate::transcribe::TranscribeOptions;
+use crate::device::DeviceChoice;
+use crate::model::step_audio2::{prompt::SystemPrompt, SessionOptions};
+use crate::model::{whisper::DecoderWeights, LoadedModel};
+use crate::transcribe::{transcribe_loaded, TranscribeOptions};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -211,6 +212,7 @@ pub fn run_eval(
     args: &EvalArgs,
     model: &str,
     device: DeviceChoice,
+    dtype: Option<candle_core::DType>,
     decoder_weights: DecoderWeights,
     out: &mut dyn Write,
 ) -> Result<EvalReport, EvalError> {
@@ -235,6 +237,7 @@ pub fn run_eval(
             &selected,
             model,
             device,
+            dtype,
             decoder_weights,
             args.lang.is_some(),
         )?,
@@ -306,17 +309,20 @@ fn transcribe_entries(
     selected: &[&ManifestEntry],
     model: &str,
     device: DeviceChoice,
+    dtype: Option<candle_core::DType>,
     decoder_weights: DecoderWeights,
     language_requested: bool,
 ) -> Result<EvalReport, EvalError> {
-    let device = select_device(device)?;
     let load_start = Instant::now();
     let dir = crate::fetch::resolve(model).map_err(EvalError::Fetch)?;
-    let whisper =
-        load_whisper_for_inference(&dir, &device, candle_core::DType::F32, decoder_weights)
-            .map_err(EvalError::Model)?;
+    let loaded =
+        LoadedModel::load(&dir, device, dtype, decoder_weights).map_err(EvalError::Model)?;
     let model_load_s = load_start.elapsed().as_secs_f64();
-    let multilingual = whisper.config.is_multilingual();
+    // Step-Audio 2 and multilingual Whisper models take every language.
+    let multilingual = match &loaded {
+        LoadedModel::Whisper(w) => w.config.is_multilingual(),
+        LoadedModel::StepAudio2(_) => true,
+    };
     let mut utterances = Vec::new();
     let mut total_seconds = 0.0;
     for entry in selected {
@@ -340,13 +346,21 @@ fn transcribe_entries(
             language: multilingual.then(|| entry.language.clone()),
             ..Default::default()
         };
+        let step_audio = SessionOptions {
+            system_prompt: if entry.language == "en" {
+                SystemPrompt::English
+            } else {
+                SystemPrompt::Chinese
+            },
+            ..Default::default()
+        };
         let transcript =
-            whisper
-                .transcribe(&audio, &options)
-                .map_err(|source| EvalError::Transcribe {
+            transcribe_loaded(&loaded, &audio, &options, &step_audio).map_err(|source| {
+                EvalError::Transcribe {
                     id: entry.id.clone(),
                     source,
-                })?;
+                }
+            })?;
         let seconds = start.elapsed().as_secs_f64();
         total_seconds += seconds;
         let audio_s = audio.len() as f64 / MODEL_SAMPLE_RATE as f64;
@@ -509,6 +523,7 @@ mod tests {
             &args,
             "unused",
             DeviceChoice::Cpu,
+            None,
             DecoderWeights::Int8,
             &mut out,
         )
@@ -546,6 +561,7 @@ mod tests {
             &en_only,
             "unused",
             DeviceChoice::Cpu,
+            None,
             DecoderWeights::Int8,
             &mut text,
         )

@@ -45,6 +45,8 @@ pub enum ModelError {
     Invalid(String),
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
 }
 
 impl ModelError {
@@ -157,7 +159,7 @@ impl LoadedModel {
         compute: crate::device::DeviceChoice,
         dtype: Option<candle_core::DType>,
         decoder_weights: whisper::DecoderWeights,
-    ) -> Result<Self, anyhow::Error> {
+    ) -> Result<Self, ModelError> {
         let device = crate::device::select_device(compute)?;
         let dtype = dtype.unwrap_or_else(|| crate::device::default_dtype(&device));
         if is_step_audio2_dir(dir) {

@@ -63,9 +63,7 @@ pub fn model_dir(name: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(&var) {
         return PathBuf::from(p);
     }
-    let dir = stepaudio_live::model::hub::cache_dir()
-        .join("models")
-        .join(name);
+    let dir = stepaudio_live::fetch::cache_dir().join("models").join(name);
     assert!(
         dir.join("model.bin").is_file() || dir.join("model.safetensors").is_file(),
         "model {name} not found in {} (run `stepaudio-live models fetch {name}` or set {var})",
@@ -113,7 +111,7 @@ pub fn tiny_en() -> stepaudio_live::model::LoadedModel {
         .get_or_init(|| {
             let dir = model_dir("tiny.en");
             stepaudio_live::model::LoadedModel::load(
-                dir.to_str().unwrap(),
+                &dir,
                 stepaudio_live::device::DeviceChoice::Cpu,
                 None,
                 stepaudio_live::model::whisper::DecoderWeights::Int8,
