@@ -296,20 +296,38 @@ enum LockKind {
 /// An advisory lock on `models/.NAME.lock`, released when dropped (or when
 /// the process dies, so a killed fetch never leaves it held).
 struct ModelLock {
-    _file: File,
+    _file: Option<File>,
 }
 
 impl ModelLock {
     fn acquire(name: &str, kind: LockKind) -> Result<Self, FetchError> {
         let models = models_dir();
-        fs::create_dir_all(&models).map_err(|e| FetchError::io(&models, e))?;
+        if kind == LockKind::Exclusive {
+            fs::create_dir_all(&models).map_err(|e| FetchError::io(&models, e))?;
+        }
         let path = models.join(format!(".{name}.lock"));
-        let file = File::options()
+        let opened = File::options()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&path)
-            .map_err(|e| FetchError::io(&path, e))?;
+            .open(&path);
+        let file = match opened {
+            Ok(file) => file,
+            // A read-only cache (shared, installed by an administrator) is
+            // only ever read: nothing can change it under us.
+            Err(e)
+                if kind == LockKind::Shared
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::PermissionDenied
+                            | std::io::ErrorKind::ReadOnlyFilesystem
+                    ) =>
+            {
+                tracing::debug!(path = %path.display(), "read-only cache: verifying without a lock");
+                return Ok(Self { _file: None });
+            }
+            Err(e) => return Err(FetchError::io(&path, e)),
+        };
         let attempt = match kind {
             LockKind::Shared => file.try_lock_shared(),
             LockKind::Exclusive => file.try_lock(),
@@ -326,6 +344,6 @@ impl ModelLock {
             }
             Err(TryLockError::Error(e)) => return Err(FetchError::io(&path, e)),
         }
-        Ok(Self { _file: file })
+        Ok(Self { _file: Some(file) })
     }
 }

@@ -141,7 +141,10 @@ pub(crate) fn verify_dir(
         );
     }
     if new != old {
-        write_stamp(dir, &new)?;
+        // A read-only cache still loads; it is just hashed again next time.
+        if let Err(e) = write_stamp(dir, &new) {
+            tracing::warn!("cannot remember the verification: {e}");
+        }
     }
     Ok(hashed)
 }
