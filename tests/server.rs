@@ -6,7 +6,7 @@
 mod common;
 mod ws_support;
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -403,11 +403,33 @@ fn a_slow_subscriber_loses_partials_then_is_cut_off_but_never_slows_others() {
     let addr = server.local_addr();
     let publisher = server.publisher();
     let rt = runtime();
+    // The reading subscriber counts its finals, so that phase 2 can wait
+    // for it on a loaded machine (it only keeps up when it gets the CPU).
+    let (fast_count, fast_seen) = tokio::sync::watch::channel(0u64);
     let (mut slow, mut stuck, fast) = rt.block_on(async {
         let slow = stalled_subscriber(addr).await;
         let stuck = stalled_subscriber(addr).await;
         let mut fast = connect(addr, "/v1/subscribe").await;
-        let fast = tokio::spawn(async move { until_close(&mut fast).await });
+        let fast = tokio::spawn(async move {
+            let mut events = Vec::new();
+            loop {
+                let msg = tokio::time::timeout(PATIENCE, fast.next())
+                    .await
+                    .expect("no message from the server in a long time");
+                match msg {
+                    Some(Ok(Message::Text(t))) => {
+                        let e: Value = serde_json::from_str(&t).unwrap();
+                        if e["type"] == "final" {
+                            fast_count.send_modify(|n| *n += 1);
+                        }
+                        events.push(e);
+                    }
+                    Some(Ok(Message::Close(f))) => return (events, f),
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return (events, None),
+                }
+            }
+        });
         (slow, stuck, fast)
     });
     while server.subscribers() < 3 {
@@ -473,10 +495,18 @@ fn a_slow_subscriber_loses_partials_then_is_cut_off_but_never_slows_others() {
 
     // Phase 2: only finals. `stuck` never reads, so its queue fills with
     // finals, which are never dropped: it is disconnected with 1008.
+    // The reading one is never more than 4 finals behind (its queue holds 8).
     for _ in 0..200 {
         publisher.publish("test", &fin(segment));
         segment += 1;
         pace();
+        let mut seen = fast_seen.clone();
+        rt.block_on(async {
+            tokio::time::timeout(PATIENCE, seen.wait_for(|&n| n + 4 >= segment))
+                .await
+                .expect("the reading subscriber stopped")
+                .unwrap();
+        });
     }
     let (stuck_events, stuck_close) = rt.block_on(until_close(&mut stuck));
     assert_eq!(stuck_close.map(|c| c.code), Some(CloseCode::Policy));
