@@ -169,6 +169,12 @@ pub struct ServerArgs {
     /// Events queued per subscriber before its partials are dropped.
     #[arg(long, default_value_t = crate::server::Limits::default().subscriber_queue)]
     pub subscriber_queue: usize,
+    /// Finals kept per stream for subscribers that reconnect with `since`.
+    #[arg(long, value_name = "N", default_value_t = crate::server::Limits::default().keep_finals)]
+    pub keep_finals: usize,
+    /// Streams whose finals are still kept after they end.
+    #[arg(long, value_name = "N", default_value_t = crate::server::Limits::default().keep_streams)]
+    pub keep_streams: usize,
 }
 
 /// `serve`: the WebSocket server alone; audio comes only from clients.
@@ -640,6 +646,8 @@ fn server_config(
             max_subscribers: server.max_subscribers,
             max_message_bytes: server.max_message_bytes,
             subscriber_queue: server.subscriber_queue,
+            keep_finals: server.keep_finals,
+            keep_streams: server.keep_streams,
         },
         tracker: stream.tracker_config(),
         recognizer: stream.recognizer_options(),

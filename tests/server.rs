@@ -98,13 +98,17 @@ fn subscribers_get_every_event_of_the_local_source() {
         .collect();
     for (events, close) in [a, b] {
         assert_eq!(close.map(|c| c.code), Some(CloseCode::Away));
-        // Each event is the stdout line plus its stream, in the same order.
+        // Each event is the stdout line plus its stream and its number
+        // (1, 2, 3, …), in the same order.
         let stripped: Vec<Value> = events
             .iter()
-            .map(|e| {
+            .enumerate()
+            .map(|(i, e)| {
                 assert_eq!(e["stream"], "local", "{e}");
+                assert_eq!(e["seq"], i as u64 + 1, "{e}");
                 let mut e = e.clone();
                 e.as_object_mut().unwrap().remove("stream");
+                e.as_object_mut().unwrap().remove("seq");
                 e
             })
             .collect();
@@ -195,8 +199,12 @@ fn concurrent_sessions_each_get_their_own_transcript() {
             })
             .collect()
     };
-    // `b` starts with hello and started, which are not published.
+    // `b` starts with hello and started, which are not published. Its own
+    // events carry the same seq as the published ones.
     assert_eq!(strip(published), b.0[..].to_vec());
+    for (i, e) in published.iter().enumerate() {
+        assert_eq!(e["seq"], i as u64 + 1, "{e}");
+    }
 }
 
 #[test]
@@ -533,6 +541,219 @@ fn a_slow_subscriber_loses_partials_then_is_cut_off_but_never_slows_others() {
         (0..segment).collect::<Vec<_>>(),
         "the reading subscriber lost finals"
     );
+}
+
+/// Every event of a subscription until the server closes it; counts the
+/// finals in `finals` as they come.
+async fn follow(mut ws: Ws, finals: tokio::sync::watch::Sender<usize>) -> Vec<Value> {
+    let mut events = Vec::new();
+    while let Some(e) = next_json(&mut ws).await {
+        if e["type"] == "final" {
+            finals.send_modify(|n| *n += 1);
+        }
+        events.push(e);
+    }
+    events
+}
+
+#[test]
+fn a_subscriber_that_reconnects_with_since_misses_and_repeats_no_final() {
+    let server = Server::start(config(Limits::default()), model()).unwrap();
+    let addr = server.local_addr();
+    let rt = runtime();
+    // About 34 s of speech in six recordings, sent at twice real time.
+    let speech = speech_playlist(
+        &[
+            "en_ps_librivox_0870",
+            "en_ps_librivox_0880",
+            "en_ps_librivox_0890",
+            "en_ps_librivox_0920",
+            "en_ps_librivox_0930",
+            "en_timit_ldc93s1",
+        ],
+        1.0,
+    );
+    let (count_tx, count_rx) = tokio::sync::watch::channel(0usize);
+    let (steady, session, before, after) = rt.block_on(async {
+        // One subscriber stays connected throughout.
+        let steady = tokio::spawn(follow(connect(addr, "/v1/subscribe").await, count_tx));
+        let mut ws = connect(addr, "/v1/subscribe").await;
+        let hello = next_json(&mut ws).await.unwrap();
+        let instance = hello["instance"].as_str().unwrap().to_string();
+        assert_eq!(hello["streams"], json!({}), "nothing was published yet");
+        let session = tokio::spawn(run_paced_session(addr, speech, 2.0));
+        // The other leaves in the middle of the stream, right after its
+        // first final: its `since` is that final's seq, the sharpest seam.
+        let mut before = Vec::new();
+        while before.last().is_none_or(|e: &Value| e["type"] != "final") {
+            before.push(next_json(&mut ws).await.expect("live events"));
+        }
+        drop(ws); // no close handshake: a lost connection
+        let last_seq = before.last().unwrap()["seq"].as_u64().unwrap();
+        let seen = of_type(&before, "final").len();
+        // Away while two more finals are published.
+        let mut count = count_rx.clone();
+        tokio::time::timeout(PATIENCE, count.wait_for(|&n| n >= seen + 2))
+            .await
+            .expect("two more finals")
+            .unwrap();
+        let ws = connect(
+            addr,
+            &format!("/v1/subscribe?since={last_seq}&instance={instance}"),
+        )
+        .await;
+        let after = tokio::spawn(follow(ws, tokio::sync::watch::channel(0).0));
+        let (session, close) = session.await.unwrap();
+        assert_eq!(close.map(|c| c.code), Some(CloseCode::Normal));
+        (steady, session, before, after)
+    });
+    server.shutdown();
+    let steady = rt.block_on(steady).unwrap();
+    let after = rt.block_on(after).unwrap();
+
+    assert_eq!(steady[0]["type"], "hello");
+    let steady = &steady[1..];
+    for (i, e) in steady.iter().enumerate() {
+        assert_eq!(e["seq"], i as u64 + 1, "{e}");
+        assert_eq!(e["stream"], "s1", "{e}");
+    }
+    let want = finals_by_seq(steady);
+    assert!(want.len() >= 5, "{want:?}");
+    assert_eq!(of_type(steady, "speech_start").len(), want.len());
+    assert_eq!(finals_by_seq(&session), want, "the session's own numbers");
+
+    // Back: hello, the missed finals (no gap: all are kept), then live.
+    assert_eq!(after[0]["type"], "hello");
+    assert!(after[0]["streams"]["s1"].as_u64().unwrap() > 0);
+    let after = &after[1..];
+    assert!(of_type(after, "gap").is_empty(), "{after:?}");
+    let replayed = after.iter().take_while(|e| e["replay"] == true).count();
+    assert!(
+        replayed >= 2,
+        "the finals published while away are replayed"
+    );
+    assert!(after[replayed..].iter().all(|e| e.get("replay").is_none()));
+    assert!(of_type(&after[..replayed], "final").len() == replayed);
+    let last_seq = before.last().unwrap()["seq"].as_u64().unwrap();
+    let seqs: Vec<u64> = after.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs[0] > last_seq, "{seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "in order, no repeat at the seam: {seqs:?}"
+    );
+    let mut got = finals_by_seq(&before);
+    got.extend(finals_by_seq(after));
+    assert_eq!(got, want, "the reconnected subscriber's finals");
+}
+
+#[test]
+fn kept_finals_and_ended_streams_are_bounded_and_losses_reported() {
+    let limits = Limits {
+        keep_finals: 2,
+        keep_streams: 1,
+        ..Limits::default()
+    };
+    let server = Server::start(config(limits), model()).unwrap();
+    let addr = server.local_addr();
+    let rt = runtime();
+    let four = speech_playlist(
+        &[
+            "en_ps_librivox_0880",
+            "en_timit_ldc93s1",
+            "en_ps_librivox_0930",
+            "en_ps_cards_005",
+        ],
+        1.0,
+    );
+    let jfk = common::read_audio(&common::speech("en_jfk_ask_not.wav"));
+    rt.block_on(async {
+        let (s1, close) = run_session(
+            addr,
+            start_msg(16_000, 1, "s16le", true),
+            &s16le(&four),
+            3200,
+        )
+        .await;
+        assert_eq!(close.map(|c| c.code), Some(CloseCode::Normal));
+        let s1 = finals_by_seq(&s1);
+        let n = s1.len();
+        assert!(n >= 3, "{s1:?}");
+
+        // A subscriber asking for all of it gets the last two, and is told
+        // of the others.
+        let mut ws = connect(addr, "/v1/subscribe?since=0").await;
+        let hello = next_json(&mut ws).await.unwrap();
+        assert!(hello["streams"]["s1"].as_u64().unwrap() > s1[n - 1].0);
+        let gap = next_json(&mut ws).await.unwrap();
+        assert_eq!(
+            gap,
+            json!({"type": "gap", "stream": "s1", "from_seq": 1, "to_seq": s1[n - 3].0,
+                   "finals": n - 2, "exact": true})
+        );
+        let mut replayed = Vec::new();
+        for _ in 0..2 {
+            let e = next_json(&mut ws).await.unwrap();
+            assert_eq!(e["replay"], true, "{e}");
+            replayed.push(e);
+        }
+        assert_eq!(finals_by_seq(&replayed), s1[n - 2..].to_vec());
+        // Then nothing: no more is kept.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), next_json(&mut ws))
+                .await
+                .is_err()
+        );
+        drop(ws);
+
+        // A second stream ends: the first is forgotten (one ended stream is
+        // remembered), but what a subscriber lost of it is still reported.
+        let (s2, _) = run_session(
+            addr,
+            start_msg(16_000, 1, "s16le", true),
+            &s16le(&jfk),
+            3200,
+        )
+        .await;
+        let s2 = finals_by_seq(&s2);
+        assert!((1..=2).contains(&s2.len()), "{s2:?}");
+        let deadline = std::time::Instant::now() + PATIENCE;
+        let (mut ws, hello) = loop {
+            let mut ws = connect(addr, "/v1/subscribe?since=s1:0,s2:0").await;
+            let hello = next_json(&mut ws).await.unwrap();
+            if hello["streams"].get("s1").is_none() {
+                break (ws, hello);
+            }
+            assert!(std::time::Instant::now() < deadline, "s1 never forgotten");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(hello["streams"].as_object().unwrap().len(), 1, "{hello}");
+        let gap = next_json(&mut ws).await.unwrap();
+        assert_eq!(
+            gap,
+            json!({"type": "gap", "stream": "s1", "from_seq": 1, "to_seq": s1[n - 1].0,
+                   "finals": n, "exact": true})
+        );
+        let mut replayed = Vec::new();
+        for _ in 0..s2.len() {
+            replayed.push(next_json(&mut ws).await.unwrap());
+        }
+        assert_eq!(finals_by_seq(&replayed), s2);
+
+        // Numbers from another run of the server: everything kept instead.
+        let mut ws = connect(addr, "/v1/subscribe?since=s2:999&instance=0000").await;
+        let hello = next_json(&mut ws).await.unwrap();
+        assert_ne!(hello["instance"], "0000");
+        let mut replayed = Vec::new();
+        for _ in 0..s2.len() {
+            replayed.push(next_json(&mut ws).await.unwrap());
+        }
+        assert_eq!(finals_by_seq(&replayed), s2);
+        assert_eq!(
+            upgrade_status(addr, "/v1/subscribe?since=s1:x", &[]).await,
+            400
+        );
+    });
+    server.shutdown();
 }
 
 #[test]

@@ -24,6 +24,7 @@ use crate::model::{LoadedModel, RecognizerOptions};
 use crate::stream::events::Event;
 use crate::stream::tracker::TrackerConfig;
 use sessions::SessionEnv;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -51,6 +52,11 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Events queued per subscriber before its partials are dropped.
     pub subscriber_queue: usize,
+    /// Finals kept per stream for subscribers that reconnect with `since`.
+    pub keep_finals: usize,
+    /// Streams whose finals are kept after they end (the oldest ended
+    /// stream is forgotten first).
+    pub keep_streams: usize,
 }
 
 impl Default for Limits {
@@ -60,6 +66,8 @@ impl Default for Limits {
             max_subscribers: 100,
             max_message_bytes: 1 << 20,
             subscriber_queue: 256,
+            keep_finals: 1000,
+            keep_streams: 16,
         }
     }
 }
@@ -180,8 +188,15 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub fn publish(&self, stream: &str, event: &Event) {
-        self.hub.publish(stream, event);
+    /// Sends `event` of `stream`; returns its `seq` (1, 2, 3, … per stream).
+    pub fn publish(&self, stream: &str, event: &Event) -> u64 {
+        self.hub.publish(stream, event)
+    }
+
+    /// `stream` publishes no more: its finals are kept until
+    /// `keep_streams` other streams have ended after it.
+    pub fn end(&self, stream: &str) {
+        self.hub.end_stream(stream);
     }
 }
 
@@ -247,10 +262,13 @@ impl Server {
         };
         let local_addr = listener.local_addr().map_err(ServerError::Start)?;
         let (worker_tx, worker) = worker::spawn(model).map_err(ServerError::Start)?;
-        let hub = Arc::new(Hub::new(
-            config.limits.max_subscribers,
-            config.limits.subscriber_queue,
-        ));
+        let hub = Arc::new(
+            Hub::new(
+                config.limits.max_subscribers,
+                config.limits.subscriber_queue,
+            )
+            .retaining(config.limits.keep_finals, config.limits.keep_streams),
+        );
         let (shutdown_tx, shutdown) = watch::channel(false);
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(config.limits.max_message_bytes))
@@ -389,14 +407,34 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn hello(shared: &Shared, path: &str) -> String {
+fn hello(shared: &Shared, path: &str, streams: Option<&BTreeMap<String, u64>>) -> String {
     protocol::ServerMessage::Hello {
         protocol: protocol::PROTOCOL_VERSION,
         server: concat!("stepaudio-live/", env!("CARGO_PKG_VERSION")),
         model: &shared.config.model_name,
         path,
+        instance: shared.hub.instance(),
+        streams,
     }
     .to_json()
+}
+
+/// The finals a subscriber asks to have replayed: `since` (see
+/// [`subscribers::Since`]) and `instance`, the server run its numbers come
+/// from. Numbers from another run mean nothing here, so the subscriber gets
+/// every kept final instead.
+fn subscription_since(
+    head: &http::RequestHead,
+    shared: &Shared,
+) -> Result<Option<subscribers::Since>, String> {
+    let Some(text) = head.query_param("since") else {
+        return Ok(None);
+    };
+    let since = subscribers::Since::parse(&text)?;
+    match head.query_param("instance") {
+        Some(i) if i != shared.hub.instance() => Ok(Some(subscribers::Since::everything())),
+        _ => Ok(Some(since)),
+    }
 }
 
 async fn handle_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
@@ -439,6 +477,17 @@ async fn handle_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<
         .await;
         return;
     }
+    let since = if path == protocol::SUBSCRIBE_PATH {
+        match subscription_since(&head, &shared) {
+            Ok(s) => s,
+            Err(why) => {
+                let _ = http::respond_text(&mut stream, 400, &format!("{why}\n")).await;
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let response = match http::upgrade_response(&head) {
         Ok(r) => r,
         Err(why) => {
@@ -460,7 +509,10 @@ async fn handle_connection(mut stream: TcpStream, peer: SocketAddr, shared: Arc<
     if path == protocol::SUBSCRIBE_PATH {
         // The hub enforces the subscriber limit; this count is for shutdown.
         let _guard = shared.subscriber_tasks.try_enter(usize::MAX);
-        subscribers::serve_subscriber(ws, shared.hub.clone(), hello(&shared, path)).await;
+        subscribers::serve_subscriber(ws, shared.hub.clone(), since, |streams| {
+            hello(&shared, path, Some(streams))
+        })
+        .await;
     } else {
         serve_audio(ws, peer, &shared).await;
     }
@@ -490,7 +542,7 @@ async fn serve_audio(mut ws: WebSocketStream<TcpStream>, peer: SocketAddr, share
         ws,
         shared.sessions.clone(),
         id,
-        hello(shared, protocol::AUDIO_PATH),
+        hello(shared, protocol::AUDIO_PATH, None),
         shared.shutdown.clone(),
         slot,
     )

@@ -2,13 +2,15 @@
 //! paths, the client's control messages, the server's own messages, error
 //! codes, close codes and the decoding of binary audio frames.
 //!
-//! Transcript events are the [`Event`]s of `--format jsonl`, unchanged; the
-//! subscription adds a `stream` field so one connection can follow several
-//! sources.
+//! Transcript events are the [`Event`]s of `--format jsonl` plus `seq`, their
+//! number in their stream; the subscription adds a `stream` field so one
+//! connection can follow several sources, and `replay` on finals sent again
+//! to a subscriber that reconnected with `since`.
 
 use crate::stream::events::Event;
 use serde::Serialize;
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// Bumped on any change a client could notice (new required field, changed
@@ -284,6 +286,13 @@ pub enum ServerMessage<'a> {
         server: &'a str,
         model: &'a str,
         path: &'a str,
+        /// Differs between runs of the server, so that a subscriber can tell
+        /// whether its `since` numbers still mean anything.
+        instance: &'a str,
+        /// Subscriptions only: the last `seq` of every stream the server
+        /// remembers, as of the moment this subscriber joined.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        streams: Option<&'a BTreeMap<String, u64>>,
     },
     /// Reply to an accepted `start`.
     Started {
@@ -298,6 +307,16 @@ pub enum ServerMessage<'a> {
     Dropped {
         partials: u64,
         events: u64,
+    },
+    /// Finals of `stream` a subscriber asked for (`since`) that the server
+    /// no longer keeps: `finals` of them had seqs in `from_seq..=to_seq`
+    /// (at least that many when `exact` is false).
+    Gap {
+        stream: &'a str,
+        from_seq: u64,
+        to_seq: u64,
+        finals: u64,
+        exact: bool,
     },
     Error {
         code: ErrorCode,
@@ -315,18 +334,53 @@ pub fn error_json(code: ErrorCode, message: &str) -> String {
     ServerMessage::Error { code, message }.to_json()
 }
 
-/// An event as subscribers get it: the jsonl object plus `stream`.
-pub fn stream_event_json(event: &Event, stream: &str) -> String {
-    let json = event.to_json();
-    // Every event serialises to an object; appending the field keeps the
-    // jsonl field order (`type` first) that a map round trip would sort away.
-    match json.strip_suffix('}') {
-        Some(body) if body.len() > 1 => format!(
-            "{body},\"stream\":{}}}",
-            serde_json::to_string(stream).expect("a string serialises")
-        ),
-        _ => json,
+/// An event as subscribers get it: the jsonl object plus `seq` (its
+/// number in its stream: 1, 2, 3, …) and `stream`.
+pub fn stream_event_json(event: &Event, stream: &str, seq: u64) -> String {
+    append_fields(
+        event.to_json(),
+        &[
+            ("seq", seq.to_string()),
+            (
+                "stream",
+                serde_json::to_string(stream).expect("a string serialises"),
+            ),
+        ],
+    )
+}
+
+/// An event as an audio-in session's own client gets it: the jsonl object
+/// plus `seq` (the same number subscribers see when the session publishes).
+pub fn session_event_json(event: &Event, seq: u64) -> String {
+    append_fields(event.to_json(), &[("seq", seq.to_string())])
+}
+
+/// A kept final sent again to a subscriber that asked for it with `since`:
+/// the message it was, plus `"replay":true`.
+pub fn replayed_json(text: &str) -> String {
+    append_fields(text.to_string(), &[("replay", "true".to_string())])
+}
+
+/// Appends already-serialised fields to a JSON object. Every message is an
+/// object; appending keeps its field order (`type` first), which a map
+/// round trip would sort away.
+fn append_fields(json: String, fields: &[(&str, String)]) -> String {
+    let Some(body) = json.strip_suffix('}') else {
+        return json;
+    };
+    let mut out = String::with_capacity(json.len() + 32);
+    out.push_str(body);
+    for (i, (key, value)) in fields.iter().enumerate() {
+        if i > 0 || body.len() > 1 {
+            out.push(',');
+        }
+        out.push('"');
+        out.push_str(key);
+        out.push_str("\":");
+        out.push_str(value);
     }
+    out.push('}');
+    out
 }
 
 #[cfg(test)]
@@ -415,15 +469,30 @@ mod tests {
             segment: 4,
             start: 1.25,
         };
-        let text = stream_event_json(&ev, "s3");
+        let text = stream_event_json(&ev, "s3", 17);
         assert!(text.starts_with(r#"{"type":"speech_start""#), "{text}");
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["type"], "speech_start");
         assert_eq!(v["segment"], 4);
         assert_eq!(v["stream"], "s3");
+        assert_eq!(v["seq"], 17);
         let jsonl: Value = serde_json::from_str(&ev.to_json()).unwrap();
         let mut without = v.as_object().unwrap().clone();
         without.remove("stream");
+        without.remove("seq");
         assert_eq!(Value::Object(without), jsonl);
+
+        let own: Value = serde_json::from_str(&session_event_json(&ev, 17)).unwrap();
+        let mut with_stream = own.as_object().unwrap().clone();
+        with_stream.insert("stream".into(), "s3".into());
+        assert_eq!(Value::Object(with_stream), v);
+
+        let again: Value = serde_json::from_str(&replayed_json(&text)).unwrap();
+        assert_eq!(again["replay"], true);
+        assert_eq!(again["seq"], 17);
+        assert_eq!(
+            append_fields("{}".into(), &[("a", "1".into())]),
+            r#"{"a":1}"#
+        );
     }
 }

@@ -183,6 +183,7 @@ pub async fn serve_session<S, Slot>(
         client,
         hub: start.publish.then(|| env.hub.clone()),
         stream: stream_name,
+        seq: 0,
         segments: 0,
         finals: 0,
     };
@@ -453,12 +454,23 @@ where
 }
 
 /// Where a session's events go: its client and, if it publishes, the subscribers.
+/// Its stream ends (for the subscribers' replay) when it is dropped.
 struct Output<T> {
     client: Client<T>,
     hub: Option<Arc<Hub>>,
     stream: String,
+    /// The last event's number (the same on the subscription).
+    seq: u64,
     segments: u64,
     finals: u64,
+}
+
+impl<T> Drop for Output<T> {
+    fn drop(&mut self) {
+        if let Some(hub) = &self.hub {
+            hub.end_stream(&self.stream);
+        }
+    }
 }
 
 impl<T: Sink<Message> + Unpin> Output<T> {
@@ -468,10 +480,13 @@ impl<T: Sink<Message> + Unpin> Output<T> {
             Event::Final { .. } => self.finals += 1,
             _ => {}
         }
-        if let Some(hub) = &self.hub {
-            hub.publish(&self.stream, &ev);
-        }
-        self.client.text(ev.to_json()).await;
+        self.seq = match &self.hub {
+            Some(hub) => hub.publish(&self.stream, &ev),
+            None => self.seq + 1,
+        };
+        self.client
+            .text(protocol::session_event_json(&ev, self.seq))
+            .await;
     }
 
     /// Delivers a worker event; returns the model stats once the worker has

@@ -296,3 +296,76 @@ pub fn write_wav(path: &Path, samples: &[f32]) {
     }
     w.finalize().unwrap();
 }
+
+/// Recordings from assets/ joined with `gap_s` of silence after each
+/// (16 kHz mono).
+pub fn speech_playlist(ids: &[&str], gap_s: f32) -> Vec<f32> {
+    let mut out = Vec::new();
+    for id in ids {
+        out.extend(super::common::read_audio(&super::common::speech(&format!(
+            "{id}.wav"
+        ))));
+        out.extend(std::iter::repeat_n(0.0, (gap_s * 16_000.0) as usize));
+    }
+    out
+}
+
+/// Streams 16 kHz `samples` as s16le in 100 ms frames, `speed` times real
+/// time, then `end`; the sender half of an audio-in session.
+pub async fn send_paced<S>(tx: &mut S, samples: &[f32], speed: f64)
+where
+    S: futures_util::Sink<Message> + Unpin,
+    S::Error: std::fmt::Debug,
+{
+    let start = tokio::time::Instant::now();
+    for (i, chunk) in samples.chunks(1600).enumerate() {
+        let due = start + Duration::from_secs_f64(i as f64 * 0.1 / speed);
+        tokio::time::sleep_until(due).await;
+        tx.send(Message::binary(s16le(chunk))).await.unwrap();
+    }
+    tx.send(Message::text(r#"{"type":"end"}"#)).await.unwrap();
+}
+
+/// Runs a publishing audio-in session of `samples` paced at `speed` times
+/// real time; returns its events (after `started`) and its close.
+pub async fn run_paced_session(
+    addr: SocketAddr,
+    samples: Vec<f32>,
+    speed: f64,
+) -> (Vec<Value>, Option<CloseFrame>) {
+    let mut ws = connect(addr, "/v1/audio").await;
+    start_session(&mut ws, start_msg(16_000, 1, "s16le", true)).await;
+    let (mut tx, mut rx) = ws.split();
+    let sender = tokio::spawn(async move {
+        send_paced(&mut tx, &samples, speed).await;
+        tx
+    });
+    let mut out = Vec::new();
+    let close = loop {
+        let msg = tokio::time::timeout(PATIENCE, rx.next())
+            .await
+            .expect("no message from the server in a long time");
+        match msg {
+            Some(Ok(Message::Text(t))) => out.push(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Close(f))) => break f,
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break None,
+        }
+    };
+    drop(sender.await.unwrap());
+    (out, close)
+}
+
+/// (seq, segment, text) of every final in `events`.
+pub fn finals_by_seq(events: &[Value]) -> Vec<(u64, u64, String)> {
+    of_type(events, "final")
+        .iter()
+        .map(|e| {
+            (
+                e["seq"].as_u64().expect("finals carry seq"),
+                e["segment"].as_u64().unwrap(),
+                e["text"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
