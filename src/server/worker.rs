@@ -233,25 +233,22 @@ impl Worker {
 
     fn decode(id: SessionId, session: &mut Session, update: SegmentUpdate) {
         let events = &session.events;
+        // A failed decode (an error or a panic in the model, caught by the
+        // decoder) comes as an error event, which goes to the client as a
+        // `model_error`, and, for a final, a final with reason `error`; the
+        // session and every other one go on.
         let emit = |ev| {
-            let _ = events.send(WorkerEvent::Event(ev));
+            let _ = events.send(match ev {
+                Event::Error { message, .. } => WorkerEvent::ModelError(message),
+                ev => WorkerEvent::Event(ev),
+            });
         };
-        match session
-            .decoder
-            .handle_and_emit(&update, session.recognizer.as_mut(), emit)
+        if let Err(failure) =
+            session
+                .decoder
+                .handle_and_emit(&update, session.recognizer.as_mut(), emit)
         {
-            Ok(()) => {}
-            Err(e) => {
-                tracing::error!(
-                    session = id,
-                    segment = update.segment,
-                    "decoding failed: {e}"
-                );
-                let _ = session.events.send(WorkerEvent::ModelError(format!(
-                    "segment {}: {e}",
-                    update.segment
-                )));
-            }
+            tracing::error!(session = id, "decoding failed: {failure}");
         }
     }
 }

@@ -2,6 +2,9 @@
 //! final transcript events with a [`Recognizer`], keeping each open
 //! segment's committed prefix, and reusing the decode made at a pause as the
 //! final when the segment then ends with exactly that audio.
+//!
+//! Every call into the recogniser is guarded: an error or a panic costs the
+//! segment it happened in, not the stream (see [`SegmentDecoder::handle_and_emit`]).
 
 use super::events::Event;
 use super::policy::StablePrefix;
@@ -9,6 +12,9 @@ use super::segmenter::EndReason;
 use super::tracker::{SegmentUpdate, UpdateKind};
 use crate::model::recognizer::{Hypothesis, Recognizer};
 use crate::model::ModelError;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Text is committed from partials only once a segment holds this much
@@ -16,6 +22,9 @@ use std::time::{Duration, Instant};
 /// all of its audio; early partials of a sentence agreed on wrong words
 /// ("Looking like last" for "Look in thy glass") that were then forced.
 const COMMIT_AFTER_SAMPLES: usize = 4 * 16_000;
+
+/// The `reason` of the final of a segment whose decode failed (its text is empty).
+pub const ERROR_REASON: &str = "error";
 
 struct SegmentState {
     segment: u64,
@@ -36,14 +45,40 @@ impl SegmentState {
     }
 }
 
+/// A decode that failed with an error or a panic inside the recogniser.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodeFailure {
+    pub segment: u64,
+    /// The segment's final failed (it went out with reason `error` and no
+    /// text); otherwise a partial or pause decode failed and the segment
+    /// goes on.
+    pub on_final: bool,
+    /// The recogniser panicked (its committed context was then reset).
+    pub panicked: bool,
+    pub message: String,
+}
+
+impl std::fmt::Display for DecodeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = if self.on_final { "final" } else { "partial" };
+        write!(f, "segment {} ({what}): {}", self.segment, self.message)
+    }
+}
+
 /// Per-stream decoding state; the recogniser is passed in so one model can
 /// serve several streams.
-#[derive(Default)]
 pub struct SegmentDecoder {
     open: Option<SegmentState>,
     /// Time spent in the model.
     pub model_time: Duration,
     pub finals: u64,
+    fault: Option<InjectedFault>,
+}
+
+impl Default for SegmentDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 fn reason_name(r: EndReason) -> &'static str {
@@ -56,7 +91,13 @@ fn reason_name(r: EndReason) -> &'static str {
 
 impl SegmentDecoder {
     pub fn new() -> Self {
-        Self::default()
+        let stream = STREAMS_CREATED.fetch_add(1, Ordering::Relaxed);
+        Self {
+            open: None,
+            model_time: Duration::ZERO,
+            finals: 0,
+            fault: injected_fault().filter(|f| f.stream.is_none_or(|s| s == stream)),
+        }
     }
 
     fn state(&mut self, segment: u64) -> &mut SegmentState {
@@ -77,39 +118,71 @@ impl SegmentDecoder {
     /// final is emitted the recogniser prepares for the next segment
     /// (counted as model time; a failure there is logged, and the work is
     /// redone by the next decode).
+    ///
+    /// A failure inside the recogniser (an error, or a panic, which is
+    /// caught here) emits an [`Event::Error`]; if it was the segment's final
+    /// that failed, a final with reason `error` and empty text follows, so
+    /// that every segment still gets exactly one final. After a panic, or a
+    /// failed final, the recogniser's committed context is reset: its state
+    /// may be half-updated. Later segments are decoded as usual. The failure
+    /// is also returned, for logs and the exit status.
     pub fn handle_and_emit(
         &mut self,
         update: &SegmentUpdate,
         recognizer: &mut dyn Recognizer,
-        emit: impl FnOnce(Event),
-    ) -> Result<(), ModelError> {
-        let Some(event) = self.handle(update, recognizer)? else {
-            return Ok(());
+        mut emit: impl FnMut(Event),
+    ) -> Result<(), DecodeFailure> {
+        let event = match self.handle(update, recognizer) {
+            Ok(Some(event)) => event,
+            Ok(None) => return Ok(()),
+            Err(failure) => {
+                emit(Event::Error {
+                    message: format!("decoding failed: {failure}"),
+                });
+                if failure.on_final {
+                    self.finals += 1;
+                    emit(Event::Final {
+                        segment: update.segment,
+                        text: String::new(),
+                        start: update.start,
+                        end: update.end,
+                        latency_ms: update.end_arrival.elapsed().as_secs_f64() * 1e3,
+                        reason: ERROR_REASON,
+                    });
+                }
+                return Err(failure);
+            }
         };
         let is_final = matches!(event, Event::Final { .. });
         emit(event);
         if is_final {
             let t = Instant::now();
-            if let Err(e) = recognizer.after_final() {
-                tracing::warn!("preparing the next segment failed: {e}");
+            if let Err(f) = guarded(recognizer, update.segment, true, |r| r.after_final()) {
+                tracing::warn!("preparing the next segment failed: {f}");
             }
             self.model_time += t.elapsed();
         }
         Ok(())
     }
 
+    /// The event for `update`, if any. A failure is returned without an
+    /// event (see [`Self::handle_and_emit`]); a failed final still closes
+    /// the segment.
     pub fn handle(
         &mut self,
         update: &SegmentUpdate,
         recognizer: &mut dyn Recognizer,
-    ) -> Result<Option<Event>, ModelError> {
+    ) -> Result<Option<Event>, DecodeFailure> {
         let segment = update.segment;
         match update.kind {
             UpdateKind::Partial | UpdateKind::Pause => {
                 let prefix = self.state(segment).policy.committed().to_vec();
                 let t = Instant::now();
-                let hyp = recognizer.decode(&update.features, &prefix)?;
+                let hyp = guarded(recognizer, segment, false, |r| {
+                    r.decode(&update.features, &prefix)
+                });
                 self.model_time += t.elapsed();
+                let hyp = hyp?;
                 let state = self.state(segment);
                 if update.kind == UpdateKind::Partial {
                     let long = update.features.samples >= COMMIT_AFTER_SAMPLES;
@@ -142,12 +215,30 @@ impl SegmentDecoder {
                     .at_pause
                     .take()
                     .filter(|(len, _)| *len == update.features.samples);
+                let fault = self.fault.filter(|f| f.segment == segment);
                 let t = Instant::now();
-                let hyp = match reusable {
-                    Some((_, hyp)) => hyp,
-                    None => recognizer.decode(&update.features, state.policy.committed())?,
+                let result = guarded(recognizer, segment, true, |r| {
+                    if let Some(fault) = fault {
+                        fault.trigger()?;
+                    }
+                    let hyp = match reusable {
+                        Some((_, hyp)) => hyp,
+                        None => r.decode(&update.features, state.policy.committed())?,
+                    };
+                    r.commit(&update.features, &hyp)?;
+                    Ok(hyp)
+                });
+                self.model_time += t.elapsed();
+                let hyp = match result {
+                    Ok(hyp) => hyp,
+                    Err(failure) => {
+                        // A failed commit may have changed part of the context.
+                        if !failure.panicked {
+                            reset_context(recognizer);
+                        }
+                        return Err(failure);
+                    }
                 };
-                recognizer.commit(&update.features, &hyp)?;
                 tracing::debug!(
                     segment,
                     no_speech_prob = hyp.no_speech_prob,
@@ -157,7 +248,6 @@ impl SegmentDecoder {
                     text = %hyp.text,
                     "final decoded"
                 );
-                self.model_time += t.elapsed();
                 self.finals += 1;
                 Ok(Some(Event::Final {
                     segment,
@@ -168,6 +258,337 @@ impl SegmentDecoder {
                     reason: reason_name(reason),
                 }))
             }
+        }
+    }
+}
+
+/// Runs one call into the recogniser, turning an error or a panic into a
+/// [`DecodeFailure`]; after a panic the committed context is reset.
+fn guarded<T>(
+    recognizer: &mut dyn Recognizer,
+    segment: u64,
+    on_final: bool,
+    call: impl FnOnce(&mut dyn Recognizer) -> Result<T, ModelError>,
+) -> Result<T, DecodeFailure> {
+    let failure = |panicked, message| DecodeFailure {
+        segment,
+        on_final,
+        panicked,
+        message,
+    };
+    // The recogniser is not used again before its context is reset, and the
+    // decoder's own state is only changed after a successful call.
+    match catch_unwind(AssertUnwindSafe(|| call(&mut *recognizer))) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(failure(false, e.to_string())),
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into());
+            reset_context(recognizer);
+            Err(failure(true, format!("the model panicked: {what}")))
+        }
+    }
+}
+
+fn reset_context(recognizer: &mut dyn Recognizer) {
+    if catch_unwind(AssertUnwindSafe(|| recognizer.reset_context())).is_err() {
+        tracing::error!("resetting the recogniser's context panicked as well");
+    }
+}
+
+/// Testing aid, read once per process from `STEPAUDIO_LIVE_INJECT_FAULT`:
+/// `panic:SEG` or `error:SEG` makes the final decode of segment SEG panic
+/// or fail with an error inside the guarded recogniser call, as a model bug
+/// or a device failure would; `panic:SEG@N` or `error:SEG@N` does so only
+/// for the Nth stream (0-based) created in the process: the local source's
+/// stream, or the server's audio-in sessions in the order they started.
+/// Used by tests/faults.rs; an unparsable value is reported and ignored.
+pub const INJECT_FAULT_VAR: &str = "STEPAUDIO_LIVE_INJECT_FAULT";
+
+/// Streams (decoders) created in this process, for `@N` in the fault spec.
+static STREAMS_CREATED: AtomicUsize = AtomicUsize::new(0);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FaultKind {
+    Panic,
+    Error,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct InjectedFault {
+    kind: FaultKind,
+    segment: u64,
+    stream: Option<usize>,
+}
+
+impl InjectedFault {
+    fn parse(spec: &str) -> Option<Self> {
+        let (kind, rest) = spec.trim().split_once(':')?;
+        let kind = match kind {
+            "panic" => FaultKind::Panic,
+            "error" => FaultKind::Error,
+            _ => return None,
+        };
+        let (segment, stream) = match rest.split_once('@') {
+            Some((seg, stream)) => (seg, Some(stream.parse().ok()?)),
+            None => (rest, None),
+        };
+        Some(Self {
+            kind,
+            segment: segment.parse().ok()?,
+            stream,
+        })
+    }
+
+    fn trigger(self) -> Result<(), ModelError> {
+        match self.kind {
+            FaultKind::Panic => panic!(
+                "injected fault ({INJECT_FAULT_VAR}) in segment {}",
+                self.segment
+            ),
+            FaultKind::Error => Err(ModelError::Invalid(format!(
+                "injected fault ({INJECT_FAULT_VAR}) in segment {}",
+                self.segment
+            ))),
+        }
+    }
+}
+
+fn injected_fault() -> Option<InjectedFault> {
+    static FAULT: OnceLock<Option<InjectedFault>> = OnceLock::new();
+    *FAULT.get_or_init(|| {
+        let spec = std::env::var(INJECT_FAULT_VAR).ok()?;
+        let fault = InjectedFault::parse(&spec);
+        match fault {
+            Some(f) => tracing::warn!("{INJECT_FAULT_VAR}={spec}: injecting {f:?}"),
+            None => tracing::warn!(
+                "{INJECT_FAULT_VAR}={spec} not understood (panic:SEG[@STREAM] or error:SEG[@STREAM]); ignored"
+            ),
+        }
+        fault
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::recognizer::{FrontendSpec, SegmentFeatures};
+
+    /// Transcribes a segment as `words N` (N: its length); decode number
+    /// `panic_at` panics and `fail_at` returns an error.
+    #[derive(Default)]
+    struct Scripted {
+        decodes: usize,
+        panic_at: Option<usize>,
+        fail_at: Option<usize>,
+        context: Vec<String>,
+        resets: usize,
+    }
+
+    impl Recognizer for Scripted {
+        fn name(&self) -> String {
+            "scripted".into()
+        }
+        fn frontend(&self) -> FrontendSpec {
+            FrontendSpec {
+                n_mels: 1,
+                tail_zeros: 0,
+            }
+        }
+        fn max_segment_seconds(&self) -> f64 {
+            30.0
+        }
+        fn decode(
+            &mut self,
+            features: &SegmentFeatures,
+            _prefix: &[u32],
+        ) -> Result<Hypothesis, ModelError> {
+            let n = self.decodes;
+            self.decodes += 1;
+            if self.panic_at == Some(n) {
+                panic!("scripted panic");
+            }
+            if self.fail_at == Some(n) {
+                return Err(ModelError::Invalid("scripted error".into()));
+            }
+            Ok(Hypothesis {
+                tokens: vec![features.samples as u32],
+                text: format!("words {}", features.samples),
+                ..Default::default()
+            })
+        }
+        fn commit(&mut self, _: &SegmentFeatures, h: &Hypothesis) -> Result<(), ModelError> {
+            self.context.push(h.text.clone());
+            Ok(())
+        }
+        fn detokenize(&self, tokens: &[u32]) -> String {
+            format!("{tokens:?}")
+        }
+        fn starts_word(&self, _: u32) -> bool {
+            true
+        }
+        fn reset_context(&mut self) {
+            self.context.clear();
+            self.resets += 1;
+        }
+    }
+
+    fn update(segment: u64, kind: UpdateKind, samples: usize) -> SegmentUpdate {
+        SegmentUpdate {
+            segment,
+            kind,
+            features: SegmentFeatures {
+                n_mels: 1,
+                raw_frames: Vec::new(),
+                samples,
+            },
+            start: segment as f64,
+            end: segment as f64 + 0.5,
+            end_arrival: Instant::now(),
+        }
+    }
+
+    fn run(
+        decoder: &mut SegmentDecoder,
+        rec: &mut Scripted,
+        updates: &[SegmentUpdate],
+    ) -> (Vec<Event>, Vec<DecodeFailure>) {
+        let (mut events, mut failures) = (Vec::new(), Vec::new());
+        for u in updates {
+            if let Err(f) = decoder.handle_and_emit(u, rec, |e| events.push(e)) {
+                failures.push(f);
+            }
+        }
+        (events, failures)
+    }
+
+    fn final_of(events: &[Event], segment: u64) -> (String, &'static str) {
+        events
+            .iter()
+            .find_map(|e| match e {
+                Event::Final {
+                    segment: s,
+                    text,
+                    reason,
+                    ..
+                } if *s == segment => Some((text.clone(), *reason)),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no final for segment {segment}: {events:?}"))
+    }
+
+    #[test]
+    fn a_panicking_final_costs_its_segment_and_resets_the_context() {
+        let silence = UpdateKind::Final(EndReason::Silence);
+        let mut rec = Scripted {
+            panic_at: Some(1),
+            ..Default::default()
+        };
+        let mut decoder = SegmentDecoder::new();
+        decoder.fault = None;
+        let updates = [
+            update(0, silence, 100),
+            update(1, silence, 200),
+            update(2, silence, 300),
+        ];
+        let (events, failures) = run(&mut decoder, &mut rec, &updates);
+        assert_eq!(final_of(&events, 0), ("words 100".into(), "silence"));
+        assert_eq!(final_of(&events, 1), (String::new(), ERROR_REASON));
+        assert_eq!(final_of(&events, 2), ("words 300".into(), "silence"));
+        let error_at = events
+            .iter()
+            .position(|e| matches!(e, Event::Error { message } if message.contains("segment 1") && message.contains("scripted panic")))
+            .expect("an error event for segment 1");
+        let final_at = events
+            .iter()
+            .position(|e| matches!(e, Event::Final { segment: 1, .. }))
+            .unwrap();
+        assert!(
+            error_at < final_at,
+            "the error comes before the error final"
+        );
+        assert_eq!(failures.len(), 1);
+        assert!(failures[0].panicked && failures[0].on_final);
+        assert_eq!(rec.resets, 1);
+        // The context holds only what was committed after the reset.
+        assert_eq!(rec.context, vec!["words 300".to_string()]);
+        assert_eq!(decoder.finals, 3);
+    }
+
+    #[test]
+    fn a_failed_partial_emits_an_error_and_the_segment_goes_on() {
+        let mut rec = Scripted {
+            fail_at: Some(0),
+            ..Default::default()
+        };
+        let mut decoder = SegmentDecoder::new();
+        decoder.fault = None;
+        let updates = [
+            update(0, UpdateKind::Partial, 100),
+            update(0, UpdateKind::Partial, 200),
+            update(0, UpdateKind::Final(EndReason::Flush), 250),
+        ];
+        let (events, failures) = run(&mut decoder, &mut rec, &updates);
+        assert!(matches!(&events[0], Event::Error { .. }), "{events:?}");
+        assert!(matches!(&events[1], Event::Partial { text, .. } if text == "words 200"));
+        assert_eq!(final_of(&events, 0), ("words 250".into(), "flush"));
+        assert_eq!(events.len(), 3);
+        assert_eq!(failures.len(), 1);
+        assert!(!failures[0].on_final && !failures[0].panicked);
+        assert_eq!(
+            rec.resets, 0,
+            "an error in a partial leaves the context alone"
+        );
+    }
+
+    #[test]
+    fn injected_faults_hit_the_final_of_their_segment() {
+        let silence = UpdateKind::Final(EndReason::Silence);
+        for (kind, panicked) in [(FaultKind::Error, false), (FaultKind::Panic, true)] {
+            let mut rec = Scripted::default();
+            let mut decoder = SegmentDecoder::new();
+            decoder.fault = Some(InjectedFault {
+                kind,
+                segment: 1,
+                stream: None,
+            });
+            let updates = [
+                update(0, silence, 100),
+                update(1, UpdateKind::Partial, 150),
+                update(1, silence, 200),
+                update(2, silence, 300),
+            ];
+            let (events, failures) = run(&mut decoder, &mut rec, &updates);
+            assert_eq!(final_of(&events, 1), (String::new(), ERROR_REASON));
+            assert_eq!(final_of(&events, 2), ("words 300".into(), "silence"));
+            assert_eq!(failures.len(), 1);
+            assert_eq!(failures[0].panicked, panicked);
+            assert_eq!(rec.resets, 1, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn fault_specs_parse() {
+        let f = |kind, segment, stream| {
+            Some(InjectedFault {
+                kind,
+                segment,
+                stream,
+            })
+        };
+        assert_eq!(
+            InjectedFault::parse("panic:1"),
+            f(FaultKind::Panic, 1, None)
+        );
+        assert_eq!(
+            InjectedFault::parse("error:3@2"),
+            f(FaultKind::Error, 3, Some(2))
+        );
+        for bad in ["", "panic", "panic:x", "crash:1", "error:1@", "error:1@a"] {
+            assert_eq!(InjectedFault::parse(bad), None, "{bad:?}");
         }
     }
 }

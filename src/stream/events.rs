@@ -34,7 +34,9 @@ pub enum Event {
         end: f64,
         /// Wall time from the arrival of the audio at `end` to this event.
         latency_ms: f64,
-        /// Why the segment ended: `silence`, `max_length` or `flush`.
+        /// Why the segment ended: `silence`, `max_length` or `flush` (end of
+        /// input, stop, or a failed source); `error` when the segment could
+        /// not be decoded (`text` is then empty and an `error` event came first).
         reason: &'static str,
     },
     Stats(Stats),

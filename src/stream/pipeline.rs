@@ -46,8 +46,10 @@ pub enum LiveError {
     Source(String),
     #[error("{0}")]
     Setup(String),
-    #[error("model failed: {0}")]
-    Model(#[from] crate::model::ModelError),
+    #[error(
+        "{failed} segment(s) could not be decoded (their finals have reason `error`); first: {first}"
+    )]
+    Decode { failed: u64, first: String },
 }
 
 pub enum InferenceMsg {
@@ -291,7 +293,8 @@ fn inference_thread(
 ) -> Result<(), LiveError> {
     let mut decoder = SegmentDecoder::new();
     let mut queue: VecDeque<InferenceMsg> = VecDeque::new();
-    let mut first_error = None;
+    let mut first_failure = None;
+    let mut failed = 0;
     loop {
         if queue.is_empty() {
             match rx.recv() {
@@ -320,15 +323,12 @@ fn inference_thread(
                     }
                     let _ = events_tx.send(ev);
                 };
-                match decoder.handle_and_emit(&update, recognizer.as_mut(), emit) {
-                    Ok(()) => {}
-                    Err(e) => {
-                        tracing::error!("decoding segment {} failed: {e}", update.segment);
-                        let _ = events_tx.send(Event::Error {
-                            message: format!("segment {}: {e}", update.segment),
-                        });
-                        first_error.get_or_insert(e);
-                    }
+                // A failure has already been reported as an `error` event
+                // (and a failed final as a final with reason `error`).
+                if let Err(failure) = decoder.handle_and_emit(&update, recognizer.as_mut(), emit) {
+                    tracing::error!("decoding failed: {failure}");
+                    failed += 1;
+                    first_failure.get_or_insert(failure);
                 }
                 counters.model_micros.fetch_add(
                     (decoder.model_time - before).as_micros() as u64,
@@ -337,8 +337,11 @@ fn inference_thread(
             }
         }
     }
-    match first_error {
-        Some(e) => Err(LiveError::Model(e)),
+    match first_failure {
+        Some(first) => Err(LiveError::Decode {
+            failed,
+            first: first.to_string(),
+        }),
         None => Ok(()),
     }
 }
