@@ -60,6 +60,10 @@ pub struct LiveArgs {
     /// Input device name (exact, or a unique part of it); see --list-devices.
     #[arg(long, requires = "mic")]
     pub device: Option<String>,
+    /// When the microphone fails or disappears, exit (status 1, after the
+    /// open segment's final) instead of opening it again with back-off.
+    #[arg(long, requires = "mic")]
+    pub no_reconnect: bool,
     /// List audio input devices and exit.
     #[arg(long)]
     pub list_devices: bool,
@@ -511,7 +515,7 @@ fn install_stop_handler() -> anyhow::Result<Arc<AtomicBool>> {
 
 fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
     use crate::audio::source::{list_input_devices, start_source, SourceSpec};
-    use crate::stream::pipeline::{run_live, LiveOptions};
+    use crate::stream::pipeline::{run_live, LiveError, LiveOptions, Reconnect};
     if args.list_devices {
         for d in list_input_devices()? {
             println!("{d}");
@@ -562,6 +566,8 @@ fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
         tracker: args.stream.tracker_config(),
         stats_interval: (args.stats_interval > 0.0)
             .then(|| std::time::Duration::from_secs_f64(args.stats_interval)),
+        // A file or stdin that fails is not opened again.
+        reconnect: (args.mic && !args.no_reconnect).then(|| Reconnect::new(spec.clone())),
     };
     let mut sink = StdoutSink::stdout(args.live_format);
     let mut stdout_gone = false;
@@ -584,7 +590,11 @@ fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
     if let Some(server) = server {
         server.shutdown();
     }
-    let summary = result?;
+    let summary = result.map_err(|e| match e {
+        LiveError::Source(_) if args.no_reconnect => anyhow::Error::new(e)
+            .context("the microphone failed (--no-reconnect: not opening it again)"),
+        e => e.into(),
+    })?;
     tracing::info!(
         audio_s = summary.stats.audio_seconds,
         dropped = summary.stats.dropped_samples,

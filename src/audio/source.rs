@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 const RING_SECONDS: usize = 10;
 /// Frames converted per step inside the audio callback (stack buffer size).
 const CALLBACK_BLOCK: usize = 512;
+/// Stream errors in a row, with no audio in between, that mark the device
+/// as failed (a single one, followed by audio, is only logged).
+const DEAD_STREAM_ERRORS: u32 = 8;
 
 #[derive(Clone, Debug)]
 pub enum SourceSpec {
@@ -128,13 +131,35 @@ fn start_mic(name: Option<&str>) -> Result<StartedSource, SourceError> {
     let channels = config.channels as usize;
     let (writer, reader) = audio_ring(rate as usize * RING_SECONDS);
     let shared = writer.shared.clone();
+    let name = device_name.clone();
+    // Errors since audio last arrived, and the written count at the last one.
+    let (mut errors, mut written_then, mut failed) = (0u32, 0u64, false);
     let on_error = move |err: cpal::StreamError| {
         // Runs on cpal's thread, not the data callback: logging is fine here.
+        // cpal's ALSA backend never reports `DeviceNotAvailable`: a capture
+        // stream whose PulseAudio source is removed (with no other source to
+        // move it to) fails every poll with EIO, and cpal calls this in a
+        // tight loop, thousands of times a second, with no audio in between.
+        // A run of errors without audio is therefore a dead device.
+        if failed {
+            return;
+        }
+        let written = shared.written_samples.load(Ordering::Relaxed);
+        if written != written_then {
+            (errors, written_then) = (0, written);
+        }
+        errors += 1;
         match err {
             cpal::StreamError::DeviceNotAvailable => {
-                shared.fail(format!("input device disappeared: {err}"))
+                failed = true;
+                shared.fail(format!("input device `{name}` disappeared"));
             }
-            other => tracing::warn!("audio device reported: {other}"),
+            other if errors >= DEAD_STREAM_ERRORS => {
+                failed = true;
+                shared.fail(format!("input device `{name}` failed: {other}"));
+            }
+            other if errors == 1 => tracing::warn!("audio device `{name}` reported: {other}"),
+            _ => {}
         }
     };
     use cpal::SampleFormat as F;

@@ -14,12 +14,21 @@
 //! the inference thread decodes every final still queued (skipping stale
 //! partials) and closes the events channel, and the caller's loop ends once
 //! the last event is delivered. No produced transcript is dropped.
+//!
+//! A live source that fails (an error from the device, or no audio for
+//! [`SOURCE_STALL_TIMEOUT`]) ends the open segment the same way, with an
+//! `error` event; then, with [`LiveOptions::reconnect`], the caller's thread
+//! (which owns the device: a cpal stream stays on the thread that built it)
+//! opens the source again with back-off and hands the new ring to the audio
+//! thread, and the stream goes on: same segment numbering, same committed
+//! context, stream time continuing where the lost audio ended.
 
 use super::decoder::SegmentDecoder;
 use super::events::{Event, Stats};
 use super::tracker::{StreamTracker, TrackerConfig, TrackerOutput, UpdateKind};
 use crate::audio::resample::StreamResampler;
-use crate::audio::source::StartedSource;
+use crate::audio::ring::{RingReader, RingShared};
+use crate::audio::source::{start_source, SourceSpec, StartedSource};
 use crate::audio::MODEL_SAMPLE_RATE;
 use crate::model::recognizer::Recognizer;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -28,8 +37,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A live microphone that delivers nothing for this long has failed.
-const MIC_SILENCE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A live source that delivers nothing for this long has failed. (A
+/// PulseAudio source that is suspended, or a capture stream that stalls,
+/// shows only this way: no error, no data.)
+pub const SOURCE_STALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the audio thread polls the ring when it is empty.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
 
@@ -38,6 +49,38 @@ pub struct LiveOptions {
     pub tracker: TrackerConfig,
     /// Emit a stats event this often (and once at the end); `None` only at the end.
     pub stats_interval: Option<Duration>,
+    /// When the source fails: `Some` opens it again (with back-off) and the
+    /// stream goes on; `None` ends the stream with [`LiveError::Source`].
+    pub reconnect: Option<Reconnect>,
+}
+
+/// How a failed live source is opened again: after `first_delay`, then
+/// after twice the previous wait each time, at most `max_delay`, until it
+/// opens and delivers audio (or the stream is stopped).
+#[derive(Clone, Debug)]
+pub struct Reconnect {
+    /// The source to open again (the one the stream started with).
+    pub spec: SourceSpec,
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Reconnect {
+    /// 0.5 s, 1 s, 2 s, 4 s, then every 5 s.
+    pub fn new(spec: SourceSpec) -> Self {
+        Self {
+            spec,
+            first_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(5),
+        }
+    }
+
+    /// The wait before attempt `n` (0-based) since audio last flowed.
+    fn delay(&self, n: u32) -> Duration {
+        self.first_delay
+            .saturating_mul(1 << n.min(16))
+            .min(self.max_delay)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +93,48 @@ pub enum LiveError {
         "{failed} segment(s) could not be decoded (their finals have reason `error`); first: {first}"
     )]
     Decode { failed: u64, first: String },
+}
+
+/// What the audio thread tells the caller's thread about its source.
+enum SourceNews {
+    /// The source failed (the open segment is already flushed): why.
+    Lost(String),
+}
+
+/// Dropped/overflow counts over every ring the stream has used.
+struct RingTotals {
+    current: Arc<RingShared>,
+    dropped_before: u64,
+    overflows_before: u64,
+}
+
+impl RingTotals {
+    fn dropped(&self) -> u64 {
+        self.dropped_before + self.current.dropped_samples.load(Ordering::Relaxed)
+    }
+
+    fn overflows(&self) -> u64 {
+        self.overflows_before + self.current.overflow_events.load(Ordering::Relaxed)
+    }
+
+    fn replace(&mut self, next: Arc<RingShared>) {
+        self.dropped_before = self.dropped();
+        self.overflows_before = self.overflows();
+        self.current = next;
+    }
+}
+
+/// The caller's side of re-opening a failed source.
+struct Reopener {
+    policy: Reconnect,
+    /// Hands a new ring and its sample rate to the audio thread.
+    swap: Sender<(RingReader, u32)>,
+    /// Attempts since audio last flowed (sets the back-off).
+    attempts: u32,
+    /// When to try next, while the source is down.
+    next_try: Option<Instant>,
+    /// A re-opened source that has not delivered audio yet.
+    awaiting_audio: Option<String>,
 }
 
 pub enum InferenceMsg {
@@ -82,9 +167,23 @@ pub fn run_live(
 ) -> Result<LiveSummary, LiveError> {
     let started = Instant::now();
     let counters = Arc::new(PipelineCounters::default());
-    let ring_shared = source.reader.shared.clone();
+    let mut rings = RingTotals {
+        current: source.reader.shared.clone(),
+        dropped_before: 0,
+        overflows_before: 0,
+    };
     let (events_tx, events_rx) = crossbeam_channel::unbounded::<Event>();
     let (infer_tx, infer_rx) = crossbeam_channel::unbounded::<InferenceMsg>();
+    let (news_tx, mut news_rx) = crossbeam_channel::unbounded::<SourceNews>();
+    let (swap_tx, swap_rx) = crossbeam_channel::unbounded::<(RingReader, u32)>();
+    let mut reopener = opts.reconnect.clone().map(|policy| Reopener {
+        policy,
+        swap: swap_tx,
+        attempts: 0,
+        next_try: None,
+        awaiting_audio: None,
+    });
+    let swaps = reopener.is_some().then_some(swap_rx);
     let frontend = recognizer.frontend();
     let max_seconds = recognizer.max_segment_seconds();
     let tracker = StreamTracker::new(&opts.tracker, frontend, max_seconds)
@@ -98,21 +197,19 @@ pub fn run_live(
         description,
     } = source;
     tracing::info!(source = %description, model = %recognizer.name(), "live transcription started");
+    let mut guard = Some(guard);
     let audio = {
         let (events_tx, counters, stop) = (events_tx.clone(), counters.clone(), stop.clone());
+        let channels = AudioChannels {
+            infer_tx,
+            events_tx,
+            news_tx,
+            swaps,
+        };
         std::thread::Builder::new()
             .name("audio".into())
             .spawn(move || {
-                audio_thread(
-                    reader,
-                    sample_rate,
-                    live,
-                    tracker,
-                    stop,
-                    infer_tx,
-                    events_tx,
-                    counters,
-                )
+                audio_thread(reader, sample_rate, live, tracker, stop, channels, counters)
             })
             .map_err(|e| LiveError::Setup(format!("cannot start audio thread: {e}")))?
     };
@@ -124,7 +221,7 @@ pub fn run_live(
             .map_err(|e| LiveError::Setup(format!("cannot start inference thread: {e}")))?
     };
 
-    let stats = |counters: &PipelineCounters| -> Stats {
+    let stats = |counters: &PipelineCounters, rings: &RingTotals| -> Stats {
         let audio_seconds =
             counters.samples_16k.load(Ordering::Relaxed) as f64 / MODEL_SAMPLE_RATE as f64;
         let model = counters.model_micros.load(Ordering::Relaxed) as f64 / 1e6;
@@ -133,8 +230,8 @@ pub fn run_live(
         Stats {
             audio_seconds,
             wall_seconds: wall,
-            dropped_samples: ring_shared.dropped_samples.load(Ordering::Relaxed),
-            overflow_events: ring_shared.overflow_events.load(Ordering::Relaxed),
+            dropped_samples: rings.dropped(),
+            overflow_events: rings.overflows(),
             skipped_partials: counters.skipped_partials.load(Ordering::Relaxed),
             segments: counters.segments.load(Ordering::Relaxed),
             finals: counters.finals.load(Ordering::Relaxed),
@@ -156,25 +253,68 @@ pub fn run_live(
     let mut next_stats = opts.stats_interval.map(|i| Instant::now() + i);
     let mut last_overflow = 0;
     loop {
-        let timeout = next_stats.map_or(Duration::from_millis(250), |t| {
+        let mut timeout = next_stats.map_or(Duration::from_millis(250), |t| {
             t.saturating_duration_since(Instant::now())
         });
-        match events_rx.recv_timeout(timeout) {
-            Ok(ev) => on_event(&ev),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
+        if let Some(t) = reopener.as_ref().and_then(|r| r.next_try) {
+            timeout = timeout.min(t.saturating_duration_since(Instant::now()));
         }
-        let overflows = ring_shared.overflow_events.load(Ordering::Relaxed);
+        crossbeam_channel::select! {
+            recv(events_rx) -> ev => match ev {
+                Ok(ev) => on_event(&ev),
+                Err(_) => break,
+            },
+            recv(news_rx) -> news => match news {
+                Ok(SourceNews::Lost(why)) => {
+                    // Stop the failed device now: a dead ALSA stream keeps
+                    // its thread spinning on errors until it is dropped.
+                    drop(guard.take());
+                    if let Some(r) = &mut reopener {
+                        let wait = r.policy.delay(r.attempts);
+                        tracing::warn!(
+                            "audio source lost ({why}); opening it again in {:.1} s",
+                            wait.as_secs_f64()
+                        );
+                        r.next_try = Some(Instant::now() + wait);
+                        r.awaiting_audio = None;
+                    }
+                }
+                // The audio thread has ended.
+                Err(_) => news_rx = crossbeam_channel::never(),
+            },
+            default(timeout) => {}
+        }
+        if let Some(r) = &mut reopener {
+            if let Some(what) = &r.awaiting_audio {
+                if rings.current.written_samples.load(Ordering::Relaxed) > 0 {
+                    tracing::warn!("capture resumed: {what}");
+                    r.awaiting_audio = None;
+                    r.attempts = 0;
+                }
+            }
+            if r.next_try.is_some_and(|t| Instant::now() >= t) {
+                if stop.load(Ordering::Relaxed) {
+                    r.next_try = None;
+                } else if let Some(source) = try_reopen(r) {
+                    rings.replace(source.reader.shared.clone());
+                    guard = Some(source.guard);
+                    // The audio thread waits for it; if it has ended, the
+                    // loop ends as well.
+                    let _ = r.swap.send((source.reader, source.sample_rate));
+                }
+            }
+        }
+        let overflows = rings.overflows();
         if overflows > last_overflow {
             tracing::warn!(
-                dropped_samples = ring_shared.dropped_samples.load(Ordering::Relaxed),
+                dropped_samples = rings.dropped(),
                 "audio ring overflowed: the pipeline fell behind the source"
             );
             last_overflow = overflows;
         }
         if let (Some(t), Some(interval)) = (next_stats, opts.stats_interval) {
             if Instant::now() >= t {
-                on_event(&Event::Stats(stats(&counters)));
+                on_event(&Event::Stats(stats(&counters, &rings)));
                 next_stats = Some(t + interval);
             }
         }
@@ -186,36 +326,79 @@ pub fn run_live(
         .join()
         .map_err(|_| LiveError::Setup("inference thread panicked".into()))?;
     drop(guard);
-    let final_stats = stats(&counters);
+    let final_stats = stats(&counters, &rings);
     on_event(&Event::Stats(final_stats.clone()));
     audio_result?;
     inference_result?;
     Ok(LiveSummary { stats: final_stats })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One attempt to open the source again; schedules the next on failure.
+fn try_reopen(r: &mut Reopener) -> Option<StartedSource> {
+    r.attempts += 1;
+    // No stop flag of its own: a re-opened microphone has no reader thread.
+    let opened = start_source(&r.policy.spec, Arc::new(AtomicBool::new(false)));
+    match opened {
+        Ok(source) => {
+            tracing::warn!(
+                attempt = r.attempts,
+                "audio source opened again: {}; waiting for audio",
+                source.description
+            );
+            r.next_try = None;
+            r.awaiting_audio = Some(source.description.clone());
+            Some(source)
+        }
+        Err(e) => {
+            let wait = r.policy.delay(r.attempts);
+            tracing::warn!(
+                attempt = r.attempts,
+                "cannot open the audio source again: {e}; next attempt in {:.1} s",
+                wait.as_secs_f64()
+            );
+            r.next_try = Some(Instant::now() + wait);
+            None
+        }
+    }
+}
+
+/// The audio thread's channels: updates to the inference thread, events to
+/// the caller, and news of its source to and from the caller.
+struct AudioChannels {
+    infer_tx: Sender<InferenceMsg>,
+    events_tx: Sender<Event>,
+    news_tx: Sender<SourceNews>,
+    /// New rings after a failure (`None`: a failure ends the stream).
+    swaps: Option<Receiver<(RingReader, u32)>>,
+}
+
+fn new_resampler(sample_rate: u32) -> Result<Option<StreamResampler>, LiveError> {
+    if sample_rate == MODEL_SAMPLE_RATE {
+        return Ok(None);
+    }
+    StreamResampler::new(sample_rate, MODEL_SAMPLE_RATE)
+        .map(Some)
+        .map_err(|e| LiveError::Setup(e.to_string()))
+}
+
 fn audio_thread(
-    mut reader: crate::audio::ring::RingReader,
+    mut reader: RingReader,
     sample_rate: u32,
     live: bool,
     mut tracker: StreamTracker,
     stop: Arc<AtomicBool>,
-    infer_tx: Sender<InferenceMsg>,
-    events_tx: Sender<Event>,
+    channels: AudioChannels,
     counters: Arc<PipelineCounters>,
 ) -> Result<(), LiveError> {
-    let mut resampler = if sample_rate == MODEL_SAMPLE_RATE {
-        None
-    } else {
-        Some(
-            StreamResampler::new(sample_rate, MODEL_SAMPLE_RATE)
-                .map_err(|e| LiveError::Setup(e.to_string()))?,
-        )
-    };
+    let AudioChannels {
+        infer_tx,
+        events_tx,
+        news_tx,
+        swaps,
+    } = channels;
+    let mut resampler = new_resampler(sample_rate)?;
     let mut buf = vec![0f32; (sample_rate as usize / 50).max(256)];
     let mut outputs = Vec::new();
-    let mut last_data = Instant::now();
-    let mut failure = None;
     let forward = |outputs: &mut Vec<TrackerOutput>| {
         for out in outputs.drain(..) {
             match out {
@@ -235,53 +418,87 @@ fn audio_thread(
         }
     };
     loop {
-        let n = reader.read(&mut buf);
-        if n > 0 {
-            let now = Instant::now();
-            last_data = now;
-            let samples = match &mut resampler {
-                Some(r) => r
-                    .push(&buf[..n])
-                    .map_err(|e| LiveError::Setup(e.to_string()))?,
-                None => buf[..n].to_vec(),
+        let mut last_data = Instant::now();
+        let mut failure = None;
+        loop {
+            let n = reader.read(&mut buf);
+            if n > 0 {
+                let now = Instant::now();
+                last_data = now;
+                let samples = match &mut resampler {
+                    Some(r) => r
+                        .push(&buf[..n])
+                        .map_err(|e| LiveError::Setup(e.to_string()))?,
+                    None => buf[..n].to_vec(),
+                };
+                counters
+                    .samples_16k
+                    .fetch_add(samples.len() as u64, Ordering::Relaxed);
+                tracker.push(&samples, now, &mut outputs);
+                forward(&mut outputs);
+                continue;
+            }
+            if let Some(msg) = reader.shared.failure() {
+                failure = Some(msg);
+                break;
+            }
+            if reader.is_drained() || stop.load(Ordering::Relaxed) {
+                break;
+            }
+            if live && last_data.elapsed() > SOURCE_STALL_TIMEOUT {
+                failure = Some(format!(
+                    "no audio from the source for {} s (stalled, suspended or gone)",
+                    SOURCE_STALL_TIMEOUT.as_secs()
+                ));
+                break;
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+        if let Some(msg) = &failure {
+            let next = if swaps.is_some() {
+                "; opening it again"
+            } else {
+                ""
             };
-            counters
-                .samples_16k
-                .fetch_add(samples.len() as u64, Ordering::Relaxed);
-            tracker.push(&samples, now, &mut outputs);
-            forward(&mut outputs);
-            continue;
+            tracing::error!("audio source failed: {msg}");
+            let _ = events_tx.send(Event::Error {
+                message: format!("audio source failed: {msg}{next}"),
+            });
         }
-        if let Some(msg) = reader.shared.failure() {
-            failure = Some(msg);
-            break;
+        // Whatever the resampler still holds is the end of this audio, and
+        // the open segment ends with it (the tracker carries on afterwards:
+        // segment numbers and stream time continue).
+        if let Some(r) = &mut resampler {
+            if let Ok(rest) = r.flush() {
+                counters
+                    .samples_16k
+                    .fetch_add(rest.len() as u64, Ordering::Relaxed);
+                tracker.push(&rest, Instant::now(), &mut outputs);
+            }
         }
-        if reader.is_drained() || stop.load(Ordering::Relaxed) {
-            break;
-        }
-        if live && last_data.elapsed() > MIC_SILENCE_TIMEOUT {
-            failure = Some(format!(
-                "no audio from the source for {} s",
-                MIC_SILENCE_TIMEOUT.as_secs()
-            ));
-            break;
-        }
-        std::thread::sleep(POLL_INTERVAL);
-    }
-    // Whatever the resampler still holds is the end of the stream.
-    if let Some(r) = &mut resampler {
-        if let Ok(rest) = r.flush() {
-            counters
-                .samples_16k
-                .fetch_add(rest.len() as u64, Ordering::Relaxed);
-            tracker.push(&rest, Instant::now(), &mut outputs);
-        }
-    }
-    tracker.finish(&mut outputs);
-    forward(&mut outputs);
-    match failure {
-        Some(msg) => Err(LiveError::Source(msg)),
-        None => Ok(()),
+        tracker.finish(&mut outputs);
+        forward(&mut outputs);
+        let Some(msg) = failure else {
+            return Ok(());
+        };
+        let Some(swaps) = &swaps else {
+            return Err(LiveError::Source(msg));
+        };
+        let _ = news_tx.send(SourceNews::Lost(msg));
+        // Wait for the caller to open the source again, or for the stop.
+        let (next_reader, rate) = loop {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            match swaps.recv_timeout(Duration::from_millis(50)) {
+                Ok(next) => break next,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+        };
+        reader = next_reader;
+        resampler = new_resampler(rate)?;
+        buf.resize((rate as usize / 50).max(256), 0.0);
     }
 }
 
