@@ -41,7 +41,7 @@ use stepaudio_live::model::step_audio2::prompt::{StepTokenizer, SystemPrompt};
 use stepaudio_live::model::step_audio2::{SessionOptions, StepAudio2, TurnOptions};
 use stepaudio_live::model::whisper::load::load_whisper_for_inference;
 use stepaudio_live::model::whisper::DecoderWeights;
-use stepaudio_live::transcribe::TranscribeOptions;
+use stepaudio_live::transcribe::{transcribe_whisper, TranscribeOptions};
 
 #[derive(Parser, Debug)]
 #[command(about = "End-to-end ASR benchmark (Whisper with real weights, Step-Audio 2 mini)")]
@@ -179,14 +179,14 @@ fn whisper(args: &Args) -> Result<()> {
     let model = load_whisper_for_inference(&dir, &device, DType::F32, weights)?;
     let load = t.elapsed();
     let opts = TranscribeOptions::default();
-    let _ = model.transcribe(&audio, &opts)?; // warm-up
+    let _ = transcribe_whisper(&model, &audio, &opts)?; // warm-up
     let (mut total, mut mel, mut enc, mut dec, mut per_tok) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut text = String::new();
     let mut tokens = 0;
     for _ in 0..args.runs.max(1) {
         let t = Instant::now();
-        let tr = model.transcribe(&audio, &opts)?;
+        let tr = transcribe_whisper(&model, &audio, &opts)?;
         total.push(ms(t.elapsed()));
         mel.push(ms(tr.timings.mel));
         enc.push(ms(tr.timings.encoder));

@@ -4,9 +4,10 @@
 use crate::audio::{wav, AudioError};
 use crate::device::DeviceChoice;
 use crate::fetch::{self, FetchError};
+use crate::model::whisper::Task;
 use crate::output::{write_transcript, OutputFormat};
 use crate::stream::sink::{LiveFormat, StdoutSink};
-use crate::transcribe::{Task, TranscribeOptions};
+use crate::transcribe::TranscribeOptions;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;

@@ -1,20 +1,15 @@
-//! Offline transcription of whole recordings with Whisper: 30 s windows,
-//! each conditioned on the text decoded so far, advanced by the last
-//! complete timestamp the model produced (Whisper's long-form procedure).
+//! Offline transcription of whole recordings (the `transcribe` and `eval`
+//! commands), driving the models through their public API. Whisper: 30 s
+//! windows, each conditioned on the text decoded so far, advanced by the
+//! last complete timestamp the model produced (Whisper's long-form
+//! procedure). Step-Audio 2: 25 s pieces, one committed turn each.
 
 use crate::frontend::{HOP_LENGTH, SAMPLE_RATE, WHISPER_CHUNK_FRAMES, WHISPER_CHUNK_SAMPLES};
 use crate::model::whisper::decoding::{DecodedWindow, DecodingOptions};
 use crate::model::whisper::tokens::TIMESTAMP_STEP;
-use crate::model::whisper::WhisperModel;
+use crate::model::whisper::{Task, WhisperModel};
 use crate::model::ModelError;
 use std::time::{Duration, Instant};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Task {
-    #[default]
-    Transcribe,
-    Translate,
-}
 
 #[derive(Clone, Debug)]
 pub struct TranscribeOptions {
@@ -83,230 +78,145 @@ impl Transcript {
     }
 }
 
-/// The previous text fed back as a prompt is capped at half the text context.
-fn prompt_budget(model: &WhisperModel) -> usize {
-    model.decoder.n_text_ctx() / 2 - 1
+/// Transcribes 16 kHz mono audio of any length with Whisper.
+pub fn transcribe_whisper(
+    model: &WhisperModel,
+    audio: &[f32],
+    opts: &TranscribeOptions,
+) -> Result<Transcript, ModelError> {
+    let tok = &model.tokenizer;
+    let total_frames = audio.len() / HOP_LENGTH;
+    let mut transcript = Transcript::default();
+    let mut previous: Vec<u32> = match &opts.initial_prompt {
+        Some(p) => tok.encode_text(&format!(" {}", p.trim()))?,
+        None => Vec::new(),
+    };
+    let mut language = opts.language.clone();
+    let mut task_tokens: Option<Vec<u32>> = None;
+    let decoding = DecodingOptions {
+        timestamps: opts.timestamps,
+        ..Default::default()
+    };
+    let mut seek = 0usize;
+    while seek < total_frames {
+        let window_start = seek * HOP_LENGTH;
+        let window = &audio[window_start..(window_start + WHISPER_CHUNK_SAMPLES).min(audio.len())];
+        let segment_frames = WHISPER_CHUNK_FRAMES.min(total_frames - seek);
+        let time_offset = window_start as f64 / SAMPLE_RATE as f64;
+        let segment_duration = segment_frames as f64 * HOP_LENGTH as f64 / SAMPLE_RATE as f64;
+
+        let t0 = Instant::now();
+        let mel = model.mel.whisper(window);
+        let t1 = Instant::now();
+        let encoded = model.encode(&mel)?;
+        let cross = model.cross_attention(&encoded)?;
+        let t2 = Instant::now();
+        transcript.timings.mel += t1 - t0;
+        transcript.timings.encoder += t2 - t1;
+        transcript.timings.windows += 1;
+
+        if task_tokens.is_none() {
+            if language.is_none() && model.config.is_multilingual() {
+                language = model.detect_language(&cross)?;
+                tracing::info!(language = ?language, "detected language");
+            }
+            task_tokens =
+                Some(model.task_tokens(language.as_deref(), opts.task, opts.timestamps)?);
+        }
+        let conditioning: &[u32] = if opts.condition_on_previous_text {
+            &previous
+        } else {
+            &[]
+        };
+        let (prompt, sot_index) = model.build_prompt(conditioning, task_tokens.as_deref().unwrap());
+        let result = model.greedy_decode(&cross, &prompt, sot_index, &decoding)?;
+        transcript.timings.decoder += t2.elapsed();
+        transcript.timings.tokens += result.tokens.len() + 1;
+
+        if is_silence(&result, opts) {
+            tracing::debug!(
+                time_offset,
+                no_speech = result.no_speech_prob,
+                "skipping window without speech"
+            );
+            seek += segment_frames;
+            continue;
+        }
+        let (segments, advance) = split_window(
+            model,
+            &result,
+            time_offset,
+            segment_frames,
+            segment_duration,
+        );
+        seek += advance.max(1);
+        for s in segments {
+            if !s.text.trim().is_empty() {
+                previous.extend_from_slice(&s.tokens);
+                transcript.segments.push(s);
+            }
+        }
+    }
+    transcript.language = language;
+    Ok(transcript)
 }
 
-impl WhisperModel {
-    /// `<|startoftranscript|>` plus language and task tokens (multilingual
-    /// models) and `<|notimestamps|>` when timestamps are off.
-    pub fn task_tokens(
-        &self,
-        language: Option<&str>,
-        task: Task,
-        timestamps: bool,
-    ) -> Result<Vec<u32>, ModelError> {
-        let tok = &self.tokenizer;
-        let mut out = vec![tok.sot];
-        if self.config.is_multilingual() {
-            let lang = language.unwrap_or("en");
-            let id = tok.language_token(lang).ok_or_else(|| {
-                ModelError::Invalid(format!(
-                    "unknown language `{lang}`; this model knows: {}",
-                    tok.languages
-                        .iter()
-                        .map(|(c, _)| c.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?;
-            out.push(id);
-            let task_tok = match task {
-                Task::Transcribe => tok.transcribe,
-                Task::Translate => tok.translate,
-            };
-            out.extend(task_tok);
-        } else if language.is_some_and(|l| l != "en") {
-            return Err(ModelError::Invalid(format!(
-                "this model is English-only; `--language {}` needs a multilingual model",
-                language.unwrap_or_default()
-            )));
+/// Cuts a decoded window into segments at timestamp pairs and says how
+/// many mel frames the window consumed.
+fn split_window(
+    model: &WhisperModel,
+    result: &DecodedWindow,
+    time_offset: f64,
+    segment_frames: usize,
+    segment_duration: f64,
+) -> (Vec<Segment>, usize) {
+    let tok = &model.tokenizer;
+    let tokens = &result.tokens;
+    let is_ts: Vec<bool> = tokens.iter().map(|&t| tok.is_timestamp(t)).collect();
+    let n = tokens.len();
+    let single_timestamp_ending = n >= 2 && !is_ts[n - 2] && is_ts[n - 1];
+    let mut cuts: Vec<usize> = (1..n).filter(|&i| is_ts[i] && is_ts[i - 1]).collect();
+    let make = |slice: &[u32], start: f64, end: f64| Segment {
+        start,
+        end,
+        text: tok.decode_text(slice),
+        tokens: slice.to_vec(),
+        avg_logprob: result.avg_logprob,
+        no_speech_prob: result.no_speech_prob,
+    };
+    let frames_per_step =
+        (TIMESTAMP_STEP * SAMPLE_RATE as f64 / HOP_LENGTH as f64).round() as usize;
+    if !cuts.is_empty() {
+        if single_timestamp_ending {
+            cuts.push(n);
         }
-        if !timestamps {
-            out.push(tok.no_timestamps);
+        let mut segments = Vec::new();
+        let mut last = 0;
+        for &cut in &cuts {
+            let slice = &tokens[last..cut];
+            let start = tok.timestamp_seconds(slice[0].max(tok.timestamp_begin));
+            let end = tok.timestamp_seconds(slice[slice.len() - 1].max(tok.timestamp_begin));
+            segments.push(make(slice, time_offset + start, time_offset + end));
+            last = cut;
         }
-        Ok(out)
-    }
-
-    /// Builds `[<|startofprev|> previous…] <|startoftranscript|> …` and
-    /// returns it with the index of `<|startoftranscript|>`.
-    pub fn build_prompt(&self, previous: &[u32], task_tokens: &[u32]) -> (Vec<u32>, usize) {
-        let mut prompt = Vec::with_capacity(previous.len() + task_tokens.len() + 1);
-        if !previous.is_empty() {
-            let keep = prompt_budget(self);
-            prompt.push(self.tokenizer.sot_prev);
-            prompt.extend_from_slice(&previous[previous.len().saturating_sub(keep)..]);
-        }
-        let sot_index = prompt.len();
-        prompt.extend_from_slice(task_tokens);
-        (prompt, sot_index)
-    }
-
-    /// Most likely language of an encoded window (multilingual models).
-    pub fn detect_language(
-        &self,
-        cross: &crate::model::whisper::decoder::CrossAttention,
-    ) -> candle_core::Result<Option<String>> {
-        if !self.config.is_multilingual() || self.tokenizer.languages.is_empty() {
-            return Ok(None);
-        }
-        let mut state = self.decoder.new_state();
-        let hidden = self
-            .decoder
-            .forward_hidden(&[self.tokenizer.sot], &mut state, cross)?;
-        let logits = self
-            .decoder
-            .logits(&hidden, &[0])?
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1::<f32>()?;
-        let best = self
-            .tokenizer
-            .languages
-            .iter()
-            .max_by(|a, b| logits[a.1 as usize].total_cmp(&logits[b.1 as usize]))
-            .map(|(c, _)| c.clone());
-        Ok(best)
-    }
-
-    /// Transcribes 16 kHz mono audio of any length.
-    pub fn transcribe(
-        &self,
-        audio: &[f32],
-        opts: &TranscribeOptions,
-    ) -> Result<Transcript, ModelError> {
-        let tok = &self.tokenizer;
-        let total_frames = audio.len() / HOP_LENGTH;
-        let mut transcript = Transcript::default();
-        let mut previous: Vec<u32> = match &opts.initial_prompt {
-            Some(p) => tok.encode_text(&format!(" {}", p.trim()))?,
-            None => Vec::new(),
-        };
-        let mut language = opts.language.clone();
-        let mut task_tokens: Option<Vec<u32>> = None;
-        let decoding = DecodingOptions {
-            timestamps: opts.timestamps,
-            ..Default::default()
-        };
-        let mut seek = 0usize;
-        while seek < total_frames {
-            let window_start = seek * HOP_LENGTH;
-            let window =
-                &audio[window_start..(window_start + WHISPER_CHUNK_SAMPLES).min(audio.len())];
-            let segment_frames = WHISPER_CHUNK_FRAMES.min(total_frames - seek);
-            let time_offset = window_start as f64 / SAMPLE_RATE as f64;
-            let segment_duration = segment_frames as f64 * HOP_LENGTH as f64 / SAMPLE_RATE as f64;
-
-            let t0 = Instant::now();
-            let mel = self.mel.whisper(window);
-            let t1 = Instant::now();
-            let encoded = self.encode(&mel)?;
-            let cross = self.cross_attention(&encoded)?;
-            let t2 = Instant::now();
-            transcript.timings.mel += t1 - t0;
-            transcript.timings.encoder += t2 - t1;
-            transcript.timings.windows += 1;
-
-            if task_tokens.is_none() {
-                if language.is_none() && self.config.is_multilingual() {
-                    language = self.detect_language(&cross)?;
-                    tracing::info!(language = ?language, "detected language");
-                }
-                task_tokens =
-                    Some(self.task_tokens(language.as_deref(), opts.task, opts.timestamps)?);
-            }
-            let conditioning: &[u32] = if opts.condition_on_previous_text {
-                &previous
-            } else {
-                &[]
-            };
-            let (prompt, sot_index) =
-                self.build_prompt(conditioning, task_tokens.as_deref().unwrap());
-            let result = self.greedy_decode(&cross, &prompt, sot_index, &decoding)?;
-            transcript.timings.decoder += t2.elapsed();
-            transcript.timings.tokens += result.tokens.len() + 1;
-
-            if is_silence(&result, opts) {
-                tracing::debug!(
-                    time_offset,
-                    no_speech = result.no_speech_prob,
-                    "skipping window without speech"
-                );
-                seek += segment_frames;
-                continue;
-            }
-            let (segments, advance) =
-                self.split_window(&result, time_offset, segment_frames, segment_duration);
-            seek += advance.max(1);
-            for s in segments {
-                if !s.text.trim().is_empty() {
-                    previous.extend_from_slice(&s.tokens);
-                    transcript.segments.push(s);
-                }
-            }
-        }
-        transcript.language = language;
-        Ok(transcript)
-    }
-
-    /// Cuts a decoded window into segments at timestamp pairs and says how
-    /// many mel frames the window consumed.
-    pub fn split_window(
-        &self,
-        result: &DecodedWindow,
-        time_offset: f64,
-        segment_frames: usize,
-        segment_duration: f64,
-    ) -> (Vec<Segment>, usize) {
-        let tok = &self.tokenizer;
-        let tokens = &result.tokens;
-        let is_ts: Vec<bool> = tokens.iter().map(|&t| tok.is_timestamp(t)).collect();
-        let n = tokens.len();
-        let single_timestamp_ending = n >= 2 && !is_ts[n - 2] && is_ts[n - 1];
-        let mut cuts: Vec<usize> = (1..n).filter(|&i| is_ts[i] && is_ts[i - 1]).collect();
-        let make = |slice: &[u32], start: f64, end: f64| Segment {
-            start,
-            end,
-            text: tok.decode_text(slice),
-            tokens: slice.to_vec(),
-            avg_logprob: result.avg_logprob,
-            no_speech_prob: result.no_speech_prob,
-        };
-        let frames_per_step =
-            (TIMESTAMP_STEP * SAMPLE_RATE as f64 / HOP_LENGTH as f64).round() as usize;
-        if !cuts.is_empty() {
-            if single_timestamp_ending {
-                cuts.push(n);
-            }
-            let mut segments = Vec::new();
-            let mut last = 0;
-            for &cut in &cuts {
-                let slice = &tokens[last..cut];
-                let start = tok.timestamp_seconds(slice[0].max(tok.timestamp_begin));
-                let end = tok.timestamp_seconds(slice[slice.len() - 1].max(tok.timestamp_begin));
-                segments.push(make(slice, time_offset + start, time_offset + end));
-                last = cut;
-            }
-            let advance = if single_timestamp_ending {
-                segment_frames
-            } else {
-                let last_ts = tokens[last - 1];
-                (tok.timestamp_seconds(last_ts) / TIMESTAMP_STEP).round() as usize * frames_per_step
-            };
-            (segments, advance)
+        let advance = if single_timestamp_ending {
+            segment_frames
         } else {
-            let mut duration = segment_duration;
-            if let Some(&last_ts) = tokens.iter().rev().find(|&&t| tok.is_timestamp(t)) {
-                if last_ts != tok.timestamp_begin {
-                    duration = tok.timestamp_seconds(last_ts);
-                }
+            let last_ts = tokens[last - 1];
+            (tok.timestamp_seconds(last_ts) / TIMESTAMP_STEP).round() as usize * frames_per_step
+        };
+        (segments, advance)
+    } else {
+        let mut duration = segment_duration;
+        if let Some(&last_ts) = tokens.iter().rev().find(|&&t| tok.is_timestamp(t)) {
+            if last_ts != tok.timestamp_begin {
+                duration = tok.timestamp_seconds(last_ts);
             }
-            (
-                vec![make(tokens, time_offset, time_offset + duration)],
-                segment_frames,
-            )
         }
+        (
+            vec![make(tokens, time_offset, time_offset + duration)],
+            segment_frames,
+        )
     }
 }
 
@@ -371,7 +281,7 @@ pub fn transcribe_loaded(
     step_audio: &crate::model::step_audio2::SessionOptions,
 ) -> Result<Transcript, ModelError> {
     match model {
-        crate::model::LoadedModel::Whisper(m) => m.transcribe(audio, whisper),
+        crate::model::LoadedModel::Whisper(m) => transcribe_whisper(m, audio, whisper),
         crate::model::LoadedModel::StepAudio2(sa) => {
             transcribe_step_audio2(sa, audio, step_audio.clone())
         }

@@ -187,7 +187,7 @@ impl LoadedModel {
             Self::Whisper(model) => Ok(Box::new(whisper::streaming::WhisperRecognizer::new(
                 model.clone(),
                 opts.language.as_deref(),
-                crate::transcribe::Task::Transcribe,
+                whisper::Task::Transcribe,
                 !opts.whisper_full_window,
                 opts.whisper_carry_seconds,
             )?)),

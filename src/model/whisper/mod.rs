@@ -1,12 +1,16 @@
-//! The Whisper family (tiny … large-v3): encoder, decoder, tokenizer and
-//! greedy decoding, loaded from CTranslate2 or Hugging Face directories.
+//! The Whisper family (tiny … large-v3): encoder, decoder, tokenizer, task
+//! and prompt tokens, language detection and greedy decoding, loaded from
+//! CTranslate2 or Hugging Face directories.
 
 pub mod decoder;
 pub mod decoding;
 pub mod encoder;
 pub mod load;
+pub mod prompt;
 pub mod streaming;
 pub mod tokens;
+
+pub use prompt::Task;
 
 use crate::frontend::MelExtractor;
 use candle_core::{DType, Device, Tensor};

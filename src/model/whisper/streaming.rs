@@ -26,11 +26,10 @@
 use super::decoder::CrossAttention;
 use super::decoding::{DecodedWindow, DecodingOptions};
 use super::encoder::HEAD_CONTEXT;
-use super::{EncodedAudio, SilentWindows, WhisperModel};
+use super::{EncodedAudio, SilentWindows, Task, WhisperModel};
 use crate::frontend::{LogMel, LOG10_FLOOR, N_FFT, WHISPER_CHUNK_FRAMES};
 use crate::model::recognizer::{FrontendSpec, Hypothesis, Recognizer, SegmentFeatures};
 use crate::model::ModelError;
-use crate::transcribe::Task;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,214 @@
+//! The crate's layering rule, checked on the source text: the model layer
+//! (`src/model/`) knows nothing of the command line, the offline driver, the
+//! stream engine, the server or model fetching, so every path into the crate
+//! that a file there names must start with an allowed module.
+//!
+//! Each `crate::…` path in code (comments are skipped; `use crate::{a, b}`
+//! groups are split) is checked, and so is every `super::` chain that would
+//! climb out of the layer's directory.
+
+use std::path::{Path, PathBuf};
+
+/// (directory or file under `src/`, top-level modules its code may name
+/// besides itself).
+const RULES: &[(&str, &[&str])] = &[("model", &["frontend", "device", "model"])];
+
+fn rust_files(path: &Path) -> Vec<PathBuf> {
+    if path.is_file() {
+        return vec![path.to_path_buf()];
+    }
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())) {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            out.extend(rust_files(&p));
+        } else if p.extension().is_some_and(|e| e == "rs") {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The source without comments (line, doc and block comments), line by line.
+fn code_lines(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut in_block = 0usize;
+    for line in text.lines() {
+        let mut code = String::new();
+        let b = line.as_bytes();
+        let mut i = 0;
+        let mut in_str = false;
+        while i < b.len() {
+            if in_block > 0 {
+                if line[i..].starts_with("*/") {
+                    in_block -= 1;
+                    i += 2;
+                } else if line[i..].starts_with("/*") {
+                    in_block += 1;
+                    i += 2;
+                } else {
+                    i += 1;
+                }
+                continue;
+            }
+            if in_str {
+                if b[i] == b'\\' {
+                    i += 2;
+                    continue;
+                }
+                if b[i] == b'"' {
+                    in_str = false;
+                }
+                i += 1;
+                continue;
+            }
+            if line[i..].starts_with("//") {
+                break;
+            }
+            if line[i..].starts_with("/*") {
+                in_block += 1;
+                i += 2;
+                continue;
+            }
+            if b[i] == b'"' {
+                in_str = true;
+            } else {
+                code.push(b[i] as char);
+            }
+            i += 1;
+        }
+        out.push(code);
+    }
+    out
+}
+
+/// The first segment of every path that follows `crate::` in `code`.
+fn crate_roots(code: &str) -> Vec<String> {
+    let mut roots = Vec::new();
+    let mut rest = code;
+    while let Some(at) = rest.find("crate::") {
+        let before = rest[..at].chars().next_back();
+        rest = &rest[at + "crate::".len()..];
+        if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+            continue; // e.g. `stepaudio_crate::`
+        }
+        let rest_trim = rest.trim_start();
+        if let Some(group) = rest_trim.strip_prefix('{') {
+            // `crate::{a::b, c}`: the first segment of each item at depth 0.
+            let mut depth = 0;
+            let mut item = String::new();
+            for c in group.chars() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        roots.push(first_segment(&item));
+                        item.clear();
+                        continue;
+                    }
+                    _ => {}
+                }
+                item.push(c);
+            }
+            roots.push(first_segment(&item));
+        } else {
+            roots.push(first_segment(rest_trim));
+        }
+    }
+    roots.retain(|r| !r.is_empty());
+    roots
+}
+
+fn first_segment(path: &str) -> String {
+    path.trim()
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect()
+}
+
+/// How many modules `file` sits below the layer's root module.
+fn module_depth(root: &Path, file: &Path) -> usize {
+    let rel = file.strip_prefix(root).unwrap_or(file);
+    let parts = rel.components().count();
+    let is_mod = file.file_name().is_some_and(|n| n == "mod.rs");
+    if root.is_file() {
+        0
+    } else if is_mod {
+        parts - 1
+    } else {
+        parts
+    }
+}
+
+/// The longest run of `super::` in `code`.
+fn longest_super_chain(code: &str) -> usize {
+    let mut best = 0;
+    let mut rest = code;
+    while let Some(at) = rest.find("super::") {
+        let mut n = 0;
+        let mut tail = &rest[at..];
+        while let Some(t) = tail.strip_prefix("super::") {
+            n += 1;
+            tail = t;
+        }
+        best = best.max(n);
+        rest = tail;
+    }
+    best
+}
+
+#[test]
+fn lower_layers_do_not_import_upper_ones() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut violations = Vec::new();
+    for (dir, allowed) in RULES {
+        let root = src.join(dir);
+        let files = rust_files(&root);
+        assert!(!files.is_empty(), "no sources under {}", root.display());
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            // An inline `mod tests` adds one level `super::` may climb.
+            let max_super = module_depth(&root, &file) + 1;
+            for (n, line) in code_lines(&text).iter().enumerate() {
+                for r in crate_roots(line) {
+                    if !allowed.contains(&r.as_str()) {
+                        violations.push(format!(
+                            "{}:{}: `crate::{r}` (src/{dir} may use {allowed:?})",
+                            file.display(),
+                            n + 1
+                        ));
+                    }
+                }
+                if longest_super_chain(line) > max_super {
+                    violations.push(format!(
+                        "{}:{}: `super::` climbs out of src/{dir}",
+                        file.display(),
+                        n + 1
+                    ));
+                }
+                if line.contains("stepaudio_live::") {
+                    violations.push(format!(
+                        "{}:{}: names the crate by its external name",
+                        file.display(),
+                        n + 1
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        violations.is_empty(),
+        "layering rule broken:\n{}",
+        violations.join("\n")
+    );
+}
+
+#[test]
+fn the_checker_sees_imports() {
+    let lines = code_lines("use crate::{audio::wav, cli::Cli}; // crate::server\nlet s = \"crate::eval\"; /* crate::fetch */ crate::transcribe::x();");
+    let roots: Vec<String> = lines.iter().flat_map(|l| crate_roots(l)).collect();
+    assert_eq!(roots, ["audio", "cli", "transcribe"]);
+    assert_eq!(longest_super_chain("use super::super::super::x;"), 3);
+}
