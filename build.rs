@@ -1,4 +1,4 @@
-//! With the `cuda` feature, compiles `src/model/cuda/kernels.cu` to PTX with nvcc (the
+//! With the `cuda` feature, compiles `src/ops/cuda/kernels.cu` to PTX with nvcc (the
 //! same compiler candle-kernels needs), for `OUT_DIR/stepaudio_kernels.ptx`. Without the
 //! feature it does nothing, so CPU builds and CI need no CUDA toolkit.
 //!
@@ -11,7 +11,7 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=src/model/cuda/kernels.cu");
+    println!("cargo:rerun-if-changed=src/ops/cuda/kernels.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -39,11 +39,8 @@ fn main() {
         .arg(format!("-arch=compute_{cap}"))
         .arg("-o")
         .arg(&out)
-        .arg("src/model/cuda/kernels.cu")
+        .arg("src/ops/cuda/kernels.cu")
         .status()
         .unwrap_or_else(|e| panic!("running {nvcc} (set NVCC or CUDA_ROOT): {e}"));
-    assert!(
-        status.success(),
-        "{nvcc} failed on src/model/cuda/kernels.cu"
-    );
+    assert!(status.success(), "{nvcc} failed on src/ops/cuda/kernels.cu");
 }

@@ -34,13 +34,13 @@ use stepaudio_live::cli::ComputeDType;
 use stepaudio_live::device::{default_dtype, select_device, DeviceChoice};
 use stepaudio_live::fetch::resolve as resolve_model;
 use stepaudio_live::frontend::{LogMel, MelExtractor, SAMPLE_RATE, STEP_AUDIO_TAIL_PADDING};
-use stepaudio_live::model::fast::{self, FastPaths};
 use stepaudio_live::model::step_audio2::config::StepAudio2Config;
 use stepaudio_live::model::step_audio2::load::random_weights;
 use stepaudio_live::model::step_audio2::prompt::{StepTokenizer, SystemPrompt};
 use stepaudio_live::model::step_audio2::{SessionOptions, StepAudio2, TurnOptions};
 use stepaudio_live::model::whisper::load::load_whisper_for_inference;
 use stepaudio_live::model::whisper::DecoderWeights;
+use stepaudio_live::ops::fast::{self, FastPaths};
 use stepaudio_live::transcribe::{transcribe_whisper, TranscribeOptions};
 
 #[derive(Parser, Debug)]

@@ -26,11 +26,11 @@ use stepaudio_live::frontend::{
     mel_filterbank, LogMel, MelExtractor, HOP_LENGTH, N_FFT, N_FREQ, SAMPLE_RATE,
     STEP_AUDIO_TAIL_PADDING,
 };
-use stepaudio_live::model::fast::{self, FastPaths, FusedDecoder};
 use stepaudio_live::model::step_audio2::config::StepAudio2Config;
 use stepaudio_live::model::step_audio2::llm::{argmax, LlmState, Qwen2Llm};
 use stepaudio_live::model::step_audio2::load::{load_step_audio2, random_weights};
 use stepaudio_live::model::step_audio2::prompt::SystemPrompt;
+use stepaudio_live::ops::fast::{self, FastPaths, FusedDecoder};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -185,7 +185,12 @@ fn mel_f64(audio: &[f32], n_mels: usize) -> Vec<f64> {
 
 fn check_mel(args: &Args, device: &Device, rep: &mut Report) -> Result<()> {
     let n_mels = 128;
-    let dm = fast::DeviceMel::new(n_mels, device)?.context("no device mel")?;
+    let dm = fast::DeviceMel::new(
+        &stepaudio_live::frontend::mel_filterbank(n_mels),
+        n_mels,
+        device,
+    )?
+    .context("no device mel")?;
     let cpu = MelExtractor::new(n_mels);
     let mut inputs: Vec<(String, Vec<f32>)> = Vec::new();
     for w in &args.wavs {
@@ -513,7 +518,7 @@ fn forced_steps(
     let mut logits = vec![llm.logits_last(&h)?.to_dtype(DType::F32)?];
     let mut argmaxes = vec![argmax(&logits[0])?];
     let mut fd = FusedDecoder::default();
-    let mut fused = fd.prepare(llm)?;
+    let mut fused = fd.prepare(&llm.decode_weights())?;
     if mode.decode && fused.is_none() {
         bail!("fused decode did not apply");
     }

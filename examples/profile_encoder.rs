@@ -39,8 +39,7 @@ fn main() -> anyhow::Result<()> {
         let s = (q.matmul(&k.t()?)? * 0.125)?;
         candle_nn::ops::softmax_last_dim(&s)?.matmul(&v)
     };
-    let fused =
-        || stepaudio_live::model::cpu_ops::fused_attention(&q, &k, &v, 0.125).map(|o| o.unwrap());
+    let fused = || stepaudio_live::ops::cpu::fused_attention(&q, &k, &v, 0.125).map(|o| o.unwrap());
     println!(
         "attention 6×1500²×64: unfused {:?}, fused {:?}",
         best(reps, unfused),
@@ -50,7 +49,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "gelu 1500×1536: candle {:?}, fast {:?}",
         best(reps, || x.gelu_erf()),
-        best(reps, || stepaudio_live::model::cpu_ops::gelu_erf(&x))
+        best(reps, || stepaudio_live::ops::cpu::gelu_erf(&x))
     );
     let h = Tensor::randn(0f32, 1., (1, 1500, 384), &Device::Cpu)?;
     let b = &m.encoder.blocks[0];

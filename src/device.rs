@@ -72,7 +72,7 @@ fn open_cuda() -> Result<Device, DeviceError> {
         // read/write events (an event record or wait around every kernel) buy nothing.
         // Frees are stream-ordered. Done before any tensor exists on the device.
         unsafe { d.disable_event_tracking() };
-        if let Err(e) = crate::model::cuda::keep_pool_memory(d) {
+        if let Err(e) = crate::ops::cuda::keep_pool_memory(d) {
             tracing::warn!("could not raise the CUDA memory pool's release threshold: {e}");
         }
     }

@@ -233,7 +233,7 @@ impl MelExtractor {
         scratch: &mut FrameScratch,
     ) {
         #[cfg(target_arch = "x86_64")]
-        if crate::model::cpu_ops::has_avx2() {
+        if crate::ops::cpu::has_avx2() {
             // SAFETY: the CPU has the features the function is compiled for.
             return unsafe { self.frames_into_avx2(signal, first, out, scratch) };
         }
@@ -495,6 +495,15 @@ impl MelStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_mel_uses_the_same_stft() {
+        use crate::ops::fast::{DEVICE_MEL_BINS, DEVICE_MEL_HOP, DEVICE_MEL_N_FFT};
+        assert_eq!(
+            (DEVICE_MEL_N_FFT, DEVICE_MEL_HOP, DEVICE_MEL_BINS),
+            (N_FFT, HOP_LENGTH, N_FREQ)
+        );
+    }
 
     #[test]
     fn fast_ln_matches_std() {

@@ -8,7 +8,7 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     /// Int8 copy of `weight` for few-row CPU inputs (see [`super::quant`]).
-    pub int8: Option<std::sync::Arc<super::quant::QuantMatrix>>,
+    pub int8: Option<std::sync::Arc<crate::ops::quant::QuantMatrix>>,
 }
 
 impl Linear {
@@ -25,12 +25,12 @@ impl Linear {
     }
 
     /// Adds an int8 copy of the weights used for inputs of at most
-    /// [`super::quant::MAX_ROWS`] rows on the CPU (decode steps).
+    /// [`crate::ops::quant::MAX_ROWS`] rows on the CPU (decode steps).
     pub fn quantize_for_decoding(&mut self) -> Result<()> {
         if self.weight.device().is_cpu() {
-            self.int8 = Some(std::sync::Arc::new(super::quant::QuantMatrix::from_tensor(
-                &self.weight,
-            )?));
+            self.int8 = Some(std::sync::Arc::new(
+                crate::ops::quant::QuantMatrix::from_tensor(&self.weight)?,
+            ));
         }
         Ok(())
     }
@@ -38,8 +38,9 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(q) = &self.int8 {
             let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
-            if rows <= super::quant::MAX_ROWS && x.dtype() == DType::F32 && x.device().is_cpu() {
-                return super::quant::matmul_t(q, x, self.bias.as_ref());
+            if rows <= crate::ops::quant::MAX_ROWS && x.dtype() == DType::F32 && x.device().is_cpu()
+            {
+                return crate::ops::quant::matmul_t(q, x, self.bias.as_ref());
             }
         }
         let y = x.broadcast_matmul(&self.weight.t()?)?;
@@ -155,7 +156,7 @@ pub fn attention(
 ) -> Result<Tensor> {
     // Long unmasked attention (encoders) on the CPU: the fused kernel.
     if mask.is_none() && q.dim(2)? > 1 {
-        if let Some(out) = super::cpu_ops::fused_attention(q, k, v, scale)? {
+        if let Some(out) = crate::ops::cpu::fused_attention(q, k, v, scale)? {
             return Ok(out);
         }
     }
@@ -165,7 +166,8 @@ pub fn attention(
         Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
         None => scores,
     };
-    let probs = super::cpu_ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+    let probs =
+        crate::ops::cpu::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
     probs.matmul(&v.contiguous()?)
 }
 

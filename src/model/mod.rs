@@ -2,14 +2,9 @@
 //! Whisper family and Step-Audio 2 mini. Finding a model's files by name is
 //! the job of `crate::fetch`; everything here starts from a directory.
 
-pub mod cpu_ops;
 pub mod ct2;
-#[cfg(feature = "cuda")]
-pub mod cuda;
-pub mod fast;
 pub mod kv_cache;
 pub mod layers;
-pub mod quant;
 pub mod recognizer;
 pub mod safetensors_store;
 pub mod step_audio2;

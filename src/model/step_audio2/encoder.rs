@@ -68,7 +68,7 @@ impl EncoderBlock {
 
 /// LayerNorm through the one-warp-per-row kernel where it applies.
 pub fn layer_norm(ln: &LayerNorm, x: &Tensor) -> Result<Tensor> {
-    match crate::model::fast::layer_norm(x, &ln.gamma, &ln.beta, ln.eps)? {
+    match crate::ops::fast::layer_norm(x, &ln.gamma, &ln.beta, ln.eps)? {
         Some(h) => Ok(h),
         None => ln.forward(x),
     }
@@ -85,11 +85,11 @@ pub fn linear_residual_norm(
     if let Some(b) = &l.bias {
         let y = project(l, a)?;
         if let Some(pair) =
-            crate::model::fast::bias_residual_layer_norm(&y, b, resid, &ln.gamma, &ln.beta, ln.eps)?
+            crate::ops::fast::bias_residual_layer_norm(&y, b, resid, &ln.gamma, &ln.beta, ln.eps)?
         {
             return Ok(pair);
         }
-        let x = match crate::model::fast::bias_residual(&y, b, resid)? {
+        let x = match crate::ops::fast::bias_residual(&y, b, resid)? {
             Some(v) => v,
             None => (resid + y.broadcast_add(b)?)?,
         };
@@ -103,7 +103,7 @@ pub fn linear_residual_norm(
 
 /// `x W^T` through the device's fast GEMM where there is one, else candle's matmul.
 pub fn project(l: &Linear, x: &Tensor) -> Result<Tensor> {
-    match crate::model::fast::matmul_t(x, &l.weight)? {
+    match crate::ops::fast::matmul_t(x, &l.weight)? {
         Some(y) => Ok(y),
         None => x.broadcast_matmul(&l.weight.t()?),
     }
@@ -112,7 +112,7 @@ pub fn project(l: &Linear, x: &Tensor) -> Result<Tensor> {
 pub fn linear(l: &Linear, x: &Tensor) -> Result<Tensor> {
     let y = project(l, x)?;
     let Some(b) = &l.bias else { return Ok(y) };
-    match crate::model::fast::bias_add(&y, b)? {
+    match crate::ops::fast::bias_add(&y, b)? {
         Some(v) => Ok(v),
         None => y.broadcast_add(b),
     }
@@ -124,7 +124,7 @@ pub fn linear_gelu(l: &Linear, x: &Tensor) -> Result<Tensor> {
     let Some(b) = &l.bias else {
         return y.gelu_erf();
     };
-    match crate::model::fast::bias_gelu(&y, b)? {
+    match crate::ops::fast::bias_gelu(&y, b)? {
         Some(v) => Ok(v),
         None => y.broadcast_add(b)?.gelu_erf(),
     }
@@ -134,7 +134,7 @@ pub fn linear_gelu(l: &Linear, x: &Tensor) -> Result<Tensor> {
 pub fn linear_residual(l: &Linear, x: &Tensor, resid: &Tensor) -> Result<Tensor> {
     let y = project(l, x)?;
     let Some(b) = &l.bias else { return resid + y };
-    match crate::model::fast::bias_residual(&y, b, resid)? {
+    match crate::ops::fast::bias_residual(&y, b, resid)? {
         Some(v) => Ok(v),
         None => resid + y.broadcast_add(b)?,
     }
@@ -151,7 +151,7 @@ fn fused_attention(qkv: &Tensor, heads: usize, key_bias: &Tensor) -> Result<Opti
     let parts = qkv.reshape((b, t, 3, heads, hd))?;
     let view = |i: usize| -> Result<Tensor> { parts.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2) };
     let scale = (hd as f32).powf(-0.5);
-    let out = crate::model::fast::attention(
+    let out = crate::ops::fast::attention(
         &view(0)?,
         &view(1)?,
         &view(2)?,

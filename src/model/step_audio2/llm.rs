@@ -6,6 +6,7 @@
 
 use crate::model::kv_cache::KvCache;
 use crate::model::layers::{causal_mask, Linear, RmsNorm};
+use crate::ops::fast::{DecodeCache, DecodeLayerWeights, DecodeWeights};
 use candle_core::{DType, Device, Result, Tensor, D};
 
 #[derive(Clone, Debug)]
@@ -90,6 +91,27 @@ impl LlmState {
     }
 }
 
+impl DecodeCache for LlmState {
+    fn positions(&self) -> usize {
+        self.len()
+    }
+    fn capacity(&self) -> usize {
+        LlmState::capacity(self)
+    }
+    fn num_layers(&self) -> usize {
+        LlmState::num_layers(self)
+    }
+    fn reserve(&mut self, needed: usize) -> Result<()> {
+        LlmState::reserve(self, needed)
+    }
+    fn advance(&mut self, n: usize) -> Result<()> {
+        LlmState::advance(self, n)
+    }
+    fn layer_buffers(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
+        LlmState::layer_buffers(self, i)
+    }
+}
+
 /// RoPE angles as transformers' Qwen2 computes them in f32:
 /// inv_freq_i = 1 / θ^(2i/hd), angle = position · inv_freq_i; the table holds
 /// one half, which the kernel applies to both halves of a head.
@@ -142,6 +164,38 @@ impl Qwen2Llm {
 
     pub fn dtype(&self) -> DType {
         self.embed_tokens.dtype()
+    }
+
+    /// The weights and dimensions as the fused decode step
+    /// ([`crate::ops::fast::FusedDecoder`]) reads them; the tensors are shared.
+    pub fn decode_weights(&self) -> DecodeWeights {
+        DecodeWeights {
+            embed_tokens: self.embed_tokens.clone(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| DecodeLayerWeights {
+                    input_norm: l.input_layernorm.weight.clone(),
+                    qkv: l.qkv.weight.clone(),
+                    qkv_bias: l.qkv.bias.clone(),
+                    o_proj: l.o_proj.weight.clone(),
+                    o_proj_bias: l.o_proj.bias.clone(),
+                    post_norm: l.post_attention_layernorm.weight.clone(),
+                    gate_up: l.gate_up.weight.clone(),
+                    gate_up_bias: l.gate_up.bias.clone(),
+                    down_proj: l.down_proj.weight.clone(),
+                    down_proj_bias: l.down_proj.bias.clone(),
+                })
+                .collect(),
+            final_norm: self.norm.weight.clone(),
+            rms_eps: self.norm.eps,
+            lm_head: self.lm_head.weight.clone(),
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            num_heads: self.num_heads,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+        }
     }
 
     /// An empty state whose caches are allocated for `capacity` positions on
@@ -213,7 +267,7 @@ impl Qwen2Llm {
         // Several new positions (a prefill): the fused kernel applies the causal mask
         // itself and reads the cache in place; a single one keeps the matmul path.
         let fused = match mask {
-            Some(_) => crate::model::fast::attention(&q, &k, &v, scale as f32, true, None)?,
+            Some(_) => crate::ops::fast::attention(&q, &k, &v, scale as f32, true, None)?,
             None => None,
         };
         let a = match fused {

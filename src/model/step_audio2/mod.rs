@@ -197,7 +197,7 @@ pub struct StepAudio2 {
     pub tokenizer: StepTokenizer,
     pub mel: Arc<MelExtractor>,
     /// The same log-mel computed on the model's device, where it has a kernel for it.
-    pub device_mel: Option<crate::model::fast::DeviceMel>,
+    pub device_mel: Option<crate::ops::fast::DeviceMel>,
 }
 
 impl StepAudio2 {
@@ -218,8 +218,12 @@ impl StepAudio2 {
             }
         }
         let mel = Arc::new(MelExtractor::new(model.config.encoder.n_mels));
-        let device_mel =
-            crate::model::fast::DeviceMel::new(model.config.encoder.n_mels, &model.device)?;
+        let n_mels = model.config.encoder.n_mels;
+        let device_mel = crate::ops::fast::DeviceMel::new(
+            &crate::frontend::mel_filterbank(n_mels),
+            n_mels,
+            &model.device,
+        )?;
         Ok(Self {
             model,
             tokenizer,
@@ -233,7 +237,7 @@ impl StepAudio2 {
     /// encoded as one batch.
     pub fn audio_rows(&self, audio: &[f32]) -> Result<Vec<Tensor>, ModelError> {
         match &self.device_mel {
-            Some(dm) if crate::model::fast::fast_paths().mel => {
+            Some(dm) if crate::ops::fast::fast_paths().mel => {
                 let mels = audio
                     .chunks(STEP_AUDIO_PIECE_SAMPLES)
                     .map(|piece| dm.compute(piece, STEP_AUDIO_TAIL_PADDING))

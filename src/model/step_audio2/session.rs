@@ -100,7 +100,7 @@ pub struct Session {
     restarts: usize,
     /// The fused decode step over this session's KV cache (CUDA, bf16), made on the
     /// first decode that can use it.
-    fused: crate::model::fast::FusedDecoder,
+    fused: crate::ops::fast::FusedDecoder,
 }
 
 impl Session {
@@ -282,7 +282,7 @@ impl Session {
         // The fused decode step, where the device has one: it chooses the next id
         // itself (and sums its log-probability on the device).
         let mut fused = if budget > 1 {
-            self.fused.prepare(llm)?
+            self.fused.prepare(&llm.decode_weights())?
         } else {
             None
         };

@@ -1,12 +1,12 @@
 //! Whisper text decoder with a self-attention KV cache that grows one token at
 //! a time and cross-attention keys/values computed once per audio window.
 
-use crate::model::cpu_ops::gelu_erf;
 use crate::model::kv_cache::KvCache;
 use crate::model::layers::{
     attention, causal_mask, merge_heads, narrow_positions, splice_cached_pair, split_heads,
     LayerNorm, Linear,
 };
+use crate::ops::cpu::gelu_erf;
 use candle_core::{Result, Tensor};
 
 #[derive(Clone, Debug)]
@@ -34,7 +34,7 @@ pub struct WhisperDecoder {
     pub ln: LayerNorm,
     pub heads: usize,
     /// Int8 copy of the output projection (the token embedding) for decode steps.
-    pub output_int8: Option<std::sync::Arc<crate::model::quant::QuantMatrix>>,
+    pub output_int8: Option<std::sync::Arc<crate::ops::quant::QuantMatrix>>,
 }
 
 /// Logits recomputed in f32 after the int8 vocabulary projection.
@@ -131,7 +131,7 @@ impl WhisperDecoder {
         }
         if self.token_embedding.device().is_cpu() {
             self.output_int8 = Some(std::sync::Arc::new(
-                crate::model::quant::QuantMatrix::from_tensor(&self.token_embedding)?,
+                crate::ops::quant::QuantMatrix::from_tensor(&self.token_embedding)?,
             ));
         }
         Ok(())
@@ -250,11 +250,11 @@ impl WhisperDecoder {
         let sel = h.index_select(&idx, 0)?;
         match &self.output_int8 {
             Some(q)
-                if rows.len() <= crate::model::quant::MAX_ROWS
+                if rows.len() <= crate::ops::quant::MAX_ROWS
                     && sel.device().is_cpu()
                     && sel.dtype() == candle_core::DType::F32 =>
             {
-                let approx = crate::model::quant::matmul_t(q, &sel, None)?;
+                let approx = crate::ops::quant::matmul_t(q, &sel, None)?;
                 self.refine_top_logits(&sel, approx)
             }
             _ => sel.matmul(&self.token_embedding.t()?),

@@ -1,10 +1,10 @@
 //! Whisper audio encoder: two convolutions, sinusoidal positions, pre-norm
 //! transformer blocks, final LayerNorm.
 
-use crate::model::cpu_ops::gelu_erf;
 use crate::model::layers::{
     attention, merge_heads, narrow_positions, splice_cached, split_heads, Conv1d, LayerNorm, Linear,
 };
+use crate::ops::cpu::gelu_erf;
 use candle_core::{Result, Tensor};
 
 #[derive(Clone, Debug)]

@@ -3,10 +3,13 @@
 //! to what the GPU does per microsecond, and it needs no FFT library), the power
 //! spectrum, the sparse Slaney filterbank, log10 and the block's maximum; a second
 //! launch applies the (global max − 8) floor and the (x + 4) / 4 scaling. The tables
-//! are the CPU frontend's own (same window, same filterbank), uploaded once.
+//! are the CPU frontend's (same window formula; the filterbank is handed in by the
+//! model), uploaded once.
 
 use super::func;
-use crate::frontend::{mel_filterbank, HOP_LENGTH, N_FFT, N_FREQ};
+use crate::ops::fast::{
+    DEVICE_MEL_BINS as N_FREQ, DEVICE_MEL_HOP as HOP_LENGTH, DEVICE_MEL_N_FFT as N_FFT,
+};
 use candle_core::cuda::cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::op::BackpropOp;
@@ -24,7 +27,8 @@ pub struct CudaMel {
 }
 
 impl CudaMel {
-    pub fn new(n_mels: usize, dev: &CudaDevice) -> Result<Self> {
+    /// `dense` is the mel filterbank `[n_mels, N_FREQ]`, row-major.
+    pub fn new(dense: &[f32], n_mels: usize, dev: &CudaDevice) -> Result<Self> {
         // Periodic Hann window and twiddles computed in f64 and rounded once, like the
         // CPU frontend's window.
         let window: Vec<f32> = (0..N_FFT)
@@ -41,7 +45,6 @@ impl CudaMel {
             // the sign of the imaginary part does not matter for the power
             twiddle.push((2.0 * std::f64::consts::PI * j as f64 / N_FFT as f64).sin() as f32);
         }
-        let dense = mel_filterbank(n_mels);
         let (mut first, mut len, mut off, mut w) = (vec![], vec![], vec![], vec![]);
         for m in 0..n_mels {
             let row = &dense[m * N_FREQ..(m + 1) * N_FREQ];

@@ -129,7 +129,7 @@ unsafe fn dot_rows_avx2(mat: &QuantMatrix, first: usize, x: &[f32], m: usize, ou
 
 fn dot_rows_dispatch(mat: &QuantMatrix, first: usize, x: &[f32], m: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::cpu_ops::has_avx2() {
+    if super::cpu::has_avx2() {
         // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { dot_rows_avx2(mat, first, x, m, out) };
     }

@@ -1,6 +1,6 @@
 //! CUDA kernels of the hot paths (built only with the `cuda` feature): the kernels are
 //! in `kernels.cu`, compiled to PTX by `build.rs` and loaded once per device through
-//! candle's custom-module cache. See [`crate::model::fast`] for how model code reaches
+//! candle's custom-module cache. See [`crate::ops::fast`] for how model code reaches
 //! them and falls back when they do not apply.
 
 pub mod attention;

@@ -186,7 +186,7 @@ fn aligned(t: &Tensor, elems: usize) -> Result<bool> {
         && dev_ptr(t)? % (2 * elems as u64) == 0)
 }
 
-/// See [`crate::model::fast::attention`]. Returns `None` for shapes or layouts the
+/// See [`crate::ops::fast::attention`]. Returns `None` for shapes or layouts the
 /// kernel does not cover (head dim other than 64/128, misaligned rows).
 pub fn flash_attention(
     q: &Tensor,

@@ -1,4 +1,5 @@
-//! The batch-1 decode step of the Qwen2 LLM as a fixed sequence of custom kernels over
+//! The batch-1 decode step of a Qwen2-shaped LLM (described by
+//! [`DecodeWeights`], built by the model) as a fixed sequence of custom kernels over
 //! preallocated buffers, replayable as one CUDA graph.
 //!
 //! Why: a decode step moves ~14.2 GB of bf16 weights (Step-Audio 2 mini) and does
@@ -15,7 +16,7 @@
 //! reallocated.
 
 use super::{dev_ptr, func, sm_count};
-use crate::model::step_audio2::llm::{LlmState, Qwen2Llm};
+use crate::ops::fast::{DecodeCache, DecodeWeights};
 use candle_core::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use candle_core::cuda::cudarc::driver::{
     result, CudaFunction, CudaGraph, LaunchConfig, PushKernelArg,
@@ -101,39 +102,41 @@ fn is_contiguous_bf16(t: &Tensor) -> bool {
 }
 
 impl DecodeEngine {
-    /// An engine for `llm`, or `None` when its shapes are not the ones the kernels were
-    /// written for (bf16, head dim 128, widths multiple of 8).
-    pub fn new(llm: &Qwen2Llm) -> Result<Option<Self>> {
+    /// An engine for the decoder `llm`, or `None` when its shapes are not the ones the
+    /// kernels were written for (bf16, head dim 128, widths multiple of 8, biases only
+    /// on q/k/v).
+    pub fn new(llm: &DecodeWeights) -> Result<Option<Self>> {
         let Device::Cuda(dev) = llm.device() else {
             return Ok(None);
         };
         let dev = dev.clone();
-        let hidden = llm.hidden_size();
+        let hidden = llm.embed_tokens.dim(1).unwrap_or(0);
+        let vocab = llm.lm_head.dim(0).unwrap_or(0);
         let (nh, nkv, hd) = (llm.num_heads, llm.num_kv_heads, llm.head_dim);
         let inter = match llm.layers.first() {
-            Some(l) => l.gate_up.out_features() / 2,
+            Some(l) => l.gate_up.dim(0).unwrap_or(0) / 2,
             None => return Ok(None),
         };
         let mut weights = vec![
             llm.embed_tokens.clone(),
-            llm.norm.weight.clone(),
-            llm.lm_head.weight.clone(),
+            llm.final_norm.clone(),
+            llm.lm_head.clone(),
             llm.cos.clone(),
             llm.sin.clone(),
         ];
         for l in &llm.layers {
-            weights.push(l.input_layernorm.weight.clone());
-            weights.push(l.qkv.weight.clone());
-            match &l.qkv.bias {
+            weights.push(l.input_norm.clone());
+            weights.push(l.qkv.clone());
+            match &l.qkv_bias {
                 Some(b) => weights.push(b.clone()),
                 None => return Ok(None),
             }
-            weights.push(l.o_proj.weight.clone());
-            weights.push(l.post_attention_layernorm.weight.clone());
-            weights.push(l.gate_up.weight.clone());
-            weights.push(l.down_proj.weight.clone());
+            weights.push(l.o_proj.clone());
+            weights.push(l.post_norm.clone());
+            weights.push(l.gate_up.clone());
+            weights.push(l.down_proj.clone());
         }
-        if llm.dtype() != DType::BF16
+        if llm.embed_tokens.dtype() != DType::BF16
             || hd != 128
             || nkv == 0
             || nh % nkv != 0
@@ -143,7 +146,7 @@ impl DecodeEngine {
             || inter * 2 > 48 * 1024
             || !weights.iter().all(is_contiguous_bf16)
             || llm.layers.iter().any(|l| {
-                l.o_proj.bias.is_some() || l.gate_up.bias.is_some() || l.down_proj.bias.is_some()
+                l.o_proj_bias.is_some() || l.gate_up_bias.is_some() || l.down_proj_bias.is_some()
             })
         {
             tracing::debug!("fused decode: model shape not covered, using candle ops");
@@ -155,13 +158,13 @@ impl DecodeEngine {
             .iter()
             .map(|l| {
                 Ok(LayerPtrs {
-                    in_norm: p(&l.input_layernorm.weight)?,
-                    qkv_w: p(&l.qkv.weight)?,
-                    qkv_b: p(l.qkv.bias.as_ref().expect("checked above"))?,
-                    o_w: p(&l.o_proj.weight)?,
-                    post_norm: p(&l.post_attention_layernorm.weight)?,
-                    gate_up_w: p(&l.gate_up.weight)?,
-                    down_w: p(&l.down_proj.weight)?,
+                    in_norm: p(&l.input_norm)?,
+                    qkv_w: p(&l.qkv)?,
+                    qkv_b: p(l.qkv_bias.as_ref().expect("checked above"))?,
+                    o_w: p(&l.o_proj)?,
+                    post_norm: p(&l.post_norm)?,
+                    gate_up_w: p(&l.gate_up)?,
+                    down_w: p(&l.down_proj)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -180,8 +183,8 @@ impl DecodeEngine {
             f,
             layers,
             embed: p(&llm.embed_tokens)?,
-            final_norm: p(&llm.norm.weight)?,
-            lm_head: p(&llm.lm_head.weight)?,
+            final_norm: p(&llm.final_norm)?,
+            lm_head: p(&llm.lm_head)?,
             cos: p(&llm.cos)?,
             sin: p(&llm.sin)?,
             hidden,
@@ -189,8 +192,8 @@ impl DecodeEngine {
             nh,
             nkv,
             hd,
-            vocab: llm.vocab_size(),
-            eps: llm.norm.eps,
+            vocab,
+            eps: llm.rms_eps,
             gemv_max_blocks: sm_count(&dev)? * 8,
             _weights: weights,
             x: zeros(hidden, DType::BF16)?,
@@ -198,7 +201,7 @@ impl DecodeEngine {
             q: zeros(nh * hd, DType::BF16)?,
             attn: zeros(nh * hd, DType::BF16)?,
             act: zeros(inter, DType::BF16)?,
-            logits: zeros(llm.vocab_size(), DType::F32)?,
+            logits: zeros(vocab, DType::F32)?,
             part_m: zeros(nh * DEC_SPLITS, DType::F32)?,
             part_l: zeros(nh * DEC_SPLITS, DType::F32)?,
             part_o: zeros(nh * DEC_SPLITS * hd, DType::F32)?,
@@ -215,8 +218,8 @@ impl DecodeEngine {
     }
 
     /// Whether this engine was built for `llm` (same weight buffers).
-    pub fn serves(&self, llm: &Qwen2Llm) -> bool {
-        dev_ptr(&llm.lm_head.weight).ok() == Some(self.lm_head)
+    pub fn serves(&self, llm: &DecodeWeights) -> bool {
+        dev_ptr(&llm.lm_head).ok() == Some(self.lm_head)
     }
 
     /// Sets the next step's input token and position, and clears the summed
@@ -233,10 +236,10 @@ impl DecodeEngine {
     }
 
     /// One decode step: the token set by [`Self::start`] (or chosen by the previous
-    /// step) at position `state.len()` goes through the model, its key and value are
-    /// appended to `state`, and the greedy next token is returned (the one sync).
-    pub fn step(&mut self, state: &mut LlmState, use_graph: bool) -> Result<u32> {
-        let pos = state.len();
+    /// step) at position `state.positions()` goes through the model, its key and value
+    /// are appended to `state`, and the greedy next token is returned (the one sync).
+    pub fn step(&mut self, state: &mut impl DecodeCache, use_graph: bool) -> Result<u32> {
+        let pos = state.positions();
         state.reserve(pos + 1)?;
         let (caches, cap) = self.cache_ptrs(state)?;
         if use_graph && !self.graph_failed {
@@ -283,7 +286,7 @@ impl DecodeEngine {
         Ok(self.lp.to_vec1::<f32>()?[0] as f64)
     }
 
-    fn cache_ptrs(&self, state: &LlmState) -> Result<(Vec<(u64, u64)>, usize)> {
+    fn cache_ptrs(&self, state: &impl DecodeCache) -> Result<(Vec<(u64, u64)>, usize)> {
         let mut v = Vec::with_capacity(state.num_layers());
         for i in 0..state.num_layers() {
             let (k, vv) = state.layer_buffers(i).ok_or_else(|| {

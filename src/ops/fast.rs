@@ -1,7 +1,7 @@
 //! Device-specific fast paths behind one switchboard, so model code asks "is there a
 //! faster way for these tensors?" and falls back to plain candle ops when the answer is
 //! no (CPU, Metal, a dtype or shape the kernels do not cover, or a build without the
-//! `cuda` feature). Everything CUDA-specific lives in [`crate::model::cuda`] behind
+//! `cuda` feature). Everything CUDA-specific lives in [`crate::ops::cuda`] behind
 //! `cfg(feature = "cuda")`; this module compiles everywhere.
 //!
 //! The switches exist so one process can time the reference path and the fast path on
@@ -302,6 +302,12 @@ pub fn device_memory_peak(device: &Device, reset: bool) -> Option<usize> {
     None
 }
 
+/// The STFT the device log-mel computes (`MEL_NFFT`, `MEL_HOP`, `MEL_NBINS` of
+/// `kernels.cu`): 400-sample periodic Hann frames every 160 samples, 201 bins.
+pub const DEVICE_MEL_N_FFT: usize = 400;
+pub const DEVICE_MEL_HOP: usize = 160;
+pub const DEVICE_MEL_BINS: usize = DEVICE_MEL_N_FFT / 2 + 1;
+
 /// Log-mel of 16 kHz audio computed on `device` (Whisper formula, `tail_zeros` zero
 /// samples appended, global-max clamp over this mel), as `[n_mels, n_frames]` f32 on
 /// the device, or `None` when the device has no kernel for it.
@@ -312,17 +318,25 @@ pub struct DeviceMel {
 }
 
 impl DeviceMel {
-    pub fn new(n_mels: usize, device: &Device) -> Result<Option<Self>> {
+    /// `filterbank` is the dense mel filterbank `[n_mels, DEVICE_MEL_BINS]` (row-major)
+    /// of the CPU frontend, so both compute the same mel.
+    pub fn new(filterbank: &[f32], n_mels: usize, device: &Device) -> Result<Option<Self>> {
+        if filterbank.len() != n_mels * DEVICE_MEL_BINS {
+            candle_core::bail!(
+                "device log-mel: a filterbank of {} values is not {n_mels} × {DEVICE_MEL_BINS}",
+                filterbank.len()
+            );
+        }
         #[cfg(feature = "cuda")]
         if let Device::Cuda(d) = device {
             if super::cuda::supported(d) {
                 return Ok(Some(Self {
-                    inner: super::cuda::mel::CudaMel::new(n_mels, d)?,
+                    inner: super::cuda::mel::CudaMel::new(filterbank, n_mels, d)?,
                     n_mels,
                 }));
             }
         }
-        let _ = (n_mels, device);
+        let _ = device;
         Ok(None)
     }
 
@@ -372,6 +386,72 @@ pub fn set_tf32(on: bool) {
     let _ = on;
 }
 
+/// What the fused decode step reads of a Qwen2-shaped decoder: pre-norm layers
+/// (RMSNorm), grouped-query attention with fused q/k/v projection and bias, RoPE on
+/// non-interleaved halves, a SiLU-gated MLP with fused gate/up projection, a final
+/// RMSNorm and an untied vocabulary head. Weights are stored `[out, in]`. The model
+/// builds it from its own layers (the tensors are shared, not copied); the kernels
+/// check dtypes, shapes and which biases are present.
+#[derive(Clone, Debug)]
+pub struct DecodeWeights {
+    /// Token embeddings `[V, H]`.
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecodeLayerWeights>,
+    /// Final RMSNorm weight `[H]`.
+    pub final_norm: Tensor,
+    /// Epsilon of every RMSNorm.
+    pub rms_eps: f32,
+    /// Vocabulary head `[V, H]`.
+    pub lm_head: Tensor,
+    /// RoPE tables `[max_positions, head_dim / 2]`.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// One layer of [`DecodeWeights`].
+#[derive(Clone, Debug)]
+pub struct DecodeLayerWeights {
+    /// RMSNorm weight before attention `[H]`.
+    pub input_norm: Tensor,
+    /// q, k and v projections stacked: `[(heads + 2·kv_heads)·head_dim, H]`.
+    pub qkv: Tensor,
+    pub qkv_bias: Option<Tensor>,
+    pub o_proj: Tensor,
+    pub o_proj_bias: Option<Tensor>,
+    /// RMSNorm weight before the MLP `[H]`.
+    pub post_norm: Tensor,
+    /// Gate and up projections stacked: `[2·I, H]`.
+    pub gate_up: Tensor,
+    pub gate_up_bias: Option<Tensor>,
+    pub down_proj: Tensor,
+    pub down_proj_bias: Option<Tensor>,
+}
+
+impl DecodeWeights {
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+}
+
+/// The per-layer key/value buffers of one stream, which the fused decode step writes
+/// its new position into (the model's KV state implements it).
+pub trait DecodeCache {
+    /// Positions stored (the same in every layer).
+    fn positions(&self) -> usize;
+    /// Positions allocated (the same in every layer).
+    fn capacity(&self) -> usize;
+    fn num_layers(&self) -> usize;
+    /// Makes room for `needed` positions in every layer.
+    fn reserve(&mut self, needed: usize) -> Result<()>;
+    /// Counts `n` positions written into every layer's buffers by the kernels.
+    fn advance(&mut self, n: usize) -> Result<()>;
+    /// Whole key and value buffers `[1, kv_heads, capacity, head_dim]` of layer `i`.
+    fn layer_buffers(&self, i: usize) -> Option<(&Tensor, &Tensor)>;
+}
+
 /// The fused batch-1 decode step of one session (it bakes that session's KV-cache
 /// buffers into a CUDA graph). Empty until [`FusedDecoder::prepare`] finds it applies.
 #[derive(Default)]
@@ -395,13 +475,11 @@ pub struct FusedStep<'a> {
 }
 
 impl FusedDecoder {
-    /// The fused step for `llm`, if the fast path is switched on and covers it.
-    pub fn prepare(
-        &mut self,
-        llm: &super::step_audio2::llm::Qwen2Llm,
-    ) -> Result<Option<FusedStep<'_>>> {
+    /// The fused step for the decoder `weights`, if the fast path is switched on and
+    /// covers it.
+    pub fn prepare(&mut self, weights: &DecodeWeights) -> Result<Option<FusedStep<'_>>> {
         let flags = fast_paths();
-        if !flags.decode || !available(llm.device()) {
+        if !flags.decode || !available(weights.device()) {
             return Ok(None);
         }
         #[cfg(feature = "cuda")]
@@ -409,8 +487,8 @@ impl FusedDecoder {
             if self.unsupported {
                 return Ok(None);
             }
-            if !self.engine.as_ref().is_some_and(|e| e.serves(llm)) {
-                self.engine = super::cuda::decode::DecodeEngine::new(llm)?;
+            if !self.engine.as_ref().is_some_and(|e| e.serves(weights)) {
+                self.engine = super::cuda::decode::DecodeEngine::new(weights)?;
                 self.unsupported = self.engine.is_none();
             }
             Ok(self.engine.as_mut().map(|engine| FusedStep {
@@ -436,9 +514,9 @@ impl FusedStep<'_> {
         }
     }
 
-    /// Runs the pending token at `state.len()`, appends its key/value, returns the
-    /// greedy next token (which becomes the next step's input).
-    pub fn step(&mut self, state: &mut super::step_audio2::llm::LlmState) -> Result<u32> {
+    /// Runs the pending token at `state.positions()`, appends its key/value, returns
+    /// the greedy next token (which becomes the next step's input).
+    pub fn step(&mut self, state: &mut impl DecodeCache) -> Result<u32> {
         #[cfg(feature = "cuda")]
         return self.engine.step(state, self.graph);
         #[cfg(not(feature = "cuda"))]
