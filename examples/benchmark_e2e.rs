@@ -30,8 +30,8 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use stepaudio_live::audio::wav::read_wav_16k_mono;
-use stepaudio_live::cli::ComputeDType;
-use stepaudio_live::device::{default_dtype, select_device, DeviceChoice};
+use stepaudio_live::cli::{ComputeDType, DeviceArg};
+use stepaudio_live::device::{default_dtype, select_device};
 use stepaudio_live::fetch::resolve as resolve_model;
 use stepaudio_live::frontend::{LogMel, MelExtractor, SAMPLE_RATE, STEP_AUDIO_TAIL_PADDING};
 use stepaudio_live::model::step_audio2::config::StepAudio2Config;
@@ -65,8 +65,8 @@ struct Args {
     /// Timed runs per measurement (after one warm-up).
     #[arg(long, default_value_t = 5)]
     runs: usize,
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    device: DeviceChoice,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
     /// f32, f16 or bf16 (Step-Audio 2; default bf16 on a GPU, f32 on the CPU).
     #[arg(long, value_enum)]
     dtype: Option<ComputeDType>,
@@ -168,7 +168,7 @@ fn whisper(args: &Args) -> Result<()> {
         .unwrap_or_else(|| "en_jfk_ask_not.wav".into());
     let (file, audio) = load_clip(&spec)?;
     let seconds = audio.len() as f64 / SAMPLE_RATE as f64;
-    let device = select_device(args.device)?;
+    let device = select_device(args.device.into())?;
     let dir = resolve_model(&args.model)?;
     let t = Instant::now();
     let weights = if std::env::var_os("BENCH_F32_DECODER").is_some() {
@@ -252,7 +252,7 @@ fn step_audio2(args: &Args) -> Result<()> {
     if !args.random_weights {
         bail!("--arch step-audio-2-mini needs --random-weights (no checkpoint here)");
     }
-    let device = select_device(args.device)?;
+    let device = select_device(args.device.into())?;
     let dtype = args
         .dtype
         .map_or_else(|| default_dtype(&device), ComputeDType::dtype);

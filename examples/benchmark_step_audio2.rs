@@ -19,8 +19,8 @@ use candle_core::{DType, Device};
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use stepaudio_live::cli::ComputeDType;
-use stepaudio_live::device::{default_dtype, select_device, DeviceChoice};
+use stepaudio_live::cli::{ComputeDType, DeviceArg};
+use stepaudio_live::device::{default_dtype, select_device};
 use stepaudio_live::frontend::{LogMel, MelExtractor, SAMPLE_RATE};
 use stepaudio_live::model::step_audio2::config::StepAudio2Config;
 use stepaudio_live::model::step_audio2::load::{load_step_audio2, random_weights};
@@ -52,8 +52,8 @@ struct Args {
     /// tokenizer.json for random weights (its ids must fit the vocabulary).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    device: DeviceChoice,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
     /// f32, f16 or bf16; default bf16 on a GPU, f32 on the CPU.
     #[arg(long, value_enum)]
     dtype: Option<ComputeDType>,
@@ -155,7 +155,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let device = select_device(args.device)?;
+    let device = select_device(args.device.into())?;
     let dtype = args
         .dtype
         .map_or_else(|| default_dtype(&device), ComputeDType::dtype);

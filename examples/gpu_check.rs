@@ -21,7 +21,8 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use clap::Parser;
 use serde_json::json;
 use std::path::PathBuf;
-use stepaudio_live::device::{select_device, DeviceChoice};
+use stepaudio_live::cli::DeviceArg;
+use stepaudio_live::device::select_device;
 use stepaudio_live::frontend::{
     mel_filterbank, LogMel, MelExtractor, HOP_LENGTH, N_FFT, N_FREQ, SAMPLE_RATE,
     STEP_AUDIO_TAIL_PADDING,
@@ -50,8 +51,8 @@ struct Args {
     decode_layers: usize,
     #[arg(long, default_value_t = 16)]
     steps: usize,
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Cuda)]
-    device: DeviceChoice,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cuda)]
+    device: DeviceArg,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -93,7 +94,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let device = select_device(args.device)?;
+    let device = select_device(args.device.into())?;
     if !fast::available(&device) {
         bail!("no GPU fast paths on {device:?} in this build");
     }

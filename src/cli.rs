@@ -3,10 +3,13 @@
 
 use crate::audio::{wav, AudioError};
 use crate::device::DeviceChoice;
+use crate::eval::run::EvalOptions;
 use crate::fetch::{self, FetchError};
-use crate::model::whisper::Task;
+use crate::model::whisper::{DecoderWeights, Task};
+use crate::model::RecognizerOptions;
 use crate::output::{write_transcript, OutputFormat};
 use crate::stream::sink::{LiveFormat, StdoutSink};
+use crate::stream::tracker::TrackerConfig;
 use crate::transcribe::TranscribeOptions;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -14,6 +17,83 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+/// A command-line mirror of a library enum: the same variants with clap's
+/// `ValueEnum` (a variant's doc comment is its help in `--help`), and
+/// conversions both ways, so the library types need no clap and the
+/// defaults shown are the library's `Default`s.
+macro_rules! value_enum {
+    ($(#[$meta:meta])* $name:ident => $lib:ty { $($(#[$vmeta:meta])* $variant:ident),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),*
+        }
+        impl From<$name> for $lib {
+            fn from(v: $name) -> Self {
+                match v {
+                    $($name::$variant => <$lib>::$variant),*
+                }
+            }
+        }
+        impl From<$lib> for $name {
+            fn from(v: $lib) -> Self {
+                match v {
+                    $(<$lib>::$variant => $name::$variant),*
+                }
+            }
+        }
+    };
+}
+
+value_enum! {
+    /// `--compute`.
+    DeviceArg => DeviceChoice {
+        /// CUDA if compiled in and present, else Metal if compiled in, else CPU.
+        Auto,
+        Cpu,
+        Cuda,
+        Metal,
+    }
+}
+
+value_enum! {
+    /// `--decoder-weights`.
+    DecoderWeightsArg => DecoderWeights {
+        /// Int8 copies (a quarter of the memory traffic; logits within ~1e-2).
+        Int8,
+        /// The f32 weights as loaded (bit-for-bit the reference computation).
+        F32,
+    }
+}
+
+value_enum! {
+    /// `transcribe --task`.
+    TaskArg => Task {
+        Transcribe,
+        Translate,
+    }
+}
+
+value_enum! {
+    /// `transcribe --format`.
+    OutputFormatArg => OutputFormat {
+        Text,
+        Jsonl,
+        Srt,
+        Vtt,
+    }
+}
+
+value_enum! {
+    /// Live `--format`.
+    LiveFormatArg => LiveFormat {
+        /// One line of text per final.
+        Text,
+        /// Every event as a JSON object per line.
+        Jsonl,
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ComputeDType {
@@ -84,8 +164,8 @@ pub struct LiveArgs {
     #[arg(long, default_value_t = 1)]
     pub channels: u16,
     /// Output: text (a line per final) or jsonl (every event).
-    #[arg(long = "format", value_enum, default_value_t = LiveFormat::Text)]
-    pub live_format: LiveFormat,
+    #[arg(long = "format", value_enum, default_value_t = LiveFormat::default().into())]
+    pub live_format: LiveFormatArg,
     /// Also serve the events over WebSocket (and the captions page) on ADDR.
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = crate::server::DEFAULT_ADDR)]
     pub ws: Option<String>,
@@ -109,34 +189,35 @@ pub struct StreamArgs {
     // 1, not 2: mode 2 cut a hoarse speaker's words out of segments (eval
     // cold corpus: "the original one" lost); the noise it lets through is
     // what the no-speech rule catches.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=3))]
+    #[arg(long, default_value_t = TrackerConfig::default().vad_mode,
+          value_parser = clap::value_parser!(u8).range(0..=3))]
     pub vad_mode: u8,
     /// VAD frame length in ms: 10, 20 or 30.
-    #[arg(long, default_value_t = 30, value_parser = parse_vad_frame_ms)]
+    #[arg(long, default_value_t = TrackerConfig::default().frame_ms, value_parser = parse_vad_frame_ms)]
     pub vad_frame_ms: u32,
     /// Silence (ms) that ends a segment.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = TrackerConfig::default().hangover_ms)]
     pub hangover_ms: u32,
     /// Continuous speech (ms) needed to open a segment (shorter blips, e.g. clicks, are ignored).
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = TrackerConfig::default().min_speech_ms)]
     pub min_speech_ms: u32,
     /// Audio (ms) kept before the detected speech onset.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = TrackerConfig::default().pre_roll_ms)]
     pub pre_roll_ms: u32,
     /// Audio (ms) kept after the last voiced frame.
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = TrackerConfig::default().tail_pad_ms)]
     pub tail_pad_ms: u32,
     /// Longest segment (s); longer speech is cut at the quietest recent point.
-    #[arg(long, default_value_t = 15.0)]
+    #[arg(long, default_value_t = TrackerConfig::default().max_segment_ms as f64 / 1000.0)]
     pub max_segment: f64,
     /// Seconds of new audio between partial hypotheses.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = TrackerConfig::default().partial_interval_ms as f64 / 1000.0)]
     pub partial_interval: f64,
     /// Step-Audio 2 system prompt (default: the Chinese ASR prompt; `--lang en` the English one).
     #[arg(long = "asr-prompt", visible_alias = "prompt")]
     pub prompt: Option<String>,
     /// Step-Audio 2: restart from the system prompt when the context passes this many tokens.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = RecognizerOptions::default().step_audio_max_context)]
     pub max_context: usize,
     /// Whisper: run the encoder over the whole 30 s window for every decode
     /// (as offline transcription) instead of only the segment's audio plus
@@ -146,7 +227,8 @@ pub struct StreamArgs {
     /// Whisper: decode the previous segment again in front of the next one,
     /// its text forced, when it is at most this long (s; 0: off), so a
     /// segment's first words have the speech before them as context.
-    #[arg(long, default_value_t = 10.0, value_parser = parse_seconds)]
+    #[arg(long, default_value_t = RecognizerOptions::default().whisper_carry_seconds,
+          value_parser = parse_seconds)]
     pub carry_audio: f64,
 }
 
@@ -200,14 +282,14 @@ pub struct GlobalArgs {
     #[arg(long, global = true, default_value = "tiny.en")]
     pub model: String,
     /// Compute device for the model.
-    #[arg(long, global = true, value_enum, default_value_t = DeviceChoice::Auto)]
-    pub compute: DeviceChoice,
+    #[arg(long, global = true, value_enum, default_value_t = DeviceChoice::default().into())]
+    pub compute: DeviceArg,
     /// Compute precision of the model (default: f32 on the CPU, bf16 on a GPU).
     #[arg(long, global = true, value_enum)]
     pub dtype: Option<ComputeDType>,
     /// Decoder weights for CPU decode steps: int8 (fast) or f32 (exact).
-    #[arg(long, global = true, value_enum, default_value_t = crate::model::whisper::DecoderWeights::Int8)]
-    pub decoder_weights: crate::model::whisper::DecoderWeights,
+    #[arg(long, global = true, value_enum, default_value_t = DecoderWeights::default().into())]
+    pub decoder_weights: DecoderWeightsArg,
     /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -223,7 +305,7 @@ pub enum Command {
         action: ModelsAction,
     },
     /// Word error rate over a manifest: transcribe it, or score --hyp.
-    Eval(crate::eval::run::EvalArgs),
+    Eval(EvalArgs),
     /// WebSocket server without a local source: clients send audio, subscribers get events.
     Serve(ServeArgs),
 }
@@ -248,18 +330,52 @@ pub enum ModelsAction {
     Info { dir: String },
 }
 
+// `eval`'s options (the subcommand's about text is the doc of `Command::Eval`).
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Manifest: TSV with a header naming at least the columns id, file,
+    /// language and transcript (file paths relative to the manifest).
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Only the entries of this language (manifest column); all when omitted.
+    #[arg(long)]
+    pub lang: Option<String>,
+    /// Score these hypotheses (JSON lines with `id` and `text`) instead of
+    /// transcribing with the model.
+    #[arg(long)]
+    pub hyp: Option<PathBuf>,
+    /// Also write the hypotheses as JSON lines (the format --hyp reads).
+    #[arg(long)]
+    pub write_hyp: Option<PathBuf>,
+    /// Print one JSON object instead of the human-readable report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl EvalArgs {
+    fn options(&self) -> EvalOptions {
+        EvalOptions {
+            manifest: self.manifest.clone(),
+            lang: self.lang.clone(),
+            hyp: self.hyp.clone(),
+            write_hyp: self.write_hyp.clone(),
+            json: self.json,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct TranscribeArgs {
     /// WAV files (any PCM width, float, channel count and sample rate).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
-    pub format: OutputFormat,
+    #[arg(long, value_enum, default_value_t = OutputFormat::default().into())]
+    pub format: OutputFormatArg,
     /// Spoken language (e.g. en, zh, de); detected when omitted on multilingual Whisper models. Step-Audio 2: `en` selects the English ASR prompt.
     #[arg(long)]
     pub language: Option<String>,
-    #[arg(long, value_enum, default_value_t = Task::Transcribe)]
-    pub task: Task,
+    #[arg(long, value_enum, default_value_t = Task::default().into())]
+    pub task: TaskArg,
     /// Decode without timestamp tokens (one segment per 30 s window).
     #[arg(long)]
     pub no_timestamps: bool,
@@ -323,11 +439,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Eval(args)) => {
             let stdout = &mut std::io::stdout().lock();
             crate::eval::run::run_eval(
-                &args,
+                &args.options(),
                 &cli.global.model,
-                cli.global.compute,
+                cli.global.compute.into(),
                 cli.global.dtype.map(ComputeDType::dtype),
-                cli.global.decoder_weights,
+                cli.global.decoder_weights.into(),
                 stdout,
             )?;
             Ok(ExitCode::SUCCESS)
@@ -464,7 +580,7 @@ fn transcribe(global: &GlobalArgs, args: TranscribeArgs) -> anyhow::Result<ExitC
     let model = load_model(global)?;
     let opts = TranscribeOptions {
         language: args.language.clone(),
-        task: args.task,
+        task: args.task.into(),
         timestamps: !args.no_timestamps,
         condition_on_previous_text: !args.no_condition,
         initial_prompt: args.prompt.clone(),
@@ -479,7 +595,7 @@ fn transcribe(global: &GlobalArgs, args: TranscribeArgs) -> anyhow::Result<ExitC
         let transcript = crate::transcribe::transcribe_loaded(&model, &audio, &opts, &step_audio)
             .with_context(|| format!("transcribing {name}"))?;
         let mut lock = stdout.lock();
-        write_transcript(&mut lock, args.format, &name, &transcript.segments)?;
+        write_transcript(&mut lock, args.format.into(), &name, &transcript.segments)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -570,7 +686,7 @@ fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
         // A file or stdin that fails is not opened again.
         reconnect: (args.mic && !args.no_reconnect).then(|| Reconnect::new(spec.clone())),
     };
-    let mut sink = StdoutSink::stdout(args.live_format);
+    let mut sink = StdoutSink::stdout(args.live_format.into());
     let mut stdout_gone = false;
     let result = run_live(source, recognizer, &opts, stop.clone(), |ev| {
         if let Some(p) = &publisher {
@@ -608,9 +724,9 @@ fn load_model(global: &GlobalArgs) -> anyhow::Result<crate::model::LoadedModel> 
     let dir = fetch::resolve(&global.model)?;
     Ok(crate::model::LoadedModel::load(
         &dir,
-        global.compute,
+        global.compute.into(),
         global.dtype.map(ComputeDType::dtype),
-        global.decoder_weights,
+        global.decoder_weights.into(),
     )?)
 }
 
@@ -693,8 +809,8 @@ impl StreamArgs {
         Ok(())
     }
 
-    fn tracker_config(&self) -> crate::stream::tracker::TrackerConfig {
-        crate::stream::tracker::TrackerConfig {
+    fn tracker_config(&self) -> TrackerConfig {
+        TrackerConfig {
             vad_mode: self.vad_mode,
             frame_ms: self.vad_frame_ms,
             pre_roll_ms: self.pre_roll_ms,
@@ -706,13 +822,44 @@ impl StreamArgs {
         }
     }
 
-    fn recognizer_options(&self) -> crate::model::RecognizerOptions {
-        crate::model::RecognizerOptions {
+    fn recognizer_options(&self) -> RecognizerOptions {
+        RecognizerOptions {
             language: self.lang.clone(),
             step_audio_prompt: step_audio_prompt(self.prompt.as_deref(), self.lang.as_deref()),
             step_audio_max_context: self.max_context,
             whisper_full_window: self.full_window,
             whisper_carry_seconds: self.carry_audio,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The live options a bare command line gives are the library's defaults.
+    #[test]
+    fn live_defaults_are_the_library_defaults() {
+        let cli = Cli::try_parse_from(["stepaudio-live"]).unwrap();
+        let stream = &cli.live.stream;
+        assert_eq!(stream.tracker_config(), TrackerConfig::default());
+        let got = stream.recognizer_options();
+        let want = RecognizerOptions::default();
+        assert_eq!(got.language, want.language);
+        assert_eq!(got.step_audio_max_context, want.step_audio_max_context);
+        assert_eq!(got.whisper_full_window, want.whisper_full_window);
+        assert_eq!(got.whisper_carry_seconds, want.whisper_carry_seconds);
+        assert_eq!(
+            LiveFormat::from(cli.live.live_format),
+            LiveFormat::default()
+        );
+        assert_eq!(
+            DeviceChoice::from(cli.global.compute),
+            DeviceChoice::default()
+        );
+        assert_eq!(
+            DecoderWeights::from(cli.global.decoder_weights),
+            DecoderWeights::default()
+        );
     }
 }

@@ -3,7 +3,7 @@
 
 use candle_core::Device;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceChoice {
     /// CUDA if compiled in and present, else Metal if compiled in, else CPU.
     #[default]

@@ -3,7 +3,7 @@
 use crate::transcribe::Segment;
 use std::io::{self, Write};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum OutputFormat {
     #[default]
     Text,

@@ -6,7 +6,8 @@
 //!
 //! Each `crate::…` path in code (comments are skipped; `use crate::{a, b}`
 //! groups are split) is checked, and so is every `super::` chain that would
-//! climb out of the layer's directory.
+//! climb out of the layer's directory. A second check keeps clap in
+//! `src/cli.rs`.
 
 use std::path::{Path, PathBuf};
 
@@ -36,57 +37,114 @@ fn rust_files(path: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The source without comments (line, doc and block comments), line by line.
+/// The source without comments (line, doc and nested block comments) and
+/// without the contents of string and char literals (raw strings included),
+/// line by line.
 fn code_lines(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut in_block = 0usize;
-    for line in text.lines() {
-        let mut code = String::new();
-        let b = line.as_bytes();
-        let mut i = 0;
-        let mut in_str = false;
-        while i < b.len() {
-            if in_block > 0 {
-                if line[i..].starts_with("*/") {
-                    in_block -= 1;
+    #[derive(PartialEq)]
+    enum State {
+        Code,
+        Block(usize),
+        Str,
+        /// A raw string closed by `"` and this many `#`.
+        Raw(usize),
+    }
+    let b = text.as_bytes();
+    let mut out: Vec<u8> = Vec::with_capacity(b.len());
+    let mut state = State::Code;
+    let mut i = 0;
+    while i < b.len() {
+        let rest = &b[i..];
+        if b[i] == b'\n' {
+            out.push(b'\n');
+            i += 1;
+            continue;
+        }
+        match state {
+            State::Block(depth) => {
+                if rest.starts_with(b"*/") {
+                    state = if depth == 1 {
+                        State::Code
+                    } else {
+                        State::Block(depth - 1)
+                    };
                     i += 2;
-                } else if line[i..].starts_with("/*") {
-                    in_block += 1;
+                } else if rest.starts_with(b"/*") {
+                    state = State::Block(depth + 1);
                     i += 2;
                 } else {
                     i += 1;
                 }
-                continue;
             }
-            if in_str {
-                if b[i] == b'\\' {
+            State::Str => {
+                if b[i] == b'\\' && i + 1 < b.len() && b[i + 1] != b'\n' {
                     i += 2;
-                    continue;
+                } else {
+                    if b[i] == b'"' {
+                        state = State::Code;
+                    }
+                    i += 1;
                 }
-                if b[i] == b'"' {
-                    in_str = false;
+            }
+            State::Raw(hashes) => {
+                if b[i] == b'"' && rest[1..].iter().take_while(|&&c| c == b'#').count() >= hashes {
+                    state = State::Code;
+                    i += 1 + hashes;
+                } else {
+                    i += 1;
                 }
-                i += 1;
-                continue;
             }
-            if line[i..].starts_with("//") {
-                break;
+            State::Code => {
+                let word_before = i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_');
+                if rest.starts_with(b"//") {
+                    while i < b.len() && b[i] != b'\n' {
+                        i += 1;
+                    }
+                } else if rest.starts_with(b"/*") {
+                    state = State::Block(1);
+                    i += 2;
+                } else if b[i] == b'"' {
+                    state = State::Str;
+                    i += 1;
+                } else if (b[i] == b'r' || rest.starts_with(b"br")) && !word_before {
+                    // r"…", r#"…"#, br"…"
+                    let start = if b[i] == b'b' { i + 2 } else { i + 1 };
+                    let hashes = b[start..].iter().take_while(|&&c| c == b'#').count();
+                    if b.get(start + hashes) == Some(&b'"') {
+                        state = State::Raw(hashes);
+                        i = start + hashes + 1;
+                    } else {
+                        out.push(b[i]);
+                        i += 1;
+                    }
+                } else if b[i] == b'\'' {
+                    // a char literal ('x', '\'', '\u{..}') or a lifetime ('a)
+                    let lit = match rest.get(1) {
+                        Some(b'\\') => rest[2..].iter().position(|&c| c == b'\'').map(|p| p + 3),
+                        Some(_) => {
+                            let ch_len = text[i + 1..].chars().next().map_or(1, char::len_utf8);
+                            (rest.get(1 + ch_len) == Some(&b'\'')).then_some(ch_len + 2)
+                        }
+                        None => None,
+                    };
+                    match lit {
+                        Some(n) => i += n,
+                        None => {
+                            out.push(b'\'');
+                            i += 1;
+                        }
+                    }
+                } else {
+                    out.push(b[i]);
+                    i += 1;
+                }
             }
-            if line[i..].starts_with("/*") {
-                in_block += 1;
-                i += 2;
-                continue;
-            }
-            if b[i] == b'"' {
-                in_str = true;
-            } else {
-                code.push(b[i] as char);
-            }
-            i += 1;
         }
-        out.push(code);
     }
-    out
+    String::from_utf8_lossy(&out)
+        .split('\n')
+        .map(str::to_string)
+        .collect()
 }
 
 /// The first segment of every path that follows `crate::` in `code`.
@@ -211,10 +269,43 @@ fn lower_layers_do_not_import_upper_ones() {
     );
 }
 
+/// clap belongs to the command line: no library type derives its traits.
+#[test]
+fn clap_only_in_the_cli() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut violations = Vec::new();
+    for file in rust_files(&src) {
+        let rel = file.strip_prefix(&src).unwrap();
+        if rel == Path::new("cli.rs") || rel == Path::new("main.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (n, line) in code_lines(&text).iter().enumerate() {
+            if line
+                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .any(|w| w == "clap")
+            {
+                violations.push(format!("{}:{}", file.display(), n + 1));
+            }
+        }
+    }
+    assert!(
+        violations.is_empty(),
+        "clap outside src/cli.rs:\n{}",
+        violations.join("\n")
+    );
+}
+
 #[test]
 fn the_checker_sees_imports() {
-    let lines = code_lines("use crate::{audio::wav, cli::Cli}; // crate::server\nlet s = \"crate::eval\"; /* crate::fetch */ crate::transcribe::x();");
+    let lines = code_lines(concat!(
+        "use crate::{audio::wav, cli::Cli}; // crate::server\n",
+        "let s = \"crate::eval \\\" crate::stream\"; /* crate::fetch /* nested */ */ crate::transcribe::x();\n",
+        "let r = r#\"crate::server \" \"#; let c = '\"'; let l: &'static str = \"\"; crate::output::y();\n",
+        "/// crate::eval in a doc comment\n",
+        "let z = \"换 crate::cli\"; crate::fetch::z();",
+    ));
     let roots: Vec<String> = lines.iter().flat_map(|l| crate_roots(l)).collect();
-    assert_eq!(roots, ["audio", "cli", "transcribe"]);
+    assert_eq!(roots, ["audio", "cli", "transcribe", "output", "fetch"]);
     assert_eq!(longest_super_chain("use super::super::super::x;"), 3);
 }

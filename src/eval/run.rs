@@ -16,24 +16,20 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-#[derive(clap::Args, Debug, Clone)]
-pub struct EvalArgs {
+/// What `eval` scores and how it reports (the command line's `eval` options).
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
     /// Manifest: TSV with a header naming at least the columns id, file,
     /// language and transcript (file paths relative to the manifest).
-    #[arg(long)]
     pub manifest: PathBuf,
     /// Only the entries of this language (manifest column); all when omitted.
-    #[arg(long)]
     pub lang: Option<String>,
     /// Score these hypotheses (JSON lines with `id` and `text`) instead of
     /// transcribing with the model.
-    #[arg(long)]
     pub hyp: Option<PathBuf>,
-    /// Also write the hypotheses as JSON lines (the format --hyp reads).
-    #[arg(long)]
+    /// Also write the hypotheses as JSON lines (the format `hyp` reads).
     pub write_hyp: Option<PathBuf>,
     /// Print one JSON object instead of the human-readable report.
-    #[arg(long)]
     pub json: bool,
 }
 
@@ -209,7 +205,7 @@ fn score_entry(
 
 /// Runs the evaluation and writes the report (text or JSON) to `out`.
 pub fn run_eval(
-    args: &EvalArgs,
+    args: &EvalOptions,
     model: &str,
     device: DeviceChoice,
     dtype: Option<candle_core::DType>,
@@ -511,7 +507,7 @@ mod tests {
             "{\"id\": \"a\", \"text\": \"Ask not what the country can do.\"}\n\
              {\"id\": \"c\", \"text\": \"换一首个\"}\n",
         );
-        let args = EvalArgs {
+        let args = EvalOptions {
             manifest,
             lang: None,
             hyp: Some(hyp),
@@ -551,7 +547,7 @@ mod tests {
         assert_eq!(json["languages"][0]["substitutions"], 1);
         assert_eq!(json["utterances"][0]["id"], "a");
 
-        let en_only = EvalArgs {
+        let en_only = EvalOptions {
             lang: Some("en".into()),
             json: false,
             ..args

@@ -5,7 +5,7 @@
 use super::events::Event;
 use std::io::{self, IsTerminal, Write};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum LiveFormat {
     /// One line of text per final.
     #[default]

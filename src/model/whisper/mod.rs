@@ -41,7 +41,7 @@ impl WhisperConfig {
 }
 
 /// Weights of the decoder's single-token steps on the CPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DecoderWeights {
     /// Int8 copies (a quarter of the memory traffic; logits within ~1e-2).
     #[default]

@@ -8,10 +8,12 @@ use super::WhisperModel;
 use crate::model::ModelError;
 
 /// What the decoder is asked to produce.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Task {
+    /// Text in the spoken language.
     #[default]
     Transcribe,
+    /// English text (multilingual models).
     Translate,
 }
 
