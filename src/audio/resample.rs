@@ -8,7 +8,7 @@
 //! shift. [`resample`] is [`StreamResampler`] fed in one piece, so streaming
 //! and offline conversion give identical samples.
 
-use super::AudioError;
+use super::{check_sample_rate, AudioError};
 use rubato::{
     calculate_cutoff, Resampler, SincFixedIn, SincInterpolationParameters, SincInterpolationType,
     WindowFunction,
@@ -16,14 +16,24 @@ use rubato::{
 
 /// Averages the channels of interleaved frames (a trailing partial frame is dropped).
 pub fn downmix(interleaved: &[f32], channels: usize) -> Vec<f32> {
+    let mut out = Vec::new();
+    downmix_into(interleaved, channels, &mut out);
+    out
+}
+
+/// [`downmix`] into a buffer the caller reuses: `out` is cleared first.
+pub fn downmix_into(interleaved: &[f32], channels: usize, out: &mut Vec<f32>) {
+    out.clear();
     if channels <= 1 {
-        return interleaved.to_vec();
+        out.extend_from_slice(interleaved);
+        return;
     }
     let scale = 1.0 / channels as f32;
-    interleaved
-        .chunks_exact(channels)
-        .map(|frame| frame.iter().sum::<f32>() * scale)
-        .collect()
+    out.extend(
+        interleaved
+            .chunks_exact(channels)
+            .map(|frame| frame.iter().sum::<f32>() * scale),
+    );
 }
 
 /// Resamples a whole mono signal; the result has `ceil(len · to / from)` samples.
@@ -36,7 +46,7 @@ pub fn resample(samples: &[f32], from_rate: u32, to_rate: u32) -> Result<Vec<f32
 }
 
 /// Number of output samples at times `m / to` that fall inside `n / from` seconds.
-fn output_len(input_len: u64, from_rate: u32, to_rate: u32) -> u64 {
+pub fn output_len(input_len: u64, from_rate: u32, to_rate: u32) -> u64 {
     (input_len * to_rate as u64).div_ceil(from_rate as u64)
 }
 
@@ -57,6 +67,11 @@ const WINDOW: WindowFunction = WindowFunction::BlackmanHarris2;
 /// gets large; cubic interpolation between 256 phases is used instead.
 const MAX_EXACT_PHASES: u64 = 1024;
 const INTERPOLATED_PHASES: usize = 256;
+/// Most entries (taps × phases) of the filter table, 16 MiB of f32: exact
+/// phases that would need more (a long downsampling filter with many
+/// phases) fall back to interpolated ones. rubato builds the table in one
+/// allocation, with a window and a copy of the same size beside it.
+pub const MAX_FILTER_TABLE: usize = 1 << 22;
 /// Input frames per rubato call: 10 ms, so a live source is not held back
 /// longer than that before its output appears (plus half the filter).
 const CHUNK_SECONDS_RECIPROCAL: u32 = 100;
@@ -115,11 +130,13 @@ fn alignment(step: f64, phases: usize) -> (usize, usize, f64) {
 }
 
 impl StreamResampler {
+    /// Both rates must pass [`check_sample_rate`]: the filter's size and
+    /// the work per sample grow with their ratio.
     pub fn new(from_rate: u32, to_rate: u32) -> Result<Self, AudioError> {
-        if from_rate == 0 || to_rate == 0 {
-            return Err(AudioError::Resample(format!(
-                "sample rates must be positive (from {from_rate} Hz to {to_rate} Hz)"
-            )));
+        for rate in [from_rate, to_rate] {
+            check_sample_rate(rate as u64).map_err(|reason| {
+                AudioError::Resample(format!("{from_rate} Hz -> {to_rate} Hz: {reason}"))
+            })?;
         }
         let engine = if from_rate == to_rate {
             None
@@ -219,11 +236,6 @@ impl Engine {
         let (from, to) = (from_rate as u64, to_rate as u64);
         let ratio = to_rate as f64 / from_rate as f64;
         let reduced_denominator = to / gcd(from, to);
-        let (phases, interpolation) = if reduced_denominator <= MAX_EXACT_PHASES {
-            (reduced_denominator as usize, SincInterpolationType::Nearest)
-        } else {
-            (INTERPOLATED_PHASES, SincInterpolationType::Cubic)
-        };
         // rubato measures the filter at the input rate and scales the cutoff
         // by the ratio when downsampling; lengthen it by the same factor.
         let taps = if ratio < 1.0 {
@@ -231,6 +243,19 @@ impl Engine {
         } else {
             FILTER_TAPS_AT_LOWER_RATE
         };
+        let (phases, interpolation) = if reduced_denominator <= MAX_EXACT_PHASES
+            && taps as u64 * reduced_denominator <= MAX_FILTER_TABLE as u64
+        {
+            (reduced_denominator as usize, SincInterpolationType::Nearest)
+        } else {
+            (INTERPOLATED_PHASES, SincInterpolationType::Cubic)
+        };
+        // Holds for every rate pair that passes `check_sample_rate`.
+        if taps * phases > MAX_FILTER_TABLE {
+            return Err(AudioError::Resample(format!(
+                "{from_rate} Hz -> {to_rate} Hz needs a filter of {taps} taps × {phases} phases"
+            )));
+        }
         let params = SincInterpolationParameters {
             sinc_len: taps,
             f_cutoff: calculate_cutoff(FILTER_TAPS_AT_LOWER_RATE, WINDOW),
@@ -460,11 +485,38 @@ mod tests {
     }
 
     #[test]
-    fn zero_rate_is_an_error() {
-        assert!(matches!(
-            StreamResampler::new(0, 16_000),
-            Err(AudioError::Resample(_))
-        ));
+    fn rates_outside_the_limits_are_errors() {
+        for (from, to) in [
+            (0, 16_000),
+            (1, 16_000),
+            (999, 16_000),
+            (384_001, 16_000),
+            (2_147_483_647, 16_000),
+            (16_000, 0),
+            (16_000, u32::MAX),
+        ] {
+            assert!(
+                matches!(StreamResampler::new(from, to), Err(AudioError::Resample(_))),
+                "{from} -> {to}"
+            );
+        }
+    }
+
+    #[test]
+    fn filter_tables_stay_bounded_at_the_extreme_rates() {
+        // The slowest and the longest filters allowed; rates prime to 16 kHz
+        // get interpolated phases, the others exact ones under the bound.
+        for from in [1_000, 1_001, 383_999, 384_000, 383_984, 352_800, 11_025] {
+            let mut r = StreamResampler::new(from, 16_000).unwrap();
+            let one_second = vec![0.25; from as usize];
+            let out: Vec<f32> = [r.push(&one_second).unwrap(), r.flush().unwrap()].concat();
+            assert_eq!(out.len(), 16_000, "{from} Hz");
+            assert!(
+                (out[8_000] - 0.25).abs() < 1e-3,
+                "{from} Hz: {}",
+                out[8_000]
+            );
+        }
     }
 
     #[test]
