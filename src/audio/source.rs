@@ -3,7 +3,7 @@
 //! delivers mono f32 at its own sample rate; the audio thread resamples.
 
 use super::ring::{audio_ring, RingReader, RingWriter};
-use super::{resample, wav, AudioError};
+use super::{wav, AudioError};
 use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
 use cpal::{FromSample, SizedSample};
 use std::io::Read;
@@ -228,9 +228,7 @@ fn start_file(
     realtime: bool,
     stop: Arc<AtomicBool>,
 ) -> Result<StartedSource, SourceError> {
-    let decoded = wav::decode_wav(&path)?;
-    let mono = resample::downmix(&decoded.samples, decoded.channels as usize);
-    let rate = decoded.sample_rate;
+    let (mono, rate) = wav::read_wav_mono(&path)?;
     let (mut writer, reader) = audio_ring(rate as usize * RING_SECONDS);
     let chunk = (rate as usize / 100).max(1); // 10 ms, like a sound card period
     let handle = std::thread::Builder::new()

@@ -1,14 +1,22 @@
 //! WAV decoding: PCM integers of 8 (unsigned), 16, 24 and 32 bits (or any
 //! width padded into 1–4 byte containers), IEEE float of 32 and 64 bits,
-//! plain or WAVE_FORMAT_EXTENSIBLE headers, any channel count and rate.
+//! plain or WAVE_FORMAT_EXTENSIBLE headers, 1 to 32 channels, 1 to 384 kHz.
 //!
 //! The RIFF parser is our own rather than `hound`'s so that a file cut short
 //! is reported as such (declared vs. present bytes) instead of as a generic
 //! I/O error halfway through decoding, and so that 64-bit float works.
+//!
+//! Every header field is checked before anything is sized from it, and the
+//! data is read in blocks of at most [`READ_BLOCK_BYTES`]: the only buffer
+//! that grows with the file is the result (interleaved samples for
+//! [`decode_wav`], mono for [`read_wav_mono`], 16 kHz mono for
+//! [`read_wav_16k_mono`], which downmixes and resamples block by block).
 
-use super::{resample, AudioError, MODEL_SAMPLE_RATE};
+use super::{
+    check_channels, check_sample_rate, resample, AudioError, MAX_FLOAT_SAMPLE, MODEL_SAMPLE_RATE,
+};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::Path;
 
 /// How samples are stored in the file.
@@ -43,6 +51,24 @@ impl DecodedAudio {
     }
 }
 
+/// What a WAV header says, checked against the limits and the input's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WavInfo {
+    pub channels: u16,
+    pub sample_rate: u32,
+    pub format: SampleFormat,
+    /// Bytes per sample frame (all channels).
+    pub block_align: u16,
+    /// Bytes of whole sample frames in the data chunk; all of them are present.
+    pub data_bytes: u64,
+}
+
+impl WavInfo {
+    pub fn frames(&self) -> u64 {
+        self.data_bytes / self.block_align as u64
+    }
+}
+
 const WAVE_FORMAT_PCM: u16 = 0x0001;
 const WAVE_FORMAT_IEEE_FLOAT: u16 = 0x0003;
 const WAVE_FORMAT_EXTENSIBLE: u16 = 0xFFFE;
@@ -54,6 +80,13 @@ const EXTENSIBLE_GUID_TAIL: [u8; 14] = [
 /// Writers that stream to a pipe cannot know the length; they put this
 /// placeholder in the data chunk's size and the data runs to end of file.
 const UNKNOWN_DATA_SIZE: u32 = u32::MAX;
+/// The part of a fmt chunk that is read (WAVE_FORMAT_EXTENSIBLE's 40 bytes);
+/// anything a writer appends is skipped.
+const FMT_READ_BYTES: u32 = 40;
+/// Chunks looked at before the data chunk; real files have a handful.
+const MAX_CHUNKS_BEFORE_DATA: usize = 1024;
+/// Bytes of sample data read and converted per step (rounded down to whole frames).
+pub const READ_BLOCK_BYTES: usize = 64 * 1024;
 
 /// Names of the format codes people actually meet, for error messages.
 fn format_code_name(code: u16) -> &'static str {
@@ -88,7 +121,9 @@ fn le_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-fn parse_fmt(body: &[u8], path: &str) -> Result<FmtChunk, AudioError> {
+/// Parses the first [`FMT_READ_BYTES`] (or fewer) bytes of a fmt chunk of
+/// `declared` bytes.
+fn parse_fmt(body: &[u8], declared: u32, path: &str) -> Result<FmtChunk, AudioError> {
     let not_wav = |reason: String| AudioError::NotWav {
         path: path.to_string(),
         reason,
@@ -99,8 +134,7 @@ fn parse_fmt(body: &[u8], path: &str) -> Result<FmtChunk, AudioError> {
     };
     if body.len() < 16 {
         return Err(not_wav(format!(
-            "fmt chunk is {} bytes, at least 16 expected",
-            body.len()
+            "fmt chunk is {declared} bytes, at least 16 expected"
         )));
     }
     let mut code = le_u16(body, 0);
@@ -112,8 +146,7 @@ fn parse_fmt(body: &[u8], path: &str) -> Result<FmtChunk, AudioError> {
     if code == WAVE_FORMAT_EXTENSIBLE {
         if body.len() < 40 {
             return Err(not_wav(format!(
-                "WAVE_FORMAT_EXTENSIBLE fmt chunk is {} bytes, 40 expected",
-                body.len()
+                "WAVE_FORMAT_EXTENSIBLE fmt chunk is {declared} bytes, 40 expected"
             )));
         }
         let declared_valid = le_u16(body, 18);
@@ -134,6 +167,8 @@ fn parse_fmt(body: &[u8], path: &str) -> Result<FmtChunk, AudioError> {
     if sample_rate == 0 {
         return Err(not_wav("fmt chunk declares a sample rate of 0 Hz".into()));
     }
+    check_channels(channels as u64).map_err(unsupported)?;
+    check_sample_rate(sample_rate as u64).map_err(unsupported)?;
     let container_bytes = block_align / channels;
     if container_bytes == 0 || block_align % channels != 0 {
         return Err(not_wav(format!(
@@ -164,7 +199,7 @@ fn parse_fmt(body: &[u8], path: &str) -> Result<FmtChunk, AudioError> {
             _ => {
                 return Err(unsupported(format!(
                     "{}-bit IEEE float (32 and 64 supported)",
-                    container_bytes * 8
+                    container_bytes as u32 * 8
                 )))
             }
         },
@@ -183,76 +218,182 @@ fn parse_fmt(body: &[u8], path: &str) -> Result<FmtChunk, AudioError> {
     })
 }
 
-/// Turns the raw bytes of whole frames into f32 samples in [-1, 1].
-fn convert(data: &[u8], format: SampleFormat) -> Vec<f32> {
+/// Turns the raw bytes of whole frames into f32 samples in [-1, 1], replacing
+/// what `out` held.
+fn convert_into(data: &[u8], format: SampleFormat, out: &mut Vec<f32>) {
+    out.clear();
     match format {
         SampleFormat::Int {
             container_bytes: 1, ..
-        } => data.iter().map(|&b| (b as f32 - 128.0) / 128.0).collect(),
+        } => out.extend(data.iter().map(|&b| (b as f32 - 128.0) / 128.0)),
         SampleFormat::Int {
             container_bytes: 2, ..
-        } => data
-            .chunks_exact(2)
-            .map(|c| i16::from_le_bytes([c[0], c[1]]) as f32 / 32_768.0)
-            .collect(),
+        } => out.extend(
+            data.chunks_exact(2)
+                .map(|c| i16::from_le_bytes([c[0], c[1]]) as f32 / 32_768.0),
+        ),
         SampleFormat::Int {
             container_bytes: 3, ..
-        } => data
-            // Put the 3 bytes in the top of an i32 so the sign extends.
-            .chunks_exact(3)
-            .map(|c| (i32::from_le_bytes([0, c[0], c[1], c[2]]) >> 8) as f32 / 8_388_608.0)
-            .collect(),
-        SampleFormat::Int { .. } => data
-            .chunks_exact(4)
-            .map(|c| (i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64 / 2_147_483_648.0) as f32)
-            .collect(),
-        SampleFormat::Float { bytes: 4 } => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        SampleFormat::Float { .. } => data
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
-            .collect(),
+        } => out.extend(
+            data
+                // Put the 3 bytes in the top of an i32 so the sign extends.
+                .chunks_exact(3)
+                .map(|c| (i32::from_le_bytes([0, c[0], c[1], c[2]]) >> 8) as f32 / 8_388_608.0),
+        ),
+        SampleFormat::Int { .. } => out.extend(data.chunks_exact(4).map(|c| {
+            (i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64 / 2_147_483_648.0) as f32
+        })),
+        SampleFormat::Float { bytes: 4 } => out.extend(
+            data.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        SampleFormat::Float { .. } => out.extend(
+            data.chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32),
+        ),
     }
 }
 
-/// Reads a WAV file into interleaved f32 samples.
-pub fn decode_wav(path: &Path) -> Result<DecodedAudio, AudioError> {
-    let p = path.display().to_string();
-    let open_err = |source: std::io::Error| AudioError::Open {
-        path: p.clone(),
+/// Like `read_exact`, but returns how many bytes were read when the input ends first.
+fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// A WAV input whose header has been read and checked; its samples come
+/// out block by block ([`next_block`](Self::next_block)).
+pub struct WavBlocks<R> {
+    reader: R,
+    info: WavInfo,
+    name: String,
+    /// Data bytes not read yet.
+    remaining: u64,
+    /// Bytes read per block (whole frames).
+    block_bytes: usize,
+    bytes: Vec<u8>,
+    samples: Vec<f32>,
+    frames_done: u64,
+}
+
+impl<R: Read + Seek> WavBlocks<R> {
+    /// Reads and checks the header of the WAV in `reader` (from its start to
+    /// its end, found by seeking); `name` is used in error messages.
+    pub fn open(mut reader: R, name: &str) -> Result<Self, AudioError> {
+        let info = read_header(&mut reader, name)?;
+        let block = info.block_align as usize;
+        let block_bytes = (READ_BLOCK_BYTES / block).max(1) * block;
+        Ok(Self {
+            reader,
+            info,
+            name: name.to_string(),
+            remaining: info.data_bytes,
+            block_bytes,
+            bytes: Vec::new(),
+            samples: Vec::new(),
+            frames_done: 0,
+        })
+    }
+}
+
+impl<R: Read> WavBlocks<R> {
+    pub fn info(&self) -> &WavInfo {
+        &self.info
+    }
+
+    /// The next block of interleaved samples (whole frames, at most
+    /// [`READ_BLOCK_BYTES`] of input), or `None` after the last.
+    pub fn next_block(&mut self) -> Result<Option<&[f32]>, AudioError> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        let n = (self.block_bytes as u64).min(self.remaining) as usize;
+        if self.bytes.len() < n {
+            self.bytes.resize(n, 0);
+        }
+        self.reader
+            .read_exact(&mut self.bytes[..n])
+            .map_err(|source| AudioError::Read {
+                path: self.name.clone(),
+                source,
+            })?;
+        convert_into(&self.bytes[..n], self.info.format, &mut self.samples);
+        if let SampleFormat::Float { .. } = self.info.format {
+            check_floats(&self.samples, &self.info, self.frames_done, &self.name)?;
+        }
+        self.remaining -= n as u64;
+        self.frames_done += (n / self.info.block_align as usize) as u64;
+        Ok(Some(&self.samples))
+    }
+}
+
+/// Refuses NaN, infinite and absurdly large float samples: one of them
+/// turns the log-mel of a whole window into NaN.
+fn check_floats(
+    samples: &[f32],
+    info: &WavInfo,
+    first_frame: u64,
+    name: &str,
+) -> Result<(), AudioError> {
+    let Some(i) = samples.iter().position(|s| !(s.abs() <= MAX_FLOAT_SAMPLE)) else {
+        return Ok(());
+    };
+    let channels = info.channels as usize;
+    let frame = first_frame + (i / channels) as u64;
+    Err(AudioError::BadSamples {
+        path: name.to_string(),
+        reason: format!(
+            "sample {frame} of channel {} ({:.3} s) is {}; float samples must be finite and within ±{MAX_FLOAT_SAMPLE:e} (full scale is ±1)",
+            i % channels,
+            frame as f64 / info.sample_rate as f64,
+            samples[i]
+        ),
+    })
+}
+
+/// Reads the RIFF header and the chunks up to the data chunk; leaves the
+/// reader at the first data byte.
+fn read_header<R: Read + Seek>(reader: &mut R, p: &str) -> Result<WavInfo, AudioError> {
+    let read_err = |source: std::io::Error| AudioError::Read {
+        path: p.to_string(),
         source,
     };
     let not_wav = |reason: String| AudioError::NotWav {
-        path: p.clone(),
+        path: p.to_string(),
         reason,
     };
-    let mut file = File::open(path).map_err(open_err)?;
-    let meta = file.metadata().map_err(open_err)?;
-    if meta.is_dir() {
-        return Err(not_wav("is a directory".into()));
-    }
-    let file_len = meta.len();
-    if file_len == 0 {
+    let truncated = |reason: String| AudioError::Truncated {
+        path: p.to_string(),
+        reason,
+    };
+    let input_len = reader.seek(SeekFrom::End(0)).map_err(read_err)?;
+    reader.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    if input_len == 0 {
         return Err(AudioError::Empty {
-            path: p.clone(),
+            path: p.to_string(),
             reason: "the file is empty (0 bytes)".into(),
         });
     }
     let mut header = [0u8; 12];
-    let got = read_up_to(&mut file, &mut header).map_err(open_err)?;
+    let got = read_up_to(reader, &mut header).map_err(read_err)?;
     match &header[..4.min(got)] {
         b"RIFF" if got == 12 && &header[8..12] == b"WAVE" => {}
         b"RIFX" => {
             return Err(AudioError::Unsupported {
-                path: p.clone(),
+                path: p.to_string(),
                 reason: "big-endian RIFX container".into(),
             })
         }
         b"RF64" | b"BW64" => {
             return Err(AudioError::Unsupported {
-                path: p.clone(),
+                path: p.to_string(),
                 reason: "RF64/BW64 (64-bit WAV) container".into(),
             })
         }
@@ -266,20 +407,14 @@ pub fn decode_wav(path: &Path) -> Result<DecodedAudio, AudioError> {
 
     let mut fmt: Option<FmtChunk> = None;
     let mut pos: u64 = 12;
-    loop {
+    for _ in 0..MAX_CHUNKS_BEFORE_DATA {
         let mut chunk_header = [0u8; 8];
-        let got = read_up_to(&mut file, &mut chunk_header).map_err(open_err)?;
+        let got = read_up_to(reader, &mut chunk_header).map_err(read_err)?;
         if got < 8 {
-            return Err(match fmt {
-                None => AudioError::Truncated {
-                    path: p.clone(),
-                    reason: format!("the file ends after {file_len} bytes, before a fmt chunk"),
-                },
-                Some(_) => AudioError::Truncated {
-                    path: p.clone(),
-                    reason: format!("the file ends after {file_len} bytes, before a data chunk"),
-                },
-            });
+            let before = if fmt.is_none() { "fmt" } else { "data" };
+            return Err(truncated(format!(
+                "the file ends after {input_len} bytes, before a {before} chunk"
+            )));
         }
         pos += 8;
         let id = [
@@ -289,55 +424,53 @@ pub fn decode_wav(path: &Path) -> Result<DecodedAudio, AudioError> {
             chunk_header[3],
         ];
         let size = le_u32(&chunk_header, 4);
-        let available = file_len - pos;
+        let available = input_len.saturating_sub(pos);
         match &id {
             b"fmt " => {
                 if size as u64 > available {
-                    return Err(AudioError::Truncated {
-                        path: p.clone(),
-                        reason: format!(
-                            "fmt chunk declares {size} bytes but only {available} follow"
-                        ),
-                    });
+                    return Err(truncated(format!(
+                        "fmt chunk declares {size} bytes but only {available} follow"
+                    )));
                 }
-                let mut body = vec![0u8; size as usize];
-                file.read_exact(&mut body).map_err(open_err)?;
-                fmt = Some(parse_fmt(&body, &p)?);
+                let mut body = [0u8; FMT_READ_BYTES as usize];
+                let body = &mut body[..size.min(FMT_READ_BYTES) as usize];
+                reader.read_exact(body).map_err(read_err)?;
+                fmt = Some(parse_fmt(body, size, p)?);
             }
             b"data" => {
                 let fmt =
                     fmt.ok_or_else(|| not_wav("data chunk comes before the fmt chunk".into()))?;
-                return read_data(&mut file, &p, fmt, size, available);
+                return data_extent(fmt, size, available, p);
             }
             _ => {
                 // LIST, fact, bext, …: metadata we do not need.
                 if size as u64 > available {
-                    return Err(AudioError::Truncated {
-                        path: p.clone(),
-                        reason: format!(
-                            "chunk `{}` declares {size} bytes but only {available} follow, and no data chunk was found",
-                            String::from_utf8_lossy(&id)
-                        ),
-                    });
+                    return Err(truncated(format!(
+                        "chunk `{}` declares {size} bytes but only {available} follow, and no data chunk was found",
+                        String::from_utf8_lossy(&id)
+                    )));
                 }
             }
         }
         // Chunks are padded to an even length.
-        let padded = size as u64 + (size as u64 & 1);
-        pos += padded;
-        file.seek(SeekFrom::Start(pos)).map_err(open_err)?;
+        pos += size as u64 + (size as u64 & 1);
+        reader.seek(SeekFrom::Start(pos)).map_err(read_err)?;
     }
+    Err(not_wav(format!(
+        "no data chunk among the first {MAX_CHUNKS_BEFORE_DATA} chunks"
+    )))
 }
 
-fn read_data(
-    file: &mut File,
-    path: &str,
+/// How many bytes of whole frames the data chunk holds, checked against
+/// what the input has.
+fn data_extent(
     fmt: FmtChunk,
     declared: u32,
     available: u64,
-) -> Result<DecodedAudio, AudioError> {
+    path: &str,
+) -> Result<WavInfo, AudioError> {
     let block = fmt.block_align as u64;
-    let len = if declared == UNKNOWN_DATA_SIZE {
+    let data_bytes = if declared == UNKNOWN_DATA_SIZE {
         tracing::debug!(path, "data chunk of unknown size: reading to end of file");
         available - available % block
     } else {
@@ -362,59 +495,136 @@ fn read_data(
         }
         declared as u64 - declared as u64 % block
     };
-    if len == 0 {
+    if data_bytes == 0 {
         return Err(AudioError::Empty {
             path: path.to_string(),
             reason: "the data chunk holds 0 sample frames".into(),
         });
     }
-    let mut data = vec![0u8; len as usize];
-    file.read_exact(&mut data)
-        .map_err(|source| AudioError::Open {
-            path: path.to_string(),
-            source,
-        })?;
-    let samples = convert(&data, fmt.format);
-    tracing::debug!(
-        path,
-        channels = fmt.channels,
-        sample_rate = fmt.sample_rate,
-        format = ?fmt.format,
-        frames = samples.len() / fmt.channels as usize,
-        "decoded WAV"
-    );
-    Ok(DecodedAudio {
-        samples,
+    let info = WavInfo {
         channels: fmt.channels,
         sample_rate: fmt.sample_rate,
         format: fmt.format,
+        block_align: fmt.block_align,
+        data_bytes,
+    };
+    tracing::debug!(
+        path,
+        channels = info.channels,
+        sample_rate = info.sample_rate,
+        format = ?info.format,
+        frames = info.frames(),
+        "WAV header"
+    );
+    Ok(info)
+}
+
+/// Opens a file for [`WavBlocks`]; a directory is not a WAV file.
+fn open_file(path: &Path) -> Result<WavBlocks<File>, AudioError> {
+    let p = path.display().to_string();
+    let open_err = |source: std::io::Error| AudioError::Open {
+        path: p.clone(),
+        source,
+    };
+    let file = File::open(path).map_err(open_err)?;
+    if file.metadata().map_err(open_err)?.is_dir() {
+        return Err(AudioError::NotWav {
+            path: p.clone(),
+            reason: "is a directory".into(),
+        });
+    }
+    WavBlocks::open(file, &p)
+}
+
+/// Name used in the errors of the in-memory entry points.
+const IN_MEMORY: &str = "(in-memory WAV)";
+
+/// Reads a WAV file into interleaved f32 samples.
+pub fn decode_wav(path: &Path) -> Result<DecodedAudio, AudioError> {
+    decode_blocks(open_file(path)?)
+}
+
+/// [`decode_wav`] of a WAV file's bytes.
+pub fn decode_wav_bytes(bytes: &[u8]) -> Result<DecodedAudio, AudioError> {
+    decode_blocks(WavBlocks::open(Cursor::new(bytes), IN_MEMORY)?)
+}
+
+/// [`decode_wav`] of any seekable reader; `name` is used in error messages.
+pub fn decode_wav_reader<R: Read + Seek>(
+    reader: R,
+    name: &str,
+) -> Result<DecodedAudio, AudioError> {
+    decode_blocks(WavBlocks::open(reader, name)?)
+}
+
+fn decode_blocks<R: Read>(mut blocks: WavBlocks<R>) -> Result<DecodedAudio, AudioError> {
+    let info = *blocks.info();
+    // Bounded by the input's length: `data_bytes` was checked against it.
+    let mut samples = Vec::with_capacity((info.frames() * info.channels as u64) as usize);
+    while let Some(block) = blocks.next_block()? {
+        samples.extend_from_slice(block);
+    }
+    Ok(DecodedAudio {
+        samples,
+        channels: info.channels,
+        sample_rate: info.sample_rate,
+        format: info.format,
     })
 }
 
-/// Like `read_exact`, but returns how many bytes were read when the file ends first.
-fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+/// Reads a WAV file as mono f32 at its own sample rate (channels averaged
+/// block by block); returns the samples and the rate.
+pub fn read_wav_mono(path: &Path) -> Result<(Vec<f32>, u32), AudioError> {
+    let mut blocks = open_file(path)?;
+    let info = *blocks.info();
+    let channels = info.channels as usize;
+    let mut mono = Vec::with_capacity(info.frames() as usize);
+    let mut block_mono = Vec::new();
+    while let Some(block) = blocks.next_block()? {
+        resample::downmix_into(block, channels, &mut block_mono);
+        mono.extend_from_slice(&block_mono);
     }
-    Ok(filled)
+    Ok((mono, info.sample_rate))
 }
 
 /// Reads a WAV file as 16 kHz mono f32, the form every model consumes.
 pub fn read_wav_16k_mono(path: &Path) -> Result<Vec<f32>, AudioError> {
-    let decoded = decode_wav(path)?;
-    let mono = resample::downmix(&decoded.samples, decoded.channels as usize);
-    resample::resample(&mono, decoded.sample_rate, MODEL_SAMPLE_RATE).map_err(|e| match e {
-        AudioError::Resample(reason) => {
-            AudioError::Resample(format!("{}: {reason}", path.display()))
-        }
+    blocks_16k_mono(open_file(path)?)
+}
+
+/// [`read_wav_16k_mono`] of a WAV file's bytes.
+pub fn wav_bytes_16k_mono(bytes: &[u8]) -> Result<Vec<f32>, AudioError> {
+    blocks_16k_mono(WavBlocks::open(Cursor::new(bytes), IN_MEMORY)?)
+}
+
+/// Decodes, downmixes and resamples one block at a time, so that nothing
+/// but the 16 kHz result grows with the file.
+fn blocks_16k_mono<R: Read>(mut blocks: WavBlocks<R>) -> Result<Vec<f32>, AudioError> {
+    let info = *blocks.info();
+    let channels = info.channels as usize;
+    let name = blocks.name.clone();
+    let named = |e: AudioError| match e {
+        AudioError::Resample(reason) => AudioError::Resample(format!("{name}: {reason}")),
         other => other,
-    })
+    };
+    let mut resampler =
+        resample::StreamResampler::new(info.sample_rate, MODEL_SAMPLE_RATE).map_err(named)?;
+    // At most 16 × the frames (the lowest rate is 1 kHz), which the input holds.
+    let mut out =
+        Vec::with_capacity(
+            resample::output_len(info.frames(), info.sample_rate, MODEL_SAMPLE_RATE) as usize,
+        );
+    let mut mono = Vec::new();
+    while let Some(block) = blocks.next_block()? {
+        resample::downmix_into(block, channels, &mut mono);
+        resampler
+            .push_with(&mono, |ready| out.extend_from_slice(ready))
+            .map_err(named)?;
+    }
+    resampler
+        .flush_with(|ready| out.extend_from_slice(ready))
+        .map_err(named)?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -683,6 +893,125 @@ mod tests {
         ));
         let missing = Path::new("/nonexistent/dir/x.wav");
         assert!(matches!(decode_wav(missing), Err(AudioError::Open { .. })));
+    }
+
+    #[test]
+    fn rates_and_channel_counts_outside_the_limits_are_refused() {
+        for rate in [1u32, 999, 384_001, 2_147_483_647, u32::MAX] {
+            match decode_bytes(&WavBytes::pcm(16, 1, rate, vec![0; 64]).bytes()) {
+                Err(AudioError::Unsupported { reason, .. }) => {
+                    assert!(
+                        reason.contains(&format!("sample rate {rate} Hz")),
+                        "{reason}"
+                    )
+                }
+                other => panic!("{rate} Hz: expected Unsupported, got {other:?}"),
+            }
+        }
+        for rate in [1_000, 384_000] {
+            let wav = WavBytes::pcm(16, 1, rate, vec![0; 64]).bytes();
+            assert_eq!(decode_wav_bytes(&wav).unwrap().sample_rate, rate);
+            assert!(wav_bytes_16k_mono(&wav).is_ok());
+        }
+        let mut wav = WavBytes::pcm(8, 32, 16_000, vec![128; 64]);
+        assert_eq!(decode_bytes(&wav.bytes()).unwrap().channels, 32);
+        wav.channels = 33;
+        wav.data = vec![128; 66];
+        match decode_bytes(&wav.bytes()) {
+            Err(AudioError::Unsupported { reason, .. }) => assert!(reason.contains("33 channels")),
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn non_finite_and_huge_float_samples_are_refused() {
+        for (bad, what) in [
+            (f32::NAN, "NaN"),
+            (f32::NEG_INFINITY, "-inf"),
+            (3.0e38, "300000000"),
+        ] {
+            let mut values = vec![0.5f32; 10];
+            values[7] = bad;
+            let mut wav = WavBytes::pcm(
+                32,
+                2,
+                16_000,
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            );
+            wav.format_code = WAVE_FORMAT_IEEE_FLOAT;
+            match decode_wav_bytes(&wav.bytes()) {
+                Err(AudioError::BadSamples { reason, .. }) => {
+                    assert!(reason.contains("sample 3 of channel 1"), "{reason}");
+                    assert!(reason.contains(what), "{reason}");
+                }
+                other => panic!("{bad}: expected BadSamples, got {other:?}"),
+            }
+        }
+        // Loud but finite float audio is kept as it is.
+        let mut wav = WavBytes::pcm(32, 1, 16_000, 4.0f32.to_le_bytes().repeat(4));
+        wav.format_code = WAVE_FORMAT_IEEE_FLOAT;
+        assert_eq!(
+            decode_wav_bytes(&wav.bytes()).unwrap().samples,
+            vec![4.0; 4]
+        );
+    }
+
+    #[test]
+    fn long_fmt_chunks_are_skipped_past_and_chunk_runs_are_bounded() {
+        // A fmt chunk with 60 extra bytes after the 40 of WAVE_FORMAT_EXTENSIBLE.
+        let mut wav = WavBytes::pcm(16, 1, 16_000, 1000i16.to_le_bytes().repeat(3));
+        wav.extensible = true;
+        let mut bytes = wav.bytes();
+        let fmt_size_at = 16;
+        let fmt_end = 20 + 40;
+        bytes[fmt_size_at..fmt_size_at + 4].copy_from_slice(&100u32.to_le_bytes());
+        bytes.splice(fmt_end..fmt_end, [0xAB; 60]);
+        assert_eq!(decode_wav_bytes(&bytes).unwrap().samples.len(), 3);
+        // Thousands of empty chunks and never a data chunk.
+        let mut many = b"RIFF\0\0\0\0WAVE".to_vec();
+        for _ in 0..5_000 {
+            many.extend(b"junk\0\0\0\0");
+        }
+        match decode_wav_bytes(&many) {
+            Err(AudioError::NotWav { reason, .. }) => assert!(reason.contains("no data chunk")),
+            other => panic!("expected NotWav, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn block_by_block_reading_equals_reading_whole() {
+        // 24-bit stereo: 6-byte frames, so blocks end inside READ_BLOCK_BYTES;
+        // several blocks long.
+        let frames = 3 * READ_BLOCK_BYTES / 6 + 123;
+        let codes: Vec<i32> = (0..frames as i32 * 2)
+            .map(|i| (i * 7919 % 16_000_000) - 8_000_000)
+            .collect();
+        let data: Vec<u8> = codes
+            .iter()
+            .flat_map(|c| c.to_le_bytes()[..3].to_vec())
+            .collect();
+        let bytes = WavBytes::pcm(24, 2, 44_100, data).bytes();
+        let decoded = decode_wav_bytes(&bytes).unwrap();
+        assert_eq!(decoded.frames(), frames);
+        for (got, code) in decoded.samples.iter().zip(&codes) {
+            assert_eq!(*got, *code as f32 / 8_388_608.0);
+        }
+        // The block-wise 16 kHz path gives exactly what converting the
+        // whole signal at once gives.
+        let whole = resample::resample(
+            &resample::downmix(&decoded.samples, 2),
+            44_100,
+            MODEL_SAMPLE_RATE,
+        )
+        .unwrap();
+        assert_eq!(wav_bytes_16k_mono(&bytes).unwrap(), whole);
+        let (_dir, path) = write_temp(&bytes);
+        assert_eq!(read_wav_16k_mono(&path).unwrap(), whole);
+        let (mono, rate) = read_wav_mono(&path).unwrap();
+        assert_eq!(
+            (mono, rate),
+            (resample::downmix(&decoded.samples, 2), 44_100)
+        );
     }
 
     #[test]
