@@ -157,11 +157,13 @@ pub struct LiveArgs {
     /// Read raw s16le audio from stdin (needs --rate).
     #[arg(long, requires = "rate")]
     pub stdin: bool,
-    /// Sample rate of --stdin audio.
-    #[arg(long, value_name = "HZ")]
+    /// Sample rate of --stdin audio (1000 to 384000).
+    #[arg(long, value_name = "HZ", value_parser = clap::value_parser!(u32).range(
+        crate::audio::MIN_SAMPLE_RATE as i64..=crate::audio::MAX_SAMPLE_RATE as i64))]
     pub rate: Option<u32>,
-    /// Channels of --stdin audio (interleaved).
-    #[arg(long, default_value_t = 1)]
+    /// Channels of --stdin audio (interleaved, 1 to 32).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(
+        1..=crate::audio::MAX_CHANNELS as i64))]
     pub channels: u16,
     /// Output: text (a line per final) or jsonl (every event).
     #[arg(long = "format", value_enum, default_value_t = LiveFormat::default().into())]

@@ -275,6 +275,16 @@ fn start_stdin(
     if rate == 0 || channels == 0 {
         return Err(SourceError::BadStdinFormat);
     }
+    // Also checked when the arguments are parsed; this guards other callers.
+    let checked =
+        super::check_sample_rate(rate as u64).and_then(|()| super::check_channels(channels as u64));
+    if let Err(reason) = checked {
+        return Err(AudioError::Parameters {
+            source_name: "--stdin".into(),
+            reason,
+        }
+        .into());
+    }
     let channels = channels as usize;
     let (mut writer, reader) = audio_ring(rate as usize * RING_SECONDS);
     let frame_bytes = 2 * channels;
