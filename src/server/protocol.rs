@@ -127,9 +127,8 @@ impl ProtocolError {
     }
 }
 
-pub const MIN_SAMPLE_RATE: u32 = 8_000;
-pub const MAX_SAMPLE_RATE: u32 = 192_000;
-pub const MAX_CHANNELS: u16 = 8;
+/// The limits every audio source shares (WAV files, `--stdin`, sessions).
+pub use crate::audio::{MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE};
 
 /// Parses a text message of the audio-in path.
 pub fn parse_client_message(text: &str) -> Result<ClientMessage, ProtocolError> {
@@ -191,17 +190,11 @@ fn parse_start(mut map: Map<String, Value>) -> Result<Start, ProtocolError> {
         };
     let sample_rate =
         uint(&mut map, "sample_rate")?.ok_or_else(|| bad("`sample_rate` is required".into()))?;
-    if !(MIN_SAMPLE_RATE as u64..=MAX_SAMPLE_RATE as u64).contains(&sample_rate) {
-        return Err(bad(format!(
-            "`sample_rate` {sample_rate} is outside {MIN_SAMPLE_RATE}..={MAX_SAMPLE_RATE}"
-        )));
-    }
+    crate::audio::check_sample_rate(sample_rate)
+        .map_err(|reason| bad(format!("`sample_rate`: {reason}")))?;
     let channels = uint(&mut map, "channels")?.unwrap_or(1);
-    if !(1..=MAX_CHANNELS as u64).contains(&channels) {
-        return Err(bad(format!(
-            "`channels` {channels} is outside 1..={MAX_CHANNELS}"
-        )));
-    }
+    crate::audio::check_channels(channels)
+        .map_err(|reason| bad(format!("`channels`: {reason}")))?;
     let format = string(&mut map, "format")?
         .ok_or_else(|| bad("`format` is required (`s16le` or `f32le`)".into()))?;
     let format = SampleFormat::parse(&format)
@@ -239,6 +232,12 @@ pub fn decode_audio(
     channels: u16,
     out: &mut Vec<f32>,
 ) -> Result<(), ProtocolError> {
+    if !(1..=MAX_CHANNELS).contains(&channels) {
+        return Err(ProtocolError::new(
+            ErrorCode::BadAudio,
+            format!("{channels} channels is outside 1..={MAX_CHANNELS}; frame dropped"),
+        ));
+    }
     let frame = format.bytes() * channels as usize;
     if bytes.len() % frame != 0 {
         return Err(ProtocolError::new(
@@ -263,12 +262,17 @@ pub fn decode_audio(
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             );
-            // NaN or inf would poison the mel of the whole segment.
-            if out.iter().any(|s| !s.is_finite()) {
+            // NaN or inf would poison the mel of the whole segment, and so
+            // would a power that overflows f32.
+            let limit = crate::audio::MAX_FLOAT_SAMPLE;
+            if out.iter().any(|s| !(s.abs() <= limit)) {
                 out.clear();
                 return Err(ProtocolError::new(
                     ErrorCode::BadAudio,
-                    "f32le frame holds NaN or infinite samples; frame dropped",
+                    format!(
+                        "f32le frame holds NaN, infinite or samples beyond ±{limit:e} \
+                         (full scale is ±1); frame dropped"
+                    ),
                 ));
             }
         }
@@ -449,6 +453,40 @@ mod tests {
     }
 
     #[test]
+    fn start_limits_are_the_shared_audio_limits_and_name_the_field() {
+        let start = |rate: &str, channels: &str| {
+            parse_client_message(&format!(
+                r#"{{"type":"start","protocol":1,"sample_rate":{rate},"channels":{channels},"format":"s16le"}}"#
+            ))
+        };
+        for (rate, channels) in [("1000", "1"), ("384000", "32"), ("16000", "2")] {
+            assert!(start(rate, channels).is_ok(), "{rate} Hz, {channels} ch");
+        }
+        for (rate, channels, field) in [
+            ("999", "1", "sample_rate"),
+            ("1", "1", "sample_rate"),
+            ("384001", "1", "sample_rate"),
+            ("2147483647", "1", "sample_rate"),
+            ("18446744073709551615", "1", "sample_rate"),
+            ("1e9", "1", "sample_rate"),
+            ("-16000", "1", "sample_rate"),
+            ("16000.5", "1", "sample_rate"),
+            ("16000", "0", "channels"),
+            ("16000", "33", "channels"),
+            ("16000", "65537", "channels"),
+            ("16000", "-1", "channels"),
+        ] {
+            let e = start(rate, channels).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadStart, "{rate} Hz, {channels} ch");
+            assert!(
+                e.message.contains(&format!("`{field}`")),
+                "{rate} Hz, {channels} ch: {}",
+                e.message
+            );
+        }
+    }
+
+    #[test]
     fn audio_frames_must_be_whole_sample_frames() {
         let mut out = Vec::new();
         decode_audio(&[0, 0x40, 0, 0xc0], SampleFormat::S16le, 1, &mut out).unwrap();
@@ -457,8 +495,15 @@ mod tests {
         assert_eq!(e.code, ErrorCode::BadAudio);
         // Stereo s16le: 4-byte frames.
         assert!(decode_audio(&[0; 6], SampleFormat::S16le, 2, &mut out).is_err());
-        let nan = f32::NAN.to_le_bytes();
-        assert!(decode_audio(&nan, SampleFormat::F32le, 1, &mut out).is_err());
+        for bad in [f32::NAN, f32::INFINITY, -1.0e30] {
+            let e = decode_audio(&bad.to_le_bytes(), SampleFormat::F32le, 1, &mut out);
+            assert_eq!(e.unwrap_err().code, ErrorCode::BadAudio, "{bad}");
+        }
+        // Channel counts a validated start cannot have are errors, not panics.
+        for channels in [0, MAX_CHANNELS + 1, u16::MAX] {
+            let e = decode_audio(&[0; 4], SampleFormat::S16le, channels, &mut out);
+            assert_eq!(e.unwrap_err().code, ErrorCode::BadAudio, "{channels}");
+        }
         decode_audio(&0.25f32.to_le_bytes(), SampleFormat::F32le, 1, &mut out).unwrap();
         assert_eq!(out, vec![0.25]);
     }
