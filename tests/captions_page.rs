@@ -2,7 +2,8 @@
 //! protocol: the page connects to the subscription, real speech goes in as
 //! an audio-in session, and the page's DOM must show exactly the session's
 //! finals. A screenshot is kept as a test artefact. The page must also
-//! reconnect after the server restarts.
+//! reconnect after the server restarts, and lose no final across a reload
+//! or while it is away.
 //!
 //! Needs Chromium: `apt-get install chromium` (Debian/Ubuntu), or point
 //! `STEPAUDIO_LIVE_CHROMIUM` at a Chrome/Chromium binary. Without it the
@@ -320,5 +321,108 @@ fn the_captions_page_shows_live_finals_and_reconnects() {
     );
     again.sigterm();
     assert!(again.wait().0.success());
+    drop(browser);
+}
+
+/// Marks the current document, so that [`NEW_PAGE_LIVE`] can tell a new
+/// one (after a reload or navigation) from it.
+async fn mark_document(cdp: &mut Cdp) {
+    cdp.eval("window.__old_document = true").await;
+}
+
+/// True once a document loaded after [`mark_document`] is connected.
+const NEW_PAGE_LIVE: &str =
+    "window.__old_document === undefined && document.body.dataset.state === 'live'";
+
+#[test]
+fn the_captions_page_loses_no_final_across_a_reload_or_while_away() {
+    let daemon = Daemon::spawn(&["serve", "127.0.0.1:0"]);
+    let addr = daemon.addr;
+    // Enough lines on screen for every final of the run.
+    let page_url = format!("http://{addr}/?lines=100");
+    let browser = launch(&page_url);
+    let target = page_target(browser.devtools_port, &page_url);
+    // About 38 s of speech in seven recordings, at 1.5 times real time.
+    let speech = speech_playlist(
+        &[
+            "en_ps_librivox_0870",
+            "en_ps_librivox_0880",
+            "en_ps_librivox_0890",
+            "en_jfk_ask_not",
+            "en_ps_librivox_0920",
+            "en_ps_librivox_0930",
+            "en_timit_ldc93s1",
+        ],
+        1.0,
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let shown_count = "document.querySelectorAll('#finals .final').length";
+    let (session_events, shown) = rt.block_on(async {
+        let (ws, _) = tokio_tungstenite::connect_async(target.as_str())
+            .await
+            .expect("DevTools connection");
+        let mut cdp = Cdp { ws, next_id: 0 };
+        cdp.wait_for("document.body.dataset.state", |v| v == "live")
+            .await;
+        // A plain subscriber counts the finals as they are published.
+        let (count_tx, count) = tokio::sync::watch::channel(0usize);
+        let mut observer = connect(addr, "/v1/subscribe").await;
+        tokio::spawn(async move {
+            while let Some(e) = next_json(&mut observer).await {
+                if e["type"] == "final" && e["text"] != "" {
+                    count_tx.send_modify(|n| *n += 1);
+                }
+            }
+        });
+        let session = tokio::spawn(run_paced_session(addr, speech, 1.5));
+
+        // A reload once the first line is on screen: the lines shown so far
+        // come back, and what was published meanwhile is replayed.
+        cdp.wait_for(shown_count, |v| v.as_u64().is_some_and(|n| n >= 1))
+            .await;
+        mark_document(&mut cdp).await;
+        cdp.call("Page.reload", json!({})).await;
+        cdp.wait_for(NEW_PAGE_LIVE, |v| v == true).await;
+        let after_reload = cdp.eval(shown_count).await.as_u64().unwrap();
+        assert!(
+            after_reload >= 1,
+            "the lines shown before the reload are gone"
+        );
+
+        // Away (another page in the tab) while two more lines are published.
+        let mut published = count.clone();
+        let seen = *published.borrow();
+        cdp.call("Page.navigate", json!({"url": "about:blank"}))
+            .await;
+        tokio::time::timeout(PATIENCE, published.wait_for(|&n| n >= seen + 2))
+            .await
+            .expect("two more finals")
+            .unwrap();
+        cdp.call("Page.navigate", json!({ "url": page_url })).await;
+        cdp.wait_for(NEW_PAGE_LIVE, |v| v == true).await;
+
+        let (events, close) = session.await.unwrap();
+        assert!(close.is_some());
+        let want = normalize(&final_text(&events));
+        let lines = of_type(&events, "final")
+            .iter()
+            .filter(|e| e["text"] != "")
+            .count() as u64;
+        // Every line, once, in order.
+        cdp.wait_for(FINALS_TEXT, |v| {
+            v.as_str().is_some_and(|t| normalize(t) == want)
+        })
+        .await;
+        assert_eq!(cdp.eval(shown_count).await.as_u64(), Some(lines));
+        (events, cdp.eval(FINALS_TEXT).await)
+    });
+    assert!(of_type(&session_events, "final").len() >= 5);
+    println!("page after a reload and an absence: {shown}");
+    daemon.sigterm();
+    assert!(daemon.wait().0.success());
     drop(browser);
 }
