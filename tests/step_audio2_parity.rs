@@ -92,6 +92,18 @@ fn session_opts(prompt: SystemPrompt, max_new_tokens: usize) -> SessionOptions {
     }
 }
 
+/// The live pipeline's features of a whole clip: raw frames of the audio
+/// followed by 479 zeros.
+fn live_features(audio: &[f32]) -> SegmentFeatures {
+    let mut padded = audio.to_vec();
+    padded.resize(audio.len() + 479, 0.0);
+    SegmentFeatures {
+        n_mels: 128,
+        raw_frames: MelExtractor::new(128).raw_frames(&padded),
+        samples: audio.len(),
+    }
+}
+
 /// Mel of a single-clip fixture from its stored audio, checked against both
 /// the WAV file and the reference mel.
 fn clip_mel(fx: &HashMap<String, Tensor>, clip: &str, tag: &str) -> LogMel {
@@ -593,14 +605,7 @@ fn recognizer_trait_partial_and_final() {
     );
     assert_eq!(rec.max_segment_seconds(), 25.0);
     let audio = to_vec_f32(&fx["audio"]);
-    // The live pipeline's features: raw frames of the audio + 479 zeros.
-    let mut padded = audio.clone();
-    padded.resize(audio.len() + 479, 0.0);
-    let features = SegmentFeatures {
-        n_mels: 128,
-        raw_frames: MelExtractor::new(128).raw_frames(&padded),
-        samples: audio.len(),
-    };
+    let features = live_features(&audio);
     let expected = ids(&fx["text_tokens"]);
     let partial = rec.decode(&features, &[]).unwrap();
     assert_eq!(partial.tokens, expected);
@@ -793,13 +798,7 @@ fn offline_transcribe_equals_the_live_final_and_the_reference() {
         session_opts(SystemPrompt::English, expected.len()),
     )
     .unwrap();
-    let mut padded = audio.clone();
-    padded.resize(audio.len() + 479, 0.0);
-    let features = SegmentFeatures {
-        n_mels: 128,
-        raw_frames: MelExtractor::new(128).raw_frames(&padded),
-        samples: audio.len(),
-    };
+    let features = live_features(&audio);
     let live = rec.decode_final(&features, &[]).unwrap();
     assert_eq!(live.tokens, seg.tokens);
     assert_eq!(live.text.trim(), seg.text);
