@@ -172,10 +172,6 @@ impl MelExtractor {
         }
     }
 
-    pub fn n_mels(&self) -> usize {
-        self.n_mels
-    }
-
     fn scratch(&self) -> FrameScratch {
         FrameScratch {
             input: self.fft.make_input_vec(),
@@ -396,10 +392,6 @@ impl MelStream {
             emitted: Vec::new(),
             finished: false,
         }
-    }
-
-    pub fn n_mels(&self) -> usize {
-        self.extractor.n_mels
     }
 
     /// Samples received so far.

@@ -45,10 +45,6 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
-    pub fn reset(&mut self) {
-        self.len = 0;
-    }
-
     fn ensure_capacity(&mut self, like: &Tensor, needed: usize) -> Result<()> {
         let cap = self.capacity();
         if needed <= cap {

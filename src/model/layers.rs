@@ -1,6 +1,6 @@
 //! Building blocks shared by the encoders and decoders.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 
 /// `y = x Wᵀ + b` with `W` stored `[out, in]` as in every checkpoint format.
 #[derive(Clone, Debug)]
@@ -18,10 +18,6 @@ impl Linear {
             bias,
             int8: None,
         }
-    }
-
-    pub fn out_features(&self) -> usize {
-        self.weight.dim(0).unwrap_or(0)
     }
 
     /// Adds an int8 copy of the weights used for inputs of at most
@@ -237,11 +233,6 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;
     x.transpose(1, 2)?.reshape((b, t, h * d))
-}
-
-/// Index of the largest value of a 1-D tensor.
-pub fn argmax_last(x: &Tensor) -> Result<u32> {
-    x.argmax(D::Minus1)?.to_scalar::<u32>()
 }
 
 #[cfg(test)]

@@ -48,10 +48,6 @@ impl SafetensorsStore {
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     pub fn contains(&self, name: &str) -> bool {
         self.files.get(name).is_ok()
     }

@@ -314,7 +314,6 @@ pub const DEVICE_MEL_BINS: usize = DEVICE_MEL_N_FFT / 2 + 1;
 pub struct DeviceMel {
     #[cfg(feature = "cuda")]
     inner: super::cuda::mel::CudaMel,
-    n_mels: usize,
 }
 
 impl DeviceMel {
@@ -332,16 +331,11 @@ impl DeviceMel {
             if super::cuda::supported(d) {
                 return Ok(Some(Self {
                     inner: super::cuda::mel::CudaMel::new(filterbank, n_mels, d)?,
-                    n_mels,
                 }));
             }
         }
         let _ = device;
         Ok(None)
-    }
-
-    pub fn n_mels(&self) -> usize {
-        self.n_mels
     }
 
     /// Uploads `audio` and returns its log-mel `[n_mels, (len + tail_zeros) / 160]` (f32).

@@ -57,14 +57,6 @@ impl QuantMatrix {
         })
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// `out[m, r] = Σ_c x[m, c] · w[r, c]` for `x` of `m` rows (row-major).
     pub fn matmul_t(&self, x: &[f32], out: &mut [f32]) {
         let m = x.len() / self.cols;

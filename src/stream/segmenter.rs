@@ -119,23 +119,11 @@ impl Segmenter {
         }
     }
 
-    pub fn config(&self) -> &SegmenterConfig {
-        &self.cfg
-    }
-
     /// Samples of silence since the last voiced frame of the open segment.
     pub fn trailing_silence(&self) -> usize {
         match self.state {
             State::Speech { silence, .. } => silence,
             State::Idle { .. } => 0,
-        }
-    }
-
-    /// The open segment's number and start, if one is open.
-    pub fn open_segment(&self) -> Option<(u64, u64)> {
-        match self.state {
-            State::Speech { segment, start, .. } => Some((segment, start)),
-            State::Idle { .. } => None,
         }
     }
 

@@ -137,15 +137,6 @@ impl StreamTracker {
         })
     }
 
-    /// Stream position in seconds (audio consumed).
-    pub fn position_seconds(&self) -> f64 {
-        seconds(self.position + self.pending.len() as u64)
-    }
-
-    pub fn open_segment(&self) -> Option<u64> {
-        self.open.as_ref().map(|o| o.id)
-    }
-
     fn arrival_of(&self, sample: u64) -> Instant {
         self.arrivals
             .iter()

@@ -105,12 +105,6 @@ impl StepAudio2Config {
         }
     }
 
-    /// Whether a parsed config.json describes a Step-Audio 2 checkpoint.
-    pub fn describes(json: &Value) -> bool {
-        json.get("model_type").and_then(Value::as_str) == Some("step_audio_2")
-            || (json.get("audio_encoder_config").is_some() && json.get("text_config").is_some())
-    }
-
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
         Self::from_json(&read_json(path)?, path)
     }

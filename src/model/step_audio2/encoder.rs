@@ -203,10 +203,6 @@ pub fn key_mask(mel_lens: &[usize], padded: usize) -> Vec<Vec<bool>> {
 }
 
 impl AudioEncoder {
-    pub fn n_state(&self) -> usize {
-        self.positions.dim(1).unwrap_or(0)
-    }
-
     /// Encodes a batch of mels `[B, n_mels, T]`, zero-padded on the right to
     /// T, whose unpadded lengths are `mel_lens` (frames).
     pub fn forward(&self, mels: &Tensor, mel_lens: &[usize]) -> Result<EncoderOutput> {

@@ -146,24 +146,12 @@ pub fn rope_tables(
 }
 
 impl Qwen2Llm {
-    pub fn hidden_size(&self) -> usize {
-        self.embed_tokens.dim(1).unwrap_or(0)
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        self.lm_head.out_features()
-    }
-
     pub fn max_positions(&self) -> usize {
         self.cos.dim(0).unwrap_or(0)
     }
 
     pub fn device(&self) -> &Device {
         self.embed_tokens.device()
-    }
-
-    pub fn dtype(&self) -> DType {
-        self.embed_tokens.dtype()
     }
 
     /// The weights and dimensions as the fused decode step

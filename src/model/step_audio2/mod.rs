@@ -291,14 +291,6 @@ impl StepAudio2Recognizer {
         })
     }
 
-    pub fn model(&self) -> &StepAudio2 {
-        &self.sa
-    }
-
-    pub fn session(&self) -> &Session {
-        &self.session
-    }
-
     /// Adapter rows of a segment's mel (≤ 25 s), reusing the last ones when
     /// the same frames come again (decode, then commit).
     fn audio_rows(&mut self, features: &SegmentFeatures) -> Result<Tensor, ModelError> {

@@ -220,14 +220,4 @@ impl StepTokenizer {
         p.extend(&self.human_audio_turn(patch_counts));
         Ok(p)
     }
-
-    /// Largest id the tokenizer knows (to check it against the model's vocabulary).
-    pub fn max_id(&self) -> u32 {
-        self.tokenizer
-            .get_vocab(true)
-            .values()
-            .copied()
-            .max()
-            .unwrap_or(0)
-    }
 }

@@ -125,10 +125,6 @@ impl Session {
         })
     }
 
-    pub fn options(&self) -> &SessionOptions {
-        &self.opts
-    }
-
     /// Tokens in the committed context (system prompt included).
     pub fn committed_len(&self) -> usize {
         self.committed
@@ -136,10 +132,6 @@ impl Session {
 
     pub fn system_len(&self) -> usize {
         self.system_ids.len()
-    }
-
-    pub fn system_ids(&self) -> &[u32] {
-        &self.system_ids
     }
 
     /// Budget restarts so far.

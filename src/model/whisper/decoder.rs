@@ -66,18 +66,11 @@ impl DecoderState {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    pub fn truncate(&mut self, len: usize) {
-        self.caches.iter_mut().for_each(|c| c.truncate(len));
-    }
 }
 
 impl WhisperDecoder {
     pub fn n_text_ctx(&self) -> usize {
         self.positions.dim(0).unwrap_or(0)
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        self.token_embedding.dim(0).unwrap_or(0)
     }
 
     /// Recomputes in f32 the [`REFINED_LOGITS`] largest of each row of int8

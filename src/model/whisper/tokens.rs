@@ -77,13 +77,6 @@ impl WhisperTokenizer {
             .map(|&(_, id)| id)
     }
 
-    pub fn language_code(&self, token: u32) -> Option<&str> {
-        self.languages
-            .iter()
-            .find(|&&(_, id)| id == token)
-            .map(|(c, _)| c.as_str())
-    }
-
     pub fn is_timestamp(&self, token: u32) -> bool {
         token >= self.timestamp_begin
     }
