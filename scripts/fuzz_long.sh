@@ -3,9 +3,9 @@
 # WebSocket client messages, HTTP request heads), each for MINUTES minutes,
 # side by side, from a fresh seed (FUZZ_SEED=N to repeat a run). Prints per
 # harness the inputs tried, crashes (panics, broken invariants), hangs (cases
-# over FUZZ_CASE_LIMIT_MS, default 2000 ms) and cases over the allocation
-# bound. Inputs that failed are saved under target/fuzz-failures/; move them
-# to tests/fixtures/fuzz/ once fixed (see tests/fixtures/fuzz/README.md).
+# over FUZZ_CASE_LIMIT_MS of CPU time, default 2000 ms) and cases over the
+# allocation bound. Inputs that failed are saved under target/fuzz-failures/;
+# move them to tests/fixtures/fuzz/ once fixed (tests/fixtures/fuzz/README.md).
 #
 #   scripts/fuzz_long.sh [MINUTES]        # default 10
 set -euo pipefail

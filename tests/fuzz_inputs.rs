@@ -12,8 +12,9 @@
 //!   input's bytes, and the largest single allocation and the peak of live
 //!   heap during the case (counted by this binary's global allocator) stay
 //!   under `FIXED_ALLOC_BOUND` + a small multiple of the input's length;
-//! - no hang: each case is timed and fails above `FUZZ_CASE_LIMIT_MS`
-//!   (2000 ms); a watchdog saves the input and aborts after 60 s.
+//! - no hang: each case is timed (the thread's CPU time) and fails above
+//!   `FUZZ_CASE_LIMIT_MS` (2000 ms); a watchdog saves the input and aborts
+//!   when a case runs 60 s of wall time.
 //!
 //! Environment: `FUZZ_SEED` (default 20261130), `FUZZ_SCALE` (multiplies the
 //! fixed iteration counts, default 1: about a minute for all three on a
@@ -203,6 +204,27 @@ fn case_limit() -> Duration {
     Duration::from_millis(env_u64("FUZZ_CASE_LIMIT_MS").unwrap_or(2_000))
 }
 
+/// CPU time of the calling thread. Cases are judged by it rather than by
+/// wall time, which on a loaded machine includes whole scheduler slices of
+/// other processes (a 20 µs HTTP case took 1.4 s of wall time in a 10-minute
+/// run beside two builds). A case that blocks instead of computing is left
+/// to the watchdog's wall-clock limit.
+fn thread_cpu_time() -> Duration {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid clock id and a pointer to a timespec we own.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
+            return Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+        }
+    }
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed()
+}
+
 /// How long a harness runs: a fixed number of cases (scaled by
 /// `FUZZ_SCALE`) or, with `FUZZ_SECONDS`, a time budget.
 enum Budget {
@@ -296,6 +318,7 @@ struct Stats {
     hangs: u64,
     over_alloc: u64,
     slowest: Duration,
+    slowest_wall: Duration,
     peak_heap: usize,
     failures: Vec<String>,
 }
@@ -304,8 +327,8 @@ impl Stats {
     fn summary(&self, harness: &str, seed: u64, elapsed: Duration) -> String {
         format!(
             "fuzz {harness}: seed {seed}: {} inputs tried in {:.1} s ({} ok, {} typed errors), \
-             {} crashes, {} hangs, {} over the allocation bound; slowest case {:.1} ms, \
-             largest heap growth in a case {:.1} MiB",
+             {} crashes, {} hangs, {} over the allocation bound; slowest case {:.1} ms CPU \
+             ({:.1} ms wall), largest heap growth in a case {:.1} MiB",
             self.cases,
             elapsed.as_secs_f64(),
             self.ok,
@@ -314,6 +337,7 @@ impl Stats {
             self.hangs,
             self.over_alloc,
             self.slowest.as_secs_f64() * 1e3,
+            self.slowest_wall.as_secs_f64() * 1e3,
             self.peak_heap as f64 / (1 << 20) as f64
         )
     }
@@ -333,15 +357,18 @@ fn run_case(
     PEAK.with(|p| p.set(base));
     LARGEST.with(|l| l.set(0));
     let t0 = Instant::now();
+    let cpu0 = thread_cpu_time();
     let outcome = catch_unwind(AssertUnwindSafe(check));
-    let elapsed = t0.elapsed();
+    let cpu = thread_cpu_time().saturating_sub(cpu0);
+    let wall = t0.elapsed();
     let growth = (PEAK.with(|p| p.get()) - base).max(0) as usize;
     let largest = LARGEST.with(|l| l.get());
     let _ = CASE_INPUT.try_with(|c| c.set((std::ptr::null(), 0)));
     set_running(harness, None);
 
     stats.cases += 1;
-    stats.slowest = stats.slowest.max(elapsed);
+    stats.slowest = stats.slowest.max(cpu);
+    stats.slowest_wall = stats.slowest_wall.max(wall);
     stats.peak_heap = stats.peak_heap.max(growth);
     let fail = |kind: &str, why: String, stats: &mut Stats| {
         let path = save_failure(harness, input);
@@ -368,9 +395,9 @@ fn run_case(
             fail("panic", msg, stats);
         }
     }
-    if elapsed > case_limit() {
+    if cpu > case_limit() {
         stats.hangs += 1;
-        fail("too slow", format!("{elapsed:?}"), stats);
+        fail("too slow", format!("{cpu:?} CPU, {wall:?} wall"), stats);
     }
     let bound = FIXED_ALLOC_BOUND + ALLOC_PER_INPUT_BYTE * input.len();
     if growth > bound || largest > bound {
@@ -1523,7 +1550,7 @@ fn absurd_sample_rates_are_refused_before_anything_is_sized() {
                 other => panic!("{rate} Hz: expected Unsupported, got {other:?}"),
             }
         }
-        assert!(t0.elapsed() < Duration::from_millis(100), "{rate} Hz");
+        assert!(t0.elapsed() < Duration::from_secs(1), "{rate} Hz");
     }
     // The edges are accepted.
     for rate in [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE] {
