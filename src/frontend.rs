@@ -18,14 +18,14 @@ pub const N_FFT: usize = 400;
 pub const HOP_LENGTH: usize = 160;
 pub const N_FREQ: usize = N_FFT / 2 + 1;
 /// Whisper pads or trims every window to 30 s.
-pub const WHISPER_CHUNK_SAMPLES: usize = 30 * SAMPLE_RATE;
+pub(crate) const WHISPER_CHUNK_SAMPLES: usize = 30 * SAMPLE_RATE;
 pub const WHISPER_CHUNK_FRAMES: usize = WHISPER_CHUNK_SAMPLES / HOP_LENGTH;
 /// Step-Audio 2 appends this many zero samples instead of padding to 30 s.
 pub const STEP_AUDIO_TAIL_PADDING: usize = 479;
 /// Step-Audio 2 cuts longer audio into pieces of this many samples.
-pub const STEP_AUDIO_PIECE_SAMPLES: usize = 25 * SAMPLE_RATE;
+pub(crate) const STEP_AUDIO_PIECE_SAMPLES: usize = 25 * SAMPLE_RATE;
 
-pub const LOG10_FLOOR: f32 = -10.0; // log10(1e-10)
+pub(crate) const LOG10_FLOOR: f32 = -10.0; // log10(1e-10)
 /// Frames per parallel task of the one-shot computation.
 const FRAMES_PER_TASK: usize = 128;
 
@@ -395,7 +395,7 @@ impl MelStream {
     }
 
     /// Samples received so far.
-    pub fn samples(&self) -> &[f32] {
+    pub(crate) fn samples(&self) -> &[f32] {
         &self.samples
     }
 

@@ -4,7 +4,7 @@ use crate::transcribe::Segment;
 use std::io::{self, Write};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum OutputFormat {
+pub(crate) enum OutputFormat {
     #[default]
     Text,
     Jsonl,
@@ -20,7 +20,7 @@ fn timestamp(seconds: f64, decimal: char) -> String {
 
 /// Writes one file's transcript. `text` prints the whole text on one line;
 /// `jsonl` one object per segment; `srt`/`vtt` one cue per segment.
-pub fn write_transcript(
+pub(crate) fn write_transcript(
     out: &mut impl Write,
     format: OutputFormat,
     file: &str,

@@ -274,7 +274,7 @@ pub fn transcribe_step_audio2(
 
 /// Offline transcription with whichever family `model` holds (the
 /// `transcribe` and `eval` commands).
-pub fn transcribe_loaded(
+pub(crate) fn transcribe_loaded(
     model: &crate::model::LoadedModel,
     audio: &[f32],
     whisper: &TranscribeOptions,

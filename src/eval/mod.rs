@@ -9,7 +9,7 @@ use crate::device::DeviceError;
 use crate::model::ModelError;
 
 #[derive(Debug, thiserror::Error)]
-pub enum EvalError {
+pub(crate) enum EvalError {
     #[error("{path}:{line}: {reason}")]
     Manifest {
         path: String,

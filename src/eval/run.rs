@@ -18,7 +18,7 @@ use std::time::Instant;
 
 /// What `eval` scores and how it reports (the command line's `eval` options).
 #[derive(Debug, Clone)]
-pub struct EvalOptions {
+pub(crate) struct EvalOptions {
     /// Manifest: TSV with a header naming at least the columns id, file,
     /// language and transcript (file paths relative to the manifest).
     pub manifest: PathBuf,
@@ -35,7 +35,7 @@ pub struct EvalOptions {
 
 /// One line of the manifest.
 #[derive(Debug, Clone)]
-pub struct ManifestEntry {
+pub(crate) struct ManifestEntry {
     pub id: String,
     pub audio: PathBuf,
     pub language: String,
@@ -44,7 +44,7 @@ pub struct ManifestEntry {
 }
 
 /// Reads a manifest TSV; columns are found by their header names.
-pub fn read_manifest(path: &Path) -> Result<Vec<ManifestEntry>, EvalError> {
+pub(crate) fn read_manifest(path: &Path) -> Result<Vec<ManifestEntry>, EvalError> {
     let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
         path: path.display().to_string(),
         source,
@@ -106,7 +106,7 @@ pub fn read_manifest(path: &Path) -> Result<Vec<ManifestEntry>, EvalError> {
 }
 
 /// Reads `{"id": …, "text": …}` lines.
-pub fn read_hypotheses(path: &Path) -> Result<HashMap<String, String>, EvalError> {
+pub(crate) fn read_hypotheses(path: &Path) -> Result<HashMap<String, String>, EvalError> {
     let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
         path: path.display().to_string(),
         source,
@@ -138,7 +138,7 @@ pub fn read_hypotheses(path: &Path) -> Result<HashMap<String, String>, EvalError
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct UtteranceResult {
+pub(crate) struct UtteranceResult {
     pub id: String,
     pub language: String,
     pub unit: Unit,
@@ -153,7 +153,7 @@ pub struct UtteranceResult {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct LanguageTotal {
+pub(crate) struct LanguageTotal {
     pub language: String,
     pub unit: Unit,
     pub utterances: usize,
@@ -164,7 +164,7 @@ pub struct LanguageTotal {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct EvalReport {
+pub(crate) struct EvalReport {
     pub manifest: String,
     /// The model directory, or the hypotheses file that was scored.
     pub system: String,
@@ -204,7 +204,7 @@ fn score_entry(
 }
 
 /// Runs the evaluation and writes the report (text or JSON) to `out`.
-pub fn run_eval(
+pub(crate) fn run_eval(
     args: &EvalOptions,
     model: &str,
     device: DeviceChoice,

@@ -24,7 +24,7 @@ impl Unit {
     /// spaces (Chinese, Japanese, Cantonese, Thai, Lao, Burmese, Khmer,
     /// Tibetan); words otherwise. `lang` is an ISO 639-1/3 code as in the
     /// manifest's language column.
-    pub fn for_language(lang: &str) -> Unit {
+    pub(crate) fn for_language(lang: &str) -> Unit {
         let primary = lang.split(['-', '_']).next().unwrap_or(lang);
         match primary.to_ascii_lowercase().as_str() {
             "zh" | "ja" | "yue" | "th" | "lo" | "my" | "km" | "bo" | "cmn" | "wuu" => Unit::Char,
@@ -33,7 +33,7 @@ impl Unit {
     }
 
     /// The usual name of the rate in this unit.
-    pub fn rate_name(self) -> &'static str {
+    pub(crate) fn rate_name(self) -> &'static str {
         match self {
             Unit::Word => "WER",
             Unit::Char => "CER",
@@ -69,7 +69,7 @@ pub fn normalize(text: &str) -> String {
 }
 
 /// Splits normalised text into scoring tokens.
-pub fn tokens(normalized: &str, unit: Unit) -> Vec<String> {
+pub(crate) fn tokens(normalized: &str, unit: Unit) -> Vec<String> {
     match unit {
         Unit::Word => normalized.split_whitespace().map(str::to_string).collect(),
         Unit::Char => normalized
@@ -91,7 +91,7 @@ pub struct ErrorCounts {
 }
 
 impl ErrorCounts {
-    pub fn errors(&self) -> usize {
+    pub(crate) fn errors(&self) -> usize {
         self.substitutions + self.deletions + self.insertions
     }
 
@@ -115,7 +115,7 @@ impl ErrorCounts {
 
 /// Levenshtein alignment with unit costs; among equal-cost alignments the
 /// backtrace prefers matches/substitutions, then deletions, then insertions.
-pub fn align<T: PartialEq>(reference: &[T], hypothesis: &[T]) -> ErrorCounts {
+pub(crate) fn align<T: PartialEq>(reference: &[T], hypothesis: &[T]) -> ErrorCounts {
     let (n, m) = (reference.len(), hypothesis.len());
     let width = m + 1;
     // cost[i * width + j]: distance between reference[..i] and hypothesis[..j].

@@ -42,7 +42,7 @@ pub enum Source {
 
 impl Source {
     /// Where exactly, for listings and errors.
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self {
             Source::Hub { repo, revision } => format!("hf:{repo}@{}", &revision[..10]),
             Source::Pypi { packages } => {
@@ -65,13 +65,13 @@ pub struct KnownModel {
 }
 
 impl KnownModel {
-    pub fn source_labels(&self) -> String {
+    pub(crate) fn source_labels(&self) -> String {
         let labels: Vec<String> = self.sources.iter().map(Source::label).collect();
         labels.join(" | ")
     }
 
     /// Bytes of the files whose size is known.
-    pub fn known_bytes(&self) -> u64 {
+    pub(crate) fn known_bytes(&self) -> u64 {
         self.files.iter().filter_map(|f| f.size).sum()
     }
 }
@@ -376,7 +376,7 @@ pub fn known_model(name: &str) -> Option<&'static KnownModel> {
     KNOWN_MODELS.iter().find(|m| m.name == name)
 }
 
-pub fn known_names() -> String {
+pub(crate) fn known_names() -> String {
     let names: Vec<&str> = KNOWN_MODELS.iter().map(|m| m.name).collect();
     names.join(", ")
 }

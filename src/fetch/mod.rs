@@ -71,7 +71,7 @@ impl FetchError {
 
     /// 2 for what the user can fix by asking differently or re-fetching, 1
     /// for failures of the network or the machine.
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Self::UnknownName { .. }
             | Self::NoSuchDirectory { .. }
@@ -93,18 +93,18 @@ pub fn cache_dir() -> PathBuf {
         .join("stepaudio-live")
 }
 
-pub fn models_dir() -> PathBuf {
+pub(crate) fn models_dir() -> PathBuf {
     cache_dir().join("models")
 }
 
 /// Where the model called `name` lives once fetched.
-pub fn cached_path(name: &str) -> PathBuf {
+pub(crate) fn cached_path(name: &str) -> PathBuf {
     models_dir().join(name)
 }
 
 /// Whether the cache holds a directory with weights for `name` (not
 /// verified; loading does that).
-pub fn is_cached(name: &str) -> bool {
+pub(crate) fn is_cached(name: &str) -> bool {
     detect_layout(&cached_path(name)).is_ok()
 }
 
@@ -149,7 +149,7 @@ pub fn resolve(name_or_dir: &str) -> Result<PathBuf, FetchError> {
 
 /// Re-checks a cached model's files against their pins, hashing them all.
 /// Returns how many files were checked.
-pub fn verify_cached(name: &str) -> Result<usize, FetchError> {
+pub(crate) fn verify_cached(name: &str) -> Result<usize, FetchError> {
     let model = lookup(name)?;
     let dest = cached_path(name);
     if !dest.is_dir() {
@@ -164,7 +164,7 @@ pub fn verify_cached(name: &str) -> Result<usize, FetchError> {
 
 /// Fetches `name` into the cache unless a verified copy is there (`force`:
 /// fetch again and replace it) and returns its directory.
-pub fn fetch(name: &str, force: bool) -> Result<PathBuf, FetchError> {
+pub(crate) fn fetch(name: &str, force: bool) -> Result<PathBuf, FetchError> {
     let model = lookup(name)?;
     let models = models_dir();
     fs::create_dir_all(&models).map_err(|e| FetchError::io(&models, e))?;

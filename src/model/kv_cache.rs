@@ -8,7 +8,7 @@ use candle_core::{Result, Tensor};
 const SEQ_DIM: usize = 2;
 
 #[derive(Clone, Debug)]
-pub struct KvCache {
+pub(crate) struct KvCache {
     keys: Option<Tensor>,
     values: Option<Tensor>,
     len: usize,
@@ -26,22 +26,18 @@ impl KvCache {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.keys
             .as_ref()
             .map_or(0, |k| k.dim(SEQ_DIM).unwrap_or(0))
     }
 
     /// Forgets positions from `len` on. Never reallocates.
-    pub fn truncate(&mut self, len: usize) {
+    pub(crate) fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
 
@@ -78,7 +74,7 @@ impl KvCache {
 
     /// Appends `[b, h, n, d]` keys and values and returns views of the whole
     /// cached sequence `[b, h, len, d]`.
-    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = k.dim(SEQ_DIM)?;
         self.ensure_capacity(k, self.len + n)?;
         let (ck, cv) = (self.keys.as_ref().unwrap(), self.values.as_ref().unwrap());
@@ -94,7 +90,7 @@ impl KvCache {
     /// Makes room for `needed` positions without appending (reallocating, with the
     /// stored prefix copied, if the buffer is smaller). The cache must have been
     /// allocated by a first [`Self::append`], which fixes its shape.
-    pub fn reserve(&mut self, needed: usize) -> Result<()> {
+    pub(crate) fn reserve(&mut self, needed: usize) -> Result<()> {
         let like = match &self.keys {
             Some(k) => k.clone(),
             None => candle_core::bail!("KV cache reserve before the first append"),
@@ -104,7 +100,7 @@ impl KvCache {
 
     /// Counts `n` positions that a fused kernel wrote into the buffers directly (at
     /// `len..len + n`), as if they had been appended.
-    pub fn advance(&mut self, n: usize) -> Result<()> {
+    pub(crate) fn advance(&mut self, n: usize) -> Result<()> {
         if self.len + n > self.capacity() {
             candle_core::bail!(
                 "KV cache advance to {} past its capacity {}",
@@ -117,7 +113,7 @@ impl KvCache {
     }
 
     /// The whole key and value buffers `[b, h, capacity, d]`, once allocated.
-    pub fn buffers(&self) -> Option<(&Tensor, &Tensor)> {
+    pub(crate) fn buffers(&self) -> Option<(&Tensor, &Tensor)> {
         match (&self.keys, &self.values) {
             (Some(k), Some(v)) => Some((k, v)),
             _ => None,
@@ -125,7 +121,7 @@ impl KvCache {
     }
 
     /// Views of the cached keys and values, if any.
-    pub fn current(&self) -> Result<Option<(Tensor, Tensor)>> {
+    pub(crate) fn current(&self) -> Result<Option<(Tensor, Tensor)>> {
         match (&self.keys, &self.values) {
             (Some(k), Some(v)) if self.len > 0 => Ok(Some((
                 k.narrow(SEQ_DIM, 0, self.len)?,

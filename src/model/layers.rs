@@ -22,7 +22,7 @@ impl Linear {
 
     /// Adds an int8 copy of the weights used for inputs of at most
     /// [`crate::ops::quant::MAX_ROWS`] rows on the CPU (decode steps).
-    pub fn quantize_for_decoding(&mut self) -> Result<()> {
+    pub(crate) fn quantize_for_decoding(&mut self) -> Result<()> {
         if self.weight.device().is_cpu() {
             self.int8 = Some(std::sync::Arc::new(
                 crate::ops::quant::QuantMatrix::from_tensor(&self.weight)?,
@@ -168,7 +168,10 @@ pub fn attention(
 }
 
 /// The first `n` positions (dim 2) of per-layer keys and values `[b, h, T, d]`.
-pub fn narrow_positions(layers: &[(Tensor, Tensor)], n: usize) -> Result<Vec<(Tensor, Tensor)>> {
+pub(crate) fn narrow_positions(
+    layers: &[(Tensor, Tensor)],
+    n: usize,
+) -> Result<Vec<(Tensor, Tensor)>> {
     layers
         .iter()
         .map(|(k, v)| Ok((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?)))
@@ -176,7 +179,7 @@ pub fn narrow_positions(layers: &[(Tensor, Tensor)], n: usize) -> Result<Vec<(Te
 }
 
 /// [`splice_cached`] for keys and values together.
-pub fn splice_cached_pair(
+pub(crate) fn splice_cached_pair(
     head: Option<&(Tensor, Tensor)>,
     own: (&Tensor, &Tensor),
     whole: &(Tensor, Tensor),
@@ -191,7 +194,7 @@ pub fn splice_cached_pair(
 /// (`own` `[b, h, n, d]`): `head`'s `c` positions (audio encoded earlier; none
 /// when `None`), then `own`, then a cached `whole` `[b, h, T, d]` from
 /// `c + n` on.
-pub fn splice_cached(head: Option<&Tensor>, own: &Tensor, whole: &Tensor) -> Result<Tensor> {
+pub(crate) fn splice_cached(head: Option<&Tensor>, own: &Tensor, whole: &Tensor) -> Result<Tensor> {
     let c = match head {
         Some(h) => h.dim(2)?,
         None => 0,
@@ -210,7 +213,7 @@ pub fn splice_cached(head: Option<&Tensor>, own: &Tensor, whole: &Tensor) -> Res
 
 /// Causal mask for `n` new positions after `past` cached ones: `[n, past + n]`,
 /// 0 where a query may attend, −inf where it may not.
-pub fn causal_mask(
+pub(crate) fn causal_mask(
     n: usize,
     past: usize,
     dtype: DType,
@@ -224,13 +227,13 @@ pub fn causal_mask(
 }
 
 /// Splits `[b, t, h*d]` into heads `[b, h, t, d]`.
-pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, t, hd) = x.dims3()?;
     x.reshape((b, t, heads, hd / heads))?.transpose(1, 2)
 }
 
 /// Merges `[b, h, t, d]` back to `[b, t, h*d]`.
-pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;
     x.transpose(1, 2)?.reshape((b, t, h * d))
 }

@@ -45,19 +45,19 @@ pub enum ModelError {
 }
 
 impl ModelError {
-    pub fn io(path: &Path, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io {
             path: path.display().to_string(),
             source,
         }
     }
-    pub fn corrupt(path: &Path, reason: impl Into<String>) -> Self {
+    pub(crate) fn corrupt(path: &Path, reason: impl Into<String>) -> Self {
         Self::Corrupt {
             path: path.display().to_string(),
             reason: reason.into(),
         }
     }
-    pub fn config(path: &Path, reason: impl Into<String>) -> Self {
+    pub(crate) fn config(path: &Path, reason: impl Into<String>) -> Self {
         Self::Config {
             path: path.display().to_string(),
             reason: reason.into(),
@@ -74,7 +74,7 @@ pub enum WeightLayout {
     HuggingFace,
 }
 
-pub fn detect_layout(dir: &Path) -> Result<WeightLayout, ModelError> {
+pub(crate) fn detect_layout(dir: &Path) -> Result<WeightLayout, ModelError> {
     let layout_err = |reason: &str| ModelError::Layout {
         dir: dir.display().to_string(),
         reason: reason.to_string(),
@@ -96,13 +96,13 @@ pub fn detect_layout(dir: &Path) -> Result<WeightLayout, ModelError> {
 }
 
 /// Reads and parses a JSON file with context in the error.
-pub fn read_json(path: &Path) -> Result<serde_json::Value, ModelError> {
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value, ModelError> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| ModelError::config(path, format!("invalid JSON: {e}")))
 }
 
 /// Which model family a directory holds, from its `config.json`.
-pub fn is_step_audio2_dir(dir: &Path) -> bool {
+pub(crate) fn is_step_audio2_dir(dir: &Path) -> bool {
     read_json(&dir.join("config.json"))
         .map(|c| {
             c.get("audio_encoder_config").is_some()

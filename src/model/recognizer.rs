@@ -28,7 +28,7 @@ pub struct SegmentFeatures {
 }
 
 impl SegmentFeatures {
-    pub fn n_frames(&self) -> usize {
+    pub(crate) fn n_frames(&self) -> usize {
         self.raw_frames.len() / self.n_mels.max(1)
     }
 }

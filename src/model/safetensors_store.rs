@@ -6,7 +6,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
-pub struct SafetensorsStore {
+pub(crate) struct SafetensorsStore {
     dir: PathBuf,
     files: MmapedSafetensors,
 }
@@ -48,15 +48,15 @@ impl SafetensorsStore {
         })
     }
 
-    pub fn contains(&self, name: &str) -> bool {
+    pub(crate) fn contains(&self, name: &str) -> bool {
         self.files.get(name).is_ok()
     }
 
-    pub fn names(&self) -> Vec<String> {
+    pub(crate) fn names(&self) -> Vec<String> {
         self.files.tensors().into_iter().map(|(n, _)| n).collect()
     }
 
-    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+    pub(crate) fn shape(&self, name: &str) -> Option<Vec<usize>> {
         self.files.get(name).ok().map(|v| v.shape().to_vec())
     }
 

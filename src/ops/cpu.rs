@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 /// e^x for x in roughly [-87, 88], relative error < 2e-7.
 #[inline(always)]
-pub fn fast_exp(x: f32) -> f32 {
+pub(crate) fn fast_exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     // x = n ln2 + r, |r| <= ln2/2; 1.5 * 2^23 rounds to nearest without a branch.
     const ROUND: f32 = 12_582_912.0;
@@ -104,16 +104,16 @@ fn gelu_slice(src: &[f32], dst: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn softmax_rows(rows: &mut [f32], n: usize) {
+    pub(crate) unsafe fn softmax_rows(rows: &mut [f32], n: usize) {
         super::softmax_rows(rows, n)
     }
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn gelu_slice(src: &[f32], dst: &mut [f32]) {
+    pub(crate) unsafe fn gelu_slice(src: &[f32], dst: &mut [f32]) {
         super::gelu_slice(src, dst)
     }
 }
 
-pub fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -341,7 +341,7 @@ fn use_fast_path(x: &Tensor) -> bool {
 }
 
 /// Softmax over the last dimension.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if use_fast_path(x) {
         x.contiguous()?.apply_op1_no_bwd(&SoftmaxLastDim)
     } else {

@@ -425,7 +425,7 @@ pub struct DecodeLayerWeights {
 }
 
 impl DecodeWeights {
-    pub fn device(&self) -> &Device {
+    pub(crate) fn device(&self) -> &Device {
         self.embed_tokens.device()
     }
 }
@@ -529,7 +529,7 @@ impl FusedStep<'_> {
     }
 
     /// Sum of the chosen tokens' log-probabilities since [`Self::start`].
-    pub fn logprob_sum(&self) -> Result<f64> {
+    pub(crate) fn logprob_sum(&self) -> Result<f64> {
         #[cfg(feature = "cuda")]
         return self.engine.logprob_sum();
         #[cfg(not(feature = "cuda"))]

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 /// Output rows per parallel task.
 const ROWS_PER_TASK: usize = 256;
 /// Inputs with at most this many rows take the int8 path.
-pub const MAX_ROWS: usize = 8;
+pub(crate) const MAX_ROWS: usize = 8;
 /// Weights sharing one scale (along a row).
 const GROUP: usize = 32;
 
@@ -30,7 +30,7 @@ pub struct QuantMatrix {
 
 impl QuantMatrix {
     /// Quantises a `[rows, cols]` weight matrix (any float dtype).
-    pub fn from_tensor(w: &Tensor) -> Result<Self> {
+    pub(crate) fn from_tensor(w: &Tensor) -> Result<Self> {
         let (rows, cols) = w.dims2()?;
         if cols % GROUP != 0 {
             candle_core::bail!("int8 weights need a multiple of {GROUP} columns, not {cols}");
@@ -58,7 +58,7 @@ impl QuantMatrix {
     }
 
     /// `out[m, r] = Σ_c x[m, c] · w[r, c]` for `x` of `m` rows (row-major).
-    pub fn matmul_t(&self, x: &[f32], out: &mut [f32]) {
+    pub(crate) fn matmul_t(&self, x: &[f32], out: &mut [f32]) {
         let m = x.len() / self.cols;
         debug_assert_eq!(out.len(), m * self.rows);
         // Split the output by weight rows so each thread streams its own part
@@ -130,7 +130,7 @@ fn dot_rows_dispatch(mat: &QuantMatrix, first: usize, x: &[f32], m: usize, out: 
 
 /// `x · wᵀ (+ bias)` through the int8 matrix, for a CPU f32 `x` whose
 /// leading dimensions hold at most [`MAX_ROWS`] rows.
-pub fn matmul_t(mat: &QuantMatrix, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn matmul_t(mat: &QuantMatrix, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let cols = *dims.last().unwrap_or(&0);
     if cols != mat.cols {

@@ -11,10 +11,10 @@ use std::collections::VecDeque;
 /// Two, half a second apart, committed wrong words that more audio would
 /// have fixed (and forcing them derails the rest of the segment); three
 /// did better once partials became cheap enough to come every 0.5 s.
-pub const AGREEMENT: usize = 3;
+pub(crate) const AGREEMENT: usize = 3;
 
 #[derive(Debug, Default, Clone)]
-pub struct StablePrefix {
+pub(crate) struct StablePrefix {
     committed: Vec<u32>,
     /// The most recent hypotheses, at most `AGREEMENT - 1`.
     previous: VecDeque<Vec<u32>>,
@@ -25,19 +25,25 @@ impl StablePrefix {
         Self::default()
     }
 
-    pub fn committed(&self) -> &[u32] {
+    pub(crate) fn committed(&self) -> &[u32] {
         &self.committed
     }
 
-    /// Takes the newest hypothesis (which starts with the committed tokens)
-    /// and returns how many tokens became committed.
-    pub fn update(&mut self, hypothesis: &[u32], starts_word: impl Fn(u32) -> bool) -> usize {
+    /// `update_if` with `may_commit` (the tests' shorthand).
+    #[cfg(test)]
+    pub(crate) fn update(
+        &mut self,
+        hypothesis: &[u32],
+        starts_word: impl Fn(u32) -> bool,
+    ) -> usize {
         self.update_if(hypothesis, starts_word, true)
     }
 
-    /// As [`Self::update`]; with `may_commit` false the hypothesis only joins
-    /// the ones later hypotheses must agree with.
-    pub fn update_if(
+    /// Takes the newest hypothesis (which starts with the committed tokens)
+    /// and returns how many tokens became committed; with `may_commit`
+    /// false the hypothesis only joins the ones later hypotheses must agree
+    /// with.
+    pub(crate) fn update_if(
         &mut self,
         hypothesis: &[u32],
         starts_word: impl Fn(u32) -> bool,

@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct SegmenterConfig {
+pub(crate) struct SegmenterConfig {
     pub frame_samples: usize,
     pub pre_roll: usize,
     pub min_speech: usize,
@@ -24,7 +24,7 @@ pub struct SegmenterConfig {
 
 impl SegmenterConfig {
     /// Builds a configuration from milliseconds at 16 kHz.
-    pub fn from_ms(
+    pub(crate) fn from_ms(
         frame_ms: u32,
         pre_roll_ms: u32,
         min_speech_ms: u32,
@@ -58,7 +58,7 @@ pub enum EndReason {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub enum SegmentEvent {
+pub(crate) enum SegmentEvent {
     Start {
         segment: u64,
         start: u64,
@@ -95,7 +95,7 @@ enum State {
     },
 }
 
-pub struct Segmenter {
+pub(crate) struct Segmenter {
     cfg: SegmenterConfig,
     state: State,
     next_segment: u64,
@@ -120,7 +120,7 @@ impl Segmenter {
     }
 
     /// Samples of silence since the last voiced frame of the open segment.
-    pub fn trailing_silence(&self) -> usize {
+    pub(crate) fn trailing_silence(&self) -> usize {
         match self.state {
             State::Speech { silence, .. } => silence,
             State::Idle { .. } => 0,
@@ -247,7 +247,7 @@ impl Segmenter {
     }
 
     /// Closes the open segment at the end of the stream (`stream_end` samples).
-    pub fn flush(&mut self, stream_end: u64) -> Option<SegmentEvent> {
+    pub(crate) fn flush(&mut self, stream_end: u64) -> Option<SegmentEvent> {
         match std::mem::replace(
             &mut self.state,
             State::Idle {

@@ -6,7 +6,7 @@ use super::events::Event;
 use std::io::{self, IsTerminal, Write};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum LiveFormat {
+pub(crate) enum LiveFormat {
     /// One line of text per final.
     #[default]
     Text,
@@ -14,7 +14,7 @@ pub enum LiveFormat {
     Jsonl,
 }
 
-pub struct StdoutSink<W: Write> {
+pub(crate) struct StdoutSink<W: Write> {
     out: W,
     format: LiveFormat,
     /// Show partials in place (only on a terminal).
@@ -23,7 +23,7 @@ pub struct StdoutSink<W: Write> {
 }
 
 impl StdoutSink<io::Stdout> {
-    pub fn stdout(format: LiveFormat) -> Self {
+    pub(crate) fn stdout(format: LiveFormat) -> Self {
         let tty = io::stdout().is_terminal();
         Self::new(io::stdout(), format, tty)
     }
@@ -42,12 +42,13 @@ impl<W: Write> StdoutSink<W> {
         }
     }
 
-    pub fn into_inner(self) -> W {
+    #[cfg(test)]
+    pub(crate) fn into_inner(self) -> W {
         self.out
     }
 
     /// Writes one event; an error means stdout is gone (e.g. a closed pipe).
-    pub fn handle(&mut self, ev: &Event) -> io::Result<()> {
+    pub(crate) fn handle(&mut self, ev: &Event) -> io::Result<()> {
         match self.format {
             LiveFormat::Jsonl => {
                 writeln!(self.out, "{}", ev.to_json())?;

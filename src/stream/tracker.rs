@@ -64,7 +64,7 @@ pub struct SegmentUpdate {
 }
 
 #[derive(Clone, Debug)]
-pub enum TrackerOutput {
+pub(crate) enum TrackerOutput {
     Event(Event),
     Update(SegmentUpdate),
     /// Speech resumed: the last `Pause` of this segment is void.
@@ -82,7 +82,7 @@ struct OpenSegment {
     paused: bool,
 }
 
-pub struct StreamTracker {
+pub(crate) struct StreamTracker {
     vad: VoiceDetector,
     segmenter: Segmenter,
     frontend: FrontendSpec,

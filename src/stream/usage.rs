@@ -2,7 +2,7 @@
 //! zeros elsewhere).
 
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ProcessUsage {
+pub(crate) struct ProcessUsage {
     /// User + system CPU time since the process started.
     pub cpu_seconds: f64,
     pub rss_mb: f64,
@@ -10,7 +10,7 @@ pub struct ProcessUsage {
 }
 
 impl ProcessUsage {
-    pub fn read() -> Self {
+    pub(crate) fn read() -> Self {
         let mut usage = Self::default();
         if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
             // Fields after the parenthesised command name; utime and stime are 14 and 15.

@@ -19,7 +19,7 @@ pub struct Adapter {
 }
 
 impl Adapter {
-    pub fn stride(&self) -> usize {
+    pub(crate) fn stride(&self) -> usize {
         self.conv.stride
     }
 

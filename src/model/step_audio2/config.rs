@@ -41,7 +41,7 @@ pub struct TextConfig {
 
 impl TextConfig {
     /// No `head_dim` key exists in the published config: hidden / heads.
-    pub fn head_dim(&self) -> usize {
+    pub(crate) fn head_dim(&self) -> usize {
         self.hidden_size / self.num_heads
     }
 }
@@ -53,7 +53,7 @@ pub struct StepAudio2Config {
 }
 
 /// The adapter width the published code hard-codes.
-pub const PUBLISHED_ADAPTER_HIDDEN: usize = 2048;
+pub(crate) const PUBLISHED_ADAPTER_HIDDEN: usize = 2048;
 
 impl StepAudio2Config {
     /// The same shape with fewer encoder or LLM layers or a smaller
@@ -110,7 +110,7 @@ impl StepAudio2Config {
     }
 
     /// Parses config.json; `path` only names the file in errors.
-    pub fn from_json(json: &Value, path: &Path) -> Result<Self, ModelError> {
+    pub(crate) fn from_json(json: &Value, path: &Path) -> Result<Self, ModelError> {
         let section = |key: &str| {
             json.get(key)
                 .filter(|v| v.is_object())
@@ -186,7 +186,7 @@ impl StepAudio2Config {
     }
 
     /// Checks the relations the code relies on.
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         let (e, t) = (&self.encoder, &self.text);
         if e.n_head == 0 || e.n_state % e.n_head != 0 {
             return Err(format!(
@@ -228,13 +228,13 @@ impl StepAudio2Config {
 
 /// Encoder rows that carry audio for a mel of `mel_len` frames: the published
 /// valid length is L − 2 mel frames, then conv2 and the pool halve it twice.
-pub fn encoder_valid_len(mel_len: usize) -> usize {
+pub(crate) fn encoder_valid_len(mel_len: usize) -> usize {
     (mel_len.saturating_sub(2) + 1) / 2 / 2
 }
 
 /// Adapter outputs kept (= `<audio_patch>` tokens) for `enc_valid` encoder
 /// rows: the adapter conv's output length for that input (k3, padding 1).
-pub fn adapter_keep_len(enc_valid: usize, stride: usize) -> usize {
+pub(crate) fn adapter_keep_len(enc_valid: usize, stride: usize) -> usize {
     // (E + 2·1 − 3) // stride + 1 with Python's floor division, i.e. ⌈E / stride⌉
     // (0 for E = 0).
     enc_valid.div_ceil(stride)

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 /// Added to the attention scores of padded keys (the published value; not
 /// −inf, so a fully masked row stays finite).
-pub const KEY_MASK_VALUE: f32 = -1.0e10;
+pub(crate) const KEY_MASK_VALUE: f32 = -1.0e10;
 
 #[derive(Clone, Debug)]
 pub struct EncoderBlock {
@@ -102,7 +102,7 @@ pub fn linear_residual_norm(
 }
 
 /// `x W^T` through the device's fast GEMM where there is one, else candle's matmul.
-pub fn project(l: &Linear, x: &Tensor) -> Result<Tensor> {
+pub(crate) fn project(l: &Linear, x: &Tensor) -> Result<Tensor> {
     match crate::ops::fast::matmul_t(x, &l.weight)? {
         Some(y) => Ok(y),
         None => x.broadcast_matmul(&l.weight.t()?),

@@ -54,7 +54,7 @@ impl LlmState {
     }
 
     /// Forgets positions from `len` on; the stored prefix is not touched.
-    pub fn truncate(&mut self, len: usize) {
+    pub(crate) fn truncate(&mut self, len: usize) {
         self.caches.iter_mut().for_each(|c| c.truncate(len));
     }
 
@@ -71,22 +71,22 @@ impl LlmState {
     }
 
     /// Allocated positions (the same in every layer).
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.caches.first().map_or(0, KvCache::capacity)
     }
 
     /// Makes room for `needed` positions in every layer (see [`KvCache::reserve`]).
-    pub fn reserve(&mut self, needed: usize) -> Result<()> {
+    pub(crate) fn reserve(&mut self, needed: usize) -> Result<()> {
         self.caches.iter_mut().try_for_each(|c| c.reserve(needed))
     }
 
     /// Counts `n` positions written into every layer's buffers by a fused kernel.
-    pub fn advance(&mut self, n: usize) -> Result<()> {
+    pub(crate) fn advance(&mut self, n: usize) -> Result<()> {
         self.caches.iter_mut().try_for_each(|c| c.advance(n))
     }
 
     /// Whole key and value buffers `[1, kv_heads, capacity, hd]` of layer `i`.
-    pub fn layer_buffers(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
+    pub(crate) fn layer_buffers(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
         self.caches.get(i).and_then(KvCache::buffers)
     }
 }
@@ -115,7 +115,7 @@ impl DecodeCache for LlmState {
 /// RoPE angles as transformers' Qwen2 computes them in f32:
 /// inv_freq_i = 1 / θ^(2i/hd), angle = position · inv_freq_i; the table holds
 /// one half, which the kernel applies to both halves of a head.
-pub fn rope_tables(
+pub(crate) fn rope_tables(
     max_positions: usize,
     head_dim: usize,
     theta: f64,
@@ -146,11 +146,11 @@ pub fn rope_tables(
 }
 
 impl Qwen2Llm {
-    pub fn max_positions(&self) -> usize {
+    pub(crate) fn max_positions(&self) -> usize {
         self.cos.dim(0).unwrap_or(0)
     }
 
-    pub fn device(&self) -> &Device {
+    pub(crate) fn device(&self) -> &Device {
         self.embed_tokens.device()
     }
 
@@ -321,7 +321,7 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
 }
 
 /// log p of the argmax token, kept on the device: max − logsumexp.
-pub fn max_logprob(logits: &Tensor) -> Result<Tensor> {
+pub(crate) fn max_logprob(logits: &Tensor) -> Result<Tensor> {
     let l = logits.to_dtype(DType::F32)?;
     let max = l.max_keepdim(D::Minus1)?;
     let sum = l.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;

@@ -284,7 +284,7 @@ fn build(
 }
 
 /// Loads the weights of a checkpoint directory (config.json + safetensors).
-pub fn load_model(
+pub(crate) fn load_model(
     dir: &Path,
     device: &Device,
     dtype: DType,

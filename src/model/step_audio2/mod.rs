@@ -36,9 +36,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Longest audio of one piece / one live segment.
-pub const MAX_SEGMENT_SECONDS: f64 = 25.0;
+pub(crate) const MAX_SEGMENT_SECONDS: f64 = 25.0;
 /// Mel frames of a full 25 s piece: (400000 + 479) / 160.
-pub const MAX_PIECE_FRAMES: usize =
+pub(crate) const MAX_PIECE_FRAMES: usize =
     (STEP_AUDIO_PIECE_SAMPLES + STEP_AUDIO_TAIL_PADDING) / HOP_LENGTH;
 
 /// The weights: encoder, adapter and LLM on one device in one dtype.
@@ -116,7 +116,7 @@ impl StepAudio2Model {
     /// Encoder + adapter on mels already on the device (`[n_mels, L_i]`, any float
     /// dtype), batched like [`Self::audio_embeddings`]: zero-padded on the right to the
     /// longest.
-    pub fn audio_embeddings_from_tensors(
+    pub(crate) fn audio_embeddings_from_tensors(
         &self,
         mels: &[Tensor],
     ) -> Result<Vec<Tensor>, ModelError> {
@@ -270,7 +270,7 @@ impl StepAudio2 {
 }
 
 /// [`Recognizer`] over a [`StepAudio2`] and one persistent [`Session`].
-pub struct StepAudio2Recognizer {
+pub(crate) struct StepAudio2Recognizer {
     sa: Arc<StepAudio2>,
     session: Session,
     turn: TurnOptions,

@@ -161,12 +161,12 @@ impl StepTokenizer {
     }
 
     /// Text ids are those below `<audio_start>` (the published filter).
-    pub fn is_text(&self, id: u32) -> bool {
+    pub(crate) fn is_text(&self, id: u32) -> bool {
         id < self.audio_start
     }
 
     /// What an ASR result keeps: tokens before the first `<|EOT|>`, text ids only.
-    pub fn text_ids(&self, tokens: &[u32]) -> Vec<u32> {
+    pub(crate) fn text_ids(&self, tokens: &[u32]) -> Vec<u32> {
         tokens
             .iter()
             .copied()
@@ -176,7 +176,7 @@ impl StepTokenizer {
     }
 
     /// The text of `tokens` (non-text and special tokens dropped).
-    pub fn decode_text(&self, tokens: &[u32]) -> String {
+    pub(crate) fn decode_text(&self, tokens: &[u32]) -> String {
         let ids = self.text_ids(tokens);
         self.tokenizer.decode(&ids, true).unwrap_or_default()
     }

@@ -17,9 +17,9 @@ use candle_core::{DType, Tensor};
 use std::time::{Duration, Instant};
 
 /// Decoding budget of one turn when the caller gives none.
-pub const DEFAULT_MAX_NEW_TOKENS: usize = 512;
+pub(crate) const DEFAULT_MAX_NEW_TOKENS: usize = 512;
 /// Committed context (tokens) above which a stream restarts.
-pub const DEFAULT_MAX_CONTEXT: usize = 4096;
+pub(crate) const DEFAULT_MAX_CONTEXT: usize = 4096;
 /// `<audio_patch>` tokens of a full 25 s piece (2502 mel frames).
 const MAX_PATCHES_PER_SEGMENT: usize = 313;
 
@@ -145,7 +145,7 @@ impl Session {
     }
 
     /// Drops the committed conversation, keeping the cached system prompt.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.state.truncate(self.system_ids.len());
         self.committed = self.system_ids.len();
     }
@@ -187,7 +187,7 @@ impl Session {
     /// piece i, `[n_i, H]`), then `prefix` forced, then greedy decoding.
     /// With `commit` the turn stays in the cache, closed by `<|EOT|>`;
     /// otherwise the cache is truncated back to the committed length.
-    pub fn run_turn(
+    pub(crate) fn run_turn(
         &mut self,
         sa: &StepAudio2,
         audio: &[Tensor],

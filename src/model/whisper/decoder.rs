@@ -60,16 +60,13 @@ pub struct DecoderState {
 }
 
 impl DecoderState {
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.caches.first().map_or(0, KvCache::len)
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
 impl WhisperDecoder {
-    pub fn n_text_ctx(&self) -> usize {
+    pub(crate) fn n_text_ctx(&self) -> usize {
         self.positions.dim(0).unwrap_or(0)
     }
 

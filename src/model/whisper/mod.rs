@@ -35,7 +35,7 @@ pub struct WhisperConfig {
 
 impl WhisperConfig {
     /// Whisper's own rule: English-only checkpoints have 51864 tokens.
-    pub fn is_multilingual(&self) -> bool {
+    pub(crate) fn is_multilingual(&self) -> bool {
         self.vocab_size >= 51865
     }
 }
@@ -81,7 +81,7 @@ pub struct SilentStates {
 
 /// Encoder and cross-attention states of audio encoded alone, reused in
 /// front of the audio that follows it (`WhisperModel::encode_after`).
-pub struct EncodedAudio {
+pub(crate) struct EncodedAudio {
     pub encoder: encoder::EncodedHead,
     pub cross: CrossAttention,
     /// The padding level it was normalised and encoded with.
@@ -89,7 +89,7 @@ pub struct EncodedAudio {
 }
 
 impl EncodedAudio {
-    pub fn positions(&self) -> usize {
+    pub(crate) fn positions(&self) -> usize {
         self.encoder.positions()
     }
 
@@ -113,7 +113,7 @@ pub struct SilentWindows {
 impl SilentWindows {
     const CAPACITY: usize = 3;
     /// Levels are the log-mel maximum in steps of this (log10 power).
-    pub const LEVEL_STEP: f32 = 0.25;
+    pub(crate) const LEVEL_STEP: f32 = 0.25;
 
     /// The level key of a log-mel maximum.
     pub fn level_key(max: f32) -> i32 {
@@ -175,7 +175,7 @@ impl WhisperModel {
     /// As [`Self::encode_fresh`] for audio that follows `head`'s (encoded
     /// earlier at the same level): the new audio takes the positions after
     /// the head's, whose states are reused.
-    pub fn encode_after(
+    pub(crate) fn encode_after(
         &self,
         mel: &crate::frontend::LogMel,
         fresh: usize,
@@ -196,7 +196,7 @@ impl WhisperModel {
     /// Encodes audio alone (the padding past `2·positions` frames at level
     /// `key`) and keeps the states of its first `positions`, to go in front
     /// of later audio ([`Self::encode_after`]).
-    pub fn encode_head(
+    pub(crate) fn encode_head(
         &self,
         mel: &crate::frontend::LogMel,
         positions: usize,

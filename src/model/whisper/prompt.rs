@@ -65,7 +65,7 @@ impl WhisperModel {
 
     /// Builds `[<|startofprev|> previous…] <|startoftranscript|> …` and
     /// returns it with the index of `<|startoftranscript|>`.
-    pub fn build_prompt(&self, previous: &[u32], task_tokens: &[u32]) -> (Vec<u32>, usize) {
+    pub(crate) fn build_prompt(&self, previous: &[u32], task_tokens: &[u32]) -> (Vec<u32>, usize) {
         let mut prompt = Vec::with_capacity(previous.len() + task_tokens.len() + 1);
         if !previous.is_empty() {
             let keep = self.prompt_budget();
@@ -78,7 +78,10 @@ impl WhisperModel {
     }
 
     /// Most likely language of an encoded window (multilingual models).
-    pub fn detect_language(&self, cross: &CrossAttention) -> candle_core::Result<Option<String>> {
+    pub(crate) fn detect_language(
+        &self,
+        cross: &CrossAttention,
+    ) -> candle_core::Result<Option<String>> {
         if !self.config.is_multilingual() || self.tokenizer.languages.is_empty() {
             return Ok(None);
         }

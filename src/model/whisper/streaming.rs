@@ -103,7 +103,7 @@ struct CarriedSegment {
     encoded: Option<EncodedAudio>,
 }
 
-pub struct WhisperRecognizer {
+pub(crate) struct WhisperRecognizer {
     model: Arc<WhisperModel>,
     task_tokens: Vec<u32>,
     /// Text tokens of the finals so far (the prompt keeps the most recent).

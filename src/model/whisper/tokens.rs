@@ -20,7 +20,7 @@ pub struct WhisperTokenizer {
 }
 
 /// Seconds per timestamp token step.
-pub const TIMESTAMP_STEP: f64 = 0.02;
+pub(crate) const TIMESTAMP_STEP: f64 = 0.02;
 
 impl WhisperTokenizer {
     pub fn load(path: &Path) -> Result<Self, ModelError> {
@@ -70,18 +70,18 @@ impl WhisperTokenizer {
         })
     }
 
-    pub fn language_token(&self, code: &str) -> Option<u32> {
+    pub(crate) fn language_token(&self, code: &str) -> Option<u32> {
         self.languages
             .iter()
             .find(|(c, _)| c == code)
             .map(|&(_, id)| id)
     }
 
-    pub fn is_timestamp(&self, token: u32) -> bool {
+    pub(crate) fn is_timestamp(&self, token: u32) -> bool {
         token >= self.timestamp_begin
     }
 
-    pub fn timestamp_seconds(&self, token: u32) -> f64 {
+    pub(crate) fn timestamp_seconds(&self, token: u32) -> f64 {
         (token - self.timestamp_begin) as f64 * TIMESTAMP_STEP
     }
 
@@ -92,7 +92,7 @@ impl WhisperTokenizer {
     }
 
     /// Token ids of `text` without special tokens (for prompts).
-    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+    pub(crate) fn encode_text(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         let enc = self
             .tokenizer
             .encode(text, false)

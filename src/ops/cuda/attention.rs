@@ -17,7 +17,7 @@ static VARIANT_HD64: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::
 // w8 measured fastest on the H100 (4.75 vs 4.96 ms for 32 layers at 30 s; docs/gpu-notes.md)
 const DEFAULT_HD64: u8 = 2;
 
-pub fn set_variant(v: &str) -> Result<()> {
+pub(crate) fn set_variant(v: &str) -> Result<()> {
     let n = match v {
         "default" => DEFAULT_HD64,
         "2stage" => 0,
@@ -188,7 +188,7 @@ fn aligned(t: &Tensor, elems: usize) -> Result<bool> {
 
 /// See [`crate::ops::fast::attention`]. Returns `None` for shapes or layouts the
 /// kernel does not cover (head dim other than 64/128, misaligned rows).
-pub fn flash_attention(
+pub(crate) fn flash_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

@@ -59,7 +59,7 @@ struct Captured {
 // thread at a time (`&mut self` for every launch), so moving it between threads is sound.
 unsafe impl Send for Captured {}
 
-pub struct DecodeEngine {
+pub(crate) struct DecodeEngine {
     dev: CudaDevice,
     f: Funcs,
     layers: Vec<LayerPtrs>,
@@ -218,13 +218,13 @@ impl DecodeEngine {
     }
 
     /// Whether this engine was built for `llm` (same weight buffers).
-    pub fn serves(&self, llm: &DecodeWeights) -> bool {
+    pub(crate) fn serves(&self, llm: &DecodeWeights) -> bool {
         dev_ptr(&llm.lm_head).ok() == Some(self.lm_head)
     }
 
     /// Sets the next step's input token and position, and clears the summed
     /// log-probability.
-    pub fn start(&mut self, token: u32, position: usize) -> Result<()> {
+    pub(crate) fn start(&mut self, token: u32, position: usize) -> Result<()> {
         let stream = self.dev.cuda_stream();
         let io = [token, position as u32];
         // SAFETY: io and lp are live device buffers of 2 u32 and 1 f32.
@@ -238,7 +238,7 @@ impl DecodeEngine {
     /// One decode step: the token set by [`Self::start`] (or chosen by the previous
     /// step) at position `state.positions()` goes through the model, its key and value
     /// are appended to `state`, and the greedy next token is returned (the one sync).
-    pub fn step(&mut self, state: &mut impl DecodeCache, use_graph: bool) -> Result<u32> {
+    pub(crate) fn step(&mut self, state: &mut impl DecodeCache, use_graph: bool) -> Result<u32> {
         let pos = state.positions();
         state.reserve(pos + 1)?;
         let (caches, cap) = self.cache_ptrs(state)?;
@@ -282,7 +282,7 @@ impl DecodeEngine {
     }
 
     /// Sum of log p(argmax) over the steps since [`Self::start`].
-    pub fn logprob_sum(&self) -> Result<f64> {
+    pub(crate) fn logprob_sum(&self) -> Result<f64> {
         Ok(self.lp.to_vec1::<f32>()?[0] as f64)
     }
 

@@ -40,7 +40,7 @@ fn alloc_bf16(dev: &candle_core::cuda::CudaDevice, shape: &[usize]) -> Result<(T
 
 /// `x W^T` for `x` `[.., K]` and `W` `[N, K]`, both contiguous bf16: `[.., N]`. `None`
 /// for other dtypes or layouts.
-pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if !bf16_contiguous(x) || !bf16_contiguous(w) || w.rank() != 2 {
         return Ok(None);
     }
@@ -96,12 +96,12 @@ fn launch_cfg(n: usize) -> LaunchConfig {
 
 /// `gelu_erf(y + bias)`, `y` `[.., C]`, `bias` `[C]`, in one pass, in place on `y`
 /// (the fresh output of a GEMM that nothing else shares).
-pub fn bias_gelu(y: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
+pub(crate) fn bias_gelu(y: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
     bias_epilogue(y, bias, "bias_gelu_bf16")
 }
 
 /// `y += bias` in place (`y` `[.., C]`, fresh, not shared).
-pub fn bias_add(y: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
+pub(crate) fn bias_add(y: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
     bias_epilogue(y, bias, "bias_add_bf16")
 }
 
@@ -129,7 +129,7 @@ fn bias_epilogue(y: &Tensor, bias: &Tensor, kernel: &str) -> Result<Option<Tenso
 }
 
 /// `resid + (y + bias)` in one pass, into a new tensor.
-pub fn bias_residual(y: &Tensor, bias: &Tensor, resid: &Tensor) -> Result<Option<Tensor>> {
+pub(crate) fn bias_residual(y: &Tensor, bias: &Tensor, resid: &Tensor) -> Result<Option<Tensor>> {
     let cols = bias.elem_count();
     if !bf16_contiguous(y)
         || !bf16_contiguous(bias)
@@ -173,7 +173,12 @@ fn ln_launch(rows: usize) -> LaunchConfig {
 }
 
 /// LayerNorm over the last dim, one warp per row.
-pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Option<Tensor>> {
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<Option<Tensor>> {
     if !ln_ok(x, gamma, beta) {
         return Ok(None);
     }
@@ -199,7 +204,7 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result
 }
 
 /// `x = resid + (y + bias)` and `LayerNorm(x)` in one pass: `(x, normed)`.
-pub fn bias_residual_layer_norm(
+pub(crate) fn bias_residual_layer_norm(
     y: &Tensor,
     bias: &Tensor,
     resid: &Tensor,

@@ -15,7 +15,7 @@ use candle_core::cuda::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{Result, Storage, Tensor};
 
-pub struct CudaMel {
+pub(crate) struct CudaMel {
     dev: CudaDevice,
     n_mels: usize,
     window: CudaSlice<f32>,
@@ -67,12 +67,12 @@ impl CudaMel {
         })
     }
 
-    pub fn compute(&self, audio: &[f32], tail_zeros: usize) -> Result<Tensor> {
+    pub(crate) fn compute(&self, audio: &[f32], tail_zeros: usize) -> Result<Tensor> {
         let dev_audio = self.dev.clone_htod(audio)?;
         self.run(&dev_audio, 0, audio.len(), tail_zeros)
     }
 
-    pub fn compute_tensor(&self, audio: &Tensor, tail_zeros: usize) -> Result<Tensor> {
+    pub(crate) fn compute_tensor(&self, audio: &Tensor, tail_zeros: usize) -> Result<Tensor> {
         let audio = audio
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?

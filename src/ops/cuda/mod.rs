@@ -15,11 +15,11 @@ use candle_core::{Result, Storage, Tensor};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/stepaudio_kernels.ptx"));
+pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/stepaudio_kernels.ptx"));
 const MODULE: &str = "stepaudio_live_kernels";
 
 /// A kernel of `kernels.cu`, loaded on first use; launch it on `dev.cuda_stream()`.
-pub fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+pub(crate) fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
     Ok(dev
         .get_or_load_custom_func(name, MODULE, PTX)?
         .into_cuda_function())
@@ -27,7 +27,7 @@ pub fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
 
 /// Whether the kernels can run on this GPU: they use bf16 tensor-core instructions of
 /// compute capability 8.0 (Ampere) and newer. Cached per device.
-pub fn supported(dev: &CudaDevice) -> bool {
+pub(crate) fn supported(dev: &CudaDevice) -> bool {
     static CACHE: Mutex<Option<HashMap<candle_core::cuda::DeviceId, bool>>> = Mutex::new(None);
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     *cache
@@ -55,7 +55,7 @@ pub fn supported(dev: &CudaDevice) -> bool {
 /// driver at every synchronisation (the default release threshold is 0). candle
 /// allocates every op's output with cuMemAllocAsync, so without this each host sync (one
 /// per decoded token, one per timed stage) makes the next allocations map memory again.
-pub fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
+pub(crate) fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
     use candle_core::cuda::cudarc::driver::{result, sys};
     let ctx = dev.cuda_stream().context().clone();
     ctx.bind_to_thread().w()?;
@@ -75,7 +75,7 @@ pub fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
 
 /// Peak bytes allocated from the device's pool (`CU_MEMPOOL_ATTR_USED_MEM_HIGH`),
 /// optionally resetting the high-water mark afterwards.
-pub fn pool_peak(dev: &CudaDevice, reset: bool) -> Result<usize> {
+pub(crate) fn pool_peak(dev: &CudaDevice, reset: bool) -> Result<usize> {
     use candle_core::cuda::cudarc::driver::{result, sys};
     let ctx = dev.cuda_stream().context().clone();
     ctx.bind_to_thread().w()?;
@@ -103,7 +103,7 @@ pub fn pool_peak(dev: &CudaDevice, reset: bool) -> Result<usize> {
     }
 }
 
-pub fn sm_count(dev: &CudaDevice) -> Result<u32> {
+pub(crate) fn sm_count(dev: &CudaDevice) -> Result<u32> {
     let n = dev
         .cuda_stream()
         .context()
@@ -112,14 +112,14 @@ pub fn sm_count(dev: &CudaDevice) -> Result<u32> {
     Ok(n.max(1) as u32)
 }
 
-pub fn memory_used(dev: &CudaDevice) -> Result<usize> {
+pub(crate) fn memory_used(dev: &CudaDevice) -> Result<usize> {
     let (free, total) = dev.cuda_stream().context().mem_get_info().w()?;
     Ok(total - free)
 }
 
 /// Device address of the first element of `t` (its layout's start offset included).
 /// The address stays valid while `t`'s storage lives; callers keep a clone of `t`.
-pub fn dev_ptr(t: &Tensor) -> Result<u64> {
+pub(crate) fn dev_ptr(t: &Tensor) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else {
         candle_core::bail!("expected a CUDA tensor, got one on {:?}", t.device())
@@ -138,7 +138,7 @@ pub fn dev_ptr(t: &Tensor) -> Result<u64> {
     Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
 }
 
-pub fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+pub(crate) fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     match t.device() {
         candle_core::Device::Cuda(d) => Ok(d.clone()),
         other => candle_core::bail!("expected a CUDA tensor, got one on {other:?}"),
