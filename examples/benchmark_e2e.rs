@@ -636,7 +636,8 @@ fn encoder_breakdown(
     let x2 = (&x + b.out.forward(&a)?)?;
     let h2 = b.mlp_ln.forward(&x2)?;
     let f1 = b.fc1.forward(&h2)?.gelu_erf()?;
-    let parts: Vec<(&str, Box<dyn Fn() -> Result<()>>)> = vec![
+    type Part<'a> = (&'static str, Box<dyn Fn() -> Result<()> + 'a>);
+    let parts: Vec<Part> = vec![
         (
             "attn layer norm",
             Box::new(|| {
@@ -681,7 +682,7 @@ fn encoder_breakdown(
         ),
     ];
     for (name, f) in parts {
-        out.push((format!("{name} ×{n}"), n * time_it(device, reps, || f())?));
+        out.push((format!("{name} ×{n}"), n * time_it(device, reps, &f)?));
     }
     // the GEMM alone, both ways, and the flash kernel's two variants
     out.push((

@@ -140,7 +140,7 @@ fn main() -> Result<()> {
 /// Step-Audio log-mel in f64 by a direct DFT (an independent reference for both).
 fn mel_f64(audio: &[f32], n_mels: usize) -> Vec<f64> {
     let mut x: Vec<f64> = audio.iter().map(|&v| v as f64).collect();
-    x.extend(std::iter::repeat(0.0).take(STEP_AUDIO_TAIL_PADDING));
+    x.extend(std::iter::repeat_n(0.0, STEP_AUDIO_TAIL_PADDING));
     let len = x.len() as isize;
     let n_frames = x.len() / HOP_LENGTH;
     let fb = mel_filterbank(n_mels);
@@ -300,8 +300,8 @@ fn check_attention(device: &Device, rep: &mut Report) -> Result<()> {
         Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(DType::BF16)?)
     };
     // (name, b, h, hkv, nq, nk, hd, causal, masked tail keys per batch entry, as views of a fused qkv)
-    let cases: &[(
-        &str,
+    type Case<'a> = (
+        &'a str,
         usize,
         usize,
         usize,
@@ -309,9 +309,10 @@ fn check_attention(device: &Device, rep: &mut Report) -> Result<()> {
         usize,
         usize,
         bool,
-        &[usize],
+        &'a [usize],
         bool,
-    )] = &[
+    );
+    let cases: &[Case] = &[
         (
             "encoder 30 s (2×20 heads, 1500, hd 64, key mask)",
             2,

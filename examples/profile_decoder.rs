@@ -12,9 +12,7 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let mut hs = h.clone();
     for i in 0..n {
-        hs = m
-            .decoder
-            .forward_hidden(&[400 + i as u32], &mut state, &cross)?;
+        hs = m.decoder.forward_hidden(&[400 + i], &mut state, &cross)?;
     }
     let step = t.elapsed() / n;
     let t = Instant::now();

@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -133,7 +133,7 @@ where
 
 async fn stream(
     cli: &Cli,
-    file: &PathBuf,
+    file: &Path,
     realtime: bool,
     chunk_ms: u32,
     format: &str,

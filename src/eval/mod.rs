@@ -39,10 +39,10 @@ pub(crate) enum EvalError {
     Transcribe {
         id: String,
         #[source]
-        source: ModelError,
+        source: Box<ModelError>,
     },
     #[error("loading the model")]
-    Model(#[source] ModelError),
+    Model(#[source] Box<ModelError>),
     #[error("finding the model")]
     Fetch(#[source] crate::fetch::FetchError),
     #[error(transparent)]

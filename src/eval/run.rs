@@ -311,8 +311,8 @@ fn transcribe_entries(
 ) -> Result<EvalReport, EvalError> {
     let load_start = Instant::now();
     let dir = crate::fetch::resolve(model).map_err(EvalError::Fetch)?;
-    let loaded =
-        LoadedModel::load(&dir, device, dtype, decoder_weights).map_err(EvalError::Model)?;
+    let loaded = LoadedModel::load(&dir, device, dtype, decoder_weights)
+        .map_err(|e| EvalError::Model(Box::new(e)))?;
     let model_load_s = load_start.elapsed().as_secs_f64();
     // Step-Audio 2 and multilingual Whisper models take every language.
     let multilingual = match &loaded {
@@ -354,7 +354,7 @@ fn transcribe_entries(
             transcribe_loaded(&loaded, &audio, &options, &step_audio).map_err(|source| {
                 EvalError::Transcribe {
                     id: entry.id.clone(),
-                    source,
+                    source: Box::new(source),
                 }
             })?;
         let seconds = start.elapsed().as_secs_f64();

@@ -120,8 +120,8 @@ pub(crate) fn align<T: PartialEq>(reference: &[T], hypothesis: &[T]) -> ErrorCou
     let width = m + 1;
     // cost[i * width + j]: distance between reference[..i] and hypothesis[..j].
     let mut cost = vec![0u32; (n + 1) * width];
-    for j in 0..=m {
-        cost[j] = j as u32;
+    for (j, c) in cost[..width].iter_mut().enumerate() {
+        *c = j as u32;
     }
     for i in 1..=n {
         cost[i * width] = i as u32;

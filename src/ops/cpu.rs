@@ -41,7 +41,7 @@ fn fast_erf(x: f32) -> f32 {
     let x2 = x * x;
     // 2/√π · (x − x³/3 + x⁵/10 − x⁷/42 + x⁹/216 − x¹¹/1320)
     let small = x
-        * 1.128_379_2
+        * std::f32::consts::FRAC_2_SQRT_PI
         * (1.0
             + x2 * (-1.0 / 3.0
                 + x2 * (0.1 + x2 * (-1.0 / 42.0 + x2 * (1.0 / 216.0 - x2 / 1320.0)))));
@@ -278,6 +278,10 @@ impl candle_core::CustomOp3 for FusedAttention {
                 }
                 softmax_dispatch(sc, s);
                 let dst = out_ptr.at((bh * t + blk * ATTN_BLOCK) * d);
+                // SAFETY: `sc` holds rows×s probabilities and `v` s×d values; `dst`
+                // points at rows×d floats of `out` (rows `blk·ATTN_BLOCK..` of head
+                // `bh`, inside `out`'s b·h·t·d), which no other task writes and which
+                // outlive the parallel loop.
                 unsafe {
                     gemm::gemm(
                         rows,
@@ -310,8 +314,11 @@ impl candle_core::CustomOp3 for FusedAttention {
 /// A raw pointer that rayon tasks may share; each task writes a disjoint range.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
-// SAFETY: only used for disjoint writes from the tasks of one parallel loop.
+// SAFETY: only used for disjoint writes from the tasks of one parallel loop, whose
+// buffer outlives the loop.
 unsafe impl Send for SendPtr {}
+// SAFETY: as for `Send`: the tasks sharing it write disjoint ranges and nothing reads
+// the buffer until the loop has joined.
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {

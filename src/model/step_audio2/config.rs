@@ -229,7 +229,7 @@ impl StepAudio2Config {
 /// Encoder rows that carry audio for a mel of `mel_len` frames: the published
 /// valid length is L − 2 mel frames, then conv2 and the pool halve it twice.
 pub(crate) fn encoder_valid_len(mel_len: usize) -> usize {
-    (mel_len.saturating_sub(2) + 1) / 2 / 2
+    mel_len.saturating_sub(2).div_ceil(2) / 2
 }
 
 /// Adapter outputs kept (= `<audio_patch>` tokens) for `enc_valid` encoder

@@ -181,7 +181,7 @@ impl CustomOp3 for FlashAttn {
 fn aligned(t: &Tensor, elems: usize) -> Result<bool> {
     let l = t.layout();
     let s = l.stride();
-    Ok(l.start_offset() % elems == 0
+    Ok(l.start_offset().is_multiple_of(elems)
         && s[..3].iter().all(|&x| x % elems == 0)
         && dev_ptr(t)? % (2 * elems as u64) == 0)
 }

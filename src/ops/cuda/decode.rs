@@ -140,7 +140,7 @@ impl DecodeEngine {
             || hd != 128
             || nkv == 0
             || nh % nkv != 0
-            || hidden % 8 != 0
+            || !hidden.is_multiple_of(8)
             || inter % 8 != 0
             || hidden * 2 > 48 * 1024
             || inter * 2 > 48 * 1024

@@ -159,7 +159,7 @@ fn ln_ok(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> bool {
         && bf16_contiguous(beta)
         && beta.elem_count() == cols
         && x.dims().last() == Some(&cols)
-        && cols % 8 == 0
+        && cols.is_multiple_of(8)
         && cols <= 2048
 }
 
