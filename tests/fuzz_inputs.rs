@@ -97,6 +97,11 @@ fn oversize(size: usize) {
     let _ = IN_GUARD.try_with(|g| g.set(false));
 }
 
+// SAFETY: every method forwards to the system allocator with the caller's
+// layout and pointer unchanged (or returns null, which `GlobalAlloc` allows
+// for a failed allocation); the counting around it (and the report of an
+// oversized request, guarded against re-entry by a thread-local flag) never
+// touches the memory it hands out.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if layout.size() > HARD_ALLOC_CAP {
@@ -914,7 +919,11 @@ fn check_wav(input: &[u8]) -> Result<bool, String> {
                     d.channels
                 ));
             }
-            if let Some(s) = d.samples.iter().find(|s| !(s.abs() <= MAX_FLOAT_SAMPLE)) {
+            if let Some(s) = d
+                .samples
+                .iter()
+                .find(|s| s.is_nan() || s.abs() > MAX_FLOAT_SAMPLE)
+            {
                 return Err(format!("decoded sample {s}"));
             }
             let frames = d.frames() as u64;
@@ -1158,7 +1167,10 @@ fn check_ws(text: &str, frames: &[(Vec<u8>, SampleFormat, u16)]) -> Result<bool,
                         out.len()
                     ));
                 }
-                if let Some(s) = out.iter().find(|s| !(s.abs() <= MAX_FLOAT_SAMPLE)) {
+                if let Some(s) = out
+                    .iter()
+                    .find(|s| s.is_nan() || s.abs() > MAX_FLOAT_SAMPLE)
+                {
                     return Err(format!("decoded sample {s}"));
                 }
             }

@@ -350,7 +350,9 @@ fn tokens_and_origins_are_checked_at_the_upgrade() {
     let rt = runtime();
     rt.block_on(async {
         let origin_ok = format!("http://{addr}");
-        let cases: [(&str, &str, &[(&str, &str)], u16); 8] = [
+        // (path, query, extra headers, expected HTTP status)
+        type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], u16);
+        let cases: [Case; 8] = [
             ("/v1/subscribe", "", &[], 401),
             ("/v1/subscribe", "?token=wrong", &[], 401),
             ("/v1/audio", "", &[("Authorization", "Bearer nope")], 401),

@@ -100,7 +100,7 @@ fn format_code_name(code: u16) -> &'static str {
         0x0055 => "MP3",
         0x00FF => "AAC",
         0x1610 => "AAC (ADTS)",
-        0x6750 | 0x6751 | 0x674F => "Ogg Vorbis",
+        0x674F..=0x6751 => "Ogg Vorbis",
         0xF1AC => "FLAC",
         _ => "an unknown codec",
     }
@@ -170,7 +170,7 @@ fn parse_fmt(body: &[u8], declared: u32, path: &str) -> Result<FmtChunk, AudioEr
     check_channels(channels as u64).map_err(unsupported)?;
     check_sample_rate(sample_rate as u64).map_err(unsupported)?;
     let container_bytes = block_align / channels;
-    if container_bytes == 0 || block_align % channels != 0 {
+    if container_bytes == 0 || !block_align.is_multiple_of(channels) {
         return Err(not_wav(format!(
             "block align {block_align} does not fit {channels} channels"
         )));
@@ -342,7 +342,10 @@ fn check_floats(
     first_frame: u64,
     name: &str,
 ) -> Result<(), AudioError> {
-    let Some(i) = samples.iter().position(|s| !(s.abs() <= MAX_FLOAT_SAMPLE)) else {
+    let Some(i) = samples
+        .iter()
+        .position(|s| s.is_nan() || s.abs() > MAX_FLOAT_SAMPLE)
+    else {
         return Ok(());
     };
     let channels = info.channels as usize;
@@ -485,7 +488,7 @@ fn data_extent(
                 ),
             });
         }
-        if declared as u64 % block != 0 {
+        if !(declared as u64).is_multiple_of(block) {
             tracing::warn!(
                 path,
                 declared,
@@ -930,7 +933,7 @@ mod tests {
             (f32::NEG_INFINITY, "-inf"),
             (3.0e38, "300000000"),
         ] {
-            let mut values = vec![0.5f32; 10];
+            let mut values = [0.5f32; 10];
             values[7] = bad;
             let mut wav = WavBytes::pcm(
                 32,

@@ -239,7 +239,7 @@ pub fn decode_audio(
         ));
     }
     let frame = format.bytes() * channels as usize;
-    if bytes.len() % frame != 0 {
+    if !bytes.len().is_multiple_of(frame) {
         return Err(ProtocolError::new(
             ErrorCode::BadAudio,
             format!(
@@ -265,7 +265,7 @@ pub fn decode_audio(
             // NaN or inf would poison the mel of the whole segment, and so
             // would a power that overflows f32.
             let limit = crate::audio::MAX_FLOAT_SAMPLE;
-            if out.iter().any(|s| !(s.abs() <= limit)) {
+            if out.iter().any(|s| s.is_nan() || s.abs() > limit) {
                 out.clear();
                 return Err(ProtocolError::new(
                     ErrorCode::BadAudio,
