@@ -9,7 +9,6 @@ mod common;
 mod ws_support;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -18,7 +17,6 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use stepaudio_live::eval::wer::{score, Unit};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::Message;
 use ws_support::*;
 
 const INJECT: &str = "STEPAUDIO_LIVE_INJECT_FAULT";
@@ -141,33 +139,6 @@ fn a_model_failure_on_one_segment_costs_only_that_segment() {
     }
 }
 
-/// Streams `bytes` into a started session and returns everything the
-/// server sends until it closes.
-async fn stream_session(ws: Ws, bytes: Vec<u8>) -> (Vec<Value>, Option<CloseCode>) {
-    let (mut tx, mut rx) = ws.split();
-    let sender = tokio::spawn(async move {
-        for frame in bytes.chunks(3200) {
-            tx.send(Message::binary(frame.to_vec())).await.unwrap();
-        }
-        tx.send(Message::text(r#"{"type":"end"}"#)).await.unwrap();
-        tx
-    });
-    let mut out = Vec::new();
-    let close = loop {
-        let msg = tokio::time::timeout(PATIENCE, rx.next())
-            .await
-            .expect("no message from the server in a long time");
-        match msg {
-            Some(Ok(Message::Text(t))) => out.push(serde_json::from_str(&t).unwrap()),
-            Some(Ok(Message::Close(f))) => break f.map(|f| f.code),
-            Some(Ok(_)) => {}
-            Some(Err(_)) | None => break None,
-        }
-    };
-    drop(sender.await.unwrap());
-    (out, close)
-}
-
 #[test]
 fn a_model_failure_in_one_session_leaves_the_others_alone() {
     let three = {
@@ -197,6 +168,7 @@ fn a_model_failure_in_one_session_leaves_the_others_alone() {
         .enable_all()
         .build()
         .unwrap();
+    let (three_bytes, other_bytes) = (s16le(&three), s16le(&other));
     let ((faulty, faulty_close), (fine, fine_close)) = rt.block_on(async {
         // Started one after the other, so the faulty one is stream 0.
         let mut a = connect(addr, "/v1/audio").await;
@@ -204,8 +176,8 @@ fn a_model_failure_in_one_session_leaves_the_others_alone() {
         let mut b = connect(addr, "/v1/audio").await;
         start_session(&mut b, start_msg(16_000, 1, "s16le", false)).await;
         tokio::join!(
-            stream_session(a, s16le(&three)),
-            stream_session(b, s16le(&other))
+            finish_session(a, &three_bytes, 3200),
+            finish_session(b, &other_bytes, 3200)
         )
     });
     daemon.sigterm();
@@ -215,7 +187,7 @@ fn a_model_failure_in_one_session_leaves_the_others_alone() {
 
     // The faulty session: an error, an empty `error` final for segment 1,
     // and the segments around it as usual; it ends normally.
-    assert_eq!(faulty_close, Some(CloseCode::Normal));
+    assert_eq!(faulty_close.map(|f| f.code), Some(CloseCode::Normal));
     check_segments(&faulty);
     let failed = final_of(&faulty, 1);
     assert_eq!(failed["reason"], "error");
@@ -235,7 +207,7 @@ fn a_model_failure_in_one_session_leaves_the_others_alone() {
     );
 
     // The other session saw nothing of it.
-    assert_eq!(fine_close, Some(CloseCode::Normal));
+    assert_eq!(fine_close.map(|f| f.code), Some(CloseCode::Normal));
     check_segments(&fine);
     assert!(!fine.iter().any(|e| e["type"] == "error"), "{fine:#?}");
     assert!(finals(&fine).iter().all(|e| e["reason"] != "error"));

@@ -233,6 +233,16 @@ pub async fn run_session(
 ) -> (Vec<Value>, Option<CloseFrame>) {
     let mut ws = connect(addr, "/v1/audio").await;
     start_session(&mut ws, start).await;
+    finish_session(ws, bytes, chunk).await
+}
+
+/// The rest of a started session: `chunk`-byte frames of `bytes`, end;
+/// returns every event and the close.
+pub async fn finish_session(
+    ws: Ws,
+    bytes: &[u8],
+    chunk: usize,
+) -> (Vec<Value>, Option<CloseFrame>) {
     let (mut tx, mut rx) = ws.split();
     let frames: Vec<Vec<u8>> = bytes.chunks(chunk).map(|c| c.to_vec()).collect();
     let sender = tokio::spawn(async move {
