@@ -2,6 +2,7 @@
 //! Whisper family and Step-Audio 2 mini. Finding a model's files by name is
 //! the job of `crate::fetch`; everything here starts from a directory.
 
+pub mod batch;
 pub mod ct2;
 pub mod kv_cache;
 pub mod layers;

@@ -47,6 +47,9 @@ pub struct Hypothesis {
 }
 
 pub trait Recognizer: Send {
+    /// The concrete recogniser, so that a batch of streams of one model
+    /// family can be run together ([`crate::model::batch::decode_batch`]).
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
     /// Short model name for logs and stats.
     fn name(&self) -> String;
     fn frontend(&self) -> FrontendSpec;

@@ -389,6 +389,10 @@ mod tests {
     }
 
     impl Recognizer for Scripted {
+        fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+            self
+        }
+
         fn name(&self) -> String {
             "scripted".into()
         }

@@ -335,7 +335,23 @@ impl StepAudio2Recognizer {
     }
 }
 
+impl StepAudio2Recognizer {
+    /// Several streams' turns in one batch (see [`crate::model::batch`]).
+    pub(crate) fn decode_batch(
+        requests: &mut [crate::model::batch::FamilyRequest<'_, Self>],
+    ) -> Vec<Result<Hypothesis, ModelError>> {
+        requests
+            .iter_mut()
+            .map(|r| r.recognizer.run(r.features, r.prefix, r.commit))
+            .collect()
+    }
+}
+
 impl Recognizer for StepAudio2Recognizer {
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
     fn name(&self) -> String {
         "step-audio-2".into()
     }

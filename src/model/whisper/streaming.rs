@@ -284,7 +284,29 @@ impl WhisperRecognizer {
     }
 }
 
+impl WhisperRecognizer {
+    /// Several streams' segments in one batch (see [`crate::model::batch`]).
+    pub(crate) fn decode_batch(
+        requests: &mut [crate::model::batch::FamilyRequest<'_, Self>],
+    ) -> Vec<Result<Hypothesis, ModelError>> {
+        requests
+            .iter_mut()
+            .map(|r| {
+                if r.commit {
+                    r.recognizer.decode_final(r.features, r.prefix)
+                } else {
+                    r.recognizer.decode(r.features, r.prefix)
+                }
+            })
+            .collect()
+    }
+}
+
 impl Recognizer for WhisperRecognizer {
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
     fn name(&self) -> String {
         format!(
             "whisper-{}L-{}d",
