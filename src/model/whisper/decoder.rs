@@ -226,6 +226,98 @@ impl WhisperDecoder {
         self.ln.forward(&x)
     }
 
+    /// One decode step of several streams: `tokens[i]` is appended after
+    /// what `states[i]` holds and attends to `cross[i]`. Returns the final
+    /// hidden states `[B, 1, d]`.
+    ///
+    /// Every projection runs once over the batch's rows (in groups of at
+    /// most [`crate::ops::quant::MAX_ROWS`], so each row takes the same int8
+    /// path as a lone step and gets the same bits); embeddings, positions
+    /// and attention are each stream's own.
+    pub fn step_batch(
+        &self,
+        tokens: &[u32],
+        states: &mut [&mut DecoderState],
+        cross: &[&CrossAttention],
+    ) -> Result<Tensor> {
+        let device = self.token_embedding.device();
+        let b = tokens.len();
+        if states.len() != b || cross.len() != b {
+            candle_core::bail!(
+                "a batch step needs one state and one window per token ({b}, {}, {})",
+                states.len(),
+                cross.len()
+            );
+        }
+        let mut positions = Vec::with_capacity(b);
+        for s in states.iter() {
+            if s.len() + 1 > self.n_text_ctx() {
+                candle_core::bail!(
+                    "decoder context of {} tokens exceeds the model's {}",
+                    s.len() + 1,
+                    self.n_text_ctx()
+                );
+            }
+            positions.push(s.len() as u32);
+        }
+        let ids = Tensor::new(tokens, device)?;
+        let at = Tensor::new(positions.as_slice(), device)?;
+        let mut x = self
+            .token_embedding
+            .index_select(&ids, 0)?
+            .add(&self.positions.index_select(&at, 0)?)?
+            .unsqueeze(1)?;
+        let d = x.dim(2)?;
+        let scale = ((d / self.heads) as f64).powf(-0.5);
+        for (l, block) in self.blocks.iter().enumerate() {
+            let h = block.self_ln.forward(&x)?;
+            let qkv = forward_rows(&block.self_qkv, &h)?;
+            let q = split_heads(&qkv.narrow(2, 0, d)?, self.heads)?;
+            let k = split_heads(&qkv.narrow(2, d, d)?, self.heads)?;
+            let v = split_heads(&qkv.narrow(2, 2 * d, d)?, self.heads)?;
+            let mut heads = Vec::with_capacity(b);
+            for (i, state) in states.iter_mut().enumerate() {
+                let (k, v) = state.caches[l].append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
+                let q = q.narrow(0, i, 1)?.contiguous()?;
+                heads.push(attention(&q, &k, &v, scale, None)?);
+            }
+            let a = merge_heads(&Tensor::cat(&heads, 0)?)?;
+            x = (x + forward_rows(&block.self_out, &a)?)?;
+
+            let h = block.cross_ln.forward(&x)?;
+            let q = split_heads(&forward_rows(&block.cross_q, &h)?, self.heads)?;
+            let mut heads = Vec::with_capacity(b);
+            for (i, window) in cross.iter().enumerate() {
+                let (ck, cv) = &window.layers[l];
+                let q = q.narrow(0, i, 1)?.contiguous()?;
+                heads.push(attention(&q, ck, cv, scale, None)?);
+            }
+            let a = merge_heads(&Tensor::cat(&heads, 0)?)?;
+            x = (x + forward_rows(&block.cross_out, &a)?)?;
+
+            let h = block.mlp_ln.forward(&x)?;
+            let h = forward_rows(&block.fc2, &gelu_erf(&forward_rows(&block.fc1, &h)?)?)?;
+            x = (x + h)?;
+        }
+        self.ln.forward(&x)
+    }
+
+    /// Logits `[B, vocab]` of a batch step's hidden states `[B, 1, d]`, in
+    /// groups of rows that each take the same path as a lone step's row.
+    pub fn step_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (b, _, d) = hidden.dims3()?;
+        let rows = hidden.reshape((1, b, d))?;
+        let groups = (0..b)
+            .step_by(crate::ops::quant::MAX_ROWS)
+            .map(|start| {
+                let n = crate::ops::quant::MAX_ROWS.min(b - start);
+                let group = rows.narrow(1, start, n)?;
+                self.logits(&group, &(0..n).collect::<Vec<_>>())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&groups, 0)
+    }
+
     /// Vocabulary logits `[rows, vocab]` of selected hidden rows (the output
     /// projection is the transposed token embedding).
     pub fn logits(&self, hidden: &Tensor, rows: &[usize]) -> Result<Tensor> {
@@ -250,4 +342,21 @@ impl WhisperDecoder {
             _ => sel.matmul(&self.token_embedding.t()?),
         }
     }
+}
+
+/// `linear` over the rows of `x` `[B, 1, d]` in groups of at most
+/// [`crate::ops::quant::MAX_ROWS`]: the int8 kernel computes each row on
+/// its own, so a row's result does not depend on the batch around it.
+fn forward_rows(linear: &Linear, x: &Tensor) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    if b <= crate::ops::quant::MAX_ROWS {
+        return linear.forward(x);
+    }
+    let groups = (0..b)
+        .step_by(crate::ops::quant::MAX_ROWS)
+        .map(|start| {
+            linear.forward(&x.narrow(0, start, crate::ops::quant::MAX_ROWS.min(b - start))?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&groups, 0)
 }

@@ -3,7 +3,7 @@
 //! (timestamps in pairs, non-decreasing, the first within 1 s, and a forced
 //! timestamp when timestamps are jointly likelier than any text token).
 
-use super::decoder::CrossAttention;
+use super::decoder::{CrossAttention, DecoderState};
 use super::WhisperModel;
 use candle_core::{DType, Result};
 
@@ -26,6 +26,16 @@ impl Default for DecodingOptions {
             max_new_tokens: 224,
         }
     }
+}
+
+/// One window of a batched greedy decode.
+pub struct WindowJob<'a> {
+    pub cross: &'a CrossAttention,
+    pub prompt: &'a [u32],
+    /// Position of `<|startoftranscript|>` in the prompt (for no-speech).
+    pub sot_index: usize,
+    /// Tokens taken as already sampled (part of the result).
+    pub forced: &'a [u32],
 }
 
 #[derive(Clone, Debug, Default)]
@@ -169,52 +179,107 @@ impl WhisperModel {
         forced: &[u32],
         opts: &DecodingOptions,
     ) -> Result<DecodedWindow> {
-        let mut state = self.decoder.new_state();
-        let full: Vec<u32> = prompt.iter().chain(forced).copied().collect();
-        let hidden = self.decoder.forward_hidden(&full, &mut state, cross)?;
-        let rows = [sot_index, full.len() - 1];
-        let logits = self
-            .decoder
-            .logits(&hidden, &rows)?
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?;
-        let no_speech_prob = match self.tokenizer.no_speech {
-            Some(ns) => {
-                let lp = log_softmax(&logits[0]);
-                (lp[ns as usize] as f64).exp()
-            }
-            None => 0.0,
+        let job = WindowJob {
+            cross,
+            prompt,
+            sot_index,
+            forced,
         };
-        let budget = (forced.len() + opts.max_new_tokens)
-            .min(self.decoder.n_text_ctx().saturating_sub(prompt.len()));
-        let mut out = DecodedWindow {
-            no_speech_prob,
-            tokens: forced.to_vec(),
-            ..Default::default()
-        };
-        let mut row = logits.into_iter().nth(1).unwrap();
-        while out.tokens.len() < budget {
-            self.apply_logit_rules(&mut row, &out.tokens, opts);
-            let next = argmax(&row);
-            let lp = log_softmax(&row)[next as usize];
-            out.sum_logprob += lp as f64;
-            if next == self.tokenizer.eot {
-                out.finished = true;
-                break;
-            }
-            out.tokens.push(next);
-            if out.tokens.len() == budget {
-                break;
-            }
-            let hidden = self.decoder.forward_hidden(&[next], &mut state, cross)?;
-            row = self
+        Ok(self.greedy_decode_batch(&[job], opts)?.remove(0))
+    }
+
+    /// Greedy decoding of several windows at once: each is prefilled on its
+    /// own (prompts differ in length), then every window still generating
+    /// takes its next step in one [`WhisperDecoder::step_batch`]; a window
+    /// leaves the batch at end-of-text or its budget. Window `i`'s result
+    /// is what it gets decoded alone.
+    ///
+    /// [`WhisperDecoder::step_batch`]: super::decoder::WhisperDecoder::step_batch
+    pub fn greedy_decode_batch(
+        &self,
+        jobs: &[WindowJob<'_>],
+        opts: &DecodingOptions,
+    ) -> Result<Vec<DecodedWindow>> {
+        let mut states = Vec::with_capacity(jobs.len());
+        let mut outs = Vec::with_capacity(jobs.len());
+        let mut rows = Vec::with_capacity(jobs.len());
+        let mut budgets = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let mut state = self.decoder.new_state();
+            let full: Vec<u32> = job.prompt.iter().chain(job.forced).copied().collect();
+            let hidden = self.decoder.forward_hidden(&full, &mut state, job.cross)?;
+            let logits = self
                 .decoder
-                .logits(&hidden, &[0])?
+                .logits(&hidden, &[job.sot_index, full.len() - 1])?
                 .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
+                .to_vec2::<f32>()?;
+            let no_speech_prob = match self.tokenizer.no_speech {
+                Some(ns) => (log_softmax(&logits[0])[ns as usize] as f64).exp(),
+                None => 0.0,
+            };
+            budgets.push(
+                (job.forced.len() + opts.max_new_tokens)
+                    .min(self.decoder.n_text_ctx().saturating_sub(job.prompt.len())),
+            );
+            outs.push(DecodedWindow {
+                no_speech_prob,
+                tokens: job.forced.to_vec(),
+                ..Default::default()
+            });
+            rows.push(logits.into_iter().nth(1).unwrap());
+            states.push(state);
         }
-        out.avg_logprob = out.sum_logprob / (out.tokens.len() + 1) as f64;
-        Ok(out)
+        // Windows still generating, in batch order.
+        let mut active: Vec<usize> = (0..jobs.len())
+            .filter(|&i| outs[i].tokens.len() < budgets[i])
+            .collect();
+        while !active.is_empty() {
+            let mut stepping = Vec::with_capacity(active.len());
+            for &i in &active {
+                let out = &mut outs[i];
+                let row = &mut rows[i];
+                self.apply_logit_rules(row, &out.tokens, opts);
+                let next = argmax(row);
+                out.sum_logprob += log_softmax(row)[next as usize] as f64;
+                if next == self.tokenizer.eot {
+                    out.finished = true;
+                    continue;
+                }
+                out.tokens.push(next);
+                if out.tokens.len() < budgets[i] {
+                    stepping.push(i);
+                }
+            }
+            if stepping.is_empty() {
+                break;
+            }
+            let tokens: Vec<u32> = stepping
+                .iter()
+                .map(|&i| *outs[i].tokens.last().expect("a token was just pushed"))
+                .collect();
+            let crosses: Vec<&CrossAttention> = stepping.iter().map(|&i| jobs[i].cross).collect();
+            let mut batch_states: Vec<&mut DecoderState> = states
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| stepping.contains(i))
+                .map(|(_, s)| s)
+                .collect();
+            let hidden = self
+                .decoder
+                .step_batch(&tokens, &mut batch_states, &crosses)?;
+            let logits = self
+                .decoder
+                .step_logits(&hidden)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            for (&i, row) in stepping.iter().zip(logits) {
+                rows[i] = row;
+            }
+            active = stepping;
+        }
+        for out in &mut outs {
+            out.avg_logprob = out.sum_logprob / (out.tokens.len() + 1) as f64;
+        }
+        Ok(outs)
     }
 }

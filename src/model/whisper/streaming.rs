@@ -24,7 +24,7 @@
 //! encoded again with the new audio.
 
 use super::decoder::CrossAttention;
-use super::decoding::{DecodedWindow, DecodingOptions};
+use super::decoding::{DecodedWindow, DecodingOptions, WindowJob};
 use super::encoder::HEAD_CONTEXT;
 use super::{EncodedAudio, SilentWindows, Task, WhisperModel};
 use crate::frontend::{LogMel, LOG10_FLOOR, N_FFT, WHISPER_CHUNK_FRAMES};
@@ -223,17 +223,15 @@ impl WhisperRecognizer {
         };
     }
 
-    /// Decodes the segment, after the carried one if given (its text forced
-    /// and then removed from the result), and applies the no-speech rule to
-    /// a segment decoded alone (with carried speech in the window the
-    /// no-speech probability says nothing about the new audio).
-    fn decode_window(
+    /// Encodes the segment, after the carried one if given, and builds the
+    /// prompt of its window.
+    fn prepare_window(
         &self,
         features: &SegmentFeatures,
         carried: Option<&CarriedSegment>,
         prefix: &[u32],
         encode_time: &mut Duration,
-    ) -> Result<DecodedWindow, ModelError> {
+    ) -> Result<PreparedWindow, ModelError> {
         let t = Instant::now();
         let n_mels = features.n_mels;
         // The carried states serve if they were made at the new audio's level.
@@ -265,40 +263,237 @@ impl WhisperRecognizer {
         } else {
             &[]
         };
-        let forced = [carried_tokens, prefix].concat();
         let (prompt, sot_index) = self.model.build_prompt(conditioning, &self.task_tokens);
-        let opts = DecodingOptions {
-            timestamps: false,
-            ..Default::default()
-        };
-        let mut window = self
-            .model
-            .greedy_decode_forced(&cross, &prompt, sot_index, &forced, &opts)?;
-        window.tokens.drain(..carried_tokens.len());
-        let silent = carried.is_none() && is_silence(window.no_speech_prob, window.avg_logprob);
+        Ok(PreparedWindow {
+            cross,
+            prompt,
+            sot_index,
+            forced: [carried_tokens, prefix].concat(),
+            carried_tokens: carried_tokens.len(),
+        })
+    }
+
+    /// The segment's own result from its decoded window: the carried text
+    /// removed, and the no-speech rule applied to a segment decoded alone
+    /// (with carried speech in the window the no-speech probability says
+    /// nothing about the new audio).
+    fn finish_window(
+        prepared: &PreparedWindow,
+        mut window: DecodedWindow,
+        prefix: &[u32],
+    ) -> DecodedWindow {
+        window.tokens.drain(..prepared.carried_tokens);
+        let silent =
+            prepared.carried_tokens == 0 && is_silence(window.no_speech_prob, window.avg_logprob);
         // A segment the model itself calls silence keeps only what was already committed.
         if silent && prefix.is_empty() {
             window.tokens.clear();
         }
-        Ok(window)
+        window
+    }
+
+    /// The carried segment, when it and the new one fit one window.
+    fn carried_for(&self, features: &SegmentFeatures) -> Option<&CarriedSegment> {
+        self.carried.as_ref().filter(|c| {
+            (c.raw_frames.len() + features.raw_frames.len()) / features.n_mels.max(1)
+                <= WHISPER_CHUNK_FRAMES - 2 * FRESH_MARGIN
+        })
+    }
+
+    /// After carried text tiny.en sometimes ends the transcript at once
+    /// (nothing, or a full stop) though the new segment holds speech ("And
+    /// I think" lost): such a segment is then decoded alone.
+    fn needs_decoding_alone(
+        &self,
+        with_carried: bool,
+        window: &DecodedWindow,
+        prefix: &[u32],
+    ) -> bool {
+        with_carried && !self.has_words(&window.tokens[prefix.len()..])
+    }
+
+    fn hypothesis(&self, window: DecodedWindow, t0: Instant, encode_time: Duration) -> Hypothesis {
+        let tokens = window.tokens;
+        Hypothesis {
+            text: self.model.tokenizer.decode_text(&tokens),
+            tokens,
+            no_speech_prob: Some(window.no_speech_prob),
+            avg_logprob: window.avg_logprob,
+            encode_time,
+            decode_time: t0.elapsed().saturating_sub(encode_time),
+        }
     }
 }
 
+/// A segment's window, encoded and ready for greedy decoding.
+struct PreparedWindow {
+    cross: CrossAttention,
+    prompt: Vec<u32>,
+    sot_index: usize,
+    /// The carried segment's text, then the forced prefix.
+    forced: Vec<u32>,
+    carried_tokens: usize,
+}
+
+impl PreparedWindow {
+    fn job(&self) -> WindowJob<'_> {
+        WindowJob {
+            cross: &self.cross,
+            prompt: &self.prompt,
+            sot_index: self.sot_index,
+            forced: &self.forced,
+        }
+    }
+}
+
+/// Live decodes never sample timestamps.
+fn live_decoding() -> DecodingOptions {
+    DecodingOptions {
+        timestamps: false,
+        ..Default::default()
+    }
+}
+
+/// A stream's progress through a batched decode.
+struct BatchSlot {
+    t0: Instant,
+    encode_time: Duration,
+    /// The window being decoded (and whether it has the carried segment).
+    prepared: Option<PreparedWindow>,
+    window: Option<DecodedWindow>,
+    error: Option<ModelError>,
+}
+
 impl WhisperRecognizer {
-    /// Several streams' segments in one batch (see [`crate::model::batch`]).
+    /// Several streams' segments in one batch (see [`crate::model::batch`]):
+    /// each stream's window is encoded on its own (its padding shortcut and
+    /// carried audio are its own), then every window is decoded greedily in
+    /// one [`WhisperModel::greedy_decode_batch`]; windows that must be
+    /// decoded again without the carried segment go through a second batch.
+    /// Streams of another model are decoded one by one.
     pub(crate) fn decode_batch(
         requests: &mut [crate::model::batch::FamilyRequest<'_, Self>],
     ) -> Vec<Result<Hypothesis, ModelError>> {
-        requests
+        let model = requests[0].recognizer.model.clone();
+        if requests
+            .iter()
+            .any(|r| !Arc::ptr_eq(&r.recognizer.model, &model))
+        {
+            return requests
+                .iter_mut()
+                .map(|r| {
+                    let mut req = crate::model::batch::BatchRequest {
+                        recognizer: &mut *r.recognizer,
+                        features: r.features,
+                        prefix: r.prefix,
+                        commit: r.commit,
+                    };
+                    crate::model::batch::decode_one(&mut req)
+                })
+                .collect();
+        }
+        let mut slots: Vec<BatchSlot> = requests
             .iter_mut()
             .map(|r| {
-                if r.commit {
-                    r.recognizer.decode_final(r.features, r.prefix)
-                } else {
-                    r.recognizer.decode(r.features, r.prefix)
+                let t0 = Instant::now();
+                let mut slot = BatchSlot {
+                    t0,
+                    encode_time: Duration::ZERO,
+                    prepared: None,
+                    window: None,
+                    error: None,
+                };
+                let rec = &mut *r.recognizer;
+                let prepared = rec.encode_carried().and_then(|()| {
+                    slot.encode_time = t0.elapsed();
+                    let carried = rec.carried_for(r.features);
+                    rec.prepare_window(r.features, carried, r.prefix, &mut slot.encode_time)
+                });
+                match prepared {
+                    Ok(p) => slot.prepared = Some(p),
+                    Err(e) => slot.error = Some(e),
                 }
+                slot
+            })
+            .collect();
+        decode_prepared(&model, &mut slots, requests);
+        // Second round: windows with carried text that came out without words.
+        for (slot, r) in slots.iter_mut().zip(requests.iter()) {
+            let (Some(p), Some(w)) = (&slot.prepared, &slot.window) else {
+                continue;
+            };
+            if r.recognizer
+                .needs_decoding_alone(p.carried_tokens > 0, w, r.prefix)
+            {
+                slot.window = None;
+                match r
+                    .recognizer
+                    .prepare_window(r.features, None, r.prefix, &mut slot.encode_time)
+                {
+                    Ok(p) => slot.prepared = Some(p),
+                    Err(e) => {
+                        slot.prepared = None;
+                        slot.error = Some(e);
+                    }
+                }
+            }
+        }
+        decode_prepared(&model, &mut slots, requests);
+        slots
+            .into_iter()
+            .zip(requests.iter_mut())
+            .map(|(slot, r)| {
+                if let Some(e) = slot.error {
+                    return Err(e);
+                }
+                let window = slot
+                    .window
+                    .expect("every slot without an error was decoded");
+                let hypothesis = r.recognizer.hypothesis(window, slot.t0, slot.encode_time);
+                if r.commit {
+                    r.recognizer.commit(r.features, &hypothesis)?;
+                }
+                Ok(hypothesis)
             })
             .collect()
+    }
+}
+
+/// Decodes, as one batch, every slot that has a prepared window and no
+/// decoded one yet; a failed batch fails each of them.
+fn decode_prepared(
+    model: &WhisperModel,
+    slots: &mut [BatchSlot],
+    requests: &[crate::model::batch::FamilyRequest<'_, WhisperRecognizer>],
+) {
+    let waiting: Vec<usize> = (0..slots.len())
+        .filter(|&i| slots[i].window.is_none() && slots[i].error.is_none())
+        .collect();
+    if waiting.is_empty() {
+        return;
+    }
+    let jobs: Vec<WindowJob<'_>> = waiting
+        .iter()
+        .map(|&i| slots[i].prepared.as_ref().expect("prepared").job())
+        .collect();
+    match model.greedy_decode_batch(&jobs, &live_decoding()) {
+        Ok(windows) => {
+            drop(jobs);
+            for (&i, window) in waiting.iter().zip(windows) {
+                let prepared = slots[i].prepared.as_ref().expect("prepared");
+                let window = WhisperRecognizer::finish_window(prepared, window, requests[i].prefix);
+                slots[i].window = Some(window);
+            }
+        }
+        Err(e) => {
+            drop(jobs);
+            for &i in &waiting {
+                slots[i].error = Some(ModelError::Invalid(format!(
+                    "batched decode of {} windows failed: {e}",
+                    waiting.len()
+                )));
+            }
+        }
     }
 }
 
@@ -334,27 +529,21 @@ impl Recognizer for WhisperRecognizer {
         let t0 = Instant::now();
         self.encode_carried()?;
         let mut encode_time = t0.elapsed();
-        // The previous segment goes first when both fit one window.
-        let carried = self.carried.as_ref().filter(|c| {
-            (c.raw_frames.len() + features.raw_frames.len()) / features.n_mels.max(1)
-                <= WHISPER_CHUNK_FRAMES - 2 * FRESH_MARGIN
-        });
-        let mut window = self.decode_window(features, carried, prefix, &mut encode_time)?;
-        // After carried text tiny.en sometimes ends the transcript at once
-        // (nothing, or a full stop) though the new segment holds speech
-        // ("And I think" lost): the segment is then decoded alone.
-        if carried.is_some() && !self.has_words(&window.tokens[prefix.len()..]) {
-            window = self.decode_window(features, None, prefix, &mut encode_time)?;
+        let opts = live_decoding();
+        let decode_window = |carried, encode_time: &mut Duration| -> Result<_, ModelError> {
+            let prepared = self.prepare_window(features, carried, prefix, encode_time)?;
+            let window = self
+                .model
+                .greedy_decode_batch(&[prepared.job()], &opts)?
+                .remove(0);
+            Ok(Self::finish_window(&prepared, window, prefix))
+        };
+        let carried = self.carried_for(features);
+        let mut window = decode_window(carried, &mut encode_time)?;
+        if self.needs_decoding_alone(carried.is_some(), &window, prefix) {
+            window = decode_window(None, &mut encode_time)?;
         }
-        let tokens = window.tokens;
-        Ok(Hypothesis {
-            text: self.model.tokenizer.decode_text(&tokens),
-            tokens,
-            no_speech_prob: Some(window.no_speech_prob),
-            avg_logprob: window.avg_logprob,
-            encode_time,
-            decode_time: t0.elapsed() - encode_time,
-        })
+        Ok(self.hypothesis(window, t0, encode_time))
     }
 
     fn commit(
