@@ -264,6 +264,32 @@ pub struct ServerArgs {
     /// Streams whose finals are still kept after they end.
     #[arg(long, value_name = "N", default_value_t = crate::server::Limits::default().keep_streams)]
     pub keep_streams: usize,
+    /// Live streams the engine decodes at once (the local source and every
+    /// audio-in session); one more is refused with `too_many_sessions`.
+    /// Default: the capacity measured for the model on this kind of device
+    /// (README, "How many streams").
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_streams: Option<u64>,
+    /// Most decodes the engine runs as one batch.
+    #[arg(long, value_name = "N", default_value_t = crate::stream::engine::EngineConfig::default().max_batch as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_batch: u64,
+}
+
+impl ServerArgs {
+    /// The stream engine's configuration for `model`.
+    fn engine_config(
+        &self,
+        model: &crate::model::LoadedModel,
+    ) -> crate::stream::engine::EngineConfig {
+        let defaults = crate::stream::engine::EngineConfig::for_model(model);
+        crate::stream::engine::EngineConfig {
+            max_streams: self
+                .max_streams
+                .map_or(defaults.max_streams, |n| n as usize),
+            max_batch: self.max_batch as usize,
+            ..defaults
+        }
+    }
 }
 
 /// `serve`: the WebSocket server alone; audio comes only from clients.
@@ -665,12 +691,16 @@ fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
     let stop = install_stop_handler()?;
     let model = load_model(global)?;
     let recognizer = model.recognizer(&args.stream.recognizer_options())?;
+    // One engine for the local source and, with --ws, every audio-in session.
+    let (engine, engine_thread) =
+        crate::stream::engine::spawn(model.clone(), args.server.engine_config(&model))
+            .context("starting the stream engine")?;
     // The server starts before the source, so that subscribers can join
     // before the first word.
     let server = match &args.ws {
         Some(addr) => {
             let config = server_config(addr, global, &args.server, &args.stream);
-            let server = crate::server::Server::start(config, model.clone())?;
+            let server = crate::server::Server::start_on(config, engine.clone(), None)?;
             announce(server.local_addr(), args.server.token.is_some());
             Some(server)
         }
@@ -690,7 +720,7 @@ fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
     };
     let mut sink = StdoutSink::stdout(args.live_format.into());
     let mut stdout_gone = false;
-    let result = run_live(source, recognizer, &opts, stop.clone(), |ev| {
+    let result = run_live(source, &engine, recognizer, &opts, stop.clone(), |ev| {
         if let Some(p) = &publisher {
             p.publish(crate::server::protocol::LOCAL_STREAM, ev);
         }
@@ -708,6 +738,10 @@ fn live(global: &GlobalArgs, args: &LiveArgs) -> anyhow::Result<ExitCode> {
     // Every local event is published by now; sessions flush, then all close.
     if let Some(server) = server {
         server.shutdown();
+    }
+    drop(engine);
+    if engine_thread.join().is_err() {
+        tracing::error!("the stream engine panicked");
     }
     let summary = result.map_err(|e| match e {
         LiveError::Source(_) if args.no_reconnect => anyhow::Error::new(e)
@@ -736,7 +770,10 @@ fn serve(global: &GlobalArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     args.stream.validate()?;
     let stop = install_stop_handler()?;
     let model = load_model(global)?;
-    let config = server_config(&args.addr, global, &args.server, &args.stream);
+    let config = crate::server::ServerConfig {
+        engine: Some(args.server.engine_config(&model)),
+        ..server_config(&args.addr, global, &args.server, &args.stream)
+    };
     let token = args.server.token.is_some();
     let summary = crate::server::run_serve(config, model, stop, |addr| announce(addr, token))?;
     if summary.unflushed_sessions > 0 {
@@ -785,6 +822,7 @@ fn server_config(
             || global.model.clone(),
             |n| n.to_string_lossy().into_owned(),
         ),
+        engine: None,
     }
 }
 

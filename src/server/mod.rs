@@ -3,11 +3,11 @@
 //! all on one port.
 //!
 //! ```text
-//!  local source (run_live, its own inference thread) ──publish──┐
-//!                                                               ▼
-//!  /v1/audio sessions ─updates─► model worker ─events─► session ─► Hub ─► /v1/subscribe
-//!   (tokio tasks: VAD, mel)       (one thread,          task        (bounded queue
-//!                                  round-robin)                      per subscriber)
+//!  local source (run_live) ─updates─► stream engine ─events─► caller ─publish──┐
+//!                                                                              ▼
+//!  /v1/audio sessions ─updates─► stream engine ─events─► session ─► Hub ─► /v1/subscribe
+//!   (tokio tasks: VAD, mel)      (one thread for         task        (bounded queue
+//!                                 every stream, batches)             per subscriber)
 //! ```
 //!
 //! The server runs on its own tokio runtime, so the CLI's synchronous live
@@ -18,9 +18,9 @@ pub mod http;
 pub mod protocol;
 pub mod sessions;
 pub mod subscribers;
-pub mod worker;
 
 use crate::model::{LoadedModel, RecognizerOptions};
+use crate::stream::engine::{self, EngineConfig, EngineHandle};
 use crate::stream::events::Event;
 use crate::stream::tracker::TrackerConfig;
 use sessions::SessionEnv;
@@ -90,6 +90,9 @@ pub struct ServerConfig {
     pub recognizer: RecognizerOptions,
     /// Model name for `hello` messages and the health endpoint.
     pub model_name: String,
+    /// The stream engine a server started with [`Server::start`] runs
+    /// (`None`: [`EngineConfig::for_model`]).
+    pub engine: Option<EngineConfig>,
 }
 
 impl ServerConfig {
@@ -103,6 +106,7 @@ impl ServerConfig {
             tracker: TrackerConfig::default(),
             recognizer: RecognizerOptions::default(),
             model_name: String::new(),
+            engine: None,
         }
     }
 }
@@ -215,7 +219,8 @@ pub struct Server {
     hub: Arc<Hub>,
     shared: Arc<Shared>,
     shutdown_tx: watch::Sender<bool>,
-    worker: std::thread::JoinHandle<()>,
+    /// The engine thread, when the server started its own.
+    engine: Option<std::thread::JoinHandle<()>>,
 }
 
 fn is_loopback(addrs: &[SocketAddr]) -> bool {
@@ -223,8 +228,24 @@ fn is_loopback(addrs: &[SocketAddr]) -> bool {
 }
 
 impl Server {
-    /// Binds `config.addr` and starts serving; sessions share `model`.
+    /// Binds `config.addr` and starts serving; sessions are streams of a
+    /// new engine over `model`.
     pub fn start(config: ServerConfig, model: LoadedModel) -> Result<Self, ServerError> {
+        let engine_config = config
+            .engine
+            .clone()
+            .unwrap_or_else(|| EngineConfig::for_model(&model));
+        let (engine, thread) = engine::spawn(model, engine_config).map_err(ServerError::Start)?;
+        Self::start_on(config, engine, Some(thread))
+    }
+
+    /// As [`Self::start`], with sessions as streams of a running `engine`
+    /// (shared with the local source); `thread` is joined at shutdown.
+    pub fn start_on(
+        config: ServerConfig,
+        engine: EngineHandle,
+        thread: Option<std::thread::JoinHandle<()>>,
+    ) -> Result<Self, ServerError> {
         use std::net::ToSocketAddrs;
         let addrs: Vec<SocketAddr> = config
             .addr
@@ -261,7 +282,6 @@ impl Server {
             TcpListener::from_std(std_listener).map_err(bind_err)?
         };
         let local_addr = listener.local_addr().map_err(ServerError::Start)?;
-        let (worker_tx, worker) = worker::spawn(model).map_err(ServerError::Start)?;
         let hub = Arc::new(
             Hub::new(
                 config.limits.max_subscribers,
@@ -275,7 +295,7 @@ impl Server {
             .max_frame_size(Some(config.limits.max_message_bytes));
         let shared = Arc::new(Shared {
             sessions: Arc::new(SessionEnv {
-                worker: worker_tx,
+                engine,
                 hub: hub.clone(),
                 tracker: config.tracker.clone(),
                 recognizer: config.recognizer.clone(),
@@ -296,7 +316,7 @@ impl Server {
             hub,
             shared,
             shutdown_tx,
-            worker,
+            engine: thread,
         })
     }
 
@@ -320,7 +340,7 @@ impl Server {
 
     /// Stops accepting, lets every open session flush its final, delivers
     /// what subscribers have queued, closes every connection with 1001 and
-    /// stops the model worker. Call after the local source (if any) has
+    /// stops its own stream engine. Call after the local source (if any) has
     /// delivered its last event, and not from within an async context (it
     /// blocks until the server is down).
     pub fn shutdown(self) -> ShutdownSummary {
@@ -329,7 +349,7 @@ impl Server {
             hub,
             shared,
             shutdown_tx,
-            worker,
+            engine,
             ..
         } = self;
         let _ = shutdown_tx.send(true);
@@ -360,11 +380,11 @@ impl Server {
         summary.events_published = hub.published();
         // Connections still in their first request are dropped with the runtime.
         runtime.shutdown_timeout(Duration::from_secs(1));
-        // The worker ends once the last sender (in the session env, which
-        // only `shared` and finished tasks held) is gone.
+        // An engine of our own ends once the last handle (in the session
+        // env, which only `shared` and finished tasks held) is gone.
         drop(shared);
-        if worker.join().is_err() {
-            tracing::error!("model worker panicked");
+        if engine.is_some_and(|t| t.join().is_err()) {
+            tracing::error!("the stream engine panicked");
         }
         summary
     }
@@ -571,6 +591,7 @@ async fn serve_http(mut stream: TcpStream, head: &http::RequestHead, shared: &Sh
                 "protocol": protocol::PROTOCOL_VERSION,
                 "model": shared.config.model_name,
                 "sessions": shared.session_tasks.current(),
+                "engine": shared.sessions.engine.stats(),
                 "subscribers": shared.hub.len(),
             })
             .to_string();

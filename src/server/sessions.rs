@@ -3,31 +3,33 @@
 //!
 //! Each session runs its own [`StreamTracker`] (VAD, segmenter, incremental
 //! mel) in its connection task; that work is small and bounded per frame.
-//! Segment updates go to the shared model worker, and the events it returns
+//! Segment updates go to the shared stream engine, and the events it returns
 //! arrive on a channel the task selects on next to the socket, so the task
 //! never waits for the model: a busy model delays transcripts, not I/O.
 //!
-//! The worker keeps at most one partial per segment queued, so a session's
+//! The engine keeps at most one partial per segment queued, so a session's
 //! queue is essentially its finals not yet decoded. Only when that backlog
 //! passes [`MAX_PENDING_UPDATES`] (minutes of speech: a client sending far
 //! faster than real time, or a model far too slow for the load) does the
-//! task stop reading that client's audio until the worker catches up; TCP
+//! task stop reading that client's audio until the engine catches up; TCP
 //! flow control then slows the client. Its events keep flowing meanwhile,
 //! and other sessions are not affected. Below that, audio is always read at
 //! once, so pings and closes are answered however busy the model is.
 
 use super::protocol::{self, close, ClientMessage, ErrorCode, ProtocolError, ServerMessage, Start};
 use super::subscribers::{close_message, send_with_timeout, Hub};
-use super::worker::{SessionId, SessionModel, SessionModelStats, WorkerEvent, WorkerMsg};
 use crate::audio::resample::{downmix, StreamResampler};
 use crate::audio::MODEL_SAMPLE_RATE;
 use crate::model::RecognizerOptions;
+use crate::stream::engine::{
+    EngineHandle, EngineMsg, OpenError, StreamCounters, StreamEvent, StreamId, StreamInfo,
+    StreamModel,
+};
 use crate::stream::events::{Event, Stats};
 use crate::stream::tracker::{StreamTracker, TrackerConfig, TrackerOutput};
 use crate::stream::usage::ProcessUsage;
-use crossbeam_channel::Sender;
 use futures_util::{Sink, StreamExt};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -36,16 +38,16 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-/// Updates of one session the worker may hold before the session stops
+/// Updates of one session the engine may hold before the session stops
 /// reading audio. Each holds its segment's mel (≤ 15 s: 480 KB for 80
 /// bins), so this bounds a session's backlog to about 30 MB.
 pub const MAX_PENDING_UPDATES: usize = 64;
-/// How often a paused session looks whether the worker caught up.
+/// How often a paused session looks whether the engine caught up.
 const BACKPRESSURE_POLL: Duration = Duration::from_millis(20);
 
 /// What every session needs from the server.
 pub struct SessionEnv {
-    pub worker: Sender<WorkerMsg>,
+    pub engine: EngineHandle,
     pub hub: Arc<Hub>,
     pub tracker: TrackerConfig,
     pub recognizer: RecognizerOptions,
@@ -95,15 +97,15 @@ enum Ending {
     Gone,
     Shutdown,
     TooBig,
-    /// The model worker is gone.
+    /// The stream engine is gone.
     Internal,
 }
 
 struct Opened {
     start: Start,
-    model: SessionModel,
-    events: mpsc::UnboundedReceiver<WorkerEvent>,
-    pending: Arc<AtomicUsize>,
+    model: StreamInfo,
+    events: mpsc::UnboundedReceiver<StreamEvent>,
+    counters: Arc<StreamCounters>,
 }
 
 /// Runs one audio-in connection to its end.
@@ -113,7 +115,7 @@ struct Opened {
 pub async fn serve_session<S, Slot>(
     ws: WebSocketStream<S>,
     env: Arc<SessionEnv>,
-    id: SessionId,
+    id: StreamId,
     hello: String,
     mut shutdown: watch::Receiver<bool>,
     slot: Slot,
@@ -130,7 +132,7 @@ pub async fn serve_session<S, Slot>(
         start,
         model,
         mut events,
-        pending,
+        counters,
     } = opened;
     let stream_name = format!("s{id}");
     let tracker_cfg = TrackerConfig {
@@ -144,7 +146,7 @@ pub async fn serve_session<S, Slot>(
                 let e = ProtocolError::new(ErrorCode::BadStart, e.to_string());
                 client.error(&e).await;
                 client.close(close::INTERNAL, "cannot set up the VAD").await;
-                let _ = env.worker.send(WorkerMsg::Close { id });
+                env.engine.send(EngineMsg::Close { id });
                 return;
             }
         };
@@ -159,7 +161,7 @@ pub async fn serve_session<S, Slot>(
                 client
                     .close(close::INTERNAL, "cannot set up the resampler")
                     .await;
-                let _ = env.worker.send(WorkerMsg::Close { id });
+                env.engine.send(EngineMsg::Close { id });
                 return;
             }
         }
@@ -192,17 +194,17 @@ pub async fn serve_session<S, Slot>(
     let mut samples_16k: u64 = 0;
     let mut interleaved = Vec::new();
     let mut outputs = Vec::new();
-    let forward = |outputs: &mut Vec<TrackerOutput>, updates: &mut Vec<WorkerMsg>| {
+    let forward = |outputs: &mut Vec<TrackerOutput>, updates: &mut Vec<EngineMsg>| {
         let mut evs = Vec::new();
         for o in outputs.drain(..) {
             match o {
                 TrackerOutput::Event(ev) => evs.push(ev),
                 TrackerOutput::Update(update) => {
-                    pending.fetch_add(1, Ordering::Relaxed);
-                    updates.push(WorkerMsg::Update { id, update });
+                    counters.pending.fetch_add(1, Ordering::Relaxed);
+                    updates.push(EngineMsg::Update { id, update });
                 }
                 TrackerOutput::Resume { segment } => {
-                    updates.push(WorkerMsg::Resume { id, segment })
+                    updates.push(EngineMsg::Resume { id, segment })
                 }
             }
         }
@@ -211,7 +213,7 @@ pub async fn serve_session<S, Slot>(
     let mut updates = Vec::new();
 
     let ending = loop {
-        let reading = pending.load(Ordering::Relaxed) < MAX_PENDING_UPDATES;
+        let reading = counters.pending.load(Ordering::Relaxed) < MAX_PENDING_UPDATES;
         tokio::select! {
             msg = rx.next(), if reading => {
                 let msg = match msg {
@@ -247,7 +249,7 @@ pub async fn serve_session<S, Slot>(
                         samples_16k += samples.len() as u64;
                         tracker.push(&samples, Instant::now(), &mut outputs);
                         let evs = forward(&mut outputs, &mut updates);
-                        if !send_all(&env.worker, &mut updates) {
+                        if !send_all(&env.engine, &mut updates) {
                             break Ending::Internal;
                         }
                         for ev in evs {
@@ -268,8 +270,8 @@ pub async fn serve_session<S, Slot>(
             }
             ev = events.recv() => match ev {
                 Some(ev) => {
-                    if out.worker_event(ev).await.is_some() {
-                        tracing::error!(session = id, "worker closed the session early");
+                    if out.engine_event(ev).await {
+                        tracing::error!(session = id, "the engine closed the session early");
                         break Ending::Internal;
                     }
                 }
@@ -292,16 +294,14 @@ pub async fn serve_session<S, Slot>(
         tracker.finish(&mut outputs);
     }
     let evs = forward(&mut outputs, &mut updates);
-    updates.push(WorkerMsg::Close { id });
-    let worker_alive = ending != Ending::Internal && send_all(&env.worker, &mut updates);
+    updates.push(EngineMsg::Close { id });
+    let engine_alive = ending != Ending::Internal && send_all(&env.engine, &mut updates);
     for ev in evs {
         out.deliver(ev).await;
     }
-    let mut model_stats = SessionModelStats::default();
-    if worker_alive {
+    if engine_alive {
         while let Some(ev) = events.recv().await {
-            if let Some(stats) = out.worker_event(ev).await {
-                model_stats = stats;
+            if out.engine_event(ev).await {
                 break;
             }
         }
@@ -314,11 +314,11 @@ pub async fn serve_session<S, Slot>(
         wall_seconds: wall,
         dropped_samples: 0,
         overflow_events: 0,
-        skipped_partials: model_stats.skipped_partials,
+        skipped_partials: counters.skipped_partials.load(Ordering::Relaxed),
         segments: out.segments,
         finals: out.finals,
         model_rtf: if audio_seconds > 0.0 {
-            model_stats.model_time.as_secs_f64() / audio_seconds
+            counters.model_time().as_secs_f64() / audio_seconds
         } else {
             0.0
         },
@@ -349,16 +349,16 @@ pub async fn serve_session<S, Slot>(
         Ending::TooBig => out.client.close(close::TOO_BIG, "message too big").await,
         Ending::Internal => {
             out.client
-                .close(close::INTERNAL, "model worker failed")
+                .close(close::INTERNAL, "stream engine failed")
                 .await
         }
         Ending::Gone => {}
     }
 }
 
-/// Hands queued messages to the worker; false if it is gone.
-fn send_all(worker: &Sender<WorkerMsg>, updates: &mut Vec<WorkerMsg>) -> bool {
-    updates.drain(..).all(|m| worker.send(m).is_ok())
+/// Hands queued messages to the engine; false if it is gone.
+fn send_all(engine: &EngineHandle, updates: &mut Vec<EngineMsg>) -> bool {
+    updates.drain(..).all(|m| engine.send(m))
 }
 
 /// Waits for a valid `start` and a recogniser for it; `None` when the
@@ -367,7 +367,7 @@ async fn await_start<T, R>(
     client: &mut Client<T>,
     rx: &mut R,
     env: &SessionEnv,
-    id: SessionId,
+    id: StreamId,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<Opened>
 where
@@ -418,35 +418,46 @@ where
             options.language = Some(lang.clone());
         }
         let (events_tx, mut events) = mpsc::unbounded_channel();
-        let pending = Arc::new(AtomicUsize::new(0));
-        let open = WorkerMsg::Open {
+        let counters = Arc::new(StreamCounters::default());
+        let open = EngineMsg::Open {
             id,
-            options,
-            events: events_tx,
-            pending: pending.clone(),
+            model: StreamModel::Options(options),
+            events: Box::new(move |ev| {
+                let _ = events_tx.send(ev);
+            }),
+            counters: counters.clone(),
         };
-        if env.worker.send(open).is_err() {
-            client.close(close::INTERNAL, "model worker failed").await;
+        if !env.engine.send(open) {
+            client
+                .close(close::INTERNAL, "the stream engine failed")
+                .await;
             return None;
         }
         match events.recv().await {
-            Some(WorkerEvent::Opened(Ok(model))) => {
+            Some(StreamEvent::Opened(Ok(model))) => {
                 return Some(Opened {
                     start,
                     model,
                     events,
-                    pending,
+                    counters,
                 })
             }
-            Some(WorkerEvent::Opened(Err(m))) => {
-                let e = ProtocolError::new(
-                    ErrorCode::BadStart,
-                    format!("cannot start a recogniser with these options: {m}"),
-                );
+            Some(StreamEvent::Opened(Err(e @ OpenError::AtCapacity { .. }))) => {
+                let e = ProtocolError::new(ErrorCode::TooManySessions, e.to_string());
+                client.error(&e).await;
+                client
+                    .close(close::TRY_AGAIN_LATER, "the engine is at capacity")
+                    .await;
+                return None;
+            }
+            Some(StreamEvent::Opened(Err(e))) => {
+                let e = ProtocolError::new(ErrorCode::BadStart, e.to_string());
                 client.error(&e).await;
             }
             _ => {
-                client.close(close::INTERNAL, "model worker failed").await;
+                client
+                    .close(close::INTERNAL, "the stream engine failed")
+                    .await;
                 return None;
             }
         }
@@ -489,19 +500,19 @@ impl<T: Sink<Message> + Unpin> Output<T> {
             .await;
     }
 
-    /// Delivers a worker event; returns the model stats once the worker has
-    /// closed the session.
-    async fn worker_event(&mut self, ev: WorkerEvent) -> Option<SessionModelStats> {
+    /// Delivers an engine event (a failed decode goes to the client as a
+    /// `model_error`); true once the engine has closed the stream.
+    async fn engine_event(&mut self, ev: StreamEvent) -> bool {
         match ev {
-            WorkerEvent::Event(ev) => self.deliver(ev).await,
-            WorkerEvent::ModelError(m) => {
+            StreamEvent::Event(Event::Error { message }) => {
                 self.client
-                    .error(&ProtocolError::new(ErrorCode::ModelError, m))
+                    .error(&ProtocolError::new(ErrorCode::ModelError, message))
                     .await
             }
-            WorkerEvent::Closed(stats) => return Some(stats),
-            WorkerEvent::Opened(_) => {}
+            StreamEvent::Event(ev) => self.deliver(ev).await,
+            StreamEvent::Closed(_) => return true,
+            StreamEvent::Opened(_) => {}
         }
-        None
+        false
     }
 }

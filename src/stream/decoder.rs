@@ -10,7 +10,7 @@ use super::events::Event;
 use super::policy::StablePrefix;
 use super::segmenter::EndReason;
 use super::tracker::{SegmentUpdate, UpdateKind};
-use crate::model::recognizer::{Hypothesis, Recognizer};
+use crate::model::recognizer::{Hypothesis, Recognizer, SegmentFeatures};
 use crate::model::ModelError;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -114,10 +114,9 @@ impl SegmentDecoder {
         }
     }
 
-    /// Decodes `update` and hands its event, if any, to `emit`; after a
-    /// final is emitted the recogniser prepares for the next segment
-    /// (counted as model time; a failure there is logged, and the work is
-    /// redone by the next decode).
+    /// Decodes `update` on its own and hands its event, if any, to `emit`;
+    /// after a final is emitted the recogniser prepares for the next
+    /// segment ([`Self::prepare_next`]).
     ///
     /// A failure inside the recogniser (an error, or a panic, which is
     /// caught here) emits an [`Event::Error`]; if it was the segment's final
@@ -130,16 +129,88 @@ impl SegmentDecoder {
         &mut self,
         update: &SegmentUpdate,
         recognizer: &mut dyn Recognizer,
-        mut emit: impl FnMut(Event),
+        emit: impl FnMut(Event),
     ) -> Result<(), DecodeFailure> {
-        let event = match self.handle(update, recognizer) {
+        let work = self.plan(update);
+        let t = Instant::now();
+        let result = guarded(recognizer, update.segment, work.is_final(), |r| {
+            work.run_alone(&update.features, r)
+        });
+        if self.complete(update, work, result, t.elapsed(), recognizer, emit)? {
+            self.prepare_next(update.segment, recognizer);
+        }
+        Ok(())
+    }
+
+    /// After a final is out: the recogniser prepares for the next segment
+    /// (counted as model time; a failure is logged, and the work is redone
+    /// by the next decode).
+    pub fn prepare_next(&mut self, segment: u64, recognizer: &mut dyn Recognizer) {
+        let t = Instant::now();
+        if let Err(f) = guarded(recognizer, segment, true, |r| r.after_final()) {
+            tracing::warn!("preparing the next segment failed: {f}");
+        }
+        self.model_time += t.elapsed();
+    }
+
+    /// What the model must do for `update` (the first half of
+    /// [`Self::handle_and_emit`]; [`Self::complete`] is the second). A final
+    /// closes the open segment here.
+    pub fn plan(&mut self, update: &SegmentUpdate) -> DecodeWork {
+        let segment = update.segment;
+        match update.kind {
+            UpdateKind::Partial | UpdateKind::Pause => DecodeWork::Decode {
+                prefix: self.state(segment).policy.committed().to_vec(),
+                commit: false,
+                fault: None,
+            },
+            UpdateKind::Final(_) => {
+                let mut state = match self.open.take() {
+                    Some(s) if s.segment == segment => s,
+                    _ => SegmentState::new(segment),
+                };
+                let reusable = state
+                    .at_pause
+                    .take()
+                    .filter(|(len, _)| *len == update.features.samples);
+                match reusable {
+                    Some((_, hyp)) => DecodeWork::Commit(hyp),
+                    None => DecodeWork::Decode {
+                        prefix: state.policy.committed().to_vec(),
+                        commit: true,
+                        fault: self.fault.filter(|f| f.segment == segment),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Turns the model's result for `update` (planned by [`Self::plan`])
+    /// into its event, if any, handed to `emit`; see
+    /// [`Self::handle_and_emit`] for what a failure does. True when a final
+    /// was emitted (then call [`Self::prepare_next`]).
+    pub fn complete(
+        &mut self,
+        update: &SegmentUpdate,
+        work: DecodeWork,
+        result: Result<Hypothesis, DecodeFailure>,
+        model_time: Duration,
+        recognizer: &mut dyn Recognizer,
+        mut emit: impl FnMut(Event),
+    ) -> Result<bool, DecodeFailure> {
+        self.model_time += model_time;
+        let event = match self.event(update, result, recognizer) {
             Ok(Some(event)) => event,
-            Ok(None) => return Ok(()),
+            Ok(None) => return Ok(false),
             Err(failure) => {
                 emit(Event::Error {
                     message: format!("decoding failed: {failure}"),
                 });
                 if failure.on_final {
+                    // A failed commit may have changed part of the context.
+                    if !failure.panicked {
+                        reset_context(recognizer);
+                    }
                     self.finals += 1;
                     emit(Event::Final {
                         segment: update.segment,
@@ -153,36 +224,23 @@ impl SegmentDecoder {
                 return Err(failure);
             }
         };
+        drop(work);
         let is_final = matches!(event, Event::Final { .. });
         emit(event);
-        if is_final {
-            let t = Instant::now();
-            if let Err(f) = guarded(recognizer, update.segment, true, |r| r.after_final()) {
-                tracing::warn!("preparing the next segment failed: {f}");
-            }
-            self.model_time += t.elapsed();
-        }
-        Ok(())
+        Ok(is_final)
     }
 
-    /// The event for `update`, if any. A failure is returned without an
-    /// event (see [`Self::handle_and_emit`]); a failed final still closes
-    /// the segment.
-    pub fn handle(
+    /// The event for a decoded `update`, if any.
+    fn event(
         &mut self,
         update: &SegmentUpdate,
+        result: Result<Hypothesis, DecodeFailure>,
         recognizer: &mut dyn Recognizer,
     ) -> Result<Option<Event>, DecodeFailure> {
         let segment = update.segment;
+        let hyp = result?;
         match update.kind {
             UpdateKind::Partial | UpdateKind::Pause => {
-                let prefix = self.state(segment).policy.committed().to_vec();
-                let t = Instant::now();
-                let hyp = guarded(recognizer, segment, false, |r| {
-                    r.decode(&update.features, &prefix)
-                });
-                self.model_time += t.elapsed();
-                let hyp = hyp?;
                 let state = self.state(segment);
                 if update.kind == UpdateKind::Partial {
                     let long = update.features.samples >= COMMIT_AFTER_SAMPLES;
@@ -207,38 +265,6 @@ impl SegmentDecoder {
                 }))
             }
             UpdateKind::Final(reason) => {
-                let mut state = match self.open.take() {
-                    Some(s) if s.segment == segment => s,
-                    _ => SegmentState::new(segment),
-                };
-                let reusable = state
-                    .at_pause
-                    .take()
-                    .filter(|(len, _)| *len == update.features.samples);
-                let fault = self.fault.filter(|f| f.segment == segment);
-                let t = Instant::now();
-                let result = guarded(recognizer, segment, true, |r| {
-                    if let Some(fault) = fault {
-                        fault.trigger()?;
-                    }
-                    let hyp = match reusable {
-                        Some((_, hyp)) => hyp,
-                        None => r.decode(&update.features, state.policy.committed())?,
-                    };
-                    r.commit(&update.features, &hyp)?;
-                    Ok(hyp)
-                });
-                self.model_time += t.elapsed();
-                let hyp = match result {
-                    Ok(hyp) => hyp,
-                    Err(failure) => {
-                        // A failed commit may have changed part of the context.
-                        if !failure.panicked {
-                            reset_context(recognizer);
-                        }
-                        return Err(failure);
-                    }
-                };
                 tracing::debug!(
                     segment,
                     no_speech_prob = hyp.no_speech_prob,
@@ -262,9 +288,72 @@ impl SegmentDecoder {
     }
 }
 
+/// What the model must do for one update ([`SegmentDecoder::plan`]).
+#[derive(Clone, Debug)]
+pub enum DecodeWork {
+    /// Decode the segment after a forced `prefix`; a final (`commit`) is
+    /// decoded and committed in one pass.
+    Decode {
+        prefix: Vec<u32>,
+        commit: bool,
+        fault: Option<InjectedFault>,
+    },
+    /// A final whose audio is exactly what its pause decode saw: that
+    /// hypothesis is committed as it is.
+    Commit(Hypothesis),
+}
+
+impl DecodeWork {
+    pub fn is_final(&self) -> bool {
+        matches!(self, Self::Commit(_) | Self::Decode { commit: true, .. })
+    }
+
+    /// The decode's forced prefix and whether it commits, when it can be
+    /// run in a batch with other streams' (not a reused pause decode, not
+    /// an injected fault).
+    pub fn batchable(&self) -> Option<(&[u32], bool)> {
+        match self {
+            Self::Decode {
+                prefix,
+                commit,
+                fault: None,
+            } => Some((prefix, *commit)),
+            _ => None,
+        }
+    }
+
+    /// Runs the work for this stream alone.
+    pub fn run_alone(
+        &self,
+        features: &SegmentFeatures,
+        recognizer: &mut dyn Recognizer,
+    ) -> Result<Hypothesis, ModelError> {
+        match self {
+            Self::Decode {
+                prefix,
+                commit,
+                fault,
+            } => {
+                if let Some(fault) = fault {
+                    fault.trigger()?;
+                }
+                if *commit {
+                    recognizer.decode_final(features, prefix)
+                } else {
+                    recognizer.decode(features, prefix)
+                }
+            }
+            Self::Commit(hyp) => {
+                recognizer.commit(features, hyp)?;
+                Ok(hyp.clone())
+            }
+        }
+    }
+}
+
 /// Runs one call into the recogniser, turning an error or a panic into a
 /// [`DecodeFailure`]; after a panic the committed context is reset.
-fn guarded<T>(
+pub(crate) fn guarded<T>(
     recognizer: &mut dyn Recognizer,
     segment: u64,
     on_final: bool,
@@ -293,7 +382,7 @@ fn guarded<T>(
     }
 }
 
-fn reset_context(recognizer: &mut dyn Recognizer) {
+pub(crate) fn reset_context(recognizer: &mut dyn Recognizer) {
     if catch_unwind(AssertUnwindSafe(|| recognizer.reset_context())).is_err() {
         tracing::error!("resetting the recogniser's context panicked as well");
     }
@@ -318,7 +407,7 @@ enum FaultKind {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct InjectedFault {
+pub struct InjectedFault {
     kind: FaultKind,
     segment: u64,
     stream: Option<usize>,
@@ -375,7 +464,7 @@ fn injected_fault() -> Option<InjectedFault> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::recognizer::{FrontendSpec, SegmentFeatures};
+    use crate::model::recognizer::FrontendSpec;
 
     /// Transcribes a segment as `words N` (N: its length); decode number
     /// `panic_at` panics and `fail_at` returns an error.

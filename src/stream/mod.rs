@@ -2,6 +2,7 @@
 //! carry audio from a source to transcript events.
 
 pub mod decoder;
+pub mod engine;
 pub mod events;
 pub mod pipeline;
 pub mod policy;

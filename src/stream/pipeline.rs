@@ -1,19 +1,21 @@
 //! The live pipeline's threads:
 //!
 //! ```text
-//! source ─ring─► audio thread (resample, StreamTracker) ─crossbeam─► inference thread
-//!                     │ speech start/end                               (Recognizer,
-//!                     ▼                                                 SegmentDecoder)
+//! source ─ring─► audio thread (resample, StreamTracker) ─updates─► stream engine
+//!                     │ speech start/end                           (one stream of it:
+//!                     ▼                                             recogniser, decoder)
 //!                 events channel ◄──────────── partials, finals ──────────┘
 //!                     ▼
 //!                 caller's thread: sink (stdout, WebSocket), stats
 //! ```
 //!
+//! The local source is a stream of the same [`super::engine`] as every
+//! audio-in WebSocket session, so with `--ws` one scheduler decides for all.
 //! Stopping (Ctrl-C, SIGTERM, end of input, device failure) flows the same
-//! way: the audio thread finalises the open segment and closes its channel,
-//! the inference thread decodes every final still queued (skipping stale
-//! partials) and closes the events channel, and the caller's loop ends once
-//! the last event is delivered. No produced transcript is dropped.
+//! way: the audio thread finalises the open segment and closes its stream,
+//! the engine decodes every final still queued (skipping stale partials)
+//! and drops the stream's end of the events channel, and the caller's loop
+//! ends once the last event is delivered. No produced transcript is dropped.
 //!
 //! A live source that fails (an error from the device, or no audio for
 //! [`SOURCE_STALL_TIMEOUT`]) ends the open segment the same way, with an
@@ -23,18 +25,18 @@
 //! thread, and the stream goes on: same segment numbering, same committed
 //! context, stream time continuing where the lost audio ended.
 
-use super::decoder::SegmentDecoder;
+use super::decoder::DecodeFailure;
+use super::engine::{EngineHandle, EngineMsg, StreamCounters, StreamEvent, StreamId, StreamModel};
 use super::events::{Event, Stats};
-use super::tracker::{StreamTracker, TrackerConfig, TrackerOutput, UpdateKind};
+use super::tracker::{StreamTracker, TrackerConfig, TrackerOutput};
 use crate::audio::resample::StreamResampler;
 use crate::audio::ring::{RingReader, RingShared};
 use crate::audio::source::{start_source, SourceSpec, StartedSource};
 use crate::audio::MODEL_SAMPLE_RATE;
 use crate::model::recognizer::Recognizer;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A live source that delivers nothing for this long has failed. (A
@@ -137,19 +139,16 @@ struct Reopener {
     awaiting_audio: Option<String>,
 }
 
-pub enum InferenceMsg {
-    Update(super::tracker::SegmentUpdate),
-    Resume { segment: u64 },
-}
+/// The local source's stream in the engine (the server numbers its
+/// audio-in sessions from 1).
+pub const LOCAL_STREAM_ID: StreamId = 0;
 
-/// Counters shared by the threads, read for stats events.
+/// Counters of the audio thread, read for stats events (the model's are
+/// the engine's [`StreamCounters`]).
 #[derive(Debug, Default)]
 pub struct PipelineCounters {
     pub samples_16k: AtomicU64,
-    pub skipped_partials: AtomicU64,
     pub segments: AtomicU64,
-    pub finals: AtomicU64,
-    pub model_micros: AtomicU64,
 }
 
 pub struct LiveSummary {
@@ -157,9 +156,11 @@ pub struct LiveSummary {
 }
 
 /// Runs the pipeline until the input ends or `stop` is raised, handing every
-/// event to `on_event` on the calling thread.
+/// event to `on_event` on the calling thread; `recognizer` is decoded as a
+/// stream of `engine`.
 pub fn run_live(
     source: StartedSource,
+    engine: &EngineHandle,
     recognizer: Box<dyn Recognizer>,
     opts: &LiveOptions,
     stop: Arc<AtomicBool>,
@@ -167,13 +168,13 @@ pub fn run_live(
 ) -> Result<LiveSummary, LiveError> {
     let started = Instant::now();
     let counters = Arc::new(PipelineCounters::default());
+    let model_counters = Arc::new(StreamCounters::default());
     let mut rings = RingTotals {
         current: source.reader.shared.clone(),
         dropped_before: 0,
         overflows_before: 0,
     };
     let (events_tx, events_rx) = crossbeam_channel::unbounded::<Event>();
-    let (infer_tx, infer_rx) = crossbeam_channel::unbounded::<InferenceMsg>();
     let (news_tx, mut news_rx) = crossbeam_channel::unbounded::<SourceNews>();
     let (swap_tx, swap_rx) = crossbeam_channel::unbounded::<(RingReader, u32)>();
     let mut reopener = opts.reconnect.clone().map(|policy| Reopener {
@@ -189,6 +190,8 @@ pub fn run_live(
     let tracker = StreamTracker::new(&opts.tracker, frontend, max_seconds)
         .map_err(|e| LiveError::Setup(e.to_string()))?;
 
+    let name = recognizer.name();
+    let first_failure = open_stream(engine, recognizer, &events_tx, &model_counters)?;
     let StartedSource {
         reader,
         sample_rate,
@@ -196,35 +199,48 @@ pub fn run_live(
         guard,
         description,
     } = source;
-    tracing::info!(source = %description, model = %recognizer.name(), "live transcription started");
+    tracing::info!(source = %description, model = %name, "live transcription started");
     let mut guard = Some(guard);
     let audio = {
         let (events_tx, counters, stop) = (events_tx.clone(), counters.clone(), stop.clone());
         let channels = AudioChannels {
-            infer_tx,
+            engine: engine.clone(),
+            model_counters: model_counters.clone(),
             events_tx,
             news_tx,
             swaps,
         };
-        std::thread::Builder::new()
+        let closer = engine.clone();
+        let spawned = std::thread::Builder::new()
             .name("audio".into())
             .spawn(move || {
-                audio_thread(reader, sample_rate, live, tracker, stop, channels, counters)
-            })
-            .map_err(|e| LiveError::Setup(format!("cannot start audio thread: {e}")))?
+                let result =
+                    audio_thread(reader, sample_rate, live, tracker, stop, channels, counters);
+                // Whatever ended the audio: the engine decodes what is queued, then
+                // drops the stream's end of the events channel.
+                closer.send(EngineMsg::Close {
+                    id: LOCAL_STREAM_ID,
+                });
+                result
+            });
+        match spawned {
+            Ok(thread) => thread,
+            Err(e) => {
+                engine.send(EngineMsg::Close {
+                    id: LOCAL_STREAM_ID,
+                });
+                return Err(LiveError::Setup(format!("cannot start audio thread: {e}")));
+            }
+        }
     };
-    let inference = {
-        let counters = counters.clone();
-        std::thread::Builder::new()
-            .name("inference".into())
-            .spawn(move || inference_thread(recognizer, infer_rx, events_tx, counters))
-            .map_err(|e| LiveError::Setup(format!("cannot start inference thread: {e}")))?
-    };
+    // The loop below ends when the audio thread and the engine's stream
+    // have both dropped their senders.
+    drop(events_tx);
 
     let stats = |counters: &PipelineCounters, rings: &RingTotals| -> Stats {
         let audio_seconds =
             counters.samples_16k.load(Ordering::Relaxed) as f64 / MODEL_SAMPLE_RATE as f64;
-        let model = counters.model_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let model = model_counters.model_time().as_secs_f64();
         let wall = started.elapsed().as_secs_f64();
         let usage = super::usage::ProcessUsage::read();
         Stats {
@@ -232,9 +248,9 @@ pub fn run_live(
             wall_seconds: wall,
             dropped_samples: rings.dropped(),
             overflow_events: rings.overflows(),
-            skipped_partials: counters.skipped_partials.load(Ordering::Relaxed),
+            skipped_partials: model_counters.skipped_partials.load(Ordering::Relaxed),
             segments: counters.segments.load(Ordering::Relaxed),
-            finals: counters.finals.load(Ordering::Relaxed),
+            finals: model_counters.finals.load(Ordering::Relaxed),
             model_rtf: if audio_seconds > 0.0 {
                 model / audio_seconds
             } else {
@@ -322,15 +338,64 @@ pub fn run_live(
     let audio_result = audio
         .join()
         .map_err(|_| LiveError::Setup("audio thread panicked".into()))?;
-    let inference_result = inference
-        .join()
-        .map_err(|_| LiveError::Setup("inference thread panicked".into()))?;
     drop(guard);
     let final_stats = stats(&counters, &rings);
     on_event(&Event::Stats(final_stats.clone()));
     audio_result?;
-    inference_result?;
-    Ok(LiveSummary { stats: final_stats })
+    let failed = model_counters.failed.load(Ordering::Relaxed);
+    let first = first_failure.lock().ok().and_then(|mut f| f.take());
+    match first {
+        Some(first) => Err(LiveError::Decode {
+            failed,
+            first: first.to_string(),
+        }),
+        None => Ok(LiveSummary { stats: final_stats }),
+    }
+}
+
+/// Opens the local stream in the engine: its events go into `events_tx`
+/// (the channel the audio thread also writes, so that each speech start
+/// comes before its segment's partials); the first failed decode lands in
+/// the returned slot when the engine closes the stream.
+fn open_stream(
+    engine: &EngineHandle,
+    recognizer: Box<dyn Recognizer>,
+    events_tx: &Sender<Event>,
+    counters: &Arc<StreamCounters>,
+) -> Result<Arc<Mutex<Option<DecodeFailure>>>, LiveError> {
+    let first_failure = Arc::new(Mutex::new(None));
+    let (opened_tx, opened_rx) = crossbeam_channel::bounded(1);
+    let sink = {
+        let (events_tx, first_failure) = (events_tx.clone(), first_failure.clone());
+        move |ev| match ev {
+            StreamEvent::Opened(result) => {
+                let _ = opened_tx.try_send(result);
+            }
+            StreamEvent::Event(ev) => {
+                let _ = events_tx.send(ev);
+            }
+            StreamEvent::Closed(failure) => {
+                if let Ok(mut slot) = first_failure.lock() {
+                    *slot = failure;
+                }
+            }
+        }
+    };
+    let open = EngineMsg::Open {
+        id: LOCAL_STREAM_ID,
+        model: StreamModel::Ready(recognizer),
+        events: Box::new(sink),
+        counters: counters.clone(),
+    };
+    let gone = || LiveError::Setup("the stream engine has stopped".into());
+    if !engine.send(open) {
+        return Err(gone());
+    }
+    match opened_rx.recv() {
+        Ok(Ok(_)) => Ok(first_failure),
+        Ok(Err(e)) => Err(LiveError::Setup(e.to_string())),
+        Err(_) => Err(gone()),
+    }
 }
 
 /// One attempt to open the source again; schedules the next on failure.
@@ -362,10 +427,11 @@ fn try_reopen(r: &mut Reopener) -> Option<StartedSource> {
     }
 }
 
-/// The audio thread's channels: updates to the inference thread, events to
-/// the caller, and news of its source to and from the caller.
+/// The audio thread's channels: updates to the engine, events to the
+/// caller, and news of its source to and from the caller.
 struct AudioChannels {
-    infer_tx: Sender<InferenceMsg>,
+    engine: EngineHandle,
+    model_counters: Arc<StreamCounters>,
     events_tx: Sender<Event>,
     news_tx: Sender<SourceNews>,
     /// New rings after a failure (`None`: a failure ends the stream).
@@ -391,7 +457,8 @@ fn audio_thread(
     counters: Arc<PipelineCounters>,
 ) -> Result<(), LiveError> {
     let AudioChannels {
-        infer_tx,
+        engine,
+        model_counters,
         events_tx,
         news_tx,
         swaps,
@@ -408,11 +475,18 @@ fn audio_thread(
                     }
                     let _ = events_tx.send(ev);
                 }
-                TrackerOutput::Update(u) => {
-                    let _ = infer_tx.send(InferenceMsg::Update(u));
+                TrackerOutput::Update(update) => {
+                    model_counters.pending.fetch_add(1, Ordering::Relaxed);
+                    engine.send(EngineMsg::Update {
+                        id: LOCAL_STREAM_ID,
+                        update,
+                    });
                 }
                 TrackerOutput::Resume { segment } => {
-                    let _ = infer_tx.send(InferenceMsg::Resume { segment });
+                    engine.send(EngineMsg::Resume {
+                        id: LOCAL_STREAM_ID,
+                        segment,
+                    });
                 }
             }
         }
@@ -499,66 +573,5 @@ fn audio_thread(
         reader = next_reader;
         resampler = new_resampler(rate)?;
         buf.resize((rate as usize / 50).max(256), 0.0);
-    }
-}
-
-fn inference_thread(
-    mut recognizer: Box<dyn Recognizer>,
-    rx: Receiver<InferenceMsg>,
-    events_tx: Sender<Event>,
-    counters: Arc<PipelineCounters>,
-) -> Result<(), LiveError> {
-    let mut decoder = SegmentDecoder::new();
-    let mut queue: VecDeque<InferenceMsg> = VecDeque::new();
-    let mut first_failure = None;
-    let mut failed = 0;
-    loop {
-        if queue.is_empty() {
-            match rx.recv() {
-                Ok(m) => queue.push_back(m),
-                Err(_) => break,
-            }
-        }
-        queue.extend(rx.try_iter());
-        let msg = queue.pop_front().unwrap();
-        match msg {
-            InferenceMsg::Resume { segment } => decoder.resume(segment),
-            InferenceMsg::Update(update) => {
-                // A partial or pause superseded by newer audio of the same segment is stale.
-                let superseded = matches!(update.kind, UpdateKind::Partial | UpdateKind::Pause)
-                    && queue.iter().any(
-                        |m| matches!(m, InferenceMsg::Update(u) if u.segment == update.segment),
-                    );
-                if superseded {
-                    counters.skipped_partials.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                let before = decoder.model_time;
-                let emit = |ev: Event| {
-                    if matches!(ev, Event::Final { .. }) {
-                        counters.finals.fetch_add(1, Ordering::Relaxed);
-                    }
-                    let _ = events_tx.send(ev);
-                };
-                // A failure has already been reported as an `error` event
-                // (and a failed final as a final with reason `error`).
-                if let Err(failure) = decoder.handle_and_emit(&update, recognizer.as_mut(), emit) {
-                    tracing::error!("decoding failed: {failure}");
-                    failed += 1;
-                    first_failure.get_or_insert(failure);
-                }
-                counters.model_micros.fetch_add(
-                    (decoder.model_time - before).as_micros() as u64,
-                    Ordering::Relaxed,
-                );
-            }
-        }
-    }
-    match first_failure {
-        Some(first) => Err(LiveError::Decode {
-            failed,
-            first: first.to_string(),
-        }),
-        None => Ok(()),
     }
 }

@@ -1,0 +1,637 @@
+//! The stream engine: one thread that owns the model's compute for every
+//! live stream — the local source and every audio-in session alike — and
+//! decides what runs next.
+//!
+//! Each stream keeps its own recogniser (own committed context over the
+//! shared weights) and [`SegmentDecoder`] here; its segment updates queue up
+//! per stream, in order. Each round the scheduler takes the head update of
+//! some streams and runs them as one batch ([`crate::model::batch`]): one
+//! call into the model, so a stream's decode steps share the weights'
+//! reads with the others'. What runs first:
+//!
+//! 1. finals (and pause decodes, which usually become finals) of every
+//!    stream that has one, oldest first, up to [`EngineConfig::max_batch`];
+//! 2. otherwise partials, the streams whose last partial is oldest first,
+//!    as many as fit [`EngineConfig::partial_budget`] by the measured cost
+//!    of a partial — so a final that arrives meanwhile waits at most about
+//!    that long, and under load each stream simply gets partials less often.
+//!
+//! A queued partial or pause decode is dropped as soon as newer audio of its
+//! segment arrives (never a final), so a stream's queue holds at most one of
+//! them per segment. A stream opened when [`EngineConfig::max_streams`] are
+//! open is refused ([`OpenError::AtCapacity`]) rather than slowing everyone.
+//! Results go to each stream's own event sink; nothing here waits for a
+//! client.
+
+use super::decoder::{guarded, reset_context, DecodeFailure, DecodeWork, SegmentDecoder};
+use super::events::Event;
+use super::tracker::{SegmentUpdate, UpdateKind};
+use crate::model::batch::{decode_batch, BatchRequest};
+use crate::model::recognizer::{FrontendSpec, Recognizer};
+use crate::model::{LoadedModel, ModelError, RecognizerOptions};
+use crossbeam_channel::{Receiver, Sender};
+use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub type StreamId = u64;
+
+/// How the engine schedules.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Streams served at once; one more is refused.
+    pub max_streams: usize,
+    /// Most decodes in one batch.
+    pub max_batch: usize,
+    /// How long a batch of partials may take, by the measured cost of one
+    /// (at least one partial runs per batch).
+    pub partial_budget: Duration,
+}
+
+/// Streams a CPU core holds by default, by Whisper width: the capacity
+/// measured with `examples/benchmark_streams.rs --find-capacity` on a
+/// 2-core machine (README, "How many streams"), halved per core.
+fn streams_per_core(d_model: usize) -> usize {
+    if d_model <= 384 {
+        2
+    } else {
+        1
+    }
+}
+
+impl EngineConfig {
+    /// The defaults for `model` on this machine: capacity from the measured
+    /// streams per CPU core (at least one stream); on a GPU, 8 until the
+    /// batched GPU kernels are measured.
+    pub fn for_model(model: &LoadedModel) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let max_streams = match model {
+            LoadedModel::Whisper(m) if m.device.is_cpu() => {
+                (streams_per_core(m.config.d_model) * cores).max(1)
+            }
+            LoadedModel::StepAudio2(sa) if sa.model.device.is_cpu() => 1,
+            _ => 8,
+        };
+        Self {
+            max_streams,
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_streams: 4,
+            max_batch: 64,
+            partial_budget: Duration::from_millis(350),
+        }
+    }
+}
+
+/// Where a stream's recogniser comes from.
+pub enum StreamModel {
+    /// Made on the engine's thread from the shared model (a Step-Audio 2
+    /// system-prompt prefill is model work like any other).
+    Options(RecognizerOptions),
+    /// Made by the caller.
+    Ready(Box<dyn Recognizer>),
+}
+
+/// Counters of one stream, kept up to date by the engine.
+#[derive(Debug, Default)]
+pub struct StreamCounters {
+    /// Updates queued and not yet taken (the stream increments it when it
+    /// sends one; the engine decrements it).
+    pub pending: AtomicUsize,
+    pub skipped_partials: AtomicU64,
+    pub finals: AtomicU64,
+    /// Decodes that failed (their finals went out with reason `error`).
+    pub failed: AtomicU64,
+    /// Model time spent on this stream (its share of each batch).
+    pub model_micros: AtomicU64,
+}
+
+impl StreamCounters {
+    pub fn model_time(&self) -> Duration {
+        Duration::from_micros(self.model_micros.load(Ordering::Relaxed))
+    }
+}
+
+pub type EventSink = Box<dyn FnMut(StreamEvent) + Send>;
+
+pub enum EngineMsg {
+    /// Opens a stream; answered with [`StreamEvent::Opened`].
+    Open {
+        id: StreamId,
+        model: StreamModel,
+        events: EventSink,
+        counters: Arc<StreamCounters>,
+    },
+    Update {
+        id: StreamId,
+        update: SegmentUpdate,
+    },
+    /// Speech resumed in `segment` after a pause.
+    Resume {
+        id: StreamId,
+        segment: u64,
+    },
+    /// The stream has sent its last update: answered with
+    /// [`StreamEvent::Closed`] once everything before it is decoded.
+    Close {
+        id: StreamId,
+    },
+}
+
+/// What a new stream needs to know to build its tracker.
+#[derive(Clone, Debug)]
+pub struct StreamInfo {
+    pub name: String,
+    pub frontend: FrontendSpec,
+    pub max_segment_seconds: f64,
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("the engine is at capacity ({capacity} streams)")]
+    AtCapacity { capacity: usize },
+    #[error("cannot start a recogniser with these options: {0}")]
+    Recognizer(String),
+}
+
+#[derive(Debug)]
+pub enum StreamEvent {
+    Opened(Result<StreamInfo, OpenError>),
+    Event(Event),
+    /// Everything of the stream is decoded; the first failed decode, if any.
+    Closed(Option<DecodeFailure>),
+}
+
+/// Counters of the whole engine, for stats and benchmarks.
+#[derive(Debug, Default)]
+pub struct EngineCounters {
+    pub streams: AtomicUsize,
+    pub refused: AtomicU64,
+    pub batches: AtomicU64,
+    /// Decodes run in batches (their sum over batches).
+    pub batched_decodes: AtomicU64,
+    pub largest_batch: AtomicUsize,
+    pub model_micros: AtomicU64,
+}
+
+/// A snapshot of [`EngineCounters`].
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct EngineStats {
+    pub streams: usize,
+    pub capacity: usize,
+    pub refused: u64,
+    pub batches: u64,
+    pub mean_batch: f64,
+    pub largest_batch: usize,
+    pub model_seconds: f64,
+}
+
+/// The engine's address: cheap to clone, one per producer.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: Sender<EngineMsg>,
+    counters: Arc<EngineCounters>,
+    capacity: usize,
+}
+
+impl EngineHandle {
+    /// Sends a message; false once the engine is gone.
+    pub fn send(&self, msg: EngineMsg) -> bool {
+        self.tx.send(msg).is_ok()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.counters;
+        let batches = c.batches.load(Ordering::Relaxed);
+        EngineStats {
+            streams: c.streams.load(Ordering::Relaxed),
+            capacity: self.capacity,
+            refused: c.refused.load(Ordering::Relaxed),
+            batches,
+            mean_batch: c.batched_decodes.load(Ordering::Relaxed) as f64 / batches.max(1) as f64,
+            largest_batch: c.largest_batch.load(Ordering::Relaxed),
+            model_seconds: c.model_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+}
+
+/// Starts the engine thread; it ends when every handle is dropped and all
+/// queued work is done. `model` makes the recognisers of streams opened
+/// with [`StreamModel::Options`].
+pub fn spawn(
+    model: LoadedModel,
+    config: EngineConfig,
+) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let counters = Arc::new(EngineCounters::default());
+    let handle = EngineHandle {
+        tx,
+        counters: counters.clone(),
+        capacity: config.max_streams,
+    };
+    let thread = std::thread::Builder::new()
+        .name("stream-engine".into())
+        .spawn(move || Engine::new(model, config, counters).run(rx))?;
+    Ok((handle, thread))
+}
+
+enum Job {
+    Update(SegmentUpdate),
+    Resume(u64),
+    Close,
+}
+
+struct Stream {
+    recognizer: Box<dyn Recognizer>,
+    decoder: SegmentDecoder,
+    jobs: VecDeque<Job>,
+    events: EventSink,
+    counters: Arc<StreamCounters>,
+    first_failure: Option<DecodeFailure>,
+    /// When this stream last had a partial decoded (fairness among partials).
+    last_partial: Instant,
+}
+
+impl Stream {
+    fn emit(&mut self, ev: Event) {
+        if matches!(ev, Event::Final { .. }) {
+            self.counters.finals.fetch_add(1, Ordering::Relaxed);
+        }
+        (self.events)(StreamEvent::Event(ev));
+    }
+
+    /// The update at the head of the queue, if it is one.
+    fn head_update(&self) -> Option<&SegmentUpdate> {
+        match self.jobs.front() {
+            Some(Job::Update(u)) => Some(u),
+            _ => None,
+        }
+    }
+}
+
+struct Engine {
+    model: LoadedModel,
+    config: EngineConfig,
+    counters: Arc<EngineCounters>,
+    streams: HashMap<StreamId, Stream>,
+    /// Measured seconds of model time per partial in a batch (moving average).
+    partial_cost: Option<f64>,
+}
+
+impl Engine {
+    fn new(model: LoadedModel, config: EngineConfig, counters: Arc<EngineCounters>) -> Self {
+        Self {
+            model,
+            config,
+            counters,
+            streams: HashMap::new(),
+            partial_cost: None,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<EngineMsg>) {
+        loop {
+            if !self.has_work() {
+                match rx.recv() {
+                    Ok(m) => self.accept(m),
+                    Err(_) => break,
+                }
+            }
+            // Take in everything queued, so that staleness is judged against
+            // the newest audio and a new stream joins the next batch.
+            while let Ok(m) = rx.try_recv() {
+                self.accept(m);
+            }
+            self.settle();
+            let batch = self.pick();
+            if !batch.is_empty() {
+                self.run_batch(batch);
+            }
+        }
+        tracing::debug!("stream engine stopped");
+    }
+
+    fn has_work(&self) -> bool {
+        self.streams.values().any(|s| !s.jobs.is_empty())
+    }
+
+    fn accept(&mut self, msg: EngineMsg) {
+        match msg {
+            EngineMsg::Open {
+                id,
+                model,
+                mut events,
+                counters,
+            } => {
+                if self.streams.len() >= self.config.max_streams {
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    events(StreamEvent::Opened(Err(OpenError::AtCapacity {
+                        capacity: self.config.max_streams,
+                    })));
+                    return;
+                }
+                // Opening is done at once, ahead of queued decodes: it is cheap
+                // for Whisper, and a Step-Audio 2 prefill is needed before the
+                // stream can produce anything.
+                let recognizer = match model {
+                    StreamModel::Ready(r) => Ok(r),
+                    StreamModel::Options(options) => self
+                        .model
+                        .recognizer(&options)
+                        .map_err(|e| OpenError::Recognizer(e.to_string())),
+                };
+                match recognizer {
+                    Ok(recognizer) => {
+                        events(StreamEvent::Opened(Ok(StreamInfo {
+                            name: recognizer.name(),
+                            frontend: recognizer.frontend(),
+                            max_segment_seconds: recognizer.max_segment_seconds(),
+                        })));
+                        self.streams.insert(
+                            id,
+                            Stream {
+                                recognizer,
+                                decoder: SegmentDecoder::new(),
+                                jobs: VecDeque::new(),
+                                events,
+                                counters,
+                                first_failure: None,
+                                last_partial: Instant::now(),
+                            },
+                        );
+                        self.counters
+                            .streams
+                            .store(self.streams.len(), Ordering::Relaxed);
+                    }
+                    Err(e) => events(StreamEvent::Opened(Err(e))),
+                }
+            }
+            EngineMsg::Update { id, update } => self.enqueue(id, Job::Update(update)),
+            EngineMsg::Resume { id, segment } => self.enqueue(id, Job::Resume(segment)),
+            EngineMsg::Close { id } => self.enqueue(id, Job::Close),
+        }
+    }
+
+    fn enqueue(&mut self, id: StreamId, job: Job) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            tracing::warn!(stream = id, "job for an unknown stream dropped");
+            return;
+        };
+        // A queued partial or pause decode is stale once newer audio of its
+        // segment arrives: drop it now, so that a stream's queue holds at
+        // most one of them per segment (plus finals, never dropped) and its
+        // pending count measures real work.
+        if let Job::Update(new) = &job {
+            let before = s.jobs.len();
+            s.jobs.retain(|j| {
+                !matches!(j, Job::Update(u) if u.segment == new.segment
+                    && matches!(u.kind, UpdateKind::Partial | UpdateKind::Pause))
+            });
+            let stale = before - s.jobs.len();
+            s.counters
+                .skipped_partials
+                .fetch_add(stale as u64, Ordering::Relaxed);
+            s.counters.pending.fetch_sub(stale, Ordering::Relaxed);
+        }
+        s.jobs.push_back(job);
+    }
+
+    /// Applies the jobs at the head of each queue that need no model:
+    /// resumes, and closes (everything before them is done).
+    fn settle(&mut self) {
+        let mut closed = Vec::new();
+        for (&id, s) in &mut self.streams {
+            loop {
+                match s.jobs.front() {
+                    Some(Job::Resume(segment)) => {
+                        s.decoder.resume(*segment);
+                        s.jobs.pop_front();
+                    }
+                    Some(Job::Close) => {
+                        closed.push(id);
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        for id in closed {
+            let mut s = self.streams.remove(&id).expect("stream present");
+            (s.events)(StreamEvent::Closed(s.first_failure.take()));
+        }
+        self.counters
+            .streams
+            .store(self.streams.len(), Ordering::Relaxed);
+    }
+
+    /// The streams whose head update runs in the next batch.
+    fn pick(&self) -> Vec<StreamId> {
+        let urgent = |u: &SegmentUpdate| !matches!(u.kind, UpdateKind::Partial);
+        let mut finals: Vec<(Instant, StreamId)> = self
+            .streams
+            .iter()
+            .filter_map(|(&id, s)| {
+                s.head_update()
+                    .filter(|u| urgent(u))
+                    .map(|u| (u.end_arrival, id))
+            })
+            .collect();
+        if !finals.is_empty() {
+            finals.sort();
+            finals.truncate(self.config.max_batch);
+            return finals.into_iter().map(|(_, id)| id).collect();
+        }
+        let mut partials: Vec<(Instant, StreamId)> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.head_update().is_some())
+            .map(|(&id, s)| (s.last_partial, id))
+            .collect();
+        partials.sort();
+        let fit = match self.partial_cost {
+            Some(cost) if cost > 0.0 => {
+                (self.config.partial_budget.as_secs_f64() / cost).floor() as usize
+            }
+            _ => 1,
+        };
+        partials.truncate(fit.clamp(1, self.config.max_batch));
+        partials.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Runs the head update of each stream in `ids` as one batch.
+    fn run_batch(&mut self, ids: Vec<StreamId>) {
+        let mut taken: Vec<(StreamId, Stream, SegmentUpdate, DecodeWork)> = ids
+            .into_iter()
+            .filter_map(|id| {
+                let mut s = self.streams.remove(&id)?;
+                let Some(Job::Update(update)) = s.jobs.pop_front() else {
+                    unreachable!("picked streams have an update at the head");
+                };
+                s.counters.pending.fetch_sub(1, Ordering::Relaxed);
+                let work = s.decoder.plan(&update);
+                Some((id, s, update, work))
+            })
+            .collect();
+        let partials = taken
+            .iter()
+            .all(|(_, _, u, _)| u.kind == UpdateKind::Partial);
+        let t = Instant::now();
+        // Work that cannot join the batch (a reused pause decode, an
+        // injected fault) runs alone, guarded as always.
+        let (batched, alone): (Vec<usize>, Vec<usize>) =
+            (0..taken.len()).partition(|&i| taken[i].3.batchable().is_some());
+        let results = self.decode_together(&mut taken, &batched);
+        let mut outcomes: Vec<Option<Result<_, DecodeFailure>>> =
+            (0..taken.len()).map(|_| None).collect();
+        for (i, r) in batched.iter().zip(results) {
+            outcomes[*i] = Some(r);
+        }
+        for &i in &alone {
+            let (_, s, update, work) = &mut taken[i];
+            outcomes[i] = Some(guarded(
+                s.recognizer.as_mut(),
+                update.segment,
+                work.is_final(),
+                |r| work.run_alone(&update.features, r),
+            ));
+        }
+        let elapsed = t.elapsed();
+        let n = taken.len();
+        let share = elapsed / n as u32;
+        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .batched_decodes
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.counters.largest_batch.fetch_max(n, Ordering::Relaxed);
+        self.counters
+            .model_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        if partials {
+            let per = elapsed.as_secs_f64() / n as f64;
+            self.partial_cost = Some(match self.partial_cost {
+                Some(c) => 0.7 * c + 0.3 * per,
+                None => per,
+            });
+        }
+        let mut finished = Vec::new();
+        for ((id, mut s, update, work), outcome) in taken.into_iter().zip(outcomes) {
+            let outcome = outcome.expect("every decode has an outcome");
+            if update.kind == UpdateKind::Partial {
+                s.last_partial = Instant::now();
+            }
+            s.counters
+                .model_micros
+                .fetch_add(share.as_micros() as u64, Ordering::Relaxed);
+            let Stream {
+                decoder,
+                recognizer,
+                ..
+            } = &mut s;
+            let mut events = Vec::new();
+            let done = decoder.complete(
+                &update,
+                work,
+                outcome,
+                Duration::ZERO,
+                recognizer.as_mut(),
+                |ev| events.push(ev),
+            );
+            for ev in events {
+                s.emit(ev);
+            }
+            match done {
+                Ok(true) => finished.push((id, update.segment)),
+                Ok(false) => {}
+                Err(failure) => {
+                    tracing::error!(stream = id, "decoding failed: {failure}");
+                    s.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    s.first_failure.get_or_insert(failure);
+                }
+            }
+            self.streams.insert(id, s);
+        }
+        // Work for the next segments waits until every final of the batch is out.
+        for (id, segment) in finished {
+            let s = self.streams.get_mut(&id).expect("stream present");
+            let t = Instant::now();
+            s.decoder.prepare_next(segment, s.recognizer.as_mut());
+            s.counters
+                .model_micros
+                .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Decodes the batchable items `which` of `taken` in one call into the
+    /// model. A panic inside the batch may have left any of its streams
+    /// half-updated: each of them has its context reset and is decoded
+    /// again alone, so only a stream that fails alone loses its segment.
+    fn decode_together(
+        &self,
+        taken: &mut [(StreamId, Stream, SegmentUpdate, DecodeWork)],
+        which: &[usize],
+    ) -> Vec<Result<crate::model::recognizer::Hypothesis, DecodeFailure>> {
+        if which.is_empty() {
+            return Vec::new();
+        }
+        let failure = |update: &SegmentUpdate, work: &DecodeWork, e: ModelError| DecodeFailure {
+            segment: update.segment,
+            on_final: work.is_final(),
+            panicked: false,
+            message: e.to_string(),
+        };
+        let outcome = {
+            let mut requests: Vec<BatchRequest<'_>> = taken
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| which.contains(i))
+                .map(|(_, (_, s, update, work))| {
+                    let (prefix, commit) = work.batchable().expect("batchable work");
+                    BatchRequest {
+                        recognizer: s.recognizer.as_mut(),
+                        features: &update.features,
+                        prefix,
+                        commit,
+                    }
+                })
+                .collect();
+            catch_unwind(AssertUnwindSafe(|| decode_batch(&mut requests)))
+        };
+        match outcome {
+            Ok(results) => which
+                .iter()
+                .zip(results)
+                .map(|(&i, r)| {
+                    let (_, _, update, work) = &taken[i];
+                    r.map_err(|e| failure(update, work, e))
+                })
+                .collect(),
+            Err(_) => {
+                tracing::error!(
+                    "a batch of {} decodes panicked; each is decoded again alone",
+                    which.len()
+                );
+                which
+                    .iter()
+                    .map(|&i| {
+                        let (_, s, update, work) = &mut taken[i];
+                        reset_context(s.recognizer.as_mut());
+                        guarded(
+                            s.recognizer.as_mut(),
+                            update.segment,
+                            work.is_final(),
+                            |r| work.run_alone(&update.features, r),
+                        )
+                    })
+                    .collect()
+            }
+        }
+    }
+}
