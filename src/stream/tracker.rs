@@ -64,7 +64,7 @@ pub struct SegmentUpdate {
 }
 
 #[derive(Clone, Debug)]
-pub(crate) enum TrackerOutput {
+pub enum TrackerOutput {
     Event(Event),
     Update(SegmentUpdate),
     /// Speech resumed: the last `Pause` of this segment is void.
@@ -82,7 +82,7 @@ struct OpenSegment {
     paused: bool,
 }
 
-pub(crate) struct StreamTracker {
+pub struct StreamTracker {
     vad: VoiceDetector,
     segmenter: Segmenter,
     frontend: FrontendSpec,

@@ -2,7 +2,7 @@
 //! zeros elsewhere).
 
 #[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct ProcessUsage {
+pub struct ProcessUsage {
     /// User + system CPU time since the process started.
     pub cpu_seconds: f64,
     pub rss_mb: f64,
@@ -10,7 +10,7 @@ pub(crate) struct ProcessUsage {
 }
 
 impl ProcessUsage {
-    pub(crate) fn read() -> Self {
+    pub fn read() -> Self {
         let mut usage = Self::default();
         if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
             // Fields after the parenthesised command name; utime and stime are 14 and 15.

@@ -1,0 +1,597 @@
+//! Capacity of the stream engine: N simulated live streams in one process.
+//!
+//! Each stream plays the English recordings of `assets/` joined with 1.5 s
+//! pauses (174 s), paced at real time in 20 ms chunks, streams starting
+//! `--stagger` s apart (each from a different recording, so they do not
+//! speak in unison). Every stream runs what an audio-in session of `serve`
+//! runs — its own `StreamTracker` (VAD, segmenter, mel) on its own thread,
+//! its updates into one shared engine (`stream::engine`), its events back
+//! through the engine's sink — so the scheduler, batching and event path are
+//! the server's; only the socket is missing (`scripts/ws_load.py` is the
+//! over-the-wire check).
+//!
+//! Measured per stream and overall:
+//! - end of speech → final: from the moment the last voiced frame of each
+//!   recording was fed (frames within 40 dB of the recording's loudest) to
+//!   the arrival of the final of the segment that holds it (p50/p95/p99);
+//! - first-partial delay (speech start fed → first partial) and the gaps
+//!   between partials while a segment is open (speech start → partial →
+//!   partial … → speech end), p50/p95/p99/max; partials per second of speech;
+//! - finals lost (a speech start without a final: must be 0), streams refused;
+//! - model RTF, process CPU, RSS; the engine's batches.
+//!
+//! `--find-capacity`: the largest N (doubling, then bisecting) whose
+//! end-of-speech→final p95 ≤ `--target-p95` (1 s) while the 99th percentile
+//! of partial gaps is ≤ `--max-partial-gap` (1.5 s) and nothing is lost —
+//! dropping partials does not count as capacity.
+//!
+//! ```text
+//! cargo run --release --example benchmark_streams -- --streams 8 [--model tiny.en] [--duration 174]
+//! cargo run --release --example benchmark_streams -- --find-capacity --duration 60
+//! cargo run --release --example benchmark_streams -- --streams 16 --capacity default
+//! ```
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use stepaudio_live::audio::wav::read_wav_16k_mono;
+use stepaudio_live::cli::{ComputeDType, DeviceArg};
+use stepaudio_live::model::LoadedModel;
+use stepaudio_live::stream::engine::{
+    self, EngineConfig, EngineHandle, EngineMsg, StreamCounters, StreamEvent, StreamModel,
+};
+use stepaudio_live::stream::events::Event;
+use stepaudio_live::stream::tracker::{StreamTracker, TrackerConfig, TrackerOutput};
+use stepaudio_live::stream::usage::ProcessUsage;
+
+const RATE: usize = 16_000;
+const CHUNK: usize = RATE / 50;
+const PAUSE_S: f64 = 1.5;
+/// Frames quieter than this below the recording's loudest are not voiced.
+const VOICED_DB: f64 = 40.0;
+
+#[derive(Parser, Debug)]
+#[command(about = "Live streams through one stream engine: latency, partial cadence, capacity")]
+struct Args {
+    /// Whisper model name or directory, or a Step-Audio 2 checkpoint.
+    #[arg(long, default_value = "tiny.en")]
+    model: String,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    #[arg(long, value_enum)]
+    dtype: Option<ComputeDType>,
+    /// Concurrent streams.
+    #[arg(long, default_value_t = 4)]
+    streams: usize,
+    /// Seconds of audio per stream (at most the 174 s playlist, looped past it).
+    #[arg(long, default_value_t = 174.0)]
+    duration: f64,
+    /// Seconds between stream starts.
+    #[arg(long, default_value_t = 5.0)]
+    stagger: f64,
+    /// Engine capacity: a number, or `default` (the engine's measured
+    /// default for the model and device); default: as many as --streams.
+    #[arg(long)]
+    capacity: Option<String>,
+    #[arg(long, default_value_t = EngineConfig::default().max_batch)]
+    max_batch: usize,
+    /// Budget of a batch of partials (ms).
+    #[arg(long, default_value_t = EngineConfig::default().partial_budget.as_millis() as u64)]
+    partial_budget_ms: u64,
+    #[arg(long)]
+    find_capacity: bool,
+    /// Largest N tried by --find-capacity.
+    #[arg(long, default_value_t = 64)]
+    max_streams: usize,
+    #[arg(long, default_value_t = 1.0)]
+    target_p95: f64,
+    #[arg(long, default_value_t = 1.5)]
+    max_partial_gap: f64,
+    /// Write every number as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn speech_dir() -> PathBuf {
+    std::env::var_os("STEPAUDIO_LIVE_SPEECH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets"))
+}
+
+/// One recording in the playlist: where its audio lies and where its voicing ends.
+#[derive(Clone, Debug)]
+struct Utterance {
+    start: f64,
+    voiced_end: f64,
+}
+
+struct Playlist {
+    audio: Vec<f32>,
+    utterances: Vec<Utterance>,
+}
+
+/// The last voiced 10 ms frame's end (s), relative to `audio`'s start.
+fn voiced_end(audio: &[f32]) -> f64 {
+    let frame = RATE / 100;
+    let energies: Vec<f64> = audio
+        .chunks(frame)
+        .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>() / c.len() as f64)
+        .collect();
+    let loudest = energies.iter().copied().fold(0.0, f64::max);
+    let floor = loudest * 10f64.powf(-VOICED_DB / 10.0);
+    let last = energies.iter().rposition(|&e| e > floor).unwrap_or(0);
+    ((last + 1) * frame).min(audio.len()) as f64 / RATE as f64
+}
+
+fn load_playlist() -> Result<Playlist> {
+    let manifest = std::fs::read_to_string(speech_dir().join("manifest.tsv"))
+        .context("reading assets/manifest.tsv")?;
+    let mut audio = Vec::new();
+    let mut utterances = Vec::new();
+    for line in manifest.lines().skip(1) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        if cols.len() < 3 || cols[2] != "en" {
+            continue;
+        }
+        let clip = read_wav_16k_mono(&speech_dir().join(cols[1]))
+            .with_context(|| format!("reading {}", cols[1]))?;
+        let start = audio.len() as f64 / RATE as f64;
+        utterances.push(Utterance {
+            start,
+            voiced_end: start + voiced_end(&clip),
+        });
+        audio.extend_from_slice(&clip);
+        audio.extend(std::iter::repeat_n(0.0, (PAUSE_S * RATE as f64) as usize));
+    }
+    if utterances.is_empty() {
+        bail!("no English recordings in assets/manifest.tsv");
+    }
+    Ok(Playlist { audio, utterances })
+}
+
+/// What one stream saw, with wall times relative to its start.
+#[derive(Default)]
+struct StreamLog {
+    refused: bool,
+    /// (segment, stream time of its start, wall time it was fed).
+    speech_starts: Vec<(u64, f64)>,
+    speech_ends: Vec<(u64, f64)>,
+    partials: Vec<(u64, f64)>,
+    /// (segment, stream start, stream end, arrival).
+    finals: Vec<(u64, f64, f64, f64)>,
+    /// Stream times of voiced ends fed (from the playlist, looped).
+    voiced_ends: Vec<f64>,
+    audio_seconds: f64,
+    model_seconds: f64,
+    skipped_partials: u64,
+}
+
+/// Runs one simulated stream to its end; returns its log.
+fn run_stream(
+    id: u64,
+    engine: EngineHandle,
+    model: &LoadedModel,
+    playlist: &Playlist,
+    offset: usize,
+    duration: f64,
+    delay: f64,
+) -> Result<StreamLog> {
+    std::thread::sleep(Duration::from_secs_f64(delay));
+    let log = Arc::new(Mutex::new(StreamLog::default()));
+    let t0 = Instant::now();
+    let secs = move |t: Instant| t.duration_since(t0).as_secs_f64();
+    let counters = Arc::new(StreamCounters::default());
+    let (opened_tx, opened_rx) = crossbeam_channel::bounded(1);
+    let (closed_tx, closed_rx) = crossbeam_channel::bounded(1);
+    let sink = {
+        let log = log.clone();
+        move |ev| match ev {
+            StreamEvent::Opened(r) => {
+                let _ = opened_tx.try_send(r.map(|info| info.frontend).map_err(|e| e.to_string()));
+            }
+            StreamEvent::Event(ev) => {
+                let now = secs(Instant::now());
+                let mut log = log.lock().unwrap();
+                match ev {
+                    Event::Partial { segment, .. } => log.partials.push((segment, now)),
+                    Event::Final {
+                        segment,
+                        start,
+                        end,
+                        ..
+                    } => log.finals.push((segment, start, end, now)),
+                    _ => {}
+                }
+            }
+            StreamEvent::Closed(_) => {
+                let _ = closed_tx.try_send(());
+            }
+        }
+    };
+    let recognizer = model.recognizer(&Default::default())?;
+    let max_seconds = recognizer.max_segment_seconds();
+    engine.send(EngineMsg::Open {
+        id,
+        model: StreamModel::Ready(recognizer),
+        events: Box::new(sink),
+        counters: counters.clone(),
+    });
+    let frontend = match opened_rx.recv()? {
+        Ok(f) => f,
+        Err(_) => {
+            log.lock().unwrap().refused = true;
+            return Ok(Arc::try_unwrap(log).ok().unwrap().into_inner().unwrap());
+        }
+    };
+    let mut tracker = StreamTracker::new(&TrackerConfig::default(), frontend, max_seconds)?;
+    let total = (duration * RATE as f64) as usize;
+    let n = playlist.audio.len();
+    let mut outputs = Vec::new();
+    let mut fed = 0;
+    let forward = |outputs: &mut Vec<TrackerOutput>, log: &Mutex<StreamLog>| {
+        for o in outputs.drain(..) {
+            match o {
+                TrackerOutput::Event(Event::SpeechStart { segment, .. }) => log
+                    .lock()
+                    .unwrap()
+                    .speech_starts
+                    .push((segment, secs(Instant::now()))),
+                TrackerOutput::Event(Event::SpeechEnd { segment, .. }) => log
+                    .lock()
+                    .unwrap()
+                    .speech_ends
+                    .push((segment, secs(Instant::now()))),
+                TrackerOutput::Event(_) => {}
+                TrackerOutput::Update(update) => {
+                    counters.pending.fetch_add(1, Ordering::Relaxed);
+                    engine.send(EngineMsg::Update { id, update });
+                }
+                TrackerOutput::Resume { segment } => {
+                    engine.send(EngineMsg::Resume { id, segment });
+                }
+            }
+        }
+    };
+    // The playlist's voiced ends, in this stream's time (it starts at `offset`, looped).
+    {
+        let mut log = log.lock().unwrap();
+        let period = n as f64 / RATE as f64;
+        let from = offset as f64 / RATE as f64;
+        for lap in 0..=(duration / period).ceil() as usize {
+            for u in &playlist.utterances {
+                let t = u.voiced_end - from + lap as f64 * period;
+                if t > 0.0 && t <= duration && u.start - from + lap as f64 * period >= 0.0 {
+                    log.voiced_ends.push(t);
+                }
+            }
+        }
+        log.voiced_ends.sort_by(f64::total_cmp);
+    }
+    while fed < total {
+        let k = CHUNK.min(total - fed);
+        let chunk: Vec<f32> = (0..k)
+            .map(|i| playlist.audio[(offset + fed + i) % n])
+            .collect();
+        fed += k;
+        // Real time: the chunk's last sample is "heard" at its stream time.
+        let due = t0 + Duration::from_secs_f64(fed as f64 / RATE as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        tracker.push(&chunk, Instant::now(), &mut outputs);
+        forward(&mut outputs, &log);
+    }
+    tracker.finish(&mut outputs);
+    forward(&mut outputs, &log);
+    engine.send(EngineMsg::Close { id });
+    closed_rx
+        .recv_timeout(Duration::from_secs(600))
+        .context("the engine never closed the stream")?;
+    let mut log = Arc::try_unwrap(log)
+        .ok()
+        .context("stream log still shared")?
+        .into_inner()
+        .unwrap();
+    log.audio_seconds = fed as f64 / RATE as f64;
+    log.model_seconds = counters.model_time().as_secs_f64();
+    log.skipped_partials = counters.skipped_partials.load(Ordering::Relaxed);
+    Ok(log)
+}
+
+fn pct(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let k = (v.len() - 1) as f64 * q / 100.0;
+    let (lo, hi) = (k.floor() as usize, k.ceil() as usize);
+    v[lo] + (v[hi] - v[lo]) * (k - lo as f64)
+}
+
+/// The numbers of one stream (or of all, pooled).
+#[derive(Default, Debug, Clone)]
+struct Measures {
+    end_to_final: Vec<f64>,
+    first_partial: Vec<f64>,
+    partial_gaps: Vec<f64>,
+    partials: usize,
+    speech_seconds: f64,
+    lost: usize,
+    segments: usize,
+}
+
+impl Measures {
+    fn of(log: &StreamLog) -> Self {
+        let mut m = Measures {
+            segments: log.speech_starts.len(),
+            ..Default::default()
+        };
+        for &(seg, started) in &log.speech_starts {
+            let Some(&(_, start, end, arrival)) = log.finals.iter().find(|f| f.0 == seg) else {
+                m.lost += 1;
+                continue;
+            };
+            let ended = log
+                .speech_ends
+                .iter()
+                .find(|e| e.0 == seg)
+                .map_or(arrival, |e| e.1);
+            m.speech_seconds += (end - start).max(0.0);
+            let parts: Vec<f64> = log
+                .partials
+                .iter()
+                .filter(|p| p.0 == seg && p.1 <= ended)
+                .map(|p| p.1)
+                .collect();
+            if let Some(&first) = parts.first() {
+                m.first_partial.push(first - started);
+            }
+            m.partials += parts.len();
+            let mut last = started;
+            for &p in &parts {
+                m.partial_gaps.push(p - last);
+                last = p;
+            }
+            m.partial_gaps.push(ended - last);
+            // Each recording's last voiced frame, if this segment holds it.
+            for &v in &log.voiced_ends {
+                if v > start && v <= end + 0.05 {
+                    m.end_to_final.push(arrival - v);
+                }
+            }
+        }
+        m
+    }
+
+    fn merge(&mut self, o: &Measures) {
+        self.end_to_final.extend(&o.end_to_final);
+        self.first_partial.extend(&o.first_partial);
+        self.partial_gaps.extend(&o.partial_gaps);
+        self.partials += o.partials;
+        self.speech_seconds += o.speech_seconds;
+        self.lost += o.lost;
+        self.segments += o.segments;
+    }
+
+    fn summary(&self) -> serde_json::Value {
+        let q = |v: &[f64]| json!({"p50": pct(v, 50.0), "p95": pct(v, 95.0), "p99": pct(v, 99.0), "max": pct(v, 100.0), "n": v.len()});
+        json!({
+            "end_of_speech_to_final_s": q(&self.end_to_final),
+            "first_partial_s": q(&self.first_partial),
+            "partial_gap_s": q(&self.partial_gaps),
+            "partials_per_speech_second": self.partials as f64 / self.speech_seconds.max(1e-9),
+            "segments": self.segments,
+            "finals_lost": self.lost,
+        })
+    }
+}
+
+/// One run with `n` streams: (pooled measures, refused streams, the report).
+fn run(
+    args: &Args,
+    model: &LoadedModel,
+    playlist: &Playlist,
+    n: usize,
+) -> Result<(Measures, usize, serde_json::Value)> {
+    let mut config = EngineConfig::for_model(model);
+    config.max_batch = args.max_batch;
+    config.partial_budget = Duration::from_millis(args.partial_budget_ms);
+    config.max_streams = match args.capacity.as_deref() {
+        None => n,
+        Some("default") => config.max_streams,
+        Some(c) => c.parse().context("--capacity: a number or `default`")?,
+    };
+    let capacity = config.max_streams;
+    let (engine, thread) = engine::spawn(model.clone(), config)?;
+    let usage0 = ProcessUsage::read();
+    let started = Instant::now();
+    let step = playlist.audio.len() / n.max(1);
+    let logs: Vec<Result<StreamLog>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let engine = engine.clone();
+                let delay = i as f64 * args.stagger;
+                scope.spawn(move || {
+                    run_stream(
+                        i as u64 + 1,
+                        engine,
+                        model,
+                        playlist,
+                        i * step,
+                        args.duration,
+                        delay,
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("stream thread panicked")))
+            })
+            .collect()
+    });
+    let wall = started.elapsed().as_secs_f64();
+    let usage = ProcessUsage::read();
+    let stats = engine.stats();
+    drop(engine);
+    thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("engine panicked"))?;
+    let logs = logs.into_iter().collect::<Result<Vec<_>>>()?;
+    let mut all = Measures::default();
+    let mut per_stream = Vec::new();
+    let mut refused = 0;
+    let (mut audio, mut model_s, mut skipped) = (0.0, 0.0, 0);
+    for (i, log) in logs.iter().enumerate() {
+        if log.refused {
+            refused += 1;
+            per_stream.push(json!({"stream": i + 1, "refused": true}));
+            continue;
+        }
+        let m = Measures::of(log);
+        all.merge(&m);
+        audio += log.audio_seconds;
+        model_s += log.model_seconds;
+        skipped += log.skipped_partials;
+        let mut s = m.summary();
+        s["stream"] = json!(i + 1);
+        s["skipped_partials"] = json!(log.skipped_partials);
+        per_stream.push(s);
+    }
+    let report = json!({
+        "streams": n,
+        "capacity": capacity,
+        "refused": refused,
+        "overall": all.summary(),
+        "rtf": model_s / audio.max(1e-9),
+        "cpu_percent": (usage.cpu_seconds - usage0.cpu_seconds) / wall * 100.0,
+        "rss_mb": usage.rss_mb,
+        "peak_rss_mb": usage.peak_rss_mb,
+        "skipped_partials": skipped,
+        "engine": stats,
+        "wall_s": wall,
+        "per_stream": per_stream,
+    });
+    Ok((all, refused, report))
+}
+
+fn print_run(report: &serde_json::Value) {
+    let o = &report["overall"];
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    let e = &o["end_of_speech_to_final_s"];
+    let g = &o["partial_gap_s"];
+    let p = &o["first_partial_s"];
+    println!(
+        "streams {:>3} (refused {}): end→final p50 {:.0} / p95 {:.0} / p99 {:.0} ms (n={}); first partial p50 {:.0} ms; partial gap p95 {:.0} / p99 {:.0} / max {:.0} ms; {:.2} partials/s; lost {}; RTF {:.3}; CPU {:.0} %; RSS {:.0} MB; mean batch {:.2}",
+        report["streams"], report["refused"],
+        f(&e["p50"]) * 1e3, f(&e["p95"]) * 1e3, f(&e["p99"]) * 1e3, e["n"],
+        f(&p["p50"]) * 1e3,
+        f(&g["p95"]) * 1e3, f(&g["p99"]) * 1e3, f(&g["max"]) * 1e3,
+        f(&o["partials_per_speech_second"]),
+        o["finals_lost"], f(&report["rtf"]), f(&report["cpu_percent"]), f(&report["rss_mb"]),
+        f(&report["engine"]["mean_batch"]),
+    );
+    for s in report["per_stream"].as_array().into_iter().flatten() {
+        if s["refused"].as_bool() == Some(true) {
+            println!("  stream {:>3}: refused (too_many_sessions)", s["stream"]);
+            continue;
+        }
+        let e = &s["end_of_speech_to_final_s"];
+        println!(
+            "  stream {:>3}: end→final p50 {:.0} / p95 {:.0} ms, partial gap max {:.0} ms, lost {}, skipped partials {}",
+            s["stream"], f(&e["p50"]) * 1e3, f(&e["p95"]) * 1e3,
+            f(&s["partial_gap_s"]["max"]) * 1e3, s["finals_lost"], s["skipped_partials"]
+        );
+    }
+}
+
+/// Whether a run meets the capacity bound.
+fn holds(args: &Args, m: &Measures, refused: usize) -> bool {
+    refused == 0
+        && m.lost == 0
+        && pct(&m.end_to_final, 95.0) <= args.target_p95
+        && pct(&m.partial_gaps, 99.0) <= args.max_partial_gap
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let dir = stepaudio_live::fetch::resolve(&args.model)?;
+    let model = LoadedModel::load(
+        &dir,
+        args.device.into(),
+        args.dtype.map(ComputeDType::dtype),
+        stepaudio_live::model::whisper::DecoderWeights::Int8,
+    )?;
+    let playlist = load_playlist()?;
+    eprintln!(
+        "playlist: {} recordings, {:.0} s; {} per stream, streams {} s apart",
+        playlist.utterances.len(),
+        playlist.audio.len() as f64 / RATE as f64,
+        args.duration,
+        args.stagger
+    );
+    let mut runs = Vec::new();
+    if args.find_capacity {
+        // Doubling until the bound breaks, then bisecting.
+        let (mut good, mut bad) = (0, None);
+        let mut n = 1;
+        while bad.is_none() && n <= args.max_streams {
+            let (m, refused, report) = run(&args, &model, &playlist, n)?;
+            print_run(&report);
+            runs.push(report);
+            if holds(&args, &m, refused) {
+                good = n;
+                n *= 2;
+            } else {
+                bad = Some(n);
+            }
+        }
+        if let Some(mut hi) = bad {
+            while hi - good > 1 {
+                let mid = (good + hi) / 2;
+                let (m, refused, report) = run(&args, &model, &playlist, mid)?;
+                print_run(&report);
+                runs.push(report);
+                if holds(&args, &m, refused) {
+                    good = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+        }
+        println!(
+            "capacity: {good} real-time streams (end→final p95 ≤ {} s, partial gap p99 ≤ {} s, nothing lost)",
+            args.target_p95, args.max_partial_gap
+        );
+        runs.push(json!({"capacity": good}));
+    } else {
+        let (_, _, report) = run(&args, &model, &playlist, args.streams)?;
+        print_run(&report);
+        runs.push(report);
+    }
+    if let Some(p) = &args.json {
+        let doc = json!({
+            "model": args.model,
+            "device": format!("{:?}", args.device),
+            "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+            "duration_s": args.duration,
+            "stagger_s": args.stagger,
+            "runs": runs,
+        });
+        std::fs::write(p, serde_json::to_string_pretty(&doc)?)?;
+    }
+    Ok(())
+}
