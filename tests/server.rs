@@ -796,3 +796,54 @@ fn sigterm_flushes_open_sessions_before_closing() {
         assert!(text.contains("fellow americans"), "{what}: {text:?}");
     }
 }
+
+/// A session that starts when the stream engine is at capacity gets
+/// `too_many_sessions` and close 1013 (the server's own session limit is
+/// higher); the session already running is unaffected, and once it ends a
+/// new one is taken. The health endpoint shows the engine's numbers.
+#[test]
+fn sessions_past_the_engines_capacity_are_refused() {
+    let config = ServerConfig {
+        engine: Some(stepaudio_live::stream::engine::EngineConfig {
+            max_streams: 1,
+            ..Default::default()
+        }),
+        ..config(Limits::default())
+    };
+    let server = Server::start(config, model()).unwrap();
+    let addr = server.local_addr();
+    let cards = s16le(&common::read_audio(&common::speech("en_ps_cards_001.wav")));
+    runtime().block_on(async {
+        let mut first = connect(addr, "/v1/audio").await;
+        start_session(&mut first, start_msg(16_000, 1, "s16le", false)).await;
+        let mut second = connect(addr, "/v1/audio").await;
+        assert_eq!(next_json(&mut second).await.unwrap()["type"], "hello");
+        second
+            .send(Message::text(
+                start_msg(16_000, 1, "s16le", false).to_string(),
+            ))
+            .await
+            .unwrap();
+        let (evs, close) = until_close(&mut second).await;
+        assert_eq!(evs[0]["code"], "too_many_sessions", "{evs:?}");
+        assert!(
+            evs[0]["message"].as_str().unwrap().contains("capacity"),
+            "{evs:?}"
+        );
+        assert_eq!(close.map(|c| c.code), Some(CloseCode::Again));
+        let (events, close) = finish_session(first, &cards, 3200).await;
+        assert_eq!(close.map(|c| c.code), Some(CloseCode::Normal));
+        assert!(normalize(&final_text(&events)).contains("clubs"));
+        let (events, _) =
+            run_session(addr, start_msg(16_000, 1, "s16le", false), &cards, 3200).await;
+        assert!(normalize(&final_text(&events)).contains("clubs"));
+    });
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let body: Value = serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["engine"]["capacity"], 1, "{body}");
+    assert_eq!(body["engine"]["refused"], 1, "{body}");
+    server.shutdown();
+}

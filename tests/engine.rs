@@ -1,0 +1,178 @@
+//! The stream engine with the real tiny.en: several streams decoded
+//! together (batched) get exactly the finals each gets alone, and a stream
+//! opened past the engine's capacity is refused.
+//!
+//! Partials are switched off here (a huge partial interval): which partials
+//! run depends on timing (stale ones are dropped), and they set the forced
+//! prefix of later decodes; without them every decode of a segment sees the
+//! same context, so finals must be identical however the engine batches.
+
+mod common;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use stepaudio_live::stream::engine::{
+    self, EngineConfig, EngineHandle, EngineMsg, OpenError, StreamCounters, StreamEvent,
+    StreamModel,
+};
+use stepaudio_live::stream::events::Event;
+use stepaudio_live::stream::tracker::{StreamTracker, TrackerConfig, TrackerOutput};
+
+/// Opens stream `id`; its events arrive on the returned channel.
+fn open(
+    engine: &EngineHandle,
+    id: u64,
+) -> (
+    Result<stepaudio_live::stream::engine::StreamInfo, OpenError>,
+    crossbeam_channel::Receiver<StreamEvent>,
+) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let sent = engine.send(EngineMsg::Open {
+        id,
+        model: StreamModel::Options(Default::default()),
+        events: Box::new(move |ev| {
+            let _ = tx.send(ev);
+        }),
+        counters: Arc::new(StreamCounters::default()),
+    });
+    assert!(sent, "the engine is running");
+    match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
+        StreamEvent::Opened(r) => (r, rx),
+        other => panic!("expected Opened, got {other:?}"),
+    }
+}
+
+/// Feeds `audio` through a tracker into stream `id` as fast as it goes and
+/// closes the stream; returns the final texts in segment order.
+fn stream_finals(engine: &EngineHandle, id: u64, audio: &[f32]) -> Vec<String> {
+    let (info, events) = open(engine, id);
+    let info = info.expect("opened");
+    let config = TrackerConfig {
+        partial_interval_ms: 3_600_000,
+        ..TrackerConfig::default()
+    };
+    let mut tracker = StreamTracker::new(&config, info.frontend, info.max_segment_seconds).unwrap();
+    let mut outputs = Vec::new();
+    for chunk in audio.chunks(1600) {
+        tracker.push(chunk, Instant::now(), &mut outputs);
+    }
+    tracker.finish(&mut outputs);
+    for o in outputs {
+        match o {
+            TrackerOutput::Update(update) => {
+                engine.send(EngineMsg::Update { id, update });
+            }
+            TrackerOutput::Resume { segment } => {
+                engine.send(EngineMsg::Resume { id, segment });
+            }
+            TrackerOutput::Event(_) => {}
+        }
+    }
+    engine.send(EngineMsg::Close { id });
+    let mut finals = Vec::new();
+    loop {
+        match events.recv_timeout(Duration::from_secs(300)).unwrap() {
+            StreamEvent::Event(Event::Final {
+                segment,
+                text,
+                reason,
+                ..
+            }) => {
+                assert_ne!(reason, "error");
+                assert_eq!(segment as usize, finals.len(), "finals in order");
+                finals.push(text);
+            }
+            StreamEvent::Closed(failure) => {
+                assert!(failure.is_none(), "{failure:?}");
+                return finals;
+            }
+            _ => {}
+        }
+    }
+}
+
+fn audio_of(ids: &[&str]) -> Vec<f32> {
+    let mut audio = Vec::new();
+    for id in ids {
+        audio.extend(common::read_audio(&common::speech(&format!("{id}.wav"))));
+        audio.extend(std::iter::repeat_n(0.0, 16_000));
+    }
+    audio
+}
+
+#[test]
+fn streams_decoded_together_get_the_finals_they_get_alone() {
+    let inputs = [
+        audio_of(&["en_ps_cards_001", "en_jfk_ask_not"]),
+        audio_of(&["en_mfa_words", "en_ps_cards_002", "en_mfa_her"]),
+        audio_of(&["en_timit_ldc93s1", "en_ps_goforward"]),
+        audio_of(&["en_ps_cards_003", "en_mfa_thoughts"]),
+    ];
+    let config = EngineConfig {
+        max_streams: 8,
+        ..EngineConfig::default()
+    };
+    let (engine, thread) = engine::spawn(common::tiny_en(), config.clone()).unwrap();
+    let alone: Vec<Vec<String>> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| stream_finals(&engine, i as u64, a))
+        .collect();
+    assert_eq!(engine.stats().largest_batch, 1, "one stream at a time");
+    drop(engine);
+    thread.join().unwrap();
+
+    let (engine, thread) = engine::spawn(common::tiny_en(), config).unwrap();
+    let together: Vec<Vec<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let engine = engine.clone();
+                s.spawn(move || stream_finals(&engine, 10 + i as u64, a))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let stats = engine.stats();
+    drop(engine);
+    thread.join().unwrap();
+    assert!(
+        stats.largest_batch > 1,
+        "the streams shared batches: {stats:?}"
+    );
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert!(a.iter().any(|f| !f.is_empty()), "stream {i} heard speech");
+        assert_eq!(a, t, "stream {i}");
+    }
+}
+
+#[test]
+fn a_stream_past_capacity_is_refused_until_one_closes() {
+    let config = EngineConfig {
+        max_streams: 2,
+        ..EngineConfig::default()
+    };
+    let (engine, thread) = engine::spawn(common::tiny_en(), config).unwrap();
+    let (a, a_events) = open(&engine, 1);
+    let (b, _b_events) = open(&engine, 2);
+    assert!(a.is_ok() && b.is_ok());
+    let (c, _) = open(&engine, 3);
+    match c {
+        Err(e @ OpenError::AtCapacity { capacity: 2 }) => {
+            assert!(e.to_string().contains("capacity (2 streams)"), "{e}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    engine.send(EngineMsg::Close { id: 1 });
+    assert!(matches!(
+        a_events.recv_timeout(Duration::from_secs(60)).unwrap(),
+        StreamEvent::Closed(None)
+    ));
+    let (d, _) = open(&engine, 4);
+    assert!(d.is_ok(), "a place was freed: {d:?}");
+    let stats = engine.stats();
+    assert_eq!((stats.streams, stats.capacity, stats.refused), (2, 2, 1));
+    drop(engine);
+    // Streams 2 and 4 were never closed: the engine still ends with its last handle.
+    thread.join().unwrap();
+}
