@@ -228,6 +228,57 @@ impl Qwen2Llm {
         self.norm.forward(&x)
     }
 
+    /// One decode step of several streams as one batch: row i of `embeds`
+    /// `[B, 1, H]` is the next input of the stream whose cache is `states[i]`, at
+    /// that cache's own length (its RoPE position). The projections, the MLP and
+    /// the final norm run once over all B rows, so every weight matrix is read
+    /// once per step for the whole batch; RoPE, the cache append and attention
+    /// run per stream over its own cache (a loop inside each layer). Returns the
+    /// final-norm hidden states `[B, 1, H]`. On an error a stream's caches may
+    /// hold part of the step: the caller truncates them.
+    pub fn forward_step_batch(
+        &self,
+        embeds: &Tensor,
+        states: &mut [&mut LlmState],
+    ) -> Result<Tensor> {
+        let (b, n, _) = embeds.dims3()?;
+        if n != 1 || b != states.len() {
+            candle_core::bail!(
+                "batched decode step of {b}×{n} inputs for {} streams",
+                states.len()
+            );
+        }
+        let mut rope = Vec::with_capacity(b);
+        for st in states.iter() {
+            let past = st.len();
+            if past + 1 > self.max_positions() {
+                candle_core::bail!(
+                    "LLM context of {} positions exceeds the model's {}",
+                    past + 1,
+                    self.max_positions()
+                );
+            }
+            rope.push((self.cos.narrow(0, past, 1)?, self.sin.narrow(0, past, 1)?));
+        }
+        let mut x = embeds.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&x)?;
+            let qkv = rows_forward(&layer.qkv, &h)?;
+            let mut attended = Vec::with_capacity(b);
+            for (s, (st, (cos, sin))) in states.iter_mut().zip(&rope).enumerate() {
+                attended.push(self.attend(
+                    &qkv.narrow(0, s, 1)?,
+                    &mut st.caches[i],
+                    cos,
+                    sin,
+                    None,
+                )?);
+            }
+            x = self.layer_tail(layer, &x, &Tensor::cat(&attended, 0)?, true)?;
+        }
+        self.norm.forward(&x)
+    }
+
     fn layer_forward(
         &self,
         layer: &LlmLayer,
@@ -237,10 +288,24 @@ impl Qwen2Llm {
         sin: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (b, n, hidden) = x.dims3()?;
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let h = layer.input_layernorm.forward(x)?;
         let qkv = layer.qkv.forward(&h)?;
+        let a = self.attend(&qkv, cache, cos, sin, mask)?;
+        self.layer_tail(layer, x, &a, false)
+    }
+
+    /// Self-attention of `qkv` `[b, n, (nh + 2·nkv)·hd]` (one stream's rows):
+    /// RoPE, the cache append and attention over the whole cache → `[b, n, nh, hd]`.
+    fn attend(
+        &self,
+        qkv: &Tensor,
+        cache: &mut KvCache,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, n, _) = qkv.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |start: usize, count: usize| -> Result<Tensor> {
             qkv.narrow(2, start, count * hd)?
                 .reshape((b, n, count, hd))?
@@ -258,16 +323,44 @@ impl Qwen2Llm {
             Some(_) => crate::ops::fast::attention(&q, &k, &v, scale as f32, true, None)?,
             None => None,
         };
-        let a = match fused {
-            Some(a) => a,
-            None => gqa_attention(&q, &k, &v, nkv, scale, mask)?,
+        match fused {
+            Some(a) => Ok(a),
+            None => gqa_attention(&q, &k, &v, nkv, scale, mask),
+        }
+    }
+
+    /// The rest of a layer after attention `a` `[b, n, nh, hd]`: o_proj and
+    /// residual, then the SiLU-gated MLP and residual. `as_rows` runs the
+    /// projections over `[b·n, H]` (one GEMM for a decode batch instead of one
+    /// per stream).
+    fn layer_tail(
+        &self,
+        layer: &LlmLayer,
+        x: &Tensor,
+        a: &Tensor,
+        as_rows: bool,
+    ) -> Result<Tensor> {
+        let (b, n, hidden) = x.dims3()?;
+        let lin = |l: &Linear, t: &Tensor| {
+            if as_rows {
+                rows_forward(l, t)
+            } else {
+                l.forward(t)
+            }
         };
-        let x = (x + layer.o_proj.forward(&a.reshape((b, n, hidden))?)?)?;
+        let x = (x + lin(&layer.o_proj, &a.reshape((b, n, hidden))?)?)?;
         let h = layer.post_attention_layernorm.forward(&x)?;
-        let gu = layer.gate_up.forward(&h)?;
+        let gu = lin(&layer.gate_up, &h)?;
         let inter = gu.dim(2)? / 2;
         let act = (gu.narrow(2, 0, inter)?.silu()? * gu.narrow(2, inter, inter)?)?;
-        x + layer.down_proj.forward(&act)?
+        x + lin(&layer.down_proj, &act)?
+    }
+
+    /// Vocabulary logits `[B, V]` of hidden states `[B, 1, H]`, one `lm_head`
+    /// GEMM for the batch.
+    pub fn logits_rows(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = hidden.dims3()?;
+        rows_forward(&self.lm_head, hidden)?.reshape((b * n, ()))
     }
 
     /// Vocabulary logits of the last position of `hidden` `[1, n, H]`: `[V]`.
@@ -283,6 +376,15 @@ impl Qwen2Llm {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)
     }
+}
+
+/// `lin` over `[b, n, K]` as one `[b·n, K]` GEMM: a 3-D input would go
+/// through a batched matmul that reads the weights once per batch entry.
+fn rows_forward(lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    let (b, n, k) = x.dims3()?;
+    let y = lin.forward(&x.reshape((b * n, k))?)?;
+    let out = y.dim(1)?;
+    y.reshape((b, n, out))
 }
 
 /// Grouped-query attention without copying keys and values per query head:
