@@ -9,7 +9,10 @@
 //! weights were used with; a live segment (≤ 25 s) is a batch of one.
 //!
 //! Tensor code stays on the model's device and dtype; the decode loop reads
-//! back only the sampled id per step.
+//! back only the sampled id per step. Live streams decoded at the same time
+//! share each LLM decode step as one batch
+//! ([`StepAudio2Recognizer::decode_batch`]); their encoder passes stay one per
+//! segment.
 
 pub mod adapter;
 pub mod config;
@@ -30,10 +33,10 @@ use config::StepAudio2Config;
 use encoder::{AudioEncoder, EncoderOutput};
 use llm::Qwen2Llm;
 use prompt::{PromptIds, StepTokenizer};
-pub use session::{Session, SessionOptions, TurnOptions, TurnOutput};
+pub use session::{Session, SessionOptions, TurnOptions, TurnOutput, TurnRequest};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Longest audio of one piece / one live segment.
 pub(crate) const MAX_SEGMENT_SECONDS: f64 = 25.0;
@@ -323,26 +326,97 @@ impl StepAudio2Recognizer {
         let out = self
             .session
             .run_turn(&self.sa.clone(), &[rows], prefix, commit, &self.turn)?;
-        let t2 = Instant::now();
-        Ok(Hypothesis {
+        Ok(self.hypothesis(out, t1 - t0, t1.elapsed()))
+    }
+
+    fn hypothesis(
+        &self,
+        out: TurnOutput,
+        encode_time: Duration,
+        decode_time: Duration,
+    ) -> Hypothesis {
+        Hypothesis {
             text: self.sa.tokenizer.decode_text(&out.text_tokens),
             tokens: out.text_tokens,
             no_speech_prob: None,
             avg_logprob: out.sum_logprob / out.scored.max(1) as f64,
-            encode_time: t1 - t0,
-            decode_time: t2 - t1,
-        })
+            encode_time,
+            decode_time,
+        }
     }
 }
 
 impl StepAudio2Recognizer {
-    /// Several streams' turns in one batch (see [`crate::model::batch`]).
+    /// Several streams' turns in one batch (see [`crate::model::batch`]): each
+    /// request gives what [`Self::run`] gives it alone. The encoder and adapter
+    /// run per stream (segments differ in length, and a segment's rows are
+    /// reused from the last decode of the same frames); the LLM turns of the
+    /// streams over the same weights go through [`Session::run_turns`], whose
+    /// greedy steps are batched. A hypothesis' `decode_time` is its batch's
+    /// whole LLM time, which is what the stream waited for.
     pub(crate) fn decode_batch(
         requests: &mut [crate::model::batch::FamilyRequest<'_, Self>],
     ) -> Vec<Result<Hypothesis, ModelError>> {
-        requests
-            .iter_mut()
-            .map(|r| r.recognizer.run(r.features, r.prefix, r.commit))
+        let mut results: Vec<Option<Result<Hypothesis, ModelError>>> =
+            requests.iter().map(|_| None).collect();
+        // Per request: its adapter rows (one piece) and the time they took.
+        let mut encoded: Vec<Option<([Tensor; 1], Duration)>> = Vec::new();
+        for (i, r) in requests.iter_mut().enumerate() {
+            let t0 = Instant::now();
+            match r.recognizer.audio_rows(r.features) {
+                Ok(rows) => encoded.push(Some(([rows], t0.elapsed()))),
+                Err(e) => {
+                    encoded.push(None);
+                    results[i] = Some(Err(e));
+                }
+            }
+        }
+        // Streams batch only with streams over the same weights.
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            if encoded[i].is_none() {
+                continue;
+            }
+            let sa = &r.recognizer.sa;
+            match groups
+                .iter_mut()
+                .find(|g| Arc::ptr_eq(&requests[g[0]].recognizer.sa, sa))
+            {
+                Some(g) => g.push(i),
+                None => groups.push(vec![i]),
+            }
+        }
+        for group in groups {
+            let sa = requests[group[0]].recognizer.sa.clone();
+            let t1 = Instant::now();
+            let mut turns: Vec<TurnRequest<'_>> = requests
+                .iter_mut()
+                .zip(&encoded)
+                .enumerate()
+                .filter(|(i, _)| group.contains(i))
+                .filter_map(|(_, (r, e))| {
+                    let rec = &mut *r.recognizer;
+                    Some(TurnRequest {
+                        session: &mut rec.session,
+                        audio: &e.as_ref()?.0,
+                        prefix: r.prefix,
+                        commit: r.commit,
+                        opts: &rec.turn,
+                    })
+                })
+                .collect();
+            let outs = Session::run_turns(&sa, &mut turns);
+            drop(turns);
+            let decode_time = t1.elapsed();
+            for (&i, out) in group.iter().zip(outs) {
+                let encode_time = encoded[i].as_ref().map_or(Duration::ZERO, |e| e.1);
+                let rec = &*requests[i].recognizer;
+                results[i] = Some(out.map(|o| rec.hypothesis(o, encode_time, decode_time)));
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every request is answered"))
             .collect()
     }
 }

@@ -9,6 +9,12 @@
 //! When a final pushes the committed context past `max_context` tokens, the
 //! stream restarts from the system prompt: a truncation to its length, since
 //! that prefix is still cached.
+//!
+//! Several sessions' turns can run together ([`Session::run_turns`]): each
+//! prefills alone, then their greedy steps share one batched forward until
+//! each stream leaves at `<|EOT|>` or its budget; a turn's prologue (restart,
+//! budget), greedy bookkeeping and epilogue (commit or rollback) are the same
+//! code as a single stream's.
 
 use super::prompt::SystemPrompt;
 use super::{llm, StepAudio2};
@@ -90,6 +96,9 @@ pub struct TurnOutput {
     /// closing `<|EOT|>` of a commit not included).
     pub decode_steps: usize,
     pub decode_time: Duration,
+    /// The most streams one of those steps ran with in a batch (1: alone,
+    /// 0: no step), so a caller can see that batching took place.
+    pub peak_batch: usize,
 }
 
 pub struct Session {
@@ -195,6 +204,124 @@ impl Session {
         commit: bool,
         opts: &TurnOptions,
     ) -> Result<TurnOutput, ModelError> {
+        let plan = self.plan_turn(sa, audio, prefix, opts)?;
+        let result = self.greedy_turn(sa, &plan, audio, prefix, commit, opts);
+        self.close_turn(&plan, commit, result)
+    }
+
+    /// Several streams' turns, each as [`Self::run_turn`] would run it alone, with
+    /// the greedy steps batched: every step runs the streams still generating as
+    /// one `[B, 1, H]` forward ([`llm::Qwen2Llm::forward_step_batch`]), and a
+    /// stream leaves the batch at `<|EOT|>` or its budget while the others go on.
+    /// The prompt prefill stays per stream (prompts differ in length), and so
+    /// does the commit's closing `pending + <|EOT|>` forward. A stream whose
+    /// fused decode step applies (CUDA, bf16) runs its whole turn alone through
+    /// that kernel. An error in a stream's own prologue or prefill costs only
+    /// that stream; a failed batched step fails every stream in it (each rolled
+    /// back to its committed context).
+    pub fn run_turns(
+        sa: &StepAudio2,
+        turns: &mut [TurnRequest<'_>],
+    ) -> Vec<Result<TurnOutput, ModelError>> {
+        let llm = &sa.model.llm;
+        let eot = sa.tokenizer.eot;
+        let mut results: Vec<Option<Result<TurnOutput, ModelError>>> =
+            turns.iter().map(|_| None).collect();
+        // Per stream: the settled turn and its greedy state once prefilled.
+        let mut live: Vec<Option<(TurnPlan, Greedy)>> = turns.iter().map(|_| None).collect();
+        for (i, t) in turns.iter_mut().enumerate() {
+            let plan = match t.session.plan_turn(sa, t.audio, t.prefix, t.opts) {
+                Ok(p) => p,
+                Err(e) => {
+                    results[i] = Some(Err(e));
+                    continue;
+                }
+            };
+            match t.session.fused_applies(sa, plan.budget) {
+                Ok(false) => {}
+                fused => {
+                    // The fused step is batch-1: this stream's turn runs alone.
+                    let result = fused.and_then(|_| {
+                        t.session
+                            .greedy_turn(sa, &plan, t.audio, t.prefix, t.commit, t.opts)
+                    });
+                    results[i] = Some(t.session.close_turn(&plan, t.commit, result));
+                    continue;
+                }
+            }
+            match Greedy::prefill(sa, &mut t.session.state, &plan, t.audio, t.prefix, t.opts) {
+                Ok(g) => live[i] = Some((plan, g)),
+                Err(e) => results[i] = Some(t.session.close_turn(&plan, t.commit, Err(e))),
+            }
+        }
+        loop {
+            // Streams whose turn ended leave the batch; the others need a step.
+            let mut batch = Vec::new();
+            for (i, t) in turns.iter_mut().enumerate() {
+                let Some((_, g)) = live[i].as_mut() else {
+                    continue;
+                };
+                if g.accept(eot, t.opts) {
+                    batch.push(i);
+                    continue;
+                }
+                let (plan, g) = live[i].take().expect("live above");
+                let result = g.finish(sa, &mut t.session.state, t.prefix, t.commit);
+                results[i] = Some(t.session.close_turn(&plan, t.commit, result));
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let ids: Vec<u32> = batch
+                .iter()
+                .map(|&i| live[i].as_ref().expect("in the batch").1.next)
+                .collect();
+            let mut states: Vec<&mut llm::LlmState> = turns
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| batch.contains(i))
+                .map(|(_, t)| &mut t.session.state)
+                .collect();
+            let step = llm
+                .embed(&ids)
+                .and_then(|e| e.unsqueeze(1))
+                .and_then(|e| llm.forward_step_batch(&e, &mut states))
+                .and_then(|h| llm.logits_rows(&h));
+            drop(states);
+            let stepped = step.map_err(ModelError::from).and_then(|logits| {
+                for (row, &i) in batch.iter().enumerate() {
+                    let (_, g) = live[i].as_mut().expect("in the batch");
+                    g.choose(&logits.get(row)?, batch.len(), turns[i].opts)?;
+                }
+                Ok(())
+            });
+            if let Err(e) = stepped {
+                for &i in &batch {
+                    let (plan, _) = live[i].take().expect("in the batch");
+                    let err = ModelError::Invalid(format!("batched decode step: {e}"));
+                    results[i] = Some(turns[i].session.close_turn(
+                        &plan,
+                        turns[i].commit,
+                        Err(err),
+                    ));
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every turn is closed"))
+            .collect()
+    }
+
+    /// The prologue of a turn: its prompt, a restart when the model's
+    /// positions would not hold it, and the greedy budget that fits.
+    fn plan_turn(
+        &mut self,
+        sa: &StepAudio2,
+        audio: &[Tensor],
+        prefix: &[u32],
+        opts: &TurnOptions,
+    ) -> Result<TurnPlan, ModelError> {
         let llm = &sa.model.llm;
         let counts = audio
             .iter()
@@ -215,11 +342,26 @@ impl Session {
                 "a turn of {turn_len} tokens does not fit the model's {max_pos} positions"
             )));
         }
-        let budget = opts.max_new_tokens.min(room);
-        let base = self.committed;
-        debug_assert_eq!(self.state.len(), base);
+        debug_assert_eq!(self.state.len(), self.committed);
+        Ok(TurnPlan {
+            prompt,
+            turn_len,
+            budget: opts.max_new_tokens.min(room),
+            base: self.committed,
+            restarted,
+        })
+    }
 
-        let result = self.greedy_turn(sa, &prompt, audio, prefix, budget, commit, opts);
+    /// The epilogue of a turn: a commit moves the committed length (and
+    /// restarts past `max_context`); a partial, or any error, truncates the
+    /// cache back to where the turn began.
+    fn close_turn(
+        &mut self,
+        plan: &TurnPlan,
+        commit: bool,
+        result: Result<TurnOutput, ModelError>,
+    ) -> Result<TurnOutput, ModelError> {
+        let mut restarted = plan.restarted;
         match result {
             Ok(mut out) => {
                 if commit {
@@ -229,123 +371,231 @@ impl Session {
                         restarted = true;
                     }
                 } else {
-                    self.state.truncate(base);
+                    self.state.truncate(plan.base);
                 }
-                out.prompt_tokens = turn_len;
+                out.prompt_tokens = plan.turn_len;
                 out.restarted = restarted;
                 Ok(out)
             }
             Err(e) => {
                 // Never leave a half-written turn in the committed context.
-                self.state.truncate(base);
+                self.state.truncate(plan.base);
                 Err(e)
             }
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Whether this session's turn of `budget` steps would decode through the
+    /// fused (batch-1) step.
+    fn fused_applies(&mut self, sa: &StepAudio2, budget: usize) -> Result<bool, ModelError> {
+        Ok(budget > 1
+            && self
+                .fused
+                .prepare(&sa.model.llm.decode_weights())?
+                .is_some())
+    }
+
+    /// The single-stream turn: prefill, greedy steps (fused where the device
+    /// has the kernel), close.
     fn greedy_turn(
         &mut self,
         sa: &StepAudio2,
-        prompt: &super::prompt::PromptIds,
+        plan: &TurnPlan,
         audio: &[Tensor],
         prefix: &[u32],
-        budget: usize,
         commit: bool,
         opts: &TurnOptions,
     ) -> Result<TurnOutput, ModelError> {
         let llm = &sa.model.llm;
         let eot = sa.tokenizer.eot;
-        let start = Instant::now();
-        let mut first_read: Option<Instant> = None;
-        let mut embeds = sa.model.embed_prompt(prompt, audio)?;
-        if !prefix.is_empty() {
-            embeds = Tensor::cat(&[embeds, llm.embed(prefix)?], 0)?;
-        }
-        // Prompt and forced prefix go through in one prefill.
-        let hidden = llm.forward(&embeds.unsqueeze(0)?, &mut self.state)?;
-        let mut logits = llm.logits_last(&hidden)?;
-        let mut out = TurnOutput::default();
-        // Log-probabilities are summed on the device; the only per-step read
-        // back is the chosen id.
-        let mut logprob: Option<Tensor> = None;
-        // A greedy id chosen but not yet run through the model.
-        let mut pending: Option<u32> = None;
+        let mut g = Greedy::prefill(sa, &mut self.state, plan, audio, prefix, opts)?;
         // The fused decode step, where the device has one: it chooses the next id
         // itself (and sums its log-probability on the device).
-        let mut fused = if budget > 1 {
+        let mut fused = if plan.budget > 1 {
             self.fused.prepare(&llm.decode_weights())?
         } else {
             None
         };
         let mut fused_started = false;
-        let mut next = 0;
-        if budget > 0 {
-            if opts.record_logits {
-                out.step_logits.push(logits.to_dtype(DType::F32)?);
-            }
-            next = llm::argmax(&logits)?;
-            first_read = Some(Instant::now());
-            logprob = Some(llm::max_logprob(&logits)?);
-        }
-        while out.generated.len() < budget {
-            out.scored += 1;
-            if next == eot && opts.stop_at_eot {
-                out.finished = true;
-                break;
-            }
-            out.generated.push(next);
-            if out.generated.len() == budget {
-                pending = Some(next);
-                break;
-            }
+        while g.accept(eot, opts) {
             if let Some(f) = fused.as_mut() {
                 if !fused_started {
-                    f.start(next, self.state.len())?;
+                    f.start(g.next, self.state.len())?;
                     fused_started = true;
                 }
-                next = f.step(&mut self.state)?;
+                g.next = f.step(&mut self.state)?;
                 if opts.record_logits {
-                    out.step_logits.push(f.logits()?);
+                    g.out.step_logits.push(f.logits()?);
                 }
+                g.out.decode_steps += 1;
+                g.out.peak_batch = 1;
             } else {
-                let h = llm.forward(&llm.embed(&[next])?.unsqueeze(0)?, &mut self.state)?;
-                logits = llm.logits_last(&h)?;
-                if opts.record_logits {
-                    out.step_logits.push(logits.to_dtype(DType::F32)?);
-                }
-                next = llm::argmax(&logits)?;
-                let lp = llm::max_logprob(&logits)?;
-                logprob = Some(match logprob {
-                    Some(sum) => (sum + lp)?,
-                    None => lp,
-                });
+                // The batched step with one stream: the same computation a
+                // stream gets inside a batch.
+                let embeds = llm.embed(&[g.next])?.unsqueeze(1)?;
+                let h = llm.forward_step_batch(&embeds, &mut [&mut self.state])?;
+                g.choose(&llm.logits_rows(&h)?.get(0)?, 1, opts)?;
             }
-            out.decode_steps += 1;
         }
-        let fused_logprob = match (fused.as_ref(), fused_started) {
-            (Some(f), true) => f.logprob_sum()?,
-            _ => 0.0,
+        if let (Some(f), true) = (fused.as_ref(), fused_started) {
+            g.fused_logprob = f.logprob_sum()?;
+        }
+        g.finish(sa, &mut self.state, prefix, commit)
+    }
+}
+
+/// One stream's turn in [`Session::run_turns`].
+pub struct TurnRequest<'a> {
+    pub session: &'a mut Session,
+    /// Kept adapter rows per audio piece, as for [`Session::decode_final`].
+    pub audio: &'a [Tensor],
+    pub prefix: &'a [u32],
+    /// Keep the turn (a final) or roll it back (a partial).
+    pub commit: bool,
+    pub opts: &'a TurnOptions,
+}
+
+/// What a turn's prologue settled: its prompt, the greedy budget that fits
+/// the model's positions, and the committed length it rolls back to.
+struct TurnPlan {
+    prompt: super::prompt::PromptIds,
+    /// Prompt + forced prefix tokens.
+    turn_len: usize,
+    budget: usize,
+    base: usize,
+    restarted: bool,
+}
+
+/// One turn's greedy decoding from its prefill to its close: the bookkeeping
+/// shared by the single-stream loop and the batched one, which differ only in
+/// how a step's logits are computed.
+struct Greedy {
+    out: TurnOutput,
+    budget: usize,
+    /// The chosen id not yet accepted into the turn.
+    next: u32,
+    /// The last accepted id when the budget ended the turn: it was never run
+    /// through the model, so a commit runs it before `<|EOT|>`.
+    pending: Option<u32>,
+    /// Sum of the chosen ids' log-probabilities, kept on the device: the only
+    /// per-step read back is the chosen id.
+    logprob: Option<Tensor>,
+    /// The same sum from the fused step (already on the host).
+    fused_logprob: f64,
+    start: Instant,
+    first_read: Option<Instant>,
+}
+
+impl Greedy {
+    /// Prompt (audio patches replaced by `audio`) and forced prefix in one
+    /// prefill; chooses the first id if the budget allows one.
+    fn prefill(
+        sa: &StepAudio2,
+        state: &mut llm::LlmState,
+        plan: &TurnPlan,
+        audio: &[Tensor],
+        prefix: &[u32],
+        opts: &TurnOptions,
+    ) -> Result<Self, ModelError> {
+        let llm = &sa.model.llm;
+        let start = Instant::now();
+        let mut embeds = sa.model.embed_prompt(&plan.prompt, audio)?;
+        if !prefix.is_empty() {
+            embeds = Tensor::cat(&[embeds, llm.embed(prefix)?], 0)?;
+        }
+        let hidden = llm.forward(&embeds.unsqueeze(0)?, state)?;
+        let mut g = Greedy {
+            out: TurnOutput::default(),
+            budget: plan.budget,
+            next: 0,
+            pending: None,
+            logprob: None,
+            fused_logprob: 0.0,
+            start,
+            first_read: None,
         };
-        let decoded = Instant::now();
-        let first_read = first_read.unwrap_or(decoded);
-        out.prefill_time = first_read - start;
-        out.decode_time = decoded - first_read;
-        if commit {
-            // Close the assistant turn the way the published multi-turn
-            // layout does: the generated ids as they are, then <|EOT|>.
-            let mut tail: Vec<u32> = pending.into_iter().collect();
-            tail.push(eot);
-            llm.forward(&llm.embed(&tail)?.unsqueeze(0)?, &mut self.state)?;
+        if plan.budget > 0 {
+            g.pick(&llm.logits_last(&hidden)?, opts)?;
+            g.first_read = Some(Instant::now());
         }
-        out.sum_logprob = fused_logprob
-            + match logprob {
+        Ok(g)
+    }
+
+    /// Takes the chosen id into the turn; `true` when it must run through the
+    /// model to choose the one after, `false` when the turn has ended
+    /// (`<|EOT|>` or the budget).
+    fn accept(&mut self, eot: u32, opts: &TurnOptions) -> bool {
+        if self.out.generated.len() >= self.budget {
+            return false;
+        }
+        self.out.scored += 1;
+        if self.next == eot && opts.stop_at_eot {
+            self.out.finished = true;
+            return false;
+        }
+        self.out.generated.push(self.next);
+        if self.out.generated.len() == self.budget {
+            self.pending = Some(self.next);
+            return false;
+        }
+        true
+    }
+
+    /// The next id from the logits `[V]` of a decode step that ran `width`
+    /// streams.
+    fn choose(
+        &mut self,
+        logits: &Tensor,
+        width: usize,
+        opts: &TurnOptions,
+    ) -> Result<(), ModelError> {
+        self.pick(logits, opts)?;
+        self.out.decode_steps += 1;
+        self.out.peak_batch = self.out.peak_batch.max(width);
+        Ok(())
+    }
+
+    fn pick(&mut self, logits: &Tensor, opts: &TurnOptions) -> Result<(), ModelError> {
+        if opts.record_logits {
+            self.out.step_logits.push(logits.to_dtype(DType::F32)?);
+        }
+        self.next = llm::argmax(logits)?;
+        let lp = llm::max_logprob(logits)?;
+        self.logprob = Some(match self.logprob.take() {
+            Some(sum) => (sum + lp)?,
+            None => lp,
+        });
+        Ok(())
+    }
+
+    /// Ends the turn: on commit the assistant turn is closed the way the
+    /// published multi-turn layout does (the pending id, then `<|EOT|>`).
+    fn finish(
+        mut self,
+        sa: &StepAudio2,
+        state: &mut llm::LlmState,
+        prefix: &[u32],
+        commit: bool,
+    ) -> Result<TurnOutput, ModelError> {
+        let llm = &sa.model.llm;
+        let decoded = Instant::now();
+        let first_read = self.first_read.unwrap_or(decoded);
+        self.out.prefill_time = first_read - self.start;
+        self.out.decode_time = decoded - first_read;
+        if commit {
+            let mut tail: Vec<u32> = self.pending.into_iter().collect();
+            tail.push(sa.tokenizer.eot);
+            llm.forward(&llm.embed(&tail)?.unsqueeze(0)?, state)?;
+        }
+        self.out.sum_logprob = self.fused_logprob
+            + match &self.logprob {
                 Some(t) => t.to_dtype(DType::F32)?.to_vec1::<f32>()?[0] as f64,
                 None => 0.0,
             };
-        out.text_tokens = prefix.to_vec();
-        out.text_tokens
-            .extend(sa.tokenizer.text_ids(&out.generated));
-        Ok(out)
+        self.out.text_tokens = prefix.to_vec();
+        self.out
+            .text_tokens
+            .extend(sa.tokenizer.text_ids(&self.out.generated));
+        Ok(self.out)
     }
 }
