@@ -1,0 +1,397 @@
+//! Batched Step-Audio 2 decoding on the tiny random checkpoint (f32, CPU):
+//! several streams' turns run as one batch must give each stream exactly what
+//! it gets decoded alone — the same tokens, text and log-probability, and the
+//! same KV cache afterwards — while streams leave the batch at different
+//! steps, partials roll back and finals commit inside the same batch, and
+//! later batches take a different set of streams.
+//!
+//! The tiny checkpoint's random weights rarely choose `<|EOT|>` (one clip
+//! below does), so streams are also given different budgets (through the
+//! session API) to make them leave at different steps; the tests assert
+//! that this happened.
+
+mod common;
+use candle_core::{DType, Tensor};
+use common::*;
+use std::sync::Arc;
+use stepaudio_live::device::DeviceChoice;
+use stepaudio_live::frontend::MelExtractor;
+use stepaudio_live::model::batch::{decode_batch, decode_one, BatchRequest};
+use stepaudio_live::model::recognizer::{Hypothesis, Recognizer, SegmentFeatures};
+use stepaudio_live::model::step_audio2::prompt::SystemPrompt;
+use stepaudio_live::model::step_audio2::{
+    Session, SessionOptions, StepAudio2, TurnOptions, TurnOutput, TurnRequest,
+};
+use stepaudio_live::model::{LoadedModel, RecognizerOptions};
+
+/// Relative tolerance between a batched and an unbatched stream (log-prob
+/// sums, KV caches): a batch's projections are one `[B, H]` GEMM, whose rows
+/// the CPU kernel sums in another order than a single row, so values may
+/// differ in their last bits; ids must be identical.
+const TOLERANCE: f64 = 1e-5;
+
+/// Clips of different lengths (seconds cut from the start of each file).
+const CLIPS: [(&str, f64); 4] = [
+    ("en_ps_cards_001.wav", 25.0),
+    ("en_jfk_ask_not.wav", 3.0),
+    ("zh_aishell1_BAC009S0764W0121.wav", 25.0),
+    ("en_timit_ldc93s1.wav", 2.0),
+];
+
+fn model() -> LoadedModel {
+    LoadedModel::load(
+        &fixture("step_audio2/tiny_ckpt"),
+        DeviceChoice::Cpu,
+        Some(DType::F32),
+        Default::default(),
+    )
+    .unwrap()
+}
+
+fn step_audio2(model: &LoadedModel) -> Arc<StepAudio2> {
+    match model {
+        LoadedModel::StepAudio2(sa) => sa.clone(),
+        LoadedModel::Whisper(_) => panic!("the tiny checkpoint is Step-Audio 2"),
+    }
+}
+
+fn audio(name: &str, seconds: f64) -> Vec<f32> {
+    let mut audio = read_audio(&speech(name));
+    audio.truncate((seconds * 16000.0) as usize);
+    audio
+}
+
+/// The live pipeline's features of a clip: its raw frames, then 479 zeros.
+fn features(name: &str, seconds: f64) -> SegmentFeatures {
+    let mut padded = audio(name, seconds);
+    let samples = padded.len();
+    padded.resize(samples + 479, 0.0);
+    SegmentFeatures {
+        n_mels: 128,
+        raw_frames: MelExtractor::new(128).raw_frames(&padded),
+        samples,
+    }
+}
+
+/// Adapter rows of a clip (one piece), as a session turn takes them.
+fn rows(sa: &StepAudio2, name: &str, seconds: f64) -> Tensor {
+    let mel = MelExtractor::new(128).step_audio(&audio(name, seconds));
+    sa.model.audio_embeddings(&[&mel]).unwrap().remove(0)
+}
+
+fn kv_snapshot(session: &Session) -> Vec<(Vec<f32>, Vec<f32>)> {
+    let st = session.state();
+    (0..st.num_layers())
+        .map(|i| match st.layer(i).unwrap() {
+            Some((k, v)) => (to_vec_f32(&k), to_vec_f32(&v)),
+            None => (vec![], vec![]),
+        })
+        .collect()
+}
+
+fn assert_same_hypothesis(what: &str, batched: &Hypothesis, alone: &Hypothesis) {
+    assert_eq!(batched.tokens, alone.tokens, "{what}: tokens");
+    assert_eq!(batched.text, alone.text, "{what}: text");
+    let rel = (batched.avg_logprob - alone.avg_logprob).abs() / alone.avg_logprob.abs().max(1e-12);
+    assert!(
+        rel <= 1e-4,
+        "{what}: avg_logprob {} vs {} alone",
+        batched.avg_logprob,
+        alone.avg_logprob
+    );
+}
+
+/// A batched turn against the same turn decoded alone: every field that does
+/// not measure time, the log-probability sum exactly.
+fn assert_same_turn(what: &str, batched: &TurnOutput, alone: &TurnOutput) {
+    assert_eq!(batched.generated, alone.generated, "{what}: generated ids");
+    assert_eq!(batched.text_tokens, alone.text_tokens, "{what}: text ids");
+    assert_eq!(batched.finished, alone.finished, "{what}: finished");
+    assert_eq!(batched.scored, alone.scored, "{what}: scored");
+    assert_eq!(batched.decode_steps, alone.decode_steps, "{what}: steps");
+    assert_eq!(batched.prompt_tokens, alone.prompt_tokens, "{what}: prompt");
+    assert_eq!(batched.restarted, alone.restarted, "{what}: restarted");
+    let rel = (batched.sum_logprob - alone.sum_logprob).abs() / alone.sum_logprob.abs().max(1e-12);
+    eprintln!("{what}: sum_logprob rel diff {rel:.2e}");
+    assert!(
+        rel <= TOLERANCE,
+        "{what}: sum of log-probabilities {} vs {} alone",
+        batched.sum_logprob,
+        alone.sum_logprob
+    );
+}
+
+fn assert_same_session(what: &str, batched: &Session, alone: &Session) {
+    assert_eq!(
+        batched.committed_len(),
+        alone.committed_len(),
+        "{what}: committed"
+    );
+    assert_eq!(
+        batched.state().len(),
+        alone.state().len(),
+        "{what}: cache length"
+    );
+    assert_eq!(batched.restarts(), alone.restarts(), "{what}: restarts");
+    let mut worst = 0f64;
+    for (l, ((kb, vb), (ka, va))) in kv_snapshot(batched)
+        .iter()
+        .zip(&kv_snapshot(alone))
+        .enumerate()
+    {
+        for (b, a) in [(kb, ka), (vb, va)] {
+            let rel = rel_l2(b, a);
+            worst = worst.max(rel);
+            assert!(
+                rel <= TOLERANCE,
+                "{what}: layer {l} K/V rel error {rel:.2e}"
+            );
+        }
+    }
+    eprintln!("{what}: KV cache rel diff {worst:.2e}");
+}
+
+/// (1) Four streams of different lengths through the public batch API, first
+/// partials, then finals: each result equals the stream decoded alone, and
+/// the committed context too — a later unbatched partial on each batched
+/// stream equals the same partial on the stream that did everything alone.
+#[test]
+fn a_batch_of_four_equals_each_stream_alone() {
+    let model = model();
+    let opts = RecognizerOptions::default();
+    let new = || -> Vec<Box<dyn Recognizer>> {
+        (0..CLIPS.len())
+            .map(|_| model.recognizer(&opts).unwrap())
+            .collect()
+    };
+    let (mut batched, mut alone) = (new(), new());
+    let feats: Vec<SegmentFeatures> = CLIPS.iter().map(|&(n, s)| features(n, s)).collect();
+    let next: Vec<SegmentFeatures> = CLIPS
+        .iter()
+        .rev()
+        .map(|&(n, s)| features(n, s.min(4.0)))
+        .collect();
+    let prefixes: [&[u32]; 4] = [&[], &[210, 87], &[], &[16]];
+
+    for commit in [false, true] {
+        let mut requests: Vec<BatchRequest<'_>> = batched
+            .iter_mut()
+            .zip(&feats)
+            .zip(prefixes)
+            .map(|((r, f), prefix)| BatchRequest {
+                recognizer: r.as_mut(),
+                features: f,
+                prefix,
+                commit,
+            })
+            .collect();
+        let t = std::time::Instant::now();
+        let results = decode_batch(&mut requests);
+        let batch_time = t.elapsed();
+        drop(requests);
+        let t = std::time::Instant::now();
+        for (i, (r, result)) in alone.iter_mut().zip(results).enumerate() {
+            let mut one = BatchRequest {
+                recognizer: r.as_mut(),
+                features: &feats[i],
+                prefix: prefixes[i],
+                commit,
+            };
+            let reference = decode_one(&mut one).unwrap();
+            let what = format!("stream {i} (commit {commit})");
+            assert_same_hypothesis(&what, &result.unwrap(), &reference);
+            assert!(
+                reference.tokens.len() > prefixes[i].len(),
+                "{what}: decoded nothing"
+            );
+        }
+        eprintln!(
+            "commit={commit}: batch of 4 {batch_time:?}, the same 4 one by one {:?}",
+            t.elapsed()
+        );
+    }
+    // The committed contexts match: the next segment decodes alike.
+    for (i, ((b, a), f)) in batched.iter_mut().zip(&mut alone).zip(&next).enumerate() {
+        let hb = b.decode(f, &[]).unwrap();
+        let ha = a.decode(f, &[]).unwrap();
+        assert_same_hypothesis(&format!("stream {i}, the turn after the final"), &hb, &ha);
+    }
+}
+
+/// One session-API batch: runs `turns` (session index, clip, prefix, commit,
+/// budget) batched on `batched` and one by one on `alone`, and checks every
+/// turn's output and every touched session against its unbatched twin.
+#[allow(clippy::type_complexity)]
+fn batch_against_alone(
+    sa: &StepAudio2,
+    batched: &mut [Session],
+    alone: &mut [Session],
+    turns: &[(usize, &Tensor, &[u32], bool, usize)],
+) -> Vec<TurnOutput> {
+    let opts: Vec<TurnOptions> = turns.iter().map(|t| TurnOptions::new(t.4)).collect();
+    let audio: Vec<[Tensor; 1]> = turns.iter().map(|t| [t.1.clone()]).collect();
+    let mut requests: Vec<TurnRequest<'_>> = Vec::new();
+    // Sessions in the order the turns name them (each at most once).
+    let mut slots: Vec<Option<&mut Session>> = batched.iter_mut().map(Some).collect();
+    for (k, t) in turns.iter().enumerate() {
+        requests.push(TurnRequest {
+            session: slots[t.0].take().expect("one turn per session"),
+            audio: &audio[k],
+            prefix: t.2,
+            commit: t.3,
+            opts: &opts[k],
+        });
+    }
+    let outs: Vec<TurnOutput> = Session::run_turns(sa, &mut requests)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    drop(requests);
+    for (k, (t, out)) in turns.iter().zip(&outs).enumerate() {
+        let s = &mut alone[t.0];
+        let reference = if t.3 {
+            s.decode_final(sa, &audio[k], t.2, &opts[k])
+        } else {
+            s.decode_partial(sa, &audio[k], t.2, &opts[k])
+        }
+        .unwrap();
+        let what = format!("session {} (commit {}, budget {})", t.0, t.3, t.4);
+        assert_same_turn(&what, out, &reference);
+        assert_same_session(&what, &batched[t.0], &alone[t.0]);
+        if !t.3 {
+            assert_eq!(
+                batched[t.0].state().len(),
+                batched[t.0].committed_len(),
+                "{what}: a partial leaves only the committed context"
+            );
+        }
+    }
+    outs
+}
+
+fn sessions(sa: &StepAudio2, opts: &[SessionOptions]) -> Vec<Session> {
+    opts.iter()
+        .map(|o| sa.session(o.clone()).unwrap())
+        .collect()
+}
+
+/// (2) Streams leave the batch at different steps (budgets 3, 200, 512 and
+/// one `<|EOT|>`) while the others go on, and a later batch takes a different set of
+/// streams (one new, one left out), one of which restarts its context after
+/// its final.
+#[test]
+fn streams_leave_the_batch_and_later_batches_take_others() {
+    let model = model();
+    let sa = step_audio2(&model);
+    let clips: Vec<Tensor> = CLIPS.iter().map(|&(n, s)| rows(&sa, n, s)).collect();
+    let english = SessionOptions {
+        system_prompt: SystemPrompt::English,
+        ..Default::default()
+    };
+    // Session 3 restarts once its committed context passes 300 tokens.
+    let small = SessionOptions {
+        max_context: 300,
+        ..Default::default()
+    };
+    let opts = [
+        SessionOptions::default(),
+        english.clone(),
+        SessionOptions::default(),
+        small,
+        english,
+    ];
+    let (mut batched, mut alone) = (sessions(&sa, &opts), sessions(&sa, &opts));
+
+    // Session 1 (English prompt) on this clip stops at <|EOT|> after 348
+    // steps; the others stop at their budgets.
+    let eot_clip = rows(&sa, "en_mfa_her.wav", 25.0);
+    let turns: Vec<(usize, &Tensor, &[u32], bool, usize)> = vec![
+        (0, &clips[0], &[], true, 3),
+        (1, &eot_clip, &[], true, 512),
+        (2, &clips[2], &[], true, 200),
+        (3, &clips[3], &[], true, 512),
+    ];
+    let outs = batch_against_alone(&sa, &mut batched, &mut alone, &turns);
+    let steps: Vec<usize> = outs.iter().map(|o| o.decode_steps).collect();
+    let finished: Vec<bool> = outs.iter().map(|o| o.finished).collect();
+    eprintln!("first batch: steps {steps:?}, finished {finished:?}");
+    // All four stepped together, then left one by one while the rest went on:
+    // at the budget (0, 2, 3) or at <|EOT|> (1).
+    assert!(
+        outs.iter().all(|o| o.peak_batch == 4),
+        "all four in one batch"
+    );
+    assert_eq!(steps, [2, 348, 199, 511]);
+    assert_eq!(finished, [false, true, false, false]);
+    assert!(outs[3].restarted, "session 3 passed its max_context");
+    assert_eq!(batched[3].committed_len(), batched[3].system_len());
+
+    // A different set: session 4 joins, session 0 sits out, 3 commits 25 s
+    // again (its context passes 300 and restarts).
+    let turns: Vec<(usize, &Tensor, &[u32], bool, usize)> = vec![
+        (4, &clips[1], &[], true, 60),
+        (1, &clips[3], &[16, 429], true, 10),
+        (3, &clips[0], &[], true, 300),
+        (2, &clips[2], &[], false, 25),
+    ];
+    let restarts_before = batched[3].restarts();
+    let outs = batch_against_alone(&sa, &mut batched, &mut alone, &turns);
+    assert!(outs.iter().all(|o| o.peak_batch == 4));
+    assert!(outs[2].restarted && batched[3].restarts() > restarts_before);
+    assert_eq!(batched[3].committed_len(), batched[3].system_len());
+    // Session 0 was not in it: still equal to its twin.
+    assert_same_session("session 0, left out", &batched[0], &alone[0]);
+
+    // A third batch of two, then a batch of one.
+    let turns: Vec<(usize, &Tensor, &[u32], bool, usize)> =
+        vec![(0, &clips[1], &[], true, 20), (3, &clips[0], &[], false, 7)];
+    let outs = batch_against_alone(&sa, &mut batched, &mut alone, &turns);
+    assert!(outs.iter().all(|o| o.peak_batch == 2));
+    let turns: Vec<(usize, &Tensor, &[u32], bool, usize)> = vec![(2, &clips[3], &[], true, 9)];
+    batch_against_alone(&sa, &mut batched, &mut alone, &turns);
+}
+
+/// (3) Partials and finals in one batch: the partials roll back to their
+/// committed context (bit-identical to before), the finals commit exactly
+/// what they commit alone, and a budget of 0 or 1 (no decode step) works in
+/// a batch too.
+#[test]
+fn partials_roll_back_and_finals_commit_inside_one_batch() {
+    let model = model();
+    let sa = step_audio2(&model);
+    let clips: Vec<Tensor> = CLIPS.iter().map(|&(n, s)| rows(&sa, n, s)).collect();
+    let opts = vec![SessionOptions::default(); 5];
+    let (mut batched, mut alone) = (sessions(&sa, &opts), sessions(&sa, &opts));
+    // Give every stream a committed turn first (batched, checked too).
+    let turns: Vec<(usize, &Tensor, &[u32], bool, usize)> = (0..5)
+        .map(|i| (i, &clips[i % 4], &[][..], true, 8 + i))
+        .collect();
+    batch_against_alone(&sa, &mut batched, &mut alone, &turns);
+    let before: Vec<_> = batched.iter().map(kv_snapshot).collect();
+    let committed: Vec<usize> = batched.iter().map(Session::committed_len).collect();
+
+    let turns: Vec<(usize, &Tensor, &[u32], bool, usize)> = vec![
+        (0, &clips[1], &[], false, 50),
+        (1, &clips[2], &[210, 87], true, 12),
+        (2, &clips[3], &[], false, 5),
+        (3, &clips[0], &[], true, 0),
+        (4, &clips[2], &[16], false, 1),
+    ];
+    let outs = batch_against_alone(&sa, &mut batched, &mut alone, &turns);
+    assert_eq!(outs[0].peak_batch, 3, "partial 0 stepped with the others");
+    assert_eq!(outs[3].decode_steps, 0);
+    for &i in &[0, 2, 4] {
+        assert!(
+            kv_snapshot(&batched[i]) == before[i],
+            "session {i}: a partial changed the committed cache"
+        );
+    }
+    for &i in &[1, 3] {
+        assert!(batched[i].committed_len() > committed[i]);
+        assert_ne!(
+            kv_snapshot(&batched[i]),
+            before[i],
+            "session {i}: nothing committed"
+        );
+    }
+}
