@@ -151,8 +151,8 @@ fn assert_same_session(what: &str, batched: &Session, alone: &Session) {
     eprintln!("{what}: KV cache rel diff {worst:.2e}");
 }
 
-/// (1) Four streams of different lengths through the public batch API, first
-/// partials, then finals: each result equals the stream decoded alone, and
+/// (1) Four streams of different lengths through the public batch API:
+/// partials, finals, then partials and finals mixed. Each result equals the stream decoded alone, and
 /// the committed context too — a later unbatched partial on each batched
 /// stream equals the same partial on the stream that did everything alone.
 #[test]
@@ -173,12 +173,14 @@ fn a_batch_of_four_equals_each_stream_alone() {
         .collect();
     let prefixes: [&[u32]; 4] = [&[], &[210, 87], &[], &[16]];
 
-    for commit in [false, true] {
+    // Partials, finals, then a mix of both.
+    for commits in [[false; 4], [true; 4], [true, false, false, true]] {
         let mut requests: Vec<BatchRequest<'_>> = batched
             .iter_mut()
             .zip(&feats)
             .zip(prefixes)
-            .map(|((r, f), prefix)| BatchRequest {
+            .zip(commits)
+            .map(|(((r, f), prefix), commit)| BatchRequest {
                 recognizer: r.as_mut(),
                 features: f,
                 prefix,
@@ -195,10 +197,10 @@ fn a_batch_of_four_equals_each_stream_alone() {
                 recognizer: r.as_mut(),
                 features: &feats[i],
                 prefix: prefixes[i],
-                commit,
+                commit: commits[i],
             };
             let reference = decode_one(&mut one).unwrap();
-            let what = format!("stream {i} (commit {commit})");
+            let what = format!("stream {i} (commit {})", commits[i]);
             assert_same_hypothesis(&what, &result.unwrap(), &reference);
             assert!(
                 reference.tokens.len() > prefixes[i].len(),
@@ -206,7 +208,7 @@ fn a_batch_of_four_equals_each_stream_alone() {
             );
         }
         eprintln!(
-            "commit={commit}: batch of 4 {batch_time:?}, the same 4 one by one {:?}",
+            "commits {commits:?}: batch of 4 {batch_time:?}, the same 4 one by one {:?}",
             t.elapsed()
         );
     }
