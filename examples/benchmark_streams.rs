@@ -1,7 +1,7 @@
 //! Capacity of the stream engine: N simulated live streams in one process.
 //!
-//! Each stream plays the English recordings of `assets/` joined with 1.5 s
-//! pauses (174 s), paced at real time in 20 ms chunks, streams starting
+//! Each stream plays the English recordings of `assets/` up to 30 s long
+//! (the three ~50 s sonnets left out) joined with 1.5 s pauses (174 s), paced at real time in 20 ms chunks, streams starting
 //! `--stagger` s apart (each from a different recording, so they do not
 //! speak in unison). Every stream runs what an audio-in session of `serve`
 //! runs — its own `StreamTracker` (VAD, segmenter, mel) on its own thread,
@@ -51,6 +51,8 @@ use stepaudio_live::stream::usage::ProcessUsage;
 const RATE: usize = 16_000;
 const CHUNK: usize = RATE / 50;
 const PAUSE_S: f64 = 1.5;
+/// Longer recordings (the sonnets) would dominate a stream.
+const MAX_RECORDING_S: usize = 30;
 /// Frames quieter than this below the recording's loudest are not voiced.
 const VOICED_DB: f64 = 40.0;
 
@@ -60,6 +62,20 @@ struct Args {
     /// Whisper model name or directory, or a Step-Audio 2 checkpoint.
     #[arg(long, default_value = "tiny.en")]
     model: String,
+    /// Step-Audio 2 mini's shape with random weights instead of --model
+    /// (no checkpoint needed to time it; greedy turns then run to
+    /// --max-new-tokens, since random weights rarely say EOT).
+    #[arg(long)]
+    step_audio_random: bool,
+    /// Step-Audio 2 (random): fewer LLM layers, for small devices.
+    #[arg(long)]
+    llm_layers: Option<usize>,
+    /// Step-Audio 2 (random): fewer encoder layers.
+    #[arg(long)]
+    encoder_layers: Option<usize>,
+    /// Step-Audio 2: greedy steps per turn at most.
+    #[arg(long, default_value_t = 24)]
+    max_new_tokens: usize,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
     #[arg(long, value_enum)]
@@ -82,6 +98,15 @@ struct Args {
     /// Budget of a batch of partials (ms).
     #[arg(long, default_value_t = EngineConfig::default().partial_budget.as_millis() as u64)]
     partial_budget_ms: u64,
+    /// Least time between a stream's partials under load (ms).
+    #[arg(long, default_value_t = EngineConfig::default().partial_spacing.as_millis() as u64)]
+    partial_spacing_ms: u64,
+    /// Batches run at once (default: the engine's for the model and device).
+    #[arg(long)]
+    lanes: Option<usize>,
+    /// The tracker's partial interval (ms of new audio per partial request).
+    #[arg(long, default_value_t = TrackerConfig::default().partial_interval_ms)]
+    partial_interval_ms: u32,
     #[arg(long)]
     find_capacity: bool,
     /// Largest N tried by --find-capacity.
@@ -139,6 +164,9 @@ fn load_playlist() -> Result<Playlist> {
         }
         let clip = read_wav_16k_mono(&speech_dir().join(cols[1]))
             .with_context(|| format!("reading {}", cols[1]))?;
+        if clip.len() > MAX_RECORDING_S * RATE {
+            continue;
+        }
         let start = audio.len() as f64 / RATE as f64;
         utterances.push(Utterance {
             start,
@@ -161,8 +189,9 @@ struct StreamLog {
     speech_starts: Vec<(u64, f64)>,
     speech_ends: Vec<(u64, f64)>,
     partials: Vec<(u64, f64)>,
-    /// (segment, stream start, stream end, arrival).
-    finals: Vec<(u64, f64, f64, f64)>,
+    /// (segment, stream start, stream end, arrival, the engine's latency_ms
+    /// unless the segment ended because the run did).
+    finals: Vec<(u64, f64, f64, f64, Option<f64>)>,
     /// Stream times of voiced ends fed (from the playlist, looped).
     voiced_ends: Vec<f64>,
     audio_seconds: f64,
@@ -179,6 +208,8 @@ fn run_stream(
     offset: usize,
     duration: f64,
     delay: f64,
+    partial_interval_ms: u32,
+    max_new_tokens: usize,
 ) -> Result<StreamLog> {
     std::thread::sleep(Duration::from_secs_f64(delay));
     let log = Arc::new(Mutex::new(StreamLog::default()));
@@ -202,8 +233,14 @@ fn run_stream(
                         segment,
                         start,
                         end,
+                        latency_ms,
+                        reason,
                         ..
-                    } => log.finals.push((segment, start, end, now)),
+                    } => {
+                        // The end of the run is not the end of speech.
+                        let latency = (reason != "flush").then_some(latency_ms);
+                        log.finals.push((segment, start, end, now, latency))
+                    }
                     _ => {}
                 }
             }
@@ -212,7 +249,11 @@ fn run_stream(
             }
         }
     };
-    let recognizer = model.recognizer(&Default::default())?;
+    let options = stepaudio_live::model::RecognizerOptions {
+        step_audio_max_new_tokens: max_new_tokens,
+        ..Default::default()
+    };
+    let recognizer = model.recognizer(&options)?;
     let max_seconds = recognizer.max_segment_seconds();
     engine.send(EngineMsg::Open {
         id,
@@ -223,11 +264,17 @@ fn run_stream(
     let frontend = match opened_rx.recv()? {
         Ok(f) => f,
         Err(_) => {
-            log.lock().unwrap().refused = true;
-            return Ok(Arc::try_unwrap(log).ok().unwrap().into_inner().unwrap());
+            return Ok(StreamLog {
+                refused: true,
+                ..Default::default()
+            });
         }
     };
-    let mut tracker = StreamTracker::new(&TrackerConfig::default(), frontend, max_seconds)?;
+    let config = TrackerConfig {
+        partial_interval_ms,
+        ..TrackerConfig::default()
+    };
+    let mut tracker = StreamTracker::new(&config, frontend, max_seconds)?;
     let total = (duration * RATE as f64) as usize;
     let n = playlist.audio.len();
     let mut outputs = Vec::new();
@@ -291,11 +338,8 @@ fn run_stream(
     closed_rx
         .recv_timeout(Duration::from_secs(600))
         .context("the engine never closed the stream")?;
-    let mut log = Arc::try_unwrap(log)
-        .ok()
-        .context("stream log still shared")?
-        .into_inner()
-        .unwrap();
+    // The engine may still hold the sink (and its clone of the log) for a moment.
+    let mut log = std::mem::take(&mut *log.lock().unwrap());
     log.audio_seconds = fed as f64 / RATE as f64;
     log.model_seconds = counters.model_time().as_secs_f64();
     log.skipped_partials = counters.skipped_partials.load(Ordering::Relaxed);
@@ -323,6 +367,9 @@ struct Measures {
     speech_seconds: f64,
     lost: usize,
     segments: usize,
+    /// Per measured utterance: (voiced end, segment end, the engine's
+    /// segment-end→final latency, voiced end→final), seconds.
+    detail: Vec<(f64, f64, f64, f64)>,
 }
 
 impl Measures {
@@ -332,7 +379,9 @@ impl Measures {
             ..Default::default()
         };
         for &(seg, started) in &log.speech_starts {
-            let Some(&(_, start, end, arrival)) = log.finals.iter().find(|f| f.0 == seg) else {
+            let Some(&(_, start, end, arrival, latency_ms)) =
+                log.finals.iter().find(|f| f.0 == seg)
+            else {
                 m.lost += 1;
                 continue;
             };
@@ -359,9 +408,13 @@ impl Measures {
             }
             m.partial_gaps.push(ended - last);
             // Each recording's last voiced frame, if this segment holds it.
+            let Some(latency_ms) = latency_ms else {
+                continue;
+            };
             for &v in &log.voiced_ends {
                 if v > start && v <= end + 0.05 {
                     m.end_to_final.push(arrival - v);
+                    m.detail.push((v, end, latency_ms / 1e3, arrival - v));
                 }
             }
         }
@@ -376,6 +429,7 @@ impl Measures {
         self.speech_seconds += o.speech_seconds;
         self.lost += o.lost;
         self.segments += o.segments;
+        self.detail.extend(&o.detail);
     }
 
     fn summary(&self) -> serde_json::Value {
@@ -387,6 +441,8 @@ impl Measures {
             "partials_per_speech_second": self.partials as f64 / self.speech_seconds.max(1e-9),
             "segments": self.segments,
             "finals_lost": self.lost,
+            "segment_end_to_final_s": q(&self.detail.iter().map(|d| d.2).collect::<Vec<_>>()),
+            "utterances": self.detail.iter().map(|d| json!({"voiced_end": d.0, "segment_end": d.1, "segment_end_to_final": d.2, "end_to_final": d.3})).collect::<Vec<_>>(),
         })
     }
 }
@@ -401,6 +457,10 @@ fn run(
     let mut config = EngineConfig::for_model(model);
     config.max_batch = args.max_batch;
     config.partial_budget = Duration::from_millis(args.partial_budget_ms);
+    config.partial_spacing = Duration::from_millis(args.partial_spacing_ms);
+    if let Some(lanes) = args.lanes {
+        config.lanes = lanes;
+    }
     config.max_streams = match args.capacity.as_deref() {
         None => n,
         Some("default") => config.max_streams,
@@ -425,6 +485,8 @@ fn run(
                         i * step,
                         args.duration,
                         delay,
+                        args.partial_interval_ms,
+                        args.max_new_tokens,
                     )
                 })
             })
@@ -528,13 +590,17 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let dir = stepaudio_live::fetch::resolve(&args.model)?;
-    let model = LoadedModel::load(
-        &dir,
-        args.device.into(),
-        args.dtype.map(ComputeDType::dtype),
-        stepaudio_live::model::whisper::DecoderWeights::Int8,
-    )?;
+    let model = if args.step_audio_random {
+        step_audio_random(&args)?
+    } else {
+        let dir = stepaudio_live::fetch::resolve(&args.model)?;
+        LoadedModel::load(
+            &dir,
+            args.device.into(),
+            args.dtype.map(ComputeDType::dtype),
+            stepaudio_live::model::whisper::DecoderWeights::Int8,
+        )?
+    };
     let playlist = load_playlist()?;
     eprintln!(
         "playlist: {} recordings, {:.0} s; {} per stream, streams {} s apart",
@@ -594,4 +660,26 @@ fn main() -> Result<()> {
         std::fs::write(p, serde_json::to_string_pretty(&doc)?)?;
     }
     Ok(())
+}
+
+/// Step-Audio 2 mini's configuration with random weights (the tokenizer of
+/// the test fixture, which has the real vocabulary's special tokens).
+fn step_audio_random(args: &Args) -> Result<LoadedModel> {
+    use stepaudio_live::model::step_audio2::{
+        config::StepAudio2Config, load, prompt::StepTokenizer,
+    };
+    let device = stepaudio_live::device::select_device(args.device.into())?;
+    let dtype = args.dtype.map_or_else(
+        || stepaudio_live::device::default_dtype(&device),
+        ComputeDType::dtype,
+    );
+    let cfg = StepAudio2Config::mini().reshaped(args.encoder_layers, args.llm_layers, None);
+    let tokenizer = StepTokenizer::load(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/step_audio2/tiny_ckpt/tokenizer.json"),
+    )?;
+    let model = load::random_weights(&cfg, &device, dtype, 0)?;
+    Ok(LoadedModel::StepAudio2(Arc::new(
+        stepaudio_live::model::step_audio2::StepAudio2::new(model, tokenizer)?,
+    )))
 }

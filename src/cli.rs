@@ -869,6 +869,7 @@ impl StreamArgs {
             step_audio_max_context: self.max_context,
             whisper_full_window: self.full_window,
             whisper_carry_seconds: self.carry_audio,
+            ..RecognizerOptions::default()
         }
     }
 }

@@ -119,6 +119,8 @@ pub struct RecognizerOptions {
     pub language: Option<String>,
     pub step_audio_prompt: step_audio2::prompt::SystemPrompt,
     pub step_audio_max_context: usize,
+    /// Step-Audio 2: greedy steps per turn at most.
+    pub step_audio_max_new_tokens: usize,
     /// Whisper: encode the whole 30 s window for every decode instead of
     /// reusing the padding's states past the audio (see
     /// `WhisperModel::encode_fresh`).
@@ -134,6 +136,7 @@ impl Default for RecognizerOptions {
             language: None,
             step_audio_prompt: Default::default(),
             step_audio_max_context: step_audio2::SessionOptions::default().max_context,
+            step_audio_max_new_tokens: step_audio2::SessionOptions::default().max_new_tokens,
             whisper_full_window: false,
             whisper_carry_seconds: 10.0,
         }
@@ -174,6 +177,14 @@ impl LoadedModel {
         }
     }
 
+    /// Sizes what recognisers share for `streams` streams at once (Whisper:
+    /// the padding windows kept per level).
+    pub fn plan_streams(&self, streams: usize) {
+        if let Self::Whisper(model) = self {
+            model.plan_streams(streams);
+        }
+    }
+
     /// A recogniser with its own committed context over the shared weights.
     pub fn recognizer(
         &self,
@@ -191,6 +202,7 @@ impl LoadedModel {
                 let session = step_audio2::SessionOptions {
                     system_prompt: opts.step_audio_prompt.clone(),
                     max_context: opts.step_audio_max_context,
+                    max_new_tokens: opts.step_audio_max_new_tokens,
                     ..Default::default()
                 };
                 Ok(Box::new(step_audio2::StepAudio2Recognizer::new(

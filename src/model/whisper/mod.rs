@@ -103,15 +103,32 @@ impl EncodedAudio {
     }
 }
 
-/// The padding levels met most recently, at most [`SilentWindows::CAPACITY`].
-#[derive(Default)]
+/// The padding levels met most recently, at most [`SilentWindows::capacity`]
+/// of them.
 pub struct SilentWindows {
     /// (level key, states), most recently used last.
     entries: Mutex<Vec<(i32, Arc<SilentStates>)>>,
+    /// Levels kept; a stream meets one or two, so several streams need
+    /// more (each miss is a full 30 s encoder pass: with four streams and
+    /// three levels kept, 45 passes in 75 s).
+    capacity: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for SilentWindows {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::default(),
+            capacity: Self::MIN_CAPACITY.into(),
+        }
+    }
 }
 
 impl SilentWindows {
-    const CAPACITY: usize = 3;
+    const MIN_CAPACITY: usize = 3;
+
+    fn capacity(&self) -> usize {
+        self.capacity.load(std::sync::atomic::Ordering::Relaxed)
+    }
     /// Levels are the log-mel maximum in steps of this (log10 power).
     pub(crate) const LEVEL_STEP: f32 = 0.25;
 
@@ -127,6 +144,15 @@ impl SilentWindows {
 }
 
 impl WhisperModel {
+    /// Keeps the padding windows of two levels per stream for `streams`
+    /// streams (at least three levels; each level ≈ 37 MB for tiny).
+    pub fn plan_streams(&self, streams: usize) {
+        let levels = (2 * streams + 1).max(SilentWindows::MIN_CAPACITY);
+        self.silent_windows
+            .capacity
+            .store(levels, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The padding-only window states for level `key`, computed (one full
     /// encoder pass) the first time the level is met.
     pub fn silent_states(&self, key: i32) -> candle_core::Result<Arc<SilentStates>> {
@@ -153,7 +179,7 @@ impl WhisperModel {
         let encoder = self.encoder.silent_window(&mel)?;
         let cross = self.decoder.cross_attention(&encoder.output)?;
         let states = Arc::new(SilentStates { encoder, cross });
-        if entries.len() >= SilentWindows::CAPACITY {
+        while entries.len() >= self.silent_windows.capacity() {
             entries.remove(0);
         }
         entries.push((key, states.clone()));
