@@ -34,7 +34,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -121,10 +121,18 @@ struct Args {
     json: Option<PathBuf>,
 }
 
+/// `$STEPAUDIO_LIVE_SPEECH_DIR`, else `assets/` of the source tree, else of
+/// the current directory (a binary carried to another machine).
 fn speech_dir() -> PathBuf {
-    std::env::var_os("STEPAUDIO_LIVE_SPEECH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets"))
+    if let Some(dir) = std::env::var_os("STEPAUDIO_LIVE_SPEECH_DIR") {
+        return PathBuf::from(dir);
+    }
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets");
+    if built.exists() {
+        built
+    } else {
+        PathBuf::from("assets")
+    }
 }
 
 /// One recording in the playlist: where its audio lies and where its voicing ends.
@@ -206,11 +214,10 @@ fn run_stream(
     model: &LoadedModel,
     playlist: &Playlist,
     offset: usize,
-    duration: f64,
     delay: f64,
-    partial_interval_ms: u32,
-    max_new_tokens: usize,
+    args: &Args,
 ) -> Result<StreamLog> {
+    let (duration, partial_interval_ms) = (args.duration, args.partial_interval_ms);
     std::thread::sleep(Duration::from_secs_f64(delay));
     let log = Arc::new(Mutex::new(StreamLog::default()));
     let t0 = Instant::now();
@@ -250,7 +257,7 @@ fn run_stream(
         }
     };
     let options = stepaudio_live::model::RecognizerOptions {
-        step_audio_max_new_tokens: max_new_tokens,
+        step_audio_max_new_tokens: args.max_new_tokens,
         ..Default::default()
     };
     let recognizer = model.recognizer(&options)?;
@@ -477,17 +484,7 @@ fn run(
                 let engine = engine.clone();
                 let delay = i as f64 * args.stagger;
                 scope.spawn(move || {
-                    run_stream(
-                        i as u64 + 1,
-                        engine,
-                        model,
-                        playlist,
-                        i * step,
-                        args.duration,
-                        delay,
-                        args.partial_interval_ms,
-                        args.max_new_tokens,
-                    )
+                    run_stream(i as u64 + 1, engine, model, playlist, i * step, delay, args)
                 })
             })
             .collect();
@@ -674,10 +671,14 @@ fn step_audio_random(args: &Args) -> Result<LoadedModel> {
         ComputeDType::dtype,
     );
     let cfg = StepAudio2Config::mini().reshaped(args.encoder_layers, args.llm_layers, None);
-    let tokenizer = StepTokenizer::load(
-        &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/step_audio2/tiny_ckpt/tokenizer.json"),
-    )?;
+    // From the source tree, or (a binary carried to another machine) the current directory.
+    let rel = "tests/fixtures/step_audio2/tiny_ckpt/tokenizer.json";
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel);
+    let tokenizer = StepTokenizer::load(if built.exists() {
+        &built
+    } else {
+        Path::new(rel)
+    })?;
     let model = load::random_weights(&cfg, &device, dtype, 0)?;
     Ok(LoadedModel::StepAudio2(Arc::new(
         stepaudio_live::model::step_audio2::StepAudio2::new(model, tokenizer)?,

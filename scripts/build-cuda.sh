@@ -31,7 +31,8 @@ if ! command -v nvcc >/dev/null 2>&1 && [ -z "${CUDA_ROOT:-}" ]; then
   # shellcheck disable=SC1091
   source "$PREFIX/env.sh"
 fi
-cargo build --release --features cuda --bin stepaudio-live --example benchmark_e2e --example gpu_check
+cargo build --release --features cuda --bin stepaudio-live --example benchmark_e2e --example gpu_check \
+  --example benchmark_streams
 
 if [ -n "$STAGE" ]; then
   # Everything the device run needs, small enough to travel (binaries stripped and
@@ -39,10 +40,10 @@ if [ -n "$STAGE" ]; then
   mkdir -p "$STAGE/speech" "$STAGE/scripts/reference"
   R=$CARGO_TARGET_DIR/release
   tmp=$(mktemp -d)
-  for b in examples/benchmark_e2e examples/gpu_check; do
+  for b in examples/benchmark_e2e examples/gpu_check examples/benchmark_streams; do
     objcopy --strip-debug "$R/$b" "$tmp/$(basename "$b")"
   done
-  tar -C "$tmp" -cJf "$STAGE/bins.tar.xz" benchmark_e2e gpu_check
+  tar -C "$tmp" -cJf "$STAGE/bins.tar.xz" benchmark_e2e gpu_check benchmark_streams
   rm -rf "$tmp"
   cp scripts/device_compare.sh scripts/device_table.py "$STAGE/scripts/"
   cp scripts/reference/step_audio2_ref.py scripts/reference/step_audio2_gpu_parity.py \

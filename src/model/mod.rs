@@ -203,7 +203,6 @@ impl LoadedModel {
                     system_prompt: opts.step_audio_prompt.clone(),
                     max_context: opts.step_audio_max_context,
                     max_new_tokens: opts.step_audio_max_new_tokens,
-                    ..Default::default()
                 };
                 Ok(Box::new(step_audio2::StepAudio2Recognizer::new(
                     sa.clone(),
