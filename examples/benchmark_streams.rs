@@ -21,9 +21,9 @@
 //! - model RTF, process CPU, RSS; the engine's batches.
 //!
 //! `--find-capacity`: the largest N (doubling, then bisecting) whose
-//! end-of-speech→final p95 ≤ `--target-p95` (1 s) while the 99th percentile
-//! of partial gaps is ≤ `--max-partial-gap` (1.5 s) and nothing is lost —
-//! dropping partials does not count as capacity.
+//! end-of-speech→final p95 ≤ `--target-p95` (1 s) while every partial gap
+//! (or the `--gap-quantile`) is ≤ `--max-partial-gap` (1.5 s) and nothing is
+//! lost — dropping partials does not count as capacity.
 //!
 //! ```text
 //! cargo run --release --example benchmark_streams -- --streams 8 [--model tiny.en] [--duration 174]
@@ -116,6 +116,10 @@ struct Args {
     target_p95: f64,
     #[arg(long, default_value_t = 1.5)]
     max_partial_gap: f64,
+    /// Which quantile of the partial gaps must be within --max-partial-gap
+    /// (100: every gap, the issue's "a partial at least every 1.5 s").
+    #[arg(long, default_value_t = 100.0)]
+    gap_quantile: f64,
     /// Write every number as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -211,7 +215,6 @@ struct StreamLog {
 fn run_stream(
     id: u64,
     engine: EngineHandle,
-    model: &LoadedModel,
     playlist: &Playlist,
     offset: usize,
     delay: f64,
@@ -229,7 +232,7 @@ fn run_stream(
         let log = log.clone();
         move |ev| match ev {
             StreamEvent::Opened(r) => {
-                let _ = opened_tx.try_send(r.map(|info| info.frontend).map_err(|e| e.to_string()));
+                let _ = opened_tx.try_send(r.map_err(|e| e.to_string()));
             }
             StreamEvent::Event(ev) => {
                 let now = secs(Instant::now());
@@ -260,16 +263,15 @@ fn run_stream(
         step_audio_max_new_tokens: args.max_new_tokens,
         ..Default::default()
     };
-    let recognizer = model.recognizer(&options)?;
-    let max_seconds = recognizer.max_segment_seconds();
+    // The engine makes the recogniser, between batches (as for a server session).
     engine.send(EngineMsg::Open {
         id,
-        model: StreamModel::Ready(recognizer),
+        model: StreamModel::Options(options),
         events: Box::new(sink),
         counters: counters.clone(),
     });
-    let frontend = match opened_rx.recv()? {
-        Ok(f) => f,
+    let (frontend, max_seconds) = match opened_rx.recv()? {
+        Ok(info) => (info.frontend, info.max_segment_seconds),
         Err(_) => {
             return Ok(StreamLog {
                 refused: true,
@@ -484,7 +486,7 @@ fn run(
                 let engine = engine.clone();
                 let delay = i as f64 * args.stagger;
                 scope.spawn(move || {
-                    run_stream(i as u64 + 1, engine, model, playlist, i * step, delay, args)
+                    run_stream(i as u64 + 1, engine, playlist, i * step, delay, args)
                 })
             })
             .collect();
@@ -576,7 +578,7 @@ fn holds(args: &Args, m: &Measures, refused: usize) -> bool {
     refused == 0
         && m.lost == 0
         && pct(&m.end_to_final, 95.0) <= args.target_p95
-        && pct(&m.partial_gaps, 99.0) <= args.max_partial_gap
+        && pct(&m.partial_gaps, args.gap_quantile) <= args.max_partial_gap
 }
 
 fn main() -> Result<()> {
@@ -636,8 +638,8 @@ fn main() -> Result<()> {
             }
         }
         println!(
-            "capacity: {good} real-time streams (end→final p95 ≤ {} s, partial gap p99 ≤ {} s, nothing lost)",
-            args.target_p95, args.max_partial_gap
+            "capacity: {good} real-time streams (end→final p95 ≤ {} s, partial gap q{} ≤ {} s, nothing lost)",
+            args.target_p95, args.gap_quantile, args.max_partial_gap
         );
         runs.push(json!({"capacity": good}));
     } else {

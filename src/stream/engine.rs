@@ -33,7 +33,7 @@ use crossbeam_channel::Sender;
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub type StreamId = u64;
@@ -255,11 +255,17 @@ pub fn spawn(
     let core = Arc::new(Core {
         state: Mutex::new(State {
             slots: HashMap::new(),
+            opening: VecDeque::new(),
             partial_cost: None,
             senders_gone: false,
         }),
         wake: Condvar::new(),
-        lanes: config.lanes.max(1),
+        // One batch at a time on a GPU: its work shares one stream.
+        lanes: if on_cpu(&model) {
+            config.lanes.max(1)
+        } else {
+            1
+        },
         config,
         counters,
         model,
@@ -293,6 +299,13 @@ pub fn spawn(
             tracing::debug!("stream engine stopped");
         })?;
     Ok((handle, intake))
+}
+
+fn on_cpu(model: &LoadedModel) -> bool {
+    match model {
+        LoadedModel::Whisper(m) => m.device.is_cpu(),
+        LoadedModel::StepAudio2(sa) => sa.model.device.is_cpu(),
+    }
 }
 
 enum Job {
@@ -339,8 +352,17 @@ impl Slot {
     }
 }
 
+/// A stream whose recogniser is still to be made.
+struct Opening {
+    id: StreamId,
+    options: RecognizerOptions,
+    events: EventSink,
+    counters: Arc<StreamCounters>,
+}
+
 struct State {
     slots: HashMap<StreamId, Slot>,
+    opening: VecDeque<Opening>,
     /// Measured seconds of model time per partial in a batch (moving average).
     partial_cost: Option<f64>,
     /// Every handle is gone: lanes stop once nothing is left to do.
@@ -361,7 +383,7 @@ struct Core {
 type Taken = (StreamId, Stream, SegmentUpdate, DecodeWork);
 
 impl Core {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         // A lane never panics while holding the lock (model calls run outside it).
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -392,35 +414,72 @@ impl Core {
         mut events: EventSink,
         counters: Arc<StreamCounters>,
     ) {
+        let mut state = self.lock();
         // Only this (intake) thread adds streams, so the check holds until
         // the stream is in.
-        if self.lock().slots.len() >= self.config.max_streams {
+        if state.slots.len() + state.opening.len() >= self.config.max_streams {
+            drop(state);
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
             events(StreamEvent::Opened(Err(OpenError::AtCapacity {
                 capacity: self.config.max_streams,
             })));
             return;
         }
-        // Made here, before queued decodes: cheap for Whisper, and a
-        // Step-Audio 2 prefill is needed before the stream can produce
-        // anything.
-        let recognizer = match model {
-            StreamModel::Ready(r) => Ok(r),
-            StreamModel::Options(options) => self
-                .model
-                .recognizer(&options)
-                .map_err(|e| OpenError::Recognizer(e.to_string())),
+        match model {
+            StreamModel::Ready(recognizer) => {
+                self.insert(&mut state, id, recognizer, events, counters)
+            }
+            // Making a recogniser is model work (a Step-Audio 2 prefill on
+            // the device): lane 0 does it between batches, so it never runs
+            // beside a batch (a CUDA graph being captured on the same
+            // stream fails when another thread launches work on it).
+            StreamModel::Options(options) => {
+                state.opening.push_back(Opening {
+                    id,
+                    options,
+                    events,
+                    counters,
+                });
+                drop(state);
+                self.wake.notify_all();
+            }
+        }
+    }
+
+    /// Makes the recogniser of the oldest stream waiting to open (lane 0).
+    fn make_opening<'a>(&'a self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        let Some(o) = state.opening.pop_front() else {
+            return state;
         };
-        let recognizer = match recognizer {
-            Ok(r) => r,
-            Err(e) => return events(StreamEvent::Opened(Err(e))),
-        };
+        drop(state);
+        let made = self.model.recognizer(&o.options);
+        let mut state = self.lock();
+        match made {
+            Ok(recognizer) => self.insert(&mut state, o.id, recognizer, o.events, o.counters),
+            Err(e) => {
+                let mut events = o.events;
+                events(StreamEvent::Opened(Err(OpenError::Recognizer(
+                    e.to_string(),
+                ))));
+            }
+        }
+        state
+    }
+
+    /// Adds an opened stream and tells it so.
+    fn insert(
+        &self,
+        state: &mut State,
+        id: StreamId,
+        recognizer: Box<dyn Recognizer>,
+        mut events: EventSink,
+        counters: Arc<StreamCounters>,
+    ) {
         events(StreamEvent::Opened(Ok(StreamInfo {
             name: recognizer.name(),
             frontend: recognizer.frontend(),
             max_segment_seconds: recognizer.max_segment_seconds(),
         })));
-        let mut state = self.lock();
         self.model.plan_streams(state.slots.len() + 1);
         state.slots.insert(
             id,
@@ -504,6 +563,7 @@ impl Core {
     /// Whether a lane may stop: no handle left, no job queued, nothing in flight.
     fn finished(state: &State) -> bool {
         state.senders_gone
+            && state.opening.is_empty()
             && state
                 .slots
                 .values()
@@ -566,6 +626,10 @@ impl Core {
     fn lane(&self, lane: usize) {
         let mut state = self.lock();
         loop {
+            if lane == 0 && !state.opening.is_empty() {
+                state = self.make_opening(state);
+                continue;
+            }
             self.settle(&mut state);
             let ids = self.pick(&state, lane);
             if ids.is_empty() {

@@ -36,6 +36,9 @@ pub struct WindowJob<'a> {
     pub sot_index: usize,
     /// Tokens taken as already sampled (part of the result).
     pub forced: &'a [u32],
+    /// Tokens sampled after `forced` at most (also capped by
+    /// [`DecodingOptions::max_new_tokens`] and the text context).
+    pub max_new_tokens: usize,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -184,6 +187,7 @@ impl WhisperModel {
             prompt,
             sot_index,
             forced,
+            max_new_tokens: opts.max_new_tokens,
         };
         Ok(self.greedy_decode_batch(&[job], opts)?.remove(0))
     }
@@ -218,7 +222,7 @@ impl WhisperModel {
                 None => 0.0,
             };
             budgets.push(
-                (job.forced.len() + opts.max_new_tokens)
+                (job.forced.len() + job.max_new_tokens.min(opts.max_new_tokens))
                     .min(self.decoder.n_text_ctx().saturating_sub(job.prompt.len())),
             );
             outs.push(DecodedWindow {

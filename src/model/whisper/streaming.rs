@@ -270,6 +270,7 @@ impl WhisperRecognizer {
             sot_index,
             forced: [carried_tokens, prefix].concat(),
             carried_tokens: carried_tokens.len(),
+            max_new_tokens: max_new_tokens(features.samples),
         })
     }
 
@@ -333,6 +334,7 @@ struct PreparedWindow {
     /// The carried segment's text, then the forced prefix.
     forced: Vec<u32>,
     carried_tokens: usize,
+    max_new_tokens: usize,
 }
 
 impl PreparedWindow {
@@ -342,8 +344,18 @@ impl PreparedWindow {
             prompt: &self.prompt,
             sot_index: self.sot_index,
             forced: &self.forced,
+            max_new_tokens: self.max_new_tokens,
         }
     }
+}
+
+/// Tokens a segment of `samples` (16 kHz) may add: 16 plus 8 per second,
+/// far above speech (English runs at about 3 tokens a second), so only a
+/// decode stuck in a loop is cut — tiny.en repeats "word word …" until the
+/// 224-token limit on `en_mfa_words`, and every partial of that segment
+/// cost ≈ 2 s of model time, stalling the other streams.
+fn max_new_tokens(samples: usize) -> usize {
+    16 + (8 * samples).div_ceil(16_000)
 }
 
 /// Live decodes never sample timestamps.
