@@ -56,7 +56,7 @@ const MAX_RECORDING_S: usize = 30;
 /// Frames quieter than this below the recording's loudest are not voiced.
 const VOICED_DB: f64 = 40.0;
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(about = "Live streams through one stream engine: latency, partial cadence, capacity")]
 struct Args {
     /// Whisper model name or directory, or a Step-Audio 2 checkpoint.
@@ -120,6 +120,10 @@ struct Args {
     /// (100: every gap, the "a partial at least every 1.5 s").
     #[arg(long, default_value_t = 100.0)]
     gap_quantile: f64,
+    /// Seconds of one stream run first and not reported (a fresh GPU
+    /// compiles its kernels on first use: seconds of delay).
+    #[arg(long, default_value_t = 6.0)]
+    warmup: f64,
     /// Write every number as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -608,6 +612,14 @@ fn main() -> Result<()> {
         args.duration,
         args.stagger
     );
+    if args.warmup > 0.0 {
+        let warm = Args {
+            duration: args.warmup,
+            capacity: None,
+            ..args.clone()
+        };
+        run(&warm, &model, &playlist, 1)?;
+    }
     let mut runs = Vec::new();
     if args.find_capacity {
         // Doubling until the bound breaks, then bisecting.

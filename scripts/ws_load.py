@@ -217,6 +217,8 @@ async def main():
     proc = await asyncio.create_subprocess_exec(
         a.binary, "serve", "127.0.0.1:0", "--model", a.model,
         "--max-subscribers", str(a.subscribers + 10), "--max-sessions", str(a.sessions + 2),
+        # The load asked for, even past the engine's measured capacity.
+        "--max-streams", str(a.sessions + 1),
         stderr=asyncio.subprocess.PIPE)
     url = None
     stderr_tail = []

@@ -11,7 +11,6 @@
 //! takes the same kernels as a lone step.
 
 mod common;
-use stepaudio_live::frontend::MelExtractor;
 use stepaudio_live::model::batch::{decode_batch, decode_one, BatchRequest};
 use stepaudio_live::model::recognizer::{Hypothesis, Recognizer, SegmentFeatures};
 use stepaudio_live::model::RecognizerOptions;
@@ -37,18 +36,6 @@ fn recognizer() -> Box<dyn Recognizer> {
         .unwrap()
 }
 
-/// The live pipeline's features of `audio`: raw frames then the tail of zeros.
-fn features(rec: &dyn Recognizer, audio: &[f32]) -> SegmentFeatures {
-    let spec = rec.frontend();
-    let mut padded = audio.to_vec();
-    padded.resize(audio.len() + spec.tail_zeros, 0.0);
-    SegmentFeatures {
-        n_mels: spec.n_mels,
-        raw_frames: MelExtractor::new(spec.n_mels).raw_frames(&padded),
-        samples: audio.len(),
-    }
-}
-
 /// One decode of a stream's script.
 struct Step {
     features: SegmentFeatures,
@@ -64,7 +51,7 @@ fn script(i: usize, rec: &dyn Recognizer, prefix_of: &dyn Fn(usize) -> Vec<u32>)
     let a = common::read_audio(&common::speech(FILES[i % FILES.len()]));
     let b = common::read_audio(&common::speech(FILES[(i + 5) % FILES.len()]));
     let step = |audio: &[f32], prefix: Vec<u32>, commit| Step {
-        features: features(rec, audio),
+        features: common::live_features(rec, audio),
         prefix,
         commit,
     };
@@ -156,7 +143,7 @@ fn a_batch_gives_every_stream_its_unbatched_tokens() {
     let prefix_of = |i: usize| {
         let a = common::read_audio(&common::speech(FILES[i % FILES.len()]));
         let mut rec = recognizer();
-        let f = features(probe.as_ref(), &a[..a.len() * 6 / 10]);
+        let f = common::live_features(probe.as_ref(), &a[..a.len() * 6 / 10]);
         let h = rec.decode(&f, &[]).unwrap();
         h.tokens[..2.min(h.tokens.len())].to_vec()
     };

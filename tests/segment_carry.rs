@@ -9,8 +9,7 @@
 //!   carried: results equal a recogniser without carrying, token for token.
 
 mod common;
-use stepaudio_live::frontend::MelExtractor;
-use stepaudio_live::model::recognizer::{Recognizer, SegmentFeatures};
+use stepaudio_live::model::recognizer::Recognizer;
 use stepaudio_live::model::{LoadedModel, RecognizerOptions};
 
 fn model() -> LoadedModel {
@@ -25,19 +24,6 @@ fn recognizer(carry_seconds: f64) -> Box<dyn Recognizer> {
     model().recognizer(&opts).unwrap()
 }
 
-/// The live pipeline's features of a whole recording: raw frames of the
-/// audio followed by the recogniser's tail of zeros.
-fn features(rec: &dyn Recognizer, audio: &[f32]) -> SegmentFeatures {
-    let spec = rec.frontend();
-    let mut padded = audio.to_vec();
-    padded.resize(audio.len() + spec.tail_zeros, 0.0);
-    SegmentFeatures {
-        n_mels: spec.n_mels,
-        raw_frames: MelExtractor::new(spec.n_mels).raw_frames(&padded),
-        samples: audio.len(),
-    }
-}
-
 fn words(text: &str) -> Vec<String> {
     stepaudio_live::eval::wer::normalize(text)
         .split_whitespace()
@@ -48,11 +34,11 @@ fn words(text: &str) -> Vec<String> {
 #[test]
 fn carried_segment_conditions_the_next_without_leaking_into_it() {
     let mut rec = recognizer(10.0);
-    let first = features(
+    let first = common::live_features(
         &*rec,
         &common::read_audio(&common::speech("en_ps_cards_001.wav")),
     );
-    let second = features(
+    let second = common::live_features(
         &*rec,
         &common::read_audio(&common::speech("en_ps_cards_003.wav")),
     );
@@ -82,7 +68,10 @@ fn long_or_empty_segments_are_not_carried() {
     let first = common::read_audio(&common::speech("en_ps_cards_001.wav"));
     let second = common::read_audio(&common::speech("en_ps_cards_003.wav"));
     let mut plain = recognizer(0.0);
-    let (f1, f2) = (features(&*plain, &first), features(&*plain, &second));
+    let (f1, f2) = (
+        common::live_features(&*plain, &first),
+        common::live_features(&*plain, &second),
+    );
     plain.decode_final(&f1, &[]).unwrap();
     let expected = plain.decode(&f2, &[]).unwrap().tokens;
 
@@ -94,7 +83,7 @@ fn long_or_empty_segments_are_not_carried() {
     // A segment of silence decodes to nothing and replaces the carried one.
     let mut carrying = recognizer(10.0);
     carrying.decode_final(&f1, &[]).unwrap();
-    let silence = features(&*carrying, &vec![0.0; 16_000]);
+    let silence = common::live_features(&*carrying, &vec![0.0; 16_000]);
     let h = carrying.decode_final(&silence, &[]).unwrap();
     assert!(h.tokens.is_empty(), "silence decoded as {:?}", h.text);
     assert_eq!(carrying.decode(&f2, &[]).unwrap().tokens, expected);

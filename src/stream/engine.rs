@@ -62,15 +62,15 @@ pub struct EngineConfig {
     pub lanes: usize,
 }
 
-/// Streams a CPU core holds by default, by Whisper width: the capacity
-/// measured with `examples/benchmark_streams.rs --find-capacity` on a
-/// 2-core machine (README, "How many streams"), halved per core.
-fn streams_per_core(d_model: usize) -> usize {
-    if d_model <= 384 {
-        2
-    } else {
-        1
-    }
+/// Streams the CPU holds by default, by Whisper width and core count: the
+/// capacity `examples/benchmark_streams.rs --find-capacity` measured on a
+/// 2-core machine for tiny.en (README, "How many streams"): 2 streams
+/// (end-of-speech→final p95 ≤ 1 s, 95 % of partial gaps ≤ 1.5 s, nothing
+/// lost; 3 streams: p95 1.15 s), so one per core. Wider models cost at
+/// least twice as much per decode: one per two cores.
+fn cpu_capacity(d_model: usize, cores: usize) -> usize {
+    let streams = if d_model <= 384 { cores } else { cores / 2 };
+    streams.max(1)
 }
 
 impl EngineConfig {
@@ -80,9 +80,7 @@ impl EngineConfig {
     pub fn for_model(model: &LoadedModel) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let max_streams = match model {
-            LoadedModel::Whisper(m) if m.device.is_cpu() => {
-                (streams_per_core(m.config.d_model) * cores).max(1)
-            }
+            LoadedModel::Whisper(m) if m.device.is_cpu() => cpu_capacity(m.config.d_model, cores),
             LoadedModel::StepAudio2(sa) if sa.model.device.is_cpu() => 1,
             _ => 8,
         };

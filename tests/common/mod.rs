@@ -120,3 +120,19 @@ pub fn tiny_en() -> stepaudio_live::model::LoadedModel {
         })
         .clone()
 }
+
+/// The live pipeline's features of `audio`: raw frames of the audio followed
+/// by the recogniser's tail of zeros.
+pub fn live_features(
+    rec: &dyn stepaudio_live::model::recognizer::Recognizer,
+    audio: &[f32],
+) -> stepaudio_live::model::recognizer::SegmentFeatures {
+    let spec = rec.frontend();
+    let mut padded = audio.to_vec();
+    padded.resize(audio.len() + spec.tail_zeros, 0.0);
+    stepaudio_live::model::recognizer::SegmentFeatures {
+        n_mels: spec.n_mels,
+        raw_frames: stepaudio_live::frontend::MelExtractor::new(spec.n_mels).raw_frames(&padded),
+        samples: audio.len(),
+    }
+}
