@@ -1,6 +1,8 @@
-//! The stream engine: one thread that owns the model's compute for every
-//! live stream — the local source and every audio-in session alike — and
-//! decides what runs next.
+//! The stream engine: owns the model's compute for every live stream — the
+//! local source and every audio-in session alike — and decides what runs
+//! next. An intake thread queues what streams send; lanes (one by default)
+//! take batches under one scheduler lock and run them outside it; streams
+//! opened with options get their recogniser made by lane 0 between batches.
 //!
 //! Each stream keeps its own recogniser (own committed context over the
 //! shared weights) and [`SegmentDecoder`] here; its segment updates queue up
@@ -13,8 +15,9 @@
 //!    stream that has one, oldest first, up to [`EngineConfig::max_batch`];
 //! 2. otherwise partials, the streams whose last partial is oldest first,
 //!    as many as fit [`EngineConfig::partial_budget`] by the measured cost
-//!    of a partial — so a final that arrives meanwhile waits at most about
-//!    that long, and under load each stream simply gets partials less often.
+//!    of a partial, each stream's spaced by [`EngineConfig::partial_spacing`]
+//!    while others wait — under load each stream gets partials less often,
+//!    never fewer finals.
 //!
 //! A queued partial or pause decode is dropped as soon as newer audio of its
 //! segment arrives (never a final), so a stream's queue holds at most one of
