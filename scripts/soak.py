@@ -45,8 +45,9 @@ import signal
 import statistics
 import sys
 import time
-import wave
 from pathlib import Path
+
+from live_clients import RATE, join_recordings, rss_mb
 
 try:
     import websockets
@@ -61,7 +62,6 @@ PLAYLIST = [
     "en_jfk_ask_not", "en_ps_librivox_0870", "en_ps_librivox_0880",
     "en_ps_librivox_0930", "en_timit_ldc93s1",
 ]
-RATE = 16000
 CHUNK_MS = 100
 GAP_S = 1.5  # silence after each recording, so that segments end between them
 # The loop is a whole number of 300 ms: of 100 ms chunks and of 30 ms VAD
@@ -71,13 +71,7 @@ RSS_EVERY_S = 5
 
 
 def load_playlist(speech_dir: Path) -> bytes:
-    pcm = bytearray()
-    gap = bytes(int(RATE * GAP_S) * 2)
-    for name in PLAYLIST:
-        with wave.open(str(speech_dir / f"{name}.wav")) as w:
-            assert w.getframerate() == RATE and w.getnchannels() == 1 and w.getsampwidth() == 2, name
-            pcm += w.readframes(w.getnframes())
-        pcm += gap
+    pcm = join_recordings(speech_dir, PLAYLIST, GAP_S)
     pcm += bytes(2 * (-(len(pcm) // 2) % LOOP_QUANTUM))
     return bytes(pcm)
 
@@ -106,17 +100,6 @@ def loop_drift(finals, loop_s, warmup_loops, end_s):
 
 def median(values):
     return statistics.median(values) if values else float("nan")
-
-
-def rss_mb(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 class Run:

@@ -36,8 +36,9 @@ import signal
 import statistics
 import sys
 import time
-import wave
 from pathlib import Path
+
+from live_clients import RATE, join_recordings, rss_mb
 
 try:
     import websockets
@@ -53,21 +54,13 @@ PLAYLIST = [
     "en_ps_librivox_0920", "en_timit_ldc93s1", "en_ps_librivox_0930", "en_mfa_surround",
     "en_ps_goforward", "en_mfa_words", "en_ps_cards_005",
 ]
-RATE = 16000
 CHUNK_MS = 100
 GAP_S = 0.6  # silence between recordings, so that segments end between them
 HARD_LIMIT_S = 1200  # the whole run, whatever happens
 
 
 def load_playlist(speech_dir: Path):
-    pcm = bytearray()
-    gap = bytes(int(RATE * GAP_S) * 2)
-    for name in PLAYLIST:
-        with wave.open(str(speech_dir / f"{name}.wav")) as w:
-            assert w.getframerate() == RATE and w.getnchannels() == 1 and w.getsampwidth() == 2, name
-            pcm += w.readframes(w.getnframes())
-        pcm += gap
-    return bytes(pcm)
+    return bytes(join_recordings(speech_dir, PLAYLIST, GAP_S))
 
 
 def pct(values, q):
@@ -77,16 +70,6 @@ def pct(values, q):
     k = (len(v) - 1) * q / 100
     lo, hi = int(k), min(int(k) + 1, len(v) - 1)
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
-
-
-def rss_mb(pid):
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 async def sample_rss(pid, out, stop):

@@ -802,7 +802,8 @@ fn decode_together(
         let mut requests: Vec<BatchRequest<'_>> = taken
             .iter_mut()
             .enumerate()
-            .filter(|(i, _)| which.contains(i))
+            // `which` is in batch order.
+            .filter(|(i, _)| which.binary_search(i).is_ok())
             .map(|(_, (_, s, update, work))| {
                 let (prefix, commit) = work.batchable().expect("batchable work");
                 BatchRequest {

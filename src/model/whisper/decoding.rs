@@ -265,7 +265,8 @@ impl WhisperModel {
             let mut batch_states: Vec<&mut DecoderState> = states
                 .iter_mut()
                 .enumerate()
-                .filter(|(i, _)| stepping.contains(i))
+                // `stepping` is in batch order.
+                .filter(|(i, _)| stepping.binary_search(i).is_ok())
                 .map(|(_, s)| s)
                 .collect();
             let hidden = self
