@@ -31,7 +31,7 @@ use stepaudio_live::model::step_audio2::config::StepAudio2Config;
 use stepaudio_live::model::step_audio2::llm::{argmax, LlmState, Qwen2Llm};
 use stepaudio_live::model::step_audio2::load::{load_step_audio2, random_weights};
 use stepaudio_live::model::step_audio2::prompt::SystemPrompt;
-use stepaudio_live::ops::fast::{self, FastPaths, FusedDecoder};
+use stepaudio_live::ops::fast::{self, FastPaths, FusedBatchDecoder, FusedDecoder};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -621,6 +621,159 @@ fn check_decode(args: &Args, device: &Device, rep: &mut Report) -> Result<()> {
         format!("max abs diff {m:e}"),
     );
     fast::set_fast_paths(FastPaths::ALL);
+    check_decode_batch(args, llm, rep)
+}
+
+/// Per stream, per step: logits, and the fused steps' argmaxes.
+type StreamSteps = (Vec<Vec<Tensor>>, Vec<Vec<u32>>);
+
+/// How a stream's teacher-forced steps are run in [`forced_streams`].
+#[derive(Clone, Copy, PartialEq)]
+enum StepMode {
+    /// Each stream alone through candle ops.
+    Candle,
+    /// Each stream alone through the batch-1 fused step.
+    Fused1,
+    /// All streams together through the batched fused step.
+    Batched { graph: bool },
+}
+
+/// Streams with their own prompts (prefilled alone, the same way in every mode) and
+/// their own forced tokens (`tokens[i][s]` goes in at stream i's step s; streams with
+/// fewer tokens leave the batch early). Returns each stream's per-step logits and the
+/// fused steps' argmaxes (empty for candle ops).
+fn forced_streams(
+    llm: &Qwen2Llm,
+    prompts: &[Tensor],
+    tokens: &[Vec<u32>],
+    mode: StepMode,
+) -> Result<StreamSteps> {
+    fast::set_fast_paths(FastPaths::ALL);
+    let mut states = Vec::new();
+    for (p, t) in prompts.iter().zip(tokens) {
+        let mut st: LlmState = llm.new_state(p.dim(1)? + t.len() + 8);
+        llm.forward(p, &mut st)?;
+        states.push(st);
+    }
+    let n = prompts.len();
+    let mut logits: Vec<Vec<Tensor>> = vec![vec![]; n];
+    let mut picks: Vec<Vec<u32>> = vec![vec![]; n];
+    match mode {
+        StepMode::Candle | StepMode::Fused1 => {
+            fast::set_fast_paths(FastPaths {
+                decode: mode == StepMode::Fused1,
+                ..FastPaths::ALL
+            });
+            for i in 0..n {
+                let mut fd = FusedDecoder::default();
+                let mut fused = fd.prepare(&llm.decode_weights())?;
+                for &t in &tokens[i] {
+                    match fused.as_mut() {
+                        Some(f) => {
+                            f.start(t, states[i].len())?;
+                            picks[i].push(f.step(&mut states[i])?);
+                            logits[i].push(f.logits()?);
+                        }
+                        None => {
+                            let h = llm.forward(&llm.embed(&[t])?.unsqueeze(0)?, &mut states[i])?;
+                            logits[i].push(llm.logits_last(&h)?.to_dtype(DType::F32)?);
+                        }
+                    }
+                }
+            }
+        }
+        StepMode::Batched { graph } => {
+            fast::set_fast_paths(FastPaths {
+                graph,
+                ..FastPaths::ALL
+            });
+            let mut bd = FusedBatchDecoder::default();
+            let mut f = bd
+                .prepare(&llm.decode_weights())?
+                .context("batched fused decode did not apply")?;
+            let steps = tokens.iter().map(Vec::len).max().unwrap_or(0);
+            for s in 0..steps {
+                let rows: Vec<usize> = (0..n).filter(|&i| tokens[i].len() > s).collect();
+                let ids: Vec<u32> = rows.iter().map(|&i| tokens[i][s]).collect();
+                let mut st: Vec<&mut LlmState> = states
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| tokens[*i].len() > s)
+                    .map(|(_, st)| st)
+                    .collect();
+                let out = f.step(&ids, &mut st)?;
+                let l = f.logits()?;
+                for (row, (&i, (next, _))) in rows.iter().zip(out).enumerate() {
+                    picks[i].push(next);
+                    logits[i].push(l.get(row)?);
+                }
+            }
+        }
+    }
+    fast::set_fast_paths(FastPaths::ALL);
+    Ok((logits, picks))
+}
+
+/// The batched fused step against each stream alone (candle ops, and the batch-1 fused
+/// step), for batches of 1, 5 and 33 streams (one, a cuBLAS GEMM with padding rows,
+/// several buckets as streams leave), with different prompt lengths and forced tokens.
+fn check_decode_batch(args: &Args, llm: &Qwen2Llm, rep: &mut Report) -> Result<()> {
+    for streams in [1usize, 5, 33] {
+        let mut prompts = Vec::new();
+        let mut tokens = Vec::new();
+        for i in 0..streams {
+            let n_prompt = 9 + (i * 37) % 300;
+            let ids: Vec<u32> = (0..n_prompt)
+                .map(|j| ((i * 1000 + j) as u64 * 2654435761 % 150000) as u32)
+                .collect();
+            prompts.push(llm.embed(&ids)?.unsqueeze(0)?);
+            // streams leave at different steps: the batch shrinks through the buckets
+            let steps = args.steps - (i % 4) * args.steps / 5;
+            tokens.push(
+                (0..steps)
+                    .map(|s| ((i * 7919 + s) as u64 * 40503 % 150000) as u32 + 7)
+                    .collect::<Vec<u32>>(),
+            );
+        }
+        let (cand, _) = forced_streams(llm, &prompts, &tokens, StepMode::Candle)?;
+        let (one, one_a) = forced_streams(llm, &prompts, &tokens, StepMode::Fused1)?;
+        let (bat, bat_a) =
+            forced_streams(llm, &prompts, &tokens, StepMode::Batched { graph: true })?;
+        let (dir, _) = forced_streams(llm, &prompts, &tokens, StepMode::Batched { graph: false })?;
+        let (mut vs_candle, mut vs_one, mut vs_direct) = (0f64, 0f64, 0f64);
+        let (mut same, mut total) = (0usize, 0usize);
+        for i in 0..streams {
+            for s in 0..tokens[i].len() {
+                vs_candle = vs_candle.max(rel_err(&bat[i][s], &cand[i][s])?.0);
+                vs_one = vs_one.max(rel_err(&bat[i][s], &one[i][s])?.0);
+                vs_direct = vs_direct.max(rel_err(&bat[i][s], &dir[i][s])?.1);
+                same += usize::from(bat_a[i][s] == one_a[i][s]);
+                total += 1;
+            }
+        }
+        rep.json.insert(
+            format!("batched decode {streams} streams"),
+            json!({"worst_rel_vs_candle": vs_candle, "worst_rel_vs_fused1": vs_one,
+                   "graph_vs_direct_max_abs": vs_direct, "same_argmax_as_fused1": same,
+                   "steps": total}),
+        );
+        rep.check(
+            &format!(
+                "batched fused decode, {streams} streams, vs each alone ({} layers, real widths)",
+                args.decode_layers
+            ),
+            vs_candle < 1e-2 && vs_one < 1e-2 && vs_candle.is_finite() && vs_one.is_finite(),
+            format!(
+                "worst logits rel vs candle ops {vs_candle:.2e}, vs batch-1 fused {vs_one:.2e}; \
+                 argmax = batch-1 fused at {same}/{total} steps"
+            ),
+        );
+        rep.check(
+            &format!("batched graph replay = direct launches ({streams} streams)"),
+            vs_direct == 0.0,
+            format!("max abs diff {vs_direct:e}"),
+        );
+    }
     Ok(())
 }
 

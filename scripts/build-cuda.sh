@@ -32,7 +32,7 @@ if ! command -v nvcc >/dev/null 2>&1 && [ -z "${CUDA_ROOT:-}" ]; then
   source "$PREFIX/env.sh"
 fi
 cargo build --release --features cuda --bin stepaudio-live --example benchmark_e2e --example gpu_check \
-  --example benchmark_streams
+  --example benchmark_streams --example benchmark_batch_decode
 
 if [ -n "$STAGE" ]; then
   # Everything the device run needs, small enough to travel (binaries stripped and
@@ -40,14 +40,15 @@ if [ -n "$STAGE" ]; then
   mkdir -p "$STAGE/speech" "$STAGE/scripts/reference"
   R=$CARGO_TARGET_DIR/release
   tmp=$(mktemp -d)
-  for b in examples/benchmark_e2e examples/gpu_check examples/benchmark_streams; do
+  for b in examples/benchmark_e2e examples/gpu_check examples/benchmark_streams examples/benchmark_batch_decode; do
     objcopy --strip-debug "$R/$b" "$tmp/$(basename "$b")"
   done
-  tar -C "$tmp" -cJf "$STAGE/bins.tar.xz" benchmark_e2e gpu_check benchmark_streams
+  tar -C "$tmp" -cJf "$STAGE/bins.tar.xz" benchmark_e2e gpu_check benchmark_streams benchmark_batch_decode
   rm -rf "$tmp"
   cp scripts/device_compare.sh scripts/device_table.py "$STAGE/scripts/"
   cp scripts/reference/step_audio2_ref.py scripts/reference/step_audio2_gpu_parity.py \
-    scripts/reference/torch_baseline_stepaudio2.py "$STAGE/scripts/reference/"
+    scripts/reference/torch_baseline_stepaudio2.py scripts/reference/torch_batched_decode.py \
+    "$STAGE/scripts/reference/"
   cp tests/fixtures/step_audio2/tiny_ckpt/tokenizer.json "$STAGE/tokenizer.json"
   SPEECH=${STEPAUDIO_LIVE_SPEECH_DIR:-assets}
   for w in en_ps_librivox_0870 zh_aishell1_BAC009S0764W0121; do

@@ -536,3 +536,81 @@ impl FusedStep<'_> {
         match self.never {}
     }
 }
+
+/// The fused decode step of several streams at once (CUDA, bf16), each over its own KV
+/// cache; shared by all sessions of one model (it keeps no stream's state between
+/// steps, only scratch buffers and one CUDA graph per batch-size bucket). Empty until
+/// [`FusedBatchDecoder::prepare`] finds it applies.
+#[derive(Default)]
+pub struct FusedBatchDecoder {
+    #[cfg(feature = "cuda")]
+    engine: Option<super::cuda::decode_batch::BatchDecodeEngine>,
+    #[cfg(feature = "cuda")]
+    unsupported: bool,
+}
+
+/// A batched fused decoder ready to step (borrowed from its [`FusedBatchDecoder`]).
+pub struct FusedBatchStep<'a> {
+    #[cfg(feature = "cuda")]
+    engine: &'a mut super::cuda::decode_batch::BatchDecodeEngine,
+    #[cfg(feature = "cuda")]
+    graph: bool,
+    #[cfg(not(feature = "cuda"))]
+    never: std::convert::Infallible,
+    _life: std::marker::PhantomData<&'a mut ()>,
+}
+
+impl FusedBatchDecoder {
+    /// The batched step for the decoder `weights`, if the fast path is switched on and
+    /// covers it.
+    pub fn prepare(&mut self, weights: &DecodeWeights) -> Result<Option<FusedBatchStep<'_>>> {
+        let flags = fast_paths();
+        if !flags.decode || !available(weights.device()) {
+            return Ok(None);
+        }
+        #[cfg(feature = "cuda")]
+        {
+            if self.unsupported {
+                return Ok(None);
+            }
+            if !self.engine.as_ref().is_some_and(|e| e.serves(weights)) {
+                self.engine = super::cuda::decode_batch::BatchDecodeEngine::new(weights)?;
+                self.unsupported = self.engine.is_none();
+            }
+            Ok(self.engine.as_mut().map(|engine| FusedBatchStep {
+                engine,
+                graph: flags.graph,
+                _life: std::marker::PhantomData,
+            }))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Ok(None)
+    }
+}
+
+impl FusedBatchStep<'_> {
+    /// One step of `states.len()` streams: `tokens[i]` goes in at
+    /// `states[i].positions()`; returns each stream's greedy next token and its
+    /// log-probability.
+    pub fn step<S: DecodeCache>(
+        &mut self,
+        tokens: &[u32],
+        states: &mut [&mut S],
+    ) -> Result<Vec<(u32, f32)>> {
+        #[cfg(feature = "cuda")]
+        return self.engine.step(tokens, states, self.graph);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (tokens, states);
+            match self.never {}
+        }
+    }
+
+    /// A copy of the last step's logits `[streams, V]` (f32).
+    pub fn logits(&self) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        return self.engine.logits();
+        #[cfg(not(feature = "cuda"))]
+        match self.never {}
+    }
+}

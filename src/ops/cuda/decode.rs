@@ -25,21 +25,20 @@ use candle_core::cuda::{CudaDevice, WrapErr};
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Must match DEC_SPLITS in kernels.cu.
-const DEC_SPLITS: usize = 16;
+pub(crate) const DEC_SPLITS: usize = 16;
 const ARGMAX_BLOCKS: usize = 264;
 
-struct LayerPtrs {
-    in_norm: u64,
-    qkv_w: u64,
-    qkv_b: u64,
-    o_w: u64,
-    post_norm: u64,
-    gate_up_w: u64,
-    down_w: u64,
+pub(crate) struct LayerPtrs {
+    pub in_norm: u64,
+    pub qkv_w: u64,
+    pub qkv_b: u64,
+    pub o_w: u64,
+    pub post_norm: u64,
+    pub gate_up_w: u64,
+    pub down_w: u64,
 }
 
 struct Funcs {
-    gemv: CudaFunction,
     embed: CudaFunction,
     rope: CudaFunction,
     attn_part: CudaFunction,
@@ -59,25 +58,34 @@ struct Captured {
 // thread at a time (`&mut self` for every launch), so moving it between threads is sound.
 unsafe impl Send for Captured {}
 
-pub(crate) struct DecodeEngine {
-    dev: CudaDevice,
-    f: Funcs,
-    layers: Vec<LayerPtrs>,
-    embed: u64,
-    final_norm: u64,
-    lm_head: u64,
-    cos: u64,
-    sin: u64,
-    hidden: usize,
-    inter: usize,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
-    vocab: usize,
-    eps: f32,
+/// The decoder's weights as the kernels read them: raw device pointers and dimensions,
+/// shared by the batch-1 step and the batched one ([`super::decode_batch`]).
+pub(crate) struct ModelPtrs {
+    pub dev: CudaDevice,
+    pub layers: Vec<LayerPtrs>,
+    pub embed: u64,
+    pub final_norm: u64,
+    pub lm_head: u64,
+    pub cos: u64,
+    pub sin: u64,
+    pub hidden: usize,
+    pub inter: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub hd: usize,
+    pub vocab: usize,
+    pub eps: f32,
+    /// Rows of the RoPE tables: positions the model can take.
+    pub max_positions: usize,
+    gemv: CudaFunction,
     gemv_max_blocks: u32,
     /// Keeps the weights (and so the raw pointers above) alive.
     _weights: Vec<Tensor>,
+}
+
+pub(crate) struct DecodeEngine {
+    m: ModelPtrs,
+    f: Funcs,
     // Scratch buffers, as candle tensors so they are freed with the engine.
     x: Tensor,
     qkv: Tensor,
@@ -101,10 +109,10 @@ fn is_contiguous_bf16(t: &Tensor) -> bool {
     t.dtype() == DType::BF16 && t.is_contiguous()
 }
 
-impl DecodeEngine {
-    /// An engine for the decoder `llm`, or `None` when its shapes are not the ones the
-    /// kernels were written for (bf16, head dim 128, widths multiple of 8, biases only
-    /// on q/k/v).
+impl ModelPtrs {
+    /// The pointers of `llm`, or `None` when its shapes are not the ones the kernels
+    /// were written for (bf16, head dim 128, widths multiple of 8, biases only on
+    /// q/k/v).
     pub fn new(llm: &DecodeWeights) -> Result<Option<Self>> {
         let Device::Cuda(dev) = llm.device() else {
             return Ok(None);
@@ -168,19 +176,9 @@ impl DecodeEngine {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let device = llm.device();
-        let zeros = |n: usize, dt: DType| Tensor::zeros(n, dt, device);
-        let f = Funcs {
+        Ok(Some(Self {
             gemv: func(&dev, "gemv_bf16")?,
-            embed: func(&dev, "embed_row")?,
-            rope: func(&dev, "rope_kv_append")?,
-            attn_part: func(&dev, "attn_decode_partial")?,
-            attn_comb: func(&dev, "attn_decode_combine")?,
-            am_part: func(&dev, "argmax_partial")?,
-            am_final: func(&dev, "argmax_final")?,
-        };
-        let eng = Self {
-            f,
+            gemv_max_blocks: sm_count(&dev)? * 8,
             layers,
             embed: p(&llm.embed_tokens)?,
             final_norm: p(&llm.final_norm)?,
@@ -194,14 +192,116 @@ impl DecodeEngine {
             hd,
             vocab,
             eps: llm.rms_eps,
-            gemv_max_blocks: sm_count(&dev)? * 8,
+            max_positions: llm.cos.dim(0)?,
             _weights: weights,
-            x: zeros(hidden, DType::BF16)?,
-            qkv: zeros((nh + 2 * nkv) * hd, DType::BF16)?,
+            dev,
+        }))
+    }
+
+    /// Whether these are `llm`'s weights (same buffers).
+    pub fn serves(&self, llm: &DecodeWeights) -> bool {
+        dev_ptr(&llm.lm_head).ok() == Some(self.lm_head)
+    }
+
+    /// Each layer's (key, value) buffer addresses of `state`, and its capacity. Checks
+    /// they have the layout the kernels index: `[1, nkv, capacity, hd]` bf16, contiguous.
+    pub fn cache_ptrs(&self, state: &impl DecodeCache) -> Result<(Vec<(u64, u64)>, usize)> {
+        if state.num_layers() != self.layers.len() {
+            candle_core::bail!(
+                "fused decode: KV cache of {} layers for a model of {}",
+                state.num_layers(),
+                self.layers.len()
+            );
+        }
+        let cap = state.capacity();
+        let mut v = Vec::with_capacity(state.num_layers());
+        for i in 0..state.num_layers() {
+            let (k, vv) = state.layer_buffers(i).ok_or_else(|| {
+                candle_core::Error::Msg("fused decode: KV cache not allocated".into())
+            })?;
+            let want = (1, self.nkv, cap, self.hd);
+            for t in [k, vv] {
+                if t.dtype() != DType::BF16 || !t.is_contiguous() || t.dims4()? != want {
+                    candle_core::bail!(
+                        "fused decode: KV cache must be bf16 {want:?}, got {:?} {:?}",
+                        t.dtype(),
+                        t.dims()
+                    );
+                }
+            }
+            v.push((dev_ptr(k)?, dev_ptr(vv)?));
+        }
+        Ok((v, cap))
+    }
+
+    /// The width of the fused q/k/v projection.
+    pub fn qkv_rows(&self) -> usize {
+        (self.nh + 2 * self.nkv) * self.hd
+    }
+
+    /// `out = W x` for one input row, W `[n, k]` (see the modes of `gemv_bf16`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv(
+        &self,
+        w: u64,
+        x: u64,
+        norm: u64,
+        bias: u64,
+        out: u64,
+        n: usize,
+        k: usize,
+        mode: i32,
+    ) -> Result<()> {
+        let blocks = (n.div_ceil(8) as u32).min(self.gemv_max_blocks);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (2 * k) as u32,
+        };
+        let (n, k, eps) = (n as i32, k as i32, self.eps);
+        let stream = self.dev.cuda_stream();
+        let mut b = stream.launch_builder(&self.gemv);
+        b.arg(&w)
+            .arg(&x)
+            .arg(&norm)
+            .arg(&eps)
+            .arg(&bias)
+            .arg(&out)
+            .arg(&n)
+            .arg(&k)
+            .arg(&mode);
+        // SAFETY: w is [n(*2 for mode 2), k] bf16, x [k], out [n]; checked at construction.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
+
+impl DecodeEngine {
+    /// An engine for the decoder `llm`, or `None` when the kernels do not cover it.
+    pub fn new(llm: &DecodeWeights) -> Result<Option<Self>> {
+        let Some(m) = ModelPtrs::new(llm)? else {
+            return Ok(None);
+        };
+        let device = llm.device();
+        let zeros = |n: usize, dt: DType| Tensor::zeros(n, dt, device);
+        let dev = &m.dev;
+        let f = Funcs {
+            embed: func(dev, "embed_row")?,
+            rope: func(dev, "rope_kv_append")?,
+            attn_part: func(dev, "attn_decode_partial")?,
+            attn_comb: func(dev, "attn_decode_combine")?,
+            am_part: func(dev, "argmax_partial")?,
+            am_final: func(dev, "argmax_final")?,
+        };
+        let (nh, hd) = (m.nh, m.hd);
+        Ok(Some(Self {
+            f,
+            x: zeros(m.hidden, DType::BF16)?,
+            qkv: zeros(m.qkv_rows(), DType::BF16)?,
             q: zeros(nh * hd, DType::BF16)?,
             attn: zeros(nh * hd, DType::BF16)?,
-            act: zeros(inter, DType::BF16)?,
-            logits: zeros(vocab, DType::F32)?,
+            act: zeros(m.inter, DType::BF16)?,
+            logits: zeros(m.vocab, DType::F32)?,
             part_m: zeros(nh * DEC_SPLITS, DType::F32)?,
             part_l: zeros(nh * DEC_SPLITS, DType::F32)?,
             part_o: zeros(nh * DEC_SPLITS * hd, DType::F32)?,
@@ -212,20 +312,19 @@ impl DecodeEngine {
             lp: zeros(1, DType::F32)?,
             graph: None,
             graph_failed: false,
-            dev,
-        };
-        Ok(Some(eng))
+            m,
+        }))
     }
 
     /// Whether this engine was built for `llm` (same weight buffers).
     pub(crate) fn serves(&self, llm: &DecodeWeights) -> bool {
-        dev_ptr(&llm.lm_head).ok() == Some(self.lm_head)
+        self.m.serves(llm)
     }
 
     /// Sets the next step's input token and position, and clears the summed
     /// log-probability.
     pub(crate) fn start(&mut self, token: u32, position: usize) -> Result<()> {
-        let stream = self.dev.cuda_stream();
+        let stream = self.m.dev.cuda_stream();
         let io = [token, position as u32];
         // SAFETY: io and lp are live device buffers of 2 u32 and 1 f32.
         unsafe {
@@ -241,7 +340,7 @@ impl DecodeEngine {
     pub(crate) fn step(&mut self, state: &mut impl DecodeCache, use_graph: bool) -> Result<u32> {
         let pos = state.positions();
         state.reserve(pos + 1)?;
-        let (caches, cap) = self.cache_ptrs(state)?;
+        let (caches, cap) = self.m.cache_ptrs(state)?;
         if use_graph && !self.graph_failed {
             let stale = match &self.graph {
                 Some(g) => g.caches != caches || g.cap != cap,
@@ -265,7 +364,7 @@ impl DecodeEngine {
             _ => self.enqueue(&caches, cap)?,
         }
         let mut io = [0u32; 2];
-        let stream = self.dev.cuda_stream();
+        let stream = self.m.dev.cuda_stream();
         // SAFETY: io is a live device buffer of 2 u32; synchronised right after.
         unsafe { result::memcpy_dtoh_async(&mut io, dev_ptr(&self.io)?, stream.cu_stream()).w()? };
         stream.synchronize().w()?;
@@ -286,22 +385,8 @@ impl DecodeEngine {
         Ok(self.lp.to_vec1::<f32>()?[0] as f64)
     }
 
-    fn cache_ptrs(&self, state: &impl DecodeCache) -> Result<(Vec<(u64, u64)>, usize)> {
-        let mut v = Vec::with_capacity(state.num_layers());
-        for i in 0..state.num_layers() {
-            let (k, vv) = state.layer_buffers(i).ok_or_else(|| {
-                candle_core::Error::Msg("fused decode: KV cache not allocated".into())
-            })?;
-            if k.dtype() != DType::BF16 || k.dims4()?.0 != 1 {
-                candle_core::bail!("fused decode: KV cache must be bf16 with batch 1");
-            }
-            v.push((dev_ptr(k)?, dev_ptr(vv)?));
-        }
-        Ok((v, state.capacity()))
-    }
-
     fn capture(&self, caches: &[(u64, u64)], cap: usize) -> Result<Captured> {
-        let stream = self.dev.cuda_stream();
+        let stream = self.m.dev.cuda_stream();
         stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .w()?;
@@ -322,45 +407,10 @@ impl DecodeEngine {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn gemv(
-        &self,
-        w: u64,
-        x: u64,
-        norm: u64,
-        bias: u64,
-        out: u64,
-        n: usize,
-        k: usize,
-        mode: i32,
-    ) -> Result<()> {
-        let blocks = (n.div_ceil(8) as u32).min(self.gemv_max_blocks);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: (2 * k) as u32,
-        };
-        let (n, k, eps) = (n as i32, k as i32, self.eps);
-        let stream = self.dev.cuda_stream();
-        let mut b = stream.launch_builder(&self.f.gemv);
-        b.arg(&w)
-            .arg(&x)
-            .arg(&norm)
-            .arg(&eps)
-            .arg(&bias)
-            .arg(&out)
-            .arg(&n)
-            .arg(&k)
-            .arg(&mode);
-        // SAFETY: w is [n(*2 for mode 2), k] bf16, x [k], out [n]; checked at construction.
-        unsafe { b.launch(cfg) }.w()?;
-        Ok(())
-    }
-
     /// Enqueues the kernels of one step on the device's stream.
     fn enqueue(&self, caches: &[(u64, u64)], cap: usize) -> Result<()> {
-        let stream = self.dev.cuda_stream();
-        let (h, nh, nkv, hd) = (self.hidden, self.nh, self.nkv, self.hd);
+        let stream = self.m.dev.cuda_stream();
+        let (h, nh, nkv, hd) = (self.m.hidden, self.m.nh, self.m.nkv, self.m.hd);
         let x = dev_ptr(&self.x)?;
         let qkv = dev_ptr(&self.qkv)?;
         let q = dev_ptr(&self.q)?;
@@ -380,7 +430,7 @@ impl DecodeEngine {
 
         {
             let mut b = stream.launch_builder(&self.f.embed);
-            b.arg(&self.embed).arg(&io).arg(&h_i).arg(&x);
+            b.arg(&self.m.embed).arg(&io).arg(&h_i).arg(&x);
             let cfg = LaunchConfig {
                 grid_dim: ((h / 8).div_ceil(256) as u32, 1, 1),
                 block_dim: (256, 1, 1),
@@ -390,13 +440,14 @@ impl DecodeEngine {
             unsafe { b.launch(cfg) }.w()?;
         }
         let qkv_rows = (nh + 2 * nkv) * hd;
-        for (l, &(kc, vc)) in self.layers.iter().zip(caches) {
-            self.gemv(l.qkv_w, x, l.in_norm, l.qkv_b, qkv, qkv_rows, h, 0)?;
+        for (l, &(kc, vc)) in self.m.layers.iter().zip(caches) {
+            self.m
+                .gemv(l.qkv_w, x, l.in_norm, l.qkv_b, qkv, qkv_rows, h, 0)?;
             {
                 let mut b = stream.launch_builder(&self.f.rope);
                 b.arg(&qkv)
-                    .arg(&self.cos)
-                    .arg(&self.sin)
+                    .arg(&self.m.cos)
+                    .arg(&self.m.sin)
                     .arg(&io)
                     .arg(&nh_i)
                     .arg(&nkv_i)
@@ -445,17 +496,19 @@ impl DecodeEngine {
                 // SAFETY: partials of nh heads × DEC_SPLITS.
                 unsafe { b.launch(cfg) }.w()?;
             }
-            self.gemv(l.o_w, attn, null, null, x, h, nh * hd, 1)?;
-            self.gemv(l.gate_up_w, x, l.post_norm, null, act, self.inter, h, 2)?;
-            self.gemv(l.down_w, act, null, null, x, h, self.inter, 1)?;
+            self.m.gemv(l.o_w, attn, null, null, x, h, nh * hd, 1)?;
+            self.m
+                .gemv(l.gate_up_w, x, l.post_norm, null, act, self.m.inter, h, 2)?;
+            self.m
+                .gemv(l.down_w, act, null, null, x, h, self.m.inter, 1)?;
         }
-        self.gemv(
-            self.lm_head,
+        self.m.gemv(
+            self.m.lm_head,
             x,
-            self.final_norm,
+            self.m.final_norm,
             null,
             logits,
-            self.vocab,
+            self.m.vocab,
             h,
             3,
         )?;
@@ -465,7 +518,7 @@ impl DecodeEngine {
             dev_ptr(&self.am_sum)?,
         );
         let lp = dev_ptr(&self.lp)?;
-        let (v_i, parts) = (self.vocab as i32, ARGMAX_BLOCKS as i32);
+        let (v_i, parts) = (self.m.vocab as i32, ARGMAX_BLOCKS as i32);
         {
             let mut b = stream.launch_builder(&self.f.am_part);
             b.arg(&logits)
@@ -483,12 +536,15 @@ impl DecodeEngine {
         }
         {
             let mut b = stream.launch_builder(&self.f.am_final);
+            let (io_stride, accumulate) = (2i32, 1i32);
             b.arg(&am_max)
                 .arg(&am_idx)
                 .arg(&am_sum)
                 .arg(&parts)
                 .arg(&io)
-                .arg(&lp);
+                .arg(&io_stride)
+                .arg(&lp)
+                .arg(&accumulate);
             let cfg = LaunchConfig {
                 grid_dim: (1, 1, 1),
                 block_dim: (256, 1, 1),

@@ -14,6 +14,9 @@
 //                         attention, argmax + log-probability), so that the whole step
 //                         can be captured once into a CUDA graph. Position and token
 //                         live in device memory, which is what makes a graph replayable.
+//   * batched decode:     the same step for B streams (the projections as cuBLAS GEMMs
+//                         between these kernels), each stream a row of a device table
+//                         that names its token, position and KV-cache buffers.
 //
 // Everything accumulates in f32; bf16 values are rounded once when stored.
 
@@ -601,18 +604,17 @@ extern "C" __global__ void rope_kv_append(const bf16* __restrict__ qkv,
 
 #define DEC_SPLITS 16
 
-// Split-K attention of one query per head over cache positions 0..io[1] (inclusive).
-// grid (nh, DEC_SPLITS), 128 threads; hd == 128: each lane holds 4 dims. Writes the
-// split's running max (log2 domain), sum and unnormalised output.
-extern "C" __global__ void __launch_bounds__(128) attn_decode_partial(
+// Split-K attention of one query head over cache positions 0..len-1 of a cache
+// [nkv, cap, 128]: the split `sp` of head `h` writes its running max (log2 domain), sum
+// and unnormalised output to part_*[h * DEC_SPLITS + sp]. 128 threads; each lane holds
+// 4 dims.
+__device__ __forceinline__ void attn_partial_body(
     const bf16* __restrict__ q, const bf16* __restrict__ kcache,
-    const bf16* __restrict__ vcache, const int* __restrict__ io, int nh, int nkv, int cap,
+    const bf16* __restrict__ vcache, int len, int cap, int h, int sp, int nh, int nkv,
     float scale_log2, float* __restrict__ part_m, float* __restrict__ part_l,
     float* __restrict__ part_o) {
     constexpr int HD = 128;
-    const int h = blockIdx.x, sp = blockIdx.y;
     const int kvh = h / (nh / nkv);
-    const int len = io[1] + 1;
     const int chunk = (len + DEC_SPLITS - 1) / DEC_SPLITS;
     const int beg = sp * chunk, end = min(len, beg + chunk);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -664,12 +666,13 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_partial(
     }
 }
 
-// grid nh, 128 threads: merges the splits into out[h * 128 + d] (bf16).
-extern "C" __global__ void __launch_bounds__(128) attn_decode_combine(
-    const float* __restrict__ part_m, const float* __restrict__ part_l,
-    const float* __restrict__ part_o, bf16* __restrict__ out) {
+// Merges the splits of head h into out[h * 128 + d] (bf16); 128 threads.
+__device__ __forceinline__ void attn_combine_body(const float* __restrict__ part_m,
+                                                  const float* __restrict__ part_l,
+                                                  const float* __restrict__ part_o, int h,
+                                                  bf16* __restrict__ out) {
     constexpr int HD = 128;
-    const int h = blockIdx.x, d = threadIdx.x;
+    const int d = threadIdx.x;
     float M = NEG_BIG;
     for (int s = 0; s < DEC_SPLITS; ++s) M = fmaxf(M, part_m[h * DEC_SPLITS + s]);
     float L = 0.0f, acc = 0.0f;
@@ -682,15 +685,35 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_combine(
     out[h * HD + d] = __float2bfloat16_rn(acc / L);
 }
 
+// Batch 1: the query at position io[1] over cache positions 0..io[1]. grid (nh, DEC_SPLITS).
+extern "C" __global__ void __launch_bounds__(128) attn_decode_partial(
+    const bf16* __restrict__ q, const bf16* __restrict__ kcache,
+    const bf16* __restrict__ vcache, const int* __restrict__ io, int nh, int nkv, int cap,
+    float scale_log2, float* __restrict__ part_m, float* __restrict__ part_l,
+    float* __restrict__ part_o) {
+    attn_partial_body(q, kcache, vcache, io[1] + 1, cap, blockIdx.x, blockIdx.y, nh, nkv,
+                      scale_log2, part_m, part_l, part_o);
+}
+
+// grid nh, 128 threads.
+extern "C" __global__ void __launch_bounds__(128) attn_decode_combine(
+    const float* __restrict__ part_m, const float* __restrict__ part_l,
+    const float* __restrict__ part_o, bf16* __restrict__ out) {
+    attn_combine_body(part_m, part_l, part_o, blockIdx.x, out);
+}
+
 #define AM_THREADS 256
 
-// Per-block argmax (first index on ties) and sum of exp(logit - block max).
+// Per-block argmax (first index on ties) and sum of exp(logit - block max) over a slice
+// of row blockIdx.y of `logits` [rows, V]; the partials of a row are gridDim.x apart.
 extern "C" __global__ void __launch_bounds__(AM_THREADS) argmax_partial(
     const float* __restrict__ logits, int V, float* __restrict__ pmax,
     int* __restrict__ pidx, float* __restrict__ psum) {
     __shared__ float smax[AM_THREADS];
     __shared__ int sidx[AM_THREADS];
     __shared__ float ssum[AM_THREADS];
+    logits += (size_t)blockIdx.y * V;
+    const int part = blockIdx.y * gridDim.x + blockIdx.x;
     const int per = (V + gridDim.x - 1) / gridDim.x;
     const int beg = blockIdx.x * per, end = min(V, beg + per);
     float best = -INFINITY;
@@ -726,21 +749,26 @@ extern "C" __global__ void __launch_bounds__(AM_THREADS) argmax_partial(
         __syncthreads();
     }
     if (threadIdx.x == 0) {
-        pmax[blockIdx.x] = bmax;
-        pidx[blockIdx.x] = sidx[0];
-        psum[blockIdx.x] = ssum[0];
+        pmax[part] = bmax;
+        pidx[part] = sidx[0];
+        psum[part] = ssum[0];
     }
 }
 
-// One block: merges the partials; io[0] = argmax (the next step's input token),
-// io[1] += 1 (its position), *lp_acc += log p(argmax).
+// One block per row (blockIdx.x): merges the row's `nparts` partials. The row's io entry
+// (io + row * io_stride) becomes {argmax, position + 1}: the next step's input token
+// and its position. log p(argmax) is added to lp[row] (accumulate != 0) or stored there.
 extern "C" __global__ void __launch_bounds__(AM_THREADS) argmax_final(
     const float* __restrict__ pmax, const int* __restrict__ pidx,
-    const float* __restrict__ psum, int nparts, int* __restrict__ io,
-    float* __restrict__ lp_acc) {
+    const float* __restrict__ psum, int nparts, int* __restrict__ io, int io_stride,
+    float* __restrict__ lp, int accumulate) {
     __shared__ float smax[AM_THREADS];
     __shared__ int sidx[AM_THREADS];
     __shared__ float ssum[AM_THREADS];
+    const int row = blockIdx.x;
+    pmax += (size_t)row * nparts;
+    pidx += (size_t)row * nparts;
+    psum += (size_t)row * nparts;
     float best = -INFINITY;
     int bi = 0x7fffffff;
     for (int i = threadIdx.x; i < nparts; i += AM_THREADS) {
@@ -775,9 +803,145 @@ extern "C" __global__ void __launch_bounds__(AM_THREADS) argmax_final(
         __syncthreads();
     }
     if (threadIdx.x == 0) {
-        io[0] = sidx[0];
-        io[1] = io[1] + 1;
-        *lp_acc += -logf(ssum[0]);
+        int* r = io + (size_t)row * io_stride;
+        r[0] = sidx[0];
+        r[1] = r[1] + 1;
+        const float l = -logf(ssum[0]);
+        lp[row] = accumulate ? lp[row] + l : l;
+    }
+}
+
+// =====================================================================================
+// Batched decode step: B streams, one token each, each over its own KV cache
+// =====================================================================================
+//
+// The projections are GEMMs (cuBLAS, f32 out) between these kernels. Every stream is a
+// row with its own entry in a row table that the host rewrites before each step, so a
+// step captured as a CUDA graph replays for any streams of its batch-size bucket:
+//   rows[4 b .. 4 b + 3] = {input token, its position, cache capacity, unused}
+//   kv[2 (b L + l) + {0, 1}] = key / value cache of row b, layer l: [nkv, cap, hd] bf16
+// (argmax_final advances rows[4 b], rows[4 b + 1] like the batch-1 io pair).
+
+// x[b] = embed[token of row b]; grid (ceil(H / 8 / 256), B).
+extern "C" __global__ void embed_rows(const bf16* __restrict__ embed, const int* __restrict__ rows,
+                                      int H, bf16* __restrict__ x) {
+    const int b = blockIdx.y;
+    const uint4* src = reinterpret_cast<const uint4*>(embed + (size_t)rows[4 * b] * H);
+    uint4* dst = reinterpret_cast<uint4*>(x + (size_t)b * H);
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < H / 8; i += gridDim.x * blockDim.x)
+        dst[i] = src[i];
+}
+
+// Row b = blockIdx.x: x += y (y f32, the projection; skipped when null; rounded once, as
+// the batch-1 GEMV's residual mode), then out = bf16(x * rsqrt(mean(x^2) + eps) * w) with
+// the reduction of the batch-1 GEMV's staging, so both see the same normalised input.
+// 256 threads.
+extern "C" __global__ void __launch_bounds__(256) residual_rmsnorm_rows(
+    bf16* __restrict__ x, const float* __restrict__ y, const bf16* __restrict__ w, float eps,
+    int H, bf16* __restrict__ out) {
+    __shared__ float red[32];
+    __shared__ float rstd_s;
+    const size_t base = (size_t)blockIdx.x * H;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        float v = __bfloat162float(x[base + i]);
+        if (y) {
+            const bf16 nv = __float2bfloat16_rn(v + y[base + i]);
+            x[base + i] = nv;
+            v = __bfloat162float(nv);
+        }
+        ss = fmaf(v, v, ss);
+    }
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = 0.0f;
+        for (int k = 0; k < (int)(blockDim.x >> 5); ++k) t += red[k];
+        rstd_s = rsqrtf(t / (float)H + eps);
+    }
+    __syncthreads();
+    const float rstd = rstd_s;
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        out[base + i] = __float2bfloat16_rn(__bfloat162float(x[base + i]) * rstd *
+                                            __bfloat162float(w[i]));
+}
+
+// The fused q/k/v projection of row b = blockIdx.y (f32, bias not yet added): bias added
+// and rounded to bf16 (as the batch-1 GEMV stores it), RoPE on q and k at the row's
+// position, q to q_out [B, nh * hd], k and v appended to the row's layer-`layer` cache.
+// grid (nh + nkv, B), hd / 2 threads.
+extern "C" __global__ void rope_kv_append_rows(
+    const float* __restrict__ qkv, const bf16* __restrict__ bias,
+    const bf16* __restrict__ cos_t, const bf16* __restrict__ sin_t,
+    const int* __restrict__ rows, const unsigned long long* __restrict__ kv, int layer,
+    int layers, int nh, int nkv, int hd, bf16* __restrict__ q_out) {
+    const int b = blockIdx.y, head = blockIdx.x, i = threadIdx.x;
+    const int pos = rows[4 * b + 1], cap = rows[4 * b + 2];
+    const int half = hd / 2;
+    const float* src = qkv + (size_t)b * (nh + 2 * nkv) * hd;
+    auto biased = [&](int j) {
+        return __bfloat162float(__float2bfloat16_rn(src[j] + __bfloat162float(bias[j])));
+    };
+    const float c = __bfloat162float(cos_t[(size_t)pos * half + i]);
+    const float s = __bfloat162float(sin_t[(size_t)pos * half + i]);
+    const int j = head * hd + i;
+    const float x1 = biased(j), x2 = biased(j + half);
+    const bf16 r1 = __float2bfloat16_rn(x1 * c - x2 * s);
+    const bf16 r2 = __float2bfloat16_rn(x2 * c + x1 * s);
+    if (head < nh) {
+        bf16* qd = q_out + (size_t)b * nh * hd + (size_t)head * hd;
+        qd[i] = r1;
+        qd[i + half] = r2;
+    } else {
+        const int kvh = head - nh;
+        const unsigned long long* p = kv + 2 * ((size_t)b * layers + layer);
+        bf16* kd = reinterpret_cast<bf16*>(p[0]) + ((size_t)kvh * cap + pos) * hd;
+        bf16* vd = reinterpret_cast<bf16*>(p[1]) + ((size_t)kvh * cap + pos) * hd;
+        kd[i] = r1;
+        kd[i + half] = r2;
+        const int vj = (nh + nkv + kvh) * hd + i;
+        vd[i] = __float2bfloat16_rn(biased(vj));
+        vd[i + half] = __float2bfloat16_rn(biased(vj + half));
+    }
+}
+
+// Row b = blockIdx.z over its own cache (positions 0..pos). grid (nh, DEC_SPLITS, B);
+// partials [B, nh, DEC_SPLITS].
+extern "C" __global__ void __launch_bounds__(128) attn_decode_partial_rows(
+    const bf16* __restrict__ q, const int* __restrict__ rows,
+    const unsigned long long* __restrict__ kv, int layer, int layers, int nh, int nkv,
+    float scale_log2, float* __restrict__ part_m, float* __restrict__ part_l,
+    float* __restrict__ part_o) {
+    constexpr int HD = 128;
+    const int b = blockIdx.z;
+    const unsigned long long* p = kv + 2 * ((size_t)b * layers + layer);
+    const size_t parts = (size_t)b * nh * DEC_SPLITS;
+    attn_partial_body(q + (size_t)b * nh * HD, reinterpret_cast<const bf16*>(p[0]),
+                      reinterpret_cast<const bf16*>(p[1]), rows[4 * b + 1] + 1, rows[4 * b + 2],
+                      blockIdx.x, blockIdx.y, nh, nkv, scale_log2, part_m + parts,
+                      part_l + parts, part_o + parts * HD);
+}
+
+// grid (nh, B), 128 threads: out [B, nh * 128].
+extern "C" __global__ void __launch_bounds__(128) attn_decode_combine_rows(
+    const float* __restrict__ part_m, const float* __restrict__ part_l,
+    const float* __restrict__ part_o, int nh, bf16* __restrict__ out) {
+    const size_t b = blockIdx.y, parts = b * nh * DEC_SPLITS;
+    attn_combine_body(part_m + parts, part_l + parts, part_o + parts * 128, blockIdx.x,
+                      out + b * nh * 128);
+}
+
+// act[b, j] = silu(gu[b, j]) * gu[b, I + j] from the fused gate/up projection (f32),
+// rounded once, as the batch-1 GEMV's mode 2.
+extern "C" __global__ void silu_gate_rows(const float* __restrict__ gu, int I, int B,
+                                          bf16* __restrict__ act) {
+    const long long n = (long long)B * I;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < n;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const long long b = idx / I, j = idx % I;
+        const float g = gu[b * 2 * I + j], u = gu[b * 2 * I + I + j];
+        act[idx] = __float2bfloat16_rn(g / (1.0f + __expf(-g)) * u);
     }
 }
 

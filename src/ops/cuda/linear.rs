@@ -54,11 +54,34 @@ pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let mut out_shape = dims.to_vec();
     *out_shape.last_mut().expect("rank >= 1") = n;
     let (out, o_ptr) = alloc_bf16(&dev, &out_shape)?;
+    gemm_t(&dev, dev_ptr(w)?, dev_ptr(x)?, o_ptr, m, n, k, false)?;
+    Ok(Some(out))
+}
+
+/// `Y = X W^T` on raw device buffers: `X` `[m, k]` and `W` `[n, k]` row-major bf16, `Y`
+/// `[m, n]` row-major, bf16 or (`out_f32`) f32; f32 accumulation. Enqueued on the
+/// device's stream (cuBLAS is bound to it), so it can be captured into a CUDA graph.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_t(
+    dev: &candle_core::cuda::CudaDevice,
+    w: u64,
+    x: u64,
+    out: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+    out_f32: bool,
+) -> Result<()> {
     let (alpha, beta) = (1.0f32, 0.0f32);
     let blas = dev.cublas_handle();
+    let out_type = if out_f32 {
+        cudaDataType::CUDA_R_32F
+    } else {
+        cudaDataType::CUDA_R_16BF
+    };
     // Column-major view: Y^T [N, M] = W [N, K] · X^T [K, M]; W row-major [N, K] is W^T in
     // column-major (op T), X row-major [M, K] is X^T in column-major (op N).
-    // SAFETY: pointers of live contiguous buffers with the dimensions passed.
+    // SAFETY: the caller passes live buffers of the dimensions given.
     unsafe {
         gemm_ex(
             *blas.handle(),
@@ -68,22 +91,22 @@ pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
             m as i32,
             k as i32,
             (&alpha) as *const f32 as *const _,
-            dev_ptr(w)? as *const _,
+            w as *const _,
             cudaDataType::CUDA_R_16BF,
             k as i32,
-            dev_ptr(x)? as *const _,
+            x as *const _,
             cudaDataType::CUDA_R_16BF,
             k as i32,
             (&beta) as *const f32 as *const _,
-            o_ptr as *mut _,
-            cudaDataType::CUDA_R_16BF,
+            out as *mut _,
+            out_type,
             n as i32,
             cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
         .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
     }
-    Ok(Some(out))
+    Ok(())
 }
 
 fn launch_cfg(n: usize) -> LaunchConfig {

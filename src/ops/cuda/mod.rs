@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod decode;
+pub mod decode_batch;
 pub mod linear;
 pub mod mel;
 

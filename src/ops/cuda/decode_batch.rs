@@ -1,0 +1,467 @@
+//! The decode step of B streams at once over the same Qwen2-shaped decoder as
+//! [`super::decode`], each stream over its own KV cache.
+//!
+//! Why: a decode step streams the whole decoder's weights (~14 GB for Step-Audio 2 mini)
+//! whatever the batch, so B streams in one step cost little more than one. The
+//! projections are GEMMs over the B rows (cuBLAS, f32 out; at B = 1 the batch-1 GEMV,
+//! which streams the weights faster than a GEMM of one row); RMSNorm with the residual
+//! add, RoPE with the KV append, attention and the argmax are per-row kernels.
+//!
+//! The KV caches stay the streams' own buffers (each stream's length and capacity, a
+//! partial's rollback still a length change): a device row table names, per row, its
+//! input token, position, cache capacity and every layer's key/value buffers. The host
+//! rewrites the table before each step, so one CUDA graph per batch-size bucket (powers
+//! of two; rows past the batch point at a one-position scratch cache) replays for any
+//! streams. The argmax kernel advances each row's token and position in the table,
+//! which the host reads back with the rows' log-probabilities: the step's one sync.
+
+use super::decode::{ModelPtrs, DEC_SPLITS};
+use super::linear::gemm_t;
+use super::{dev_ptr, func};
+use crate::ops::fast::{DecodeCache, DecodeWeights};
+use candle_core::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use candle_core::cuda::cudarc::driver::{
+    result, CudaFunction, CudaGraph, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda::WrapErr;
+use candle_core::{DType, Result, Tensor};
+use std::collections::HashMap;
+
+/// The largest batch one step takes (the row table and scratch buffers grow to the
+/// bucket in use, up to this).
+pub(crate) const MAX_ROWS: usize = 1024;
+/// Blocks per row of the first argmax pass (the vocabulary split in this many slices).
+const ARGMAX_PARTS: usize = 32;
+/// Entries per row of the row table.
+const ROW_INTS: usize = 4;
+
+struct Funcs {
+    embed: CudaFunction,
+    norm: CudaFunction,
+    rope: CudaFunction,
+    attn_part: CudaFunction,
+    attn_comb: CudaFunction,
+    silu: CudaFunction,
+    am_part: CudaFunction,
+    am_final: CudaFunction,
+}
+
+/// Scratch buffers for up to `rows` rows.
+struct Buffers {
+    rows: usize,
+    x: Tensor,
+    xn: Tensor,
+    qkv: Tensor,
+    q: Tensor,
+    attn: Tensor,
+    y: Tensor,
+    gu: Tensor,
+    act: Tensor,
+    logits: Tensor,
+    part_m: Tensor,
+    part_l: Tensor,
+    part_o: Tensor,
+    am_max: Tensor,
+    am_idx: Tensor,
+    am_sum: Tensor,
+    table: Tensor,
+    kv: Tensor,
+    lp: Tensor,
+}
+
+/// A captured step.
+struct Graph(CudaGraph);
+// SAFETY: a graph may be launched from any host thread as long as launches are
+// serialised; the engine is behind `&mut self` for every launch.
+unsafe impl Send for Graph {}
+
+pub(crate) struct BatchDecodeEngine {
+    m: ModelPtrs,
+    f: Funcs,
+    bufs: Option<Buffers>,
+    /// The one-position cache `[nkv, 1, hd]` (keys, then values) of padding rows.
+    pad_kv: Tensor,
+    graphs: HashMap<usize, Graph>,
+    graph_failed: bool,
+    /// Rows of the last step (for [`Self::logits`]).
+    last_rows: usize,
+}
+
+impl BatchDecodeEngine {
+    /// An engine for the decoder `llm`, or `None` when the kernels do not cover it.
+    pub fn new(llm: &DecodeWeights) -> Result<Option<Self>> {
+        let Some(m) = ModelPtrs::new(llm)? else {
+            return Ok(None);
+        };
+        let dev = &m.dev;
+        let f = Funcs {
+            embed: func(dev, "embed_rows")?,
+            norm: func(dev, "residual_rmsnorm_rows")?,
+            rope: func(dev, "rope_kv_append_rows")?,
+            attn_part: func(dev, "attn_decode_partial_rows")?,
+            attn_comb: func(dev, "attn_decode_combine_rows")?,
+            silu: func(dev, "silu_gate_rows")?,
+            am_part: func(dev, "argmax_partial")?,
+            am_final: func(dev, "argmax_final")?,
+        };
+        let pad_kv = Tensor::zeros(2 * m.nkv * m.hd, DType::BF16, llm.device())?;
+        Ok(Some(Self {
+            m,
+            f,
+            bufs: None,
+            pad_kv,
+            graphs: HashMap::new(),
+            graph_failed: false,
+            last_rows: 0,
+        }))
+    }
+
+    /// Whether this engine was built for `llm` (same weight buffers).
+    pub(crate) fn serves(&self, llm: &DecodeWeights) -> bool {
+        self.m.serves(llm)
+    }
+
+    /// Scratch for `rows` rows; growing drops the captured graphs (they name the old
+    /// buffers).
+    fn ensure_rows(&mut self, rows: usize) -> Result<()> {
+        if self.bufs.as_ref().is_some_and(|b| b.rows >= rows) {
+            return Ok(());
+        }
+        self.graphs.clear();
+        self.bufs = None;
+        let m = &self.m;
+        let device = candle_core::Device::Cuda(m.dev.clone());
+        let zeros = |n: usize, dt: DType| Tensor::zeros(n, dt, &device);
+        let (h, nh, hd) = (m.hidden, m.nh, m.hd);
+        let parts = rows * nh * DEC_SPLITS;
+        self.bufs = Some(Buffers {
+            rows,
+            x: zeros(rows * h, DType::BF16)?,
+            xn: zeros(rows * h, DType::BF16)?,
+            qkv: zeros(rows * m.qkv_rows(), DType::F32)?,
+            q: zeros(rows * nh * hd, DType::BF16)?,
+            attn: zeros(rows * nh * hd, DType::BF16)?,
+            y: zeros(rows * h, DType::F32)?,
+            gu: zeros(rows * 2 * m.inter, DType::F32)?,
+            act: zeros(rows * m.inter, DType::BF16)?,
+            logits: zeros(rows * m.vocab, DType::F32)?,
+            part_m: zeros(parts, DType::F32)?,
+            part_l: zeros(parts, DType::F32)?,
+            part_o: zeros(parts * hd, DType::F32)?,
+            am_max: zeros(rows * ARGMAX_PARTS, DType::F32)?,
+            am_idx: zeros(rows * ARGMAX_PARTS, DType::U32)?,
+            am_sum: zeros(rows * ARGMAX_PARTS, DType::F32)?,
+            table: zeros(rows * ROW_INTS, DType::U32)?,
+            kv: zeros(rows * m.layers.len() * 2, DType::I64)?,
+            lp: zeros(rows, DType::F32)?,
+        });
+        Ok(())
+    }
+
+    /// One decode step of `states.len()` streams: `tokens[i]` goes in at position
+    /// `states[i].positions()`, its key and value are appended to `states[i]`, and the
+    /// greedy next token and its log-probability come back per stream (the one sync).
+    pub(crate) fn step<S: DecodeCache>(
+        &mut self,
+        tokens: &[u32],
+        states: &mut [&mut S],
+        use_graph: bool,
+    ) -> Result<Vec<(u32, f32)>> {
+        let n = states.len();
+        if n == 0 || tokens.len() != n || n > MAX_ROWS {
+            candle_core::bail!(
+                "batched decode: {} tokens for {n} streams (1..={MAX_ROWS})",
+                tokens.len()
+            );
+        }
+        let bucket = n.next_power_of_two();
+        self.ensure_rows(bucket)?;
+        let layers = self.m.layers.len();
+        let mut table = vec![0u32; bucket * ROW_INTS];
+        let mut kv = vec![0u64; bucket * layers * 2];
+        let mut positions = Vec::with_capacity(n);
+        for (b, (state, &token)) in states.iter_mut().zip(tokens).enumerate() {
+            let pos = state.positions();
+            if token as usize >= self.m.vocab || pos >= self.m.max_positions {
+                candle_core::bail!(
+                    "batched decode: token {token} at position {pos} (vocabulary {}, {} positions)",
+                    self.m.vocab,
+                    self.m.max_positions
+                );
+            }
+            state.reserve(pos + 1)?;
+            let (caches, cap) = self.m.cache_ptrs(&**state)?;
+            table[b * ROW_INTS..b * ROW_INTS + 3].copy_from_slice(&[token, pos as u32, cap as u32]);
+            for (l, (k, v)) in caches.into_iter().enumerate() {
+                kv[2 * (b * layers + l)] = k;
+                kv[2 * (b * layers + l) + 1] = v;
+            }
+            positions.push(pos);
+        }
+        let pad_k = dev_ptr(&self.pad_kv)?;
+        let pad_v = pad_k + (self.m.nkv * self.m.hd * 2) as u64; // bf16 bytes of the keys
+        for b in n..bucket {
+            // token 0 at position 0 of the one-position scratch cache
+            table[b * ROW_INTS + 2] = 1;
+            for l in 0..layers {
+                kv[2 * (b * layers + l)] = pad_k;
+                kv[2 * (b * layers + l) + 1] = pad_v;
+            }
+        }
+        let bufs = self.bufs.as_ref().expect("ensure_rows");
+        let (table_ptr, kv_ptr, lp_ptr) = (
+            dev_ptr(&bufs.table)?,
+            dev_ptr(&bufs.kv)?,
+            dev_ptr(&bufs.lp)?,
+        );
+        let stream = self.m.dev.cuda_stream();
+        // SAFETY: both buffers hold at least `bucket` rows (ensure_rows).
+        unsafe {
+            result::memcpy_htod_async(table_ptr, &table, stream.cu_stream()).w()?;
+            result::memcpy_htod_async(kv_ptr, &kv, stream.cu_stream()).w()?;
+        }
+        if use_graph && !self.graph_failed && !self.graphs.contains_key(&bucket) {
+            match self.capture(bucket) {
+                Ok(g) => {
+                    self.graphs.insert(bucket, g);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "batched decode: CUDA graph capture failed ({e}); launching kernels directly"
+                    );
+                    self.graph_failed = true;
+                }
+            }
+        }
+        match self.graphs.get(&bucket) {
+            Some(g) if use_graph && !self.graph_failed => g.0.launch().w()?,
+            _ => self.enqueue(bucket)?,
+        }
+        let mut lp = vec![0f32; n];
+        // SAFETY: the table and lp buffers hold `bucket` >= n rows; synchronised below.
+        unsafe {
+            result::memcpy_dtoh_async(&mut table[..n * ROW_INTS], table_ptr, stream.cu_stream())
+                .w()?;
+            result::memcpy_dtoh_async(&mut lp, lp_ptr, stream.cu_stream()).w()?;
+        }
+        stream.synchronize().w()?;
+        self.last_rows = n;
+        let mut out = Vec::with_capacity(n);
+        for (b, state) in states.iter_mut().enumerate() {
+            state.advance(1)?;
+            let row = &table[b * ROW_INTS..];
+            if row[1] as usize != positions[b] + 1 {
+                candle_core::bail!(
+                    "batched decode: row {b} at position {} after a step at {}",
+                    row[1],
+                    positions[b]
+                );
+            }
+            out.push((row[0], lp[b]));
+        }
+        Ok(out)
+    }
+
+    /// The logits `[rows, V]` (f32) of the last step's streams; a copy.
+    pub(crate) fn logits(&self) -> Result<Tensor> {
+        match &self.bufs {
+            Some(b) if self.last_rows > 0 => b
+                .logits
+                .narrow(0, 0, self.last_rows * self.m.vocab)?
+                .reshape((self.last_rows, self.m.vocab))?
+                .copy(),
+            _ => candle_core::bail!("batched decode: no step yet"),
+        }
+    }
+
+    fn capture(&self, rows: usize) -> Result<Graph> {
+        let stream = self.m.dev.cuda_stream();
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .w()?;
+        let enq = self.enqueue(rows);
+        let graph = stream.end_capture(CUgraphInstantiate_flags(0)).w();
+        enq?;
+        let graph = graph?.ok_or_else(|| candle_core::Error::Msg("empty CUDA graph".into()))?;
+        graph.upload().w()?;
+        tracing::debug!(rows, "captured the batched decode step as a CUDA graph");
+        Ok(Graph(graph))
+    }
+
+    /// `out [rows, n] (f32) = x [rows, k] · W^T` for W `[n, k]`.
+    fn project(&self, w: u64, x: u64, out: u64, rows: usize, n: usize, k: usize) -> Result<()> {
+        if rows == 1 {
+            self.m.gemv(w, x, 0, 0, out, n, k, 3)
+        } else {
+            gemm_t(&self.m.dev, w, x, out, rows, n, k, true)
+        }
+    }
+
+    /// `x += y` (unless `y` is 0) and `xn = RMSNorm(x) · w`, per row.
+    fn norm(&self, x: u64, y: u64, w: u64, xn: u64, rows: usize) -> Result<()> {
+        let stream = self.m.dev.cuda_stream();
+        let (eps, h) = (self.m.eps, self.m.hidden as i32);
+        let mut b = stream.launch_builder(&self.f.norm);
+        b.arg(&x).arg(&y).arg(&w).arg(&eps).arg(&h).arg(&xn);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: x, xn [rows, h] bf16, y [rows, h] f32 or null, w [h].
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    /// Enqueues the kernels of one step of `rows` rows on the device's stream.
+    fn enqueue(&self, rows: usize) -> Result<()> {
+        let m = &self.m;
+        let bufs = self.bufs.as_ref().expect("ensure_rows before enqueue");
+        let stream = m.dev.cuda_stream();
+        let (h, nh, nkv, hd, inter) = (m.hidden, m.nh, m.nkv, m.hd, m.inter);
+        let p = dev_ptr;
+        let (x, xn, qkv, q, attn) = (
+            p(&bufs.x)?,
+            p(&bufs.xn)?,
+            p(&bufs.qkv)?,
+            p(&bufs.q)?,
+            p(&bufs.attn)?,
+        );
+        let (y, gu, act, logits) = (p(&bufs.y)?, p(&bufs.gu)?, p(&bufs.act)?, p(&bufs.logits)?);
+        let (pm, pl, po) = (p(&bufs.part_m)?, p(&bufs.part_l)?, p(&bufs.part_o)?);
+        let (table, kv, lp) = (p(&bufs.table)?, p(&bufs.kv)?, p(&bufs.lp)?);
+        let n_layers = m.layers.len() as i32;
+        let (nh_i, nkv_i, hd_i, h_i) = (nh as i32, nkv as i32, hd as i32, h as i32);
+        let scale_log2 = (hd as f32).powf(-0.5) * std::f32::consts::LOG2_E;
+        let r = rows as u32;
+
+        {
+            let mut b = stream.launch_builder(&self.f.embed);
+            b.arg(&m.embed).arg(&table).arg(&h_i).arg(&x);
+            let cfg = LaunchConfig {
+                grid_dim: ((h / 8).div_ceil(256) as u32, r, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: every row's token was checked < V; x holds `rows` rows of h.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        let first_norm = m.layers.first().map_or(m.final_norm, |l| l.in_norm);
+        self.norm(x, 0, first_norm, xn, rows)?;
+        for (li, l) in m.layers.iter().enumerate() {
+            let layer = li as i32;
+            self.project(l.qkv_w, xn, qkv, rows, m.qkv_rows(), h)?;
+            {
+                let mut b = stream.launch_builder(&self.f.rope);
+                b.arg(&qkv)
+                    .arg(&l.qkv_b)
+                    .arg(&m.cos)
+                    .arg(&m.sin)
+                    .arg(&table)
+                    .arg(&kv)
+                    .arg(&layer)
+                    .arg(&n_layers)
+                    .arg(&nh_i)
+                    .arg(&nkv_i)
+                    .arg(&hd_i)
+                    .arg(&q);
+                let cfg = LaunchConfig {
+                    grid_dim: ((nh + nkv) as u32, r, 1),
+                    block_dim: ((hd / 2) as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: each row's position < its cache capacity (reserved by `step`)
+                // and < the RoPE table (checked by `step`).
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            {
+                let mut b = stream.launch_builder(&self.f.attn_part);
+                b.arg(&q)
+                    .arg(&table)
+                    .arg(&kv)
+                    .arg(&layer)
+                    .arg(&n_layers)
+                    .arg(&nh_i)
+                    .arg(&nkv_i)
+                    .arg(&scale_log2)
+                    .arg(&pm)
+                    .arg(&pl)
+                    .arg(&po);
+                let cfg = LaunchConfig {
+                    grid_dim: (nh as u32, DEC_SPLITS as u32, r),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: reads cache rows 0..=position of each row's kv heads.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            {
+                let mut b = stream.launch_builder(&self.f.attn_comb);
+                b.arg(&pm).arg(&pl).arg(&po).arg(&nh_i).arg(&attn);
+                let cfg = LaunchConfig {
+                    grid_dim: (nh as u32, r, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: partials of `rows` rows × nh heads × DEC_SPLITS.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            self.project(l.o_w, attn, y, rows, h, nh * hd)?;
+            self.norm(x, y, l.post_norm, xn, rows)?;
+            self.project(l.gate_up_w, xn, gu, rows, 2 * inter, h)?;
+            {
+                let (i_i, r_i) = (inter as i32, rows as i32);
+                let mut b = stream.launch_builder(&self.f.silu);
+                b.arg(&gu).arg(&i_i).arg(&r_i).arg(&act);
+                let cfg = LaunchConfig {
+                    grid_dim: ((rows * inter).div_ceil(256).min(132 * 16) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: gu [rows, 2 inter] f32, act [rows, inter] bf16.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            self.project(l.down_w, act, y, rows, h, inter)?;
+            let next_norm = m.layers.get(li + 1).map_or(m.final_norm, |n| n.in_norm);
+            self.norm(x, y, next_norm, xn, rows)?;
+        }
+        self.project(m.lm_head, xn, logits, rows, m.vocab, h)?;
+        let (am_max, am_idx, am_sum) = (p(&bufs.am_max)?, p(&bufs.am_idx)?, p(&bufs.am_sum)?);
+        let (v_i, parts) = (m.vocab as i32, ARGMAX_PARTS as i32);
+        {
+            let mut b = stream.launch_builder(&self.f.am_part);
+            b.arg(&logits)
+                .arg(&v_i)
+                .arg(&am_max)
+                .arg(&am_idx)
+                .arg(&am_sum);
+            let cfg = LaunchConfig {
+                grid_dim: (ARGMAX_PARTS as u32, r, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: logits [rows, V], partial buffers [rows, ARGMAX_PARTS].
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        {
+            let (stride, accumulate) = (ROW_INTS as i32, 0i32);
+            let mut b = stream.launch_builder(&self.f.am_final);
+            b.arg(&am_max)
+                .arg(&am_idx)
+                .arg(&am_sum)
+                .arg(&parts)
+                .arg(&table)
+                .arg(&stride)
+                .arg(&lp)
+                .arg(&accumulate);
+            let cfg = LaunchConfig {
+                grid_dim: (r, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: as above; writes each row's table[0..2] and lp.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(())
+    }
+}
