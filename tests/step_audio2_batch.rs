@@ -397,3 +397,87 @@ fn partials_roll_back_and_finals_commit_inside_one_batch() {
         );
     }
 }
+
+/// ‖a − b‖∞ / ‖b‖∞ of two tensors (f32).
+fn rel_max(a: &Tensor, b: &Tensor) -> f64 {
+    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    (diff / scale) as f64
+}
+
+/// The batched prefill: streams with different cached pasts (none, short,
+/// longer) and different numbers of new positions (several, one, many) in
+/// one `forward_batch` give each stream the hidden states and KV cache of
+/// its own `forward` (the rows' GEMM sums in another order: TOLERANCE).
+#[test]
+fn a_batched_forward_of_different_lengths_equals_each_stream_alone() {
+    let model = model();
+    let sa = step_audio2(&model);
+    let llm = &sa.model.llm;
+    let ids = |seed: u32, n: usize| -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| (seed * 7919 + i * 104_729) % 700)
+            .collect()
+    };
+    let pasts = [0usize, 5, 40];
+    let news = [7usize, 1, 23];
+    let fresh = || {
+        pasts
+            .iter()
+            .enumerate()
+            .map(|(s, &p)| {
+                let mut st = llm.new_state(8);
+                if p > 0 {
+                    let e = llm.embed(&ids(s as u32, p)).unwrap().unsqueeze(0).unwrap();
+                    llm.forward(&e, &mut st).unwrap();
+                }
+                st
+            })
+            .collect::<Vec<_>>()
+    };
+    let inputs: Vec<Tensor> = news
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| {
+            llm.embed(&ids(100 + s as u32, n))
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+        })
+        .collect();
+    let mut batched = fresh();
+    let hidden = {
+        let mut refs: Vec<_> = batched.iter_mut().collect();
+        llm.forward_batch(&inputs, &mut refs).unwrap()
+    };
+    let mut alone = fresh();
+    for s in 0..pasts.len() {
+        let h = llm.forward(&inputs[s], &mut alone[s]).unwrap();
+        assert_eq!(hidden[s].dims(), h.dims(), "stream {s}: hidden shape");
+        let e = rel_max(&hidden[s], &h);
+        assert!(e <= TOLERANCE, "stream {s}: hidden states differ by {e:e}");
+        assert_eq!(
+            batched[s].len(),
+            pasts[s] + news[s],
+            "stream {s}: cache length"
+        );
+        assert_eq!(batched[s].len(), alone[s].len());
+        for l in 0..batched[s].num_layers() {
+            let (bk, bv) = batched[s].layer(l).unwrap().unwrap();
+            let (ak, av) = alone[s].layer(l).unwrap().unwrap();
+            for (x, y, what) in [(&bk, &ak, "keys"), (&bv, &av, "values")] {
+                let e = rel_max(x, y);
+                assert!(
+                    e <= TOLERANCE,
+                    "stream {s}, layer {l}: {what} differ by {e:e}"
+                );
+            }
+        }
+    }
+}

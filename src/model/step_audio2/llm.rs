@@ -53,8 +53,9 @@ impl LlmState {
         self.len() == 0
     }
 
-    /// Forgets positions from `len` on; the stored prefix is not touched.
-    pub(crate) fn truncate(&mut self, len: usize) {
+    /// Forgets positions from `len` on (a partial's rollback); the stored prefix
+    /// is not touched.
+    pub fn truncate(&mut self, len: usize) {
         self.caches.iter_mut().for_each(|c| c.truncate(len));
     }
 
@@ -230,12 +231,8 @@ impl Qwen2Llm {
 
     /// One decode step of several streams as one batch: row i of `embeds`
     /// `[B, 1, H]` is the next input of the stream whose cache is `states[i]`, at
-    /// that cache's own length (its RoPE position). The projections, the MLP and
-    /// the final norm run once over all B rows, so every weight matrix is read
-    /// once per step for the whole batch; RoPE, the cache append and attention
-    /// run per stream over its own cache (a loop inside each layer). Returns the
-    /// final-norm hidden states `[B, 1, H]`. On an error a stream's caches may
-    /// hold part of the step: the caller truncates them.
+    /// that cache's own length (its RoPE position). [`Self::forward_batch`] with
+    /// one position per stream; returns the final-norm hidden states `[B, 1, H]`.
     pub fn forward_step_batch(
         &self,
         embeds: &Tensor,
@@ -248,35 +245,75 @@ impl Qwen2Llm {
                 states.len()
             );
         }
-        let mut rope = Vec::with_capacity(b);
-        for st in states.iter() {
+        let rows = (0..b)
+            .map(|i| embeds.narrow(0, i, 1))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&self.forward_batch(&rows, states)?, 0)
+    }
+
+    /// Several streams' new positions as one batch: `embeds[i]` `[1, n_i, H]`
+    /// goes in at positions `states[i].len()..` of its own cache. The
+    /// projections, the MLP and the norms run once over all `Σ n_i` rows, so
+    /// every weight matrix is read once for the whole batch; RoPE, the cache
+    /// append and attention (causal within a stream's new rows) run per stream
+    /// over its own cache. Returns each stream's final-norm hidden states
+    /// `[1, n_i, H]`. On an error a stream's caches may hold part of the
+    /// batch: the caller truncates them.
+    pub fn forward_batch(
+        &self,
+        embeds: &[Tensor],
+        states: &mut [&mut LlmState],
+    ) -> Result<Vec<Tensor>> {
+        if embeds.len() != states.len() || embeds.is_empty() {
+            candle_core::bail!(
+                "batched forward of {} inputs for {} streams",
+                embeds.len(),
+                states.len()
+            );
+        }
+        // Per stream: its rows' offset and count, RoPE rows and causal mask.
+        let mut spans = Vec::with_capacity(embeds.len());
+        let mut offset = 0;
+        for (e, st) in embeds.iter().zip(states.iter()) {
+            let n = e.dim(1)?;
             let past = st.len();
-            if past + 1 > self.max_positions() {
+            if past + n > self.max_positions() {
                 candle_core::bail!(
                     "LLM context of {} positions exceeds the model's {}",
-                    past + 1,
+                    past + n,
                     self.max_positions()
                 );
             }
-            rope.push((self.cos.narrow(0, past, 1)?, self.sin.narrow(0, past, 1)?));
+            // A single new position may attend to everything cached: no mask.
+            let mask = match n {
+                1 => None,
+                _ => Some(causal_mask(n, past, DType::F32, self.device())?),
+            };
+            let rope = (self.cos.narrow(0, past, n)?, self.sin.narrow(0, past, n)?);
+            spans.push((offset, n, rope, mask));
+            offset += n;
         }
-        let mut x = embeds.clone();
+        let mut x = Tensor::cat(embeds, 1)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
             let qkv = rows_forward(&layer.qkv, &h)?;
-            let mut attended = Vec::with_capacity(b);
-            for (s, (st, (cos, sin))) in states.iter_mut().zip(&rope).enumerate() {
+            let mut attended = Vec::with_capacity(spans.len());
+            for (st, (off, n, (cos, sin), mask)) in states.iter_mut().zip(&spans) {
                 attended.push(self.attend(
-                    &qkv.narrow(0, s, 1)?,
+                    &qkv.narrow(1, *off, *n)?,
                     &mut st.caches[i],
                     cos,
                     sin,
-                    None,
+                    mask.as_ref(),
                 )?);
             }
-            x = self.layer_tail(layer, &x, &Tensor::cat(&attended, 0)?, true)?;
+            x = self.layer_tail(layer, &x, &Tensor::cat(&attended, 1)?, true)?;
         }
-        self.norm.forward(&x)
+        let x = self.norm.forward(&x)?;
+        spans
+            .iter()
+            .map(|(off, n, _, _)| x.narrow(1, *off, *n))
+            .collect()
     }
 
     fn layer_forward(

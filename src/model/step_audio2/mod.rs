@@ -201,6 +201,9 @@ pub struct StepAudio2 {
     pub mel: Arc<MelExtractor>,
     /// The same log-mel computed on the model's device, where it has a kernel for it.
     pub device_mel: Option<crate::ops::fast::DeviceMel>,
+    /// The fused decode step of several sessions at once (CUDA, bf16), shared by all
+    /// sessions of this model: [`Session::run_turns`] steps its streams through it.
+    pub(crate) batch_decoder: std::sync::Mutex<crate::ops::fast::FusedBatchDecoder>,
 }
 
 impl StepAudio2 {
@@ -232,6 +235,7 @@ impl StepAudio2 {
             tokenizer,
             mel,
             device_mel,
+            batch_decoder: Default::default(),
         })
     }
 
@@ -297,21 +301,21 @@ impl StepAudio2Recognizer {
     /// Adapter rows of a segment's mel (≤ 25 s), reusing the last ones when
     /// the same frames come again (decode, then commit).
     fn audio_rows(&mut self, features: &SegmentFeatures) -> Result<Tensor, ModelError> {
-        if let Some((frames, rows)) = &self.last_audio {
-            if *frames == features.raw_frames {
-                return Ok(rows.clone());
-            }
+        if let Some(rows) = self.cached_rows(features) {
+            return Ok(rows);
         }
-        let mel = LogMel::from_raw_frames(features.n_mels, features.raw_frames.clone());
-        if mel.n_frames > MAX_PIECE_FRAMES {
-            return Err(ModelError::Invalid(format!(
-                "segment of {} mel frames is longer than {MAX_SEGMENT_SECONDS} s ({MAX_PIECE_FRAMES} frames)",
-                mel.n_frames
-            )));
-        }
+        let mel = segment_mel(features)?;
         let rows = self.sa.model.audio_embeddings(&[&mel])?.remove(0);
         self.last_audio = Some((features.raw_frames.clone(), rows.clone()));
         Ok(rows)
+    }
+
+    /// The rows of the last decode when `features` has the same frames.
+    fn cached_rows(&self, features: &SegmentFeatures) -> Option<Tensor> {
+        match &self.last_audio {
+            Some((frames, rows)) if *frames == features.raw_frames => Some(rows.clone()),
+            _ => None,
+        }
     }
 
     fn run(
@@ -346,28 +350,86 @@ impl StepAudio2Recognizer {
     }
 }
 
+/// A segment's log-mel, refused past one encoder piece (25 s).
+fn segment_mel(features: &SegmentFeatures) -> Result<LogMel, ModelError> {
+    let mel = LogMel::from_raw_frames(features.n_mels, features.raw_frames.clone());
+    if mel.n_frames > MAX_PIECE_FRAMES {
+        return Err(ModelError::Invalid(format!(
+            "segment of {} mel frames is longer than {MAX_SEGMENT_SECONDS} s ({MAX_PIECE_FRAMES} frames)",
+            mel.n_frames
+        )));
+    }
+    Ok(mel)
+}
+
+/// Longest mel over shortest in one encoder batch: segments are padded to the
+/// longest of their batch, so lengths are grouped to bound the padding.
+const ENCODE_SPREAD: f64 = 1.25;
+
 impl StepAudio2Recognizer {
     /// Several streams' turns in one batch (see [`crate::model::batch`]): each
-    /// request gives what [`Self::run`] gives it alone. The encoder and adapter
-    /// run per stream (segments differ in length, and a segment's rows are
-    /// reused from the last decode of the same frames); the LLM turns of the
+    /// request gives what [`Self::run`] gives it alone. Segments not encoded
+    /// before (a segment's rows are reused from the last decode of the same
+    /// frames) go through the encoder and adapter in batches of similar
+    /// lengths, each segment with its own key mask; the LLM turns of the
     /// streams over the same weights go through [`Session::run_turns`], whose
-    /// greedy steps are batched. A hypothesis' `decode_time` is its batch's
-    /// whole LLM time, which is what the stream waited for.
+    /// prefills and greedy steps are batched. A hypothesis' `decode_time` is
+    /// its batch's whole LLM time, which is what the stream waited for.
     pub(crate) fn decode_batch(
         requests: &mut [crate::model::batch::FamilyRequest<'_, Self>],
     ) -> Vec<Result<Hypothesis, ModelError>> {
         let mut results: Vec<Option<Result<Hypothesis, ModelError>>> =
             requests.iter().map(|_| None).collect();
         // Per request: its adapter rows (one piece) and the time they took.
-        let mut encoded: Vec<Option<([Tensor; 1], Duration)>> = Vec::new();
-        for (i, r) in requests.iter_mut().enumerate() {
+        // Segments not seen before are encoded in batches of similar lengths
+        // (each its own key mask; one batch per model).
+        let mut encoded: Vec<Option<([Tensor; 1], Duration)>> =
+            requests.iter().map(|_| None).collect();
+        let mut todo: Vec<(usize, LogMel)> = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            if let Some(rows) = r.recognizer.cached_rows(r.features) {
+                encoded[i] = Some(([rows], Duration::ZERO));
+                continue;
+            }
+            match segment_mel(r.features) {
+                Ok(mel) => todo.push((i, mel)),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        todo.sort_by_key(|(_, m)| m.n_frames);
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for k in 0..todo.len() {
+            let (i, ref mel) = todo[k];
+            let fits = groups.last().is_some_and(|g| {
+                let (first, ref m0) = todo[g[0]];
+                Arc::ptr_eq(&requests[first].recognizer.sa, &requests[i].recognizer.sa)
+                    && mel.n_frames as f64 <= ENCODE_SPREAD * m0.n_frames.max(1) as f64
+            });
+            match groups.last_mut() {
+                Some(g) if fits => g.push(k),
+                _ => groups.push(vec![k]),
+            }
+        }
+        for group in groups {
             let t0 = Instant::now();
-            match r.recognizer.audio_rows(r.features) {
-                Ok(rows) => encoded.push(Some(([rows], t0.elapsed()))),
+            let mels: Vec<&LogMel> = group.iter().map(|&k| &todo[k].1).collect();
+            let sa = requests[todo[group[0]].0].recognizer.sa.clone();
+            match sa.model.audio_embeddings(&mels) {
+                Ok(rows) => {
+                    let took = t0.elapsed();
+                    for (&k, rows) in group.iter().zip(rows) {
+                        let i = todo[k].0;
+                        let r = &mut requests[i];
+                        r.recognizer.last_audio =
+                            Some((r.features.raw_frames.clone(), rows.clone()));
+                        encoded[i] = Some(([rows], took));
+                    }
+                }
                 Err(e) => {
-                    encoded.push(None);
-                    results[i] = Some(Err(e));
+                    for &k in &group {
+                        results[todo[k].0] =
+                            Some(Err(ModelError::Invalid(format!("batched encoder: {e}"))));
+                    }
                 }
             }
         }

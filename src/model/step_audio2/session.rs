@@ -214,11 +214,12 @@ impl Session {
     /// one `[B, 1, H]` forward ([`llm::Qwen2Llm::forward_step_batch`]), and a
     /// stream leaves the batch at `<|EOT|>` or its budget while the others go on.
     /// The prompt prefill stays per stream (prompts differ in length), and so
-    /// does the commit's closing `pending + <|EOT|>` forward. A stream whose
-    /// fused decode step applies (CUDA, bf16) runs its whole turn alone through
-    /// that kernel. An error in a stream's own prologue or prefill costs only
-    /// that stream; a failed batched step fails every stream in it (each rolled
-    /// back to its committed context).
+    /// does the commit's closing `pending + <|EOT|>` forward. Where the fused
+    /// decode step applies (CUDA, bf16), the steps go through the batched fused
+    /// step shared by the model's sessions; a lone turn there takes its own
+    /// batch-1 fused step (the fastest at one stream). An error in a stream's own
+    /// prologue or prefill costs only that stream; a failed batched step fails
+    /// every stream in it (each rolled back to its committed context).
     pub fn run_turns(
         sa: &StepAudio2,
         turns: &mut [TurnRequest<'_>],
@@ -227,8 +228,20 @@ impl Session {
         let eot = sa.tokenizer.eot;
         let mut results: Vec<Option<Result<TurnOutput, ModelError>>> =
             turns.iter().map(|_| None).collect();
+        let weights = llm.decode_weights();
+        let mut batch_decoder = sa.batch_decoder.lock().unwrap_or_else(|e| e.into_inner());
+        let mut fused = if turns.len() > 1 {
+            batch_decoder.prepare(&weights).unwrap_or_else(|e| {
+                tracing::warn!("batched fused decode unavailable ({e}); candle ops");
+                None
+            })
+        } else {
+            None
+        };
         // Per stream: the settled turn and its greedy state once prefilled.
         let mut live: Vec<Option<(TurnPlan, Greedy)>> = turns.iter().map(|_| None).collect();
+        // Turns planned for the batch, in order.
+        let mut planned = Vec::new();
         for (i, t) in turns.iter_mut().enumerate() {
             let plan = match t.session.plan_turn(sa, t.audio, t.prefix, t.opts) {
                 Ok(p) => p,
@@ -237,7 +250,11 @@ impl Session {
                     continue;
                 }
             };
-            match t.session.fused_applies(sa, plan.budget) {
+            let alone = match fused {
+                None => t.session.fused_applies(sa, plan.budget),
+                Some(_) => Ok(false),
+            };
+            match alone {
                 Ok(false) => {}
                 fused => {
                     // The fused step is batch-1: this stream's turn runs alone.
@@ -249,9 +266,60 @@ impl Session {
                     continue;
                 }
             }
-            match Greedy::prefill(sa, &mut t.session.state, &plan, t.audio, t.prefix, t.opts) {
-                Ok(g) => live[i] = Some((plan, g)),
-                Err(e) => results[i] = Some(t.session.close_turn(&plan, t.commit, Err(e))),
+            planned.push((i, plan));
+        }
+        // The prefills of all streams as batches of at most PREFILL_ROWS rows;
+        // a batch that fails is run again stream by stream, so an error costs
+        // only its own stream.
+        let start = Instant::now();
+        let mut inputs = Vec::with_capacity(planned.len());
+        for (i, plan) in planned {
+            let t = &turns[i];
+            match Greedy::prompt_embeds(sa, &plan, t.audio, t.prefix) {
+                Ok(e) => inputs.push((i, plan, e)),
+                Err(e) => {
+                    let t = &mut turns[i];
+                    results[i] = Some(t.session.close_turn(&plan, t.commit, Err(e)));
+                }
+            }
+        }
+        for chunk in prefill_chunks(&inputs) {
+            let embeds: Vec<Tensor> = chunk.iter().map(|&k| inputs[k].2.clone()).collect();
+            let batched = (chunk.len() > 1)
+                .then(|| {
+                    let mut states: Vec<&mut llm::LlmState> = turns
+                        .iter_mut()
+                        .enumerate()
+                        .filter(|(i, _)| chunk.iter().any(|&k| inputs[k].0 == *i))
+                        .map(|(_, t)| &mut t.session.state)
+                        .collect();
+                    llm.forward_batch(&embeds, &mut states)
+                })
+                .and_then(|r| {
+                    r.inspect_err(|e| tracing::warn!("batched prefill failed ({e}); one by one"))
+                        .ok()
+                });
+            if batched.is_none() {
+                // roll back whatever part of the batch reached the caches
+                for &k in &chunk {
+                    let (i, plan, _) = &inputs[k];
+                    turns[*i].session.state.truncate(plan.base);
+                }
+            }
+            for (j, &k) in chunk.iter().enumerate() {
+                let (i, plan, embeds) = &inputs[k];
+                let t = &mut turns[*i];
+                let hidden = match &batched {
+                    Some(h) => Ok(h[j].clone()),
+                    None => llm.forward(embeds, &mut t.session.state),
+                };
+                let g = hidden
+                    .map_err(ModelError::from)
+                    .and_then(|h| Greedy::prefilled(sa, plan, &h, t.opts, start));
+                match g {
+                    Ok(g) => live[*i] = Some((plan.clone(), g)),
+                    Err(e) => results[*i] = Some(t.session.close_turn(plan, t.commit, Err(e))),
+                }
             }
         }
         loop {
@@ -279,22 +347,47 @@ impl Session {
             let mut states: Vec<&mut llm::LlmState> = turns
                 .iter_mut()
                 .enumerate()
-                .filter(|(i, _)| batch.contains(i))
+                .filter(|(i, _)| batch.binary_search(i).is_ok())
                 .map(|(_, t)| &mut t.session.state)
                 .collect();
-            let step = llm
-                .embed(&ids)
-                .and_then(|e| e.unsqueeze(1))
-                .and_then(|e| llm.forward_step_batch(&e, &mut states))
-                .and_then(|h| llm.logits_rows(&h));
-            drop(states);
-            let stepped = step.map_err(ModelError::from).and_then(|logits| {
-                for (row, &i) in batch.iter().enumerate() {
-                    let (_, g) = live[i].as_mut().expect("in the batch");
-                    g.choose(&logits.get(row)?, batch.len(), turns[i].opts)?;
+            let stepped = match fused.as_mut() {
+                Some(f) => {
+                    let step = f.step(&ids, &mut states);
+                    drop(states);
+                    let record = batch.iter().any(|&i| turns[i].opts.record_logits);
+                    step.and_then(|outs| {
+                        let logits = if record { Some(f.logits()?) } else { None };
+                        Ok((outs, logits))
+                    })
+                    .map_err(ModelError::from)
+                    .and_then(|(outs, logits)| {
+                        for (row, (&i, (next, lp))) in batch.iter().zip(outs).enumerate() {
+                            let (_, g) = live[i].as_mut().expect("in the batch");
+                            let row_logits = match (&logits, turns[i].opts.record_logits) {
+                                (Some(l), true) => Some(l.get(row)?),
+                                _ => None,
+                            };
+                            g.take_fused(next, lp, row_logits, batch.len());
+                        }
+                        Ok(())
+                    })
                 }
-                Ok(())
-            });
+                None => {
+                    let step = llm
+                        .embed(&ids)
+                        .and_then(|e| e.unsqueeze(1))
+                        .and_then(|e| llm.forward_step_batch(&e, &mut states))
+                        .and_then(|h| llm.logits_rows(&h));
+                    drop(states);
+                    step.map_err(ModelError::from).and_then(|logits| {
+                        for (row, &i) in batch.iter().enumerate() {
+                            let (_, g) = live[i].as_mut().expect("in the batch");
+                            g.choose(&logits.get(row)?, batch.len(), turns[i].opts)?;
+                        }
+                        Ok(())
+                    })
+                }
+            };
             if let Err(e) = stepped {
                 for &i in &batch {
                     let (plan, _) = live[i].take().expect("in the batch");
@@ -444,6 +537,30 @@ impl Session {
     }
 }
 
+/// Rows of one batched prefill at most: bounds the activations of a batch
+/// (the MLP's `[rows, 2·I]` alone is ~310 MB in bf16 at 4096 rows).
+const PREFILL_ROWS: usize = 4096;
+
+/// The prefill inputs `[1, n, H]` (third of each entry) grouped in order into
+/// batches of at most [`PREFILL_ROWS`] rows (a longer input alone): indices
+/// into `inputs`.
+fn prefill_chunks<A, B>(inputs: &[(A, B, Tensor)]) -> Vec<Vec<usize>> {
+    let mut chunks: Vec<Vec<usize>> = Vec::new();
+    let mut rows = 0;
+    for (k, (_, _, e)) in inputs.iter().enumerate() {
+        let n = e.dim(1).unwrap_or(0);
+        match chunks.last_mut() {
+            Some(c) if rows + n <= PREFILL_ROWS => c.push(k),
+            _ => {
+                chunks.push(vec![k]);
+                rows = 0;
+            }
+        }
+        rows += n;
+    }
+    chunks
+}
+
 /// One stream's turn in [`Session::run_turns`].
 pub struct TurnRequest<'a> {
     pub session: &'a mut Session,
@@ -457,6 +574,7 @@ pub struct TurnRequest<'a> {
 
 /// What a turn's prologue settled: its prompt, the greedy budget that fits
 /// the model's positions, and the committed length it rolls back to.
+#[derive(Clone)]
 struct TurnPlan {
     prompt: super::prompt::PromptIds,
     /// Prompt + forced prefix tokens.
@@ -497,13 +615,36 @@ impl Greedy {
         prefix: &[u32],
         opts: &TurnOptions,
     ) -> Result<Self, ModelError> {
-        let llm = &sa.model.llm;
         let start = Instant::now();
+        let embeds = Self::prompt_embeds(sa, plan, audio, prefix)?;
+        let hidden = sa.model.llm.forward(&embeds, state)?;
+        Self::prefilled(sa, plan, &hidden, opts, start)
+    }
+
+    /// The turn's prefill input `[1, n, H]`: prompt (audio patches replaced by
+    /// `audio`), then the forced prefix.
+    fn prompt_embeds(
+        sa: &StepAudio2,
+        plan: &TurnPlan,
+        audio: &[Tensor],
+        prefix: &[u32],
+    ) -> Result<Tensor, ModelError> {
         let mut embeds = sa.model.embed_prompt(&plan.prompt, audio)?;
         if !prefix.is_empty() {
-            embeds = Tensor::cat(&[embeds, llm.embed(prefix)?], 0)?;
+            embeds = Tensor::cat(&[embeds, sa.model.llm.embed(prefix)?], 0)?;
         }
-        let hidden = llm.forward(&embeds.unsqueeze(0)?, state)?;
+        Ok(embeds.unsqueeze(0)?)
+    }
+
+    /// The turn after its prefill (`hidden`, begun at `start`): chooses the
+    /// first id if the budget allows one.
+    fn prefilled(
+        sa: &StepAudio2,
+        plan: &TurnPlan,
+        hidden: &Tensor,
+        opts: &TurnOptions,
+        start: Instant,
+    ) -> Result<Self, ModelError> {
         let mut g = Greedy {
             out: TurnOutput::default(),
             budget: plan.budget,
@@ -515,7 +656,7 @@ impl Greedy {
             first_read: None,
         };
         if plan.budget > 0 {
-            g.pick(&llm.logits_last(&hidden)?, opts)?;
+            g.pick(&sa.model.llm.logits_last(hidden)?, opts)?;
             g.first_read = Some(Instant::now());
         }
         Ok(g)
@@ -553,6 +694,16 @@ impl Greedy {
         self.out.decode_steps += 1;
         self.out.peak_batch = self.out.peak_batch.max(width);
         Ok(())
+    }
+
+    /// The next id as the fused step chose it (with its log-probability, and
+    /// the step's logits when they are recorded), from a step of `width` streams.
+    fn take_fused(&mut self, next: u32, logprob: f32, logits: Option<Tensor>, width: usize) {
+        self.next = next;
+        self.fused_logprob += logprob as f64;
+        self.out.step_logits.extend(logits);
+        self.out.decode_steps += 1;
+        self.out.peak_batch = self.out.peak_batch.max(width);
     }
 
     fn pick(&mut self, logits: &Tensor, opts: &TurnOptions) -> Result<(), ModelError> {
