@@ -15,7 +15,8 @@
 //!    stream that has one, oldest first, up to [`EngineConfig::max_batch`];
 //! 2. otherwise partials, the streams whose last partial is oldest first,
 //!    as many as fit [`EngineConfig::partial_budget`] by the measured cost
-//!    of a partial, each stream's spaced by [`EngineConfig::partial_spacing`]
+//!    of a partial batch (a fixed part plus a part per partial: on a GPU
+//!    most of a batch's time is the fixed part), each stream's spaced by [`EngineConfig::partial_spacing`]
 //!    while others wait — under load each stream gets partials less often,
 //!    never fewer finals.
 //!
@@ -48,8 +49,8 @@ pub struct EngineConfig {
     pub max_streams: usize,
     /// Most decodes in one batch.
     pub max_batch: usize,
-    /// How long a batch of partials may take, by the measured cost of one
-    /// (at least one partial runs per batch).
+    /// How long a batch of partials may take, by the measured cost of a
+    /// batch (at least one partial runs per batch).
     pub partial_budget: Duration,
     /// Least time between two partials of a stream while other streams
     /// wait for partials too (alone, a stream gets every partial its
@@ -257,7 +258,7 @@ pub fn spawn(
         state: Mutex::new(State {
             slots: HashMap::new(),
             opening: VecDeque::new(),
-            partial_cost: None,
+            partial_cost: CostModel::default(),
             senders_gone: false,
         }),
         wake: Condvar::new(),
@@ -361,11 +362,67 @@ struct Opening {
     counters: Arc<StreamCounters>,
 }
 
+/// The model time of a batch of n partials as `fixed + per · n`, fitted by
+/// least squares over recent batches (exponentially forgotten). On a CPU the
+/// fixed part is near zero (each partial costs its own compute); on a GPU a
+/// batch's decode steps cost about the same for 1 or 60 streams, so counting
+/// all of a batch's time per partial would keep batches needlessly small.
+#[derive(Default)]
+struct CostModel {
+    /// Weighted sums of 1, n, t, n², n·t.
+    w: f64,
+    n: f64,
+    t: f64,
+    nn: f64,
+    nt: f64,
+}
+
+impl CostModel {
+    /// Weight left to a batch after each newer one.
+    const KEEP: f64 = 0.9;
+
+    fn observe(&mut self, n: usize, secs: f64) {
+        let n = n as f64;
+        for (sum, x) in [
+            (&mut self.w, 1.0),
+            (&mut self.n, n),
+            (&mut self.t, secs),
+            (&mut self.nn, n * n),
+            (&mut self.nt, n * secs),
+        ] {
+            *sum = *sum * Self::KEEP + x;
+        }
+    }
+
+    /// How many partials fit `budget` seconds (at least 1; 1 before any
+    /// measurement).
+    fn fit(&self, budget: f64) -> usize {
+        if self.w == 0.0 || self.n == 0.0 {
+            return 1;
+        }
+        let det = self.w * self.nn - self.n * self.n;
+        // Sizes too alike to separate the parts: all of it per partial.
+        let (fixed, per) = if det > 1e-9 * self.w * self.nn {
+            let per = (self.w * self.nt - self.n * self.t) / det;
+            (((self.t - per * self.n) / self.w).max(0.0), per)
+        } else {
+            (0.0, self.t / self.n)
+        };
+        // A fit whose slope is (noise) zero or negative: the mean cost of a
+        // partial bounds it instead.
+        let per = if per > 0.0 { per } else { self.t / self.n };
+        if per <= 0.0 {
+            return usize::MAX;
+        }
+        ((budget - fixed).max(0.0) / per).floor().max(1.0) as usize
+    }
+}
+
 struct State {
     slots: HashMap<StreamId, Slot>,
     opening: VecDeque<Opening>,
-    /// Measured seconds of model time per partial in a batch (moving average).
-    partial_cost: Option<f64>,
+    /// Measured model time of partial batches against their size.
+    partial_cost: CostModel,
     /// Every handle is gone: lanes stop once nothing is left to do.
     senders_gone: bool,
 }
@@ -603,12 +660,9 @@ impl Core {
             partials.retain(|(last, _)| now.duration_since(*last) >= self.config.partial_spacing);
         }
         partials.sort();
-        let fit = match state.partial_cost {
-            Some(cost) if cost > 0.0 => {
-                (self.config.partial_budget.as_secs_f64() / cost).floor() as usize
-            }
-            _ => 1,
-        };
+        let fit = state
+            .partial_cost
+            .fit(self.config.partial_budget.as_secs_f64());
         partials.truncate(fit.clamp(1, self.config.max_batch));
         partials.into_iter().map(|(_, id)| id).collect()
     }
@@ -663,7 +717,7 @@ impl Core {
                 })
                 .collect();
             drop(state);
-            let (done, per_partial) = self.run_batch(taken);
+            let (done, partial_batch) = self.run_batch(taken);
             state = self.lock();
             for (id, stream, partial) in done {
                 let slot = state
@@ -675,11 +729,8 @@ impl Core {
                 }
                 slot.stream = Some(stream);
             }
-            if let Some(per) = per_partial {
-                state.partial_cost = Some(match state.partial_cost {
-                    Some(c) => 0.7 * c + 0.3 * per,
-                    None => per,
-                });
+            if let Some((n, secs)) = partial_batch {
+                state.partial_cost.observe(n, secs);
             }
             self.wake.notify_all();
         }
@@ -688,7 +739,10 @@ impl Core {
     /// Runs the taken decodes as one batch and emits their events; returns
     /// each stream (with whether it had a partial) and, for a batch of
     /// partials, the time per partial.
-    fn run_batch(&self, mut taken: Vec<Taken>) -> (Vec<(StreamId, Stream, bool)>, Option<f64>) {
+    fn run_batch(
+        &self,
+        mut taken: Vec<Taken>,
+    ) -> (Vec<(StreamId, Stream, bool)>, Option<(usize, f64)>) {
         let partials = taken
             .iter()
             .all(|(_, _, u, _)| u.kind == UpdateKind::Partial);
@@ -773,10 +827,10 @@ impl Core {
                 .model_micros
                 .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
-        let per_partial = partials.then(|| elapsed.as_secs_f64() / n as f64);
+        let partial_batch = partials.then(|| (n, elapsed.as_secs_f64()));
         (
             done.into_iter().map(|(id, s, p, _)| (id, s, p)).collect(),
-            per_partial,
+            partial_batch,
         )
     }
 }
@@ -844,5 +898,42 @@ fn decode_together(
                 })
                 .collect()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CostModel;
+
+    #[test]
+    fn the_cost_model_separates_a_batchs_fixed_time_from_its_time_per_partial() {
+        // CPU-like: every partial costs its own 10 ms → 35 fit 355 ms.
+        let mut cpu = CostModel::default();
+        for n in [1, 3, 2, 5, 4] {
+            cpu.observe(n, 0.010 * n as f64);
+        }
+        assert_eq!(cpu.fit(0.355), 35);
+        // GPU-like: 200 ms whatever the size plus 5 ms a partial → 30 fit
+        // 352.5 ms (counted all per partial, a batch of 4 would have said 7).
+        let mut gpu = CostModel::default();
+        for n in [2, 4, 8, 3, 6] {
+            gpu.observe(n, 0.200 + 0.005 * n as f64);
+        }
+        assert_eq!(gpu.fit(0.3525), 30);
+        // One size only: the parts cannot be told apart, the mean cost per
+        // partial decides (4 × 50 ms measured → 7 fit 355 ms).
+        let mut same = CostModel::default();
+        for _ in 0..3 {
+            same.observe(4, 0.200);
+        }
+        assert_eq!(same.fit(0.355), 7);
+        // Before any measurement, and when the fixed part alone passes the
+        // budget: one partial a batch.
+        assert_eq!(CostModel::default().fit(0.350), 1);
+        let mut slow = CostModel::default();
+        for n in [1, 2, 3] {
+            slow.observe(n, 0.500 + 0.01 * n as f64);
+        }
+        assert_eq!(slow.fit(0.350), 1);
     }
 }
