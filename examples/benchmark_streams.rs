@@ -112,6 +112,9 @@ struct Args {
     /// Largest N tried by --find-capacity.
     #[arg(long, default_value_t = 64)]
     max_streams: usize,
+    /// First N tried by --find-capacity (it doubles from there).
+    #[arg(long, default_value_t = 1)]
+    min_streams: usize,
     #[arg(long, default_value_t = 1.0)]
     target_p95: f64,
     #[arg(long, default_value_t = 1.5)]
@@ -621,14 +624,30 @@ fn main() -> Result<()> {
         run(&warm, &model, &playlist, 1)?;
     }
     let mut runs = Vec::new();
+    // The JSON is rewritten after every run, so a run cut short keeps what it measured.
+    let save = |runs: &Vec<serde_json::Value>| -> Result<()> {
+        if let Some(p) = &args.json {
+            let doc = json!({
+                "model": args.model,
+                "device": format!("{:?}", args.device),
+                "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+                "duration_s": args.duration,
+                "stagger_s": args.stagger,
+                "runs": runs,
+            });
+            std::fs::write(p, serde_json::to_string_pretty(&doc)?)?;
+        }
+        Ok(())
+    };
     if args.find_capacity {
         // Doubling until the bound breaks, then bisecting.
         let (mut good, mut bad) = (0, None);
-        let mut n = 1;
+        let mut n = args.min_streams.max(1);
         while bad.is_none() && n <= args.max_streams {
             let (m, refused, report) = run(&args, &model, &playlist, n)?;
             print_run(&report);
             runs.push(report);
+            save(&runs)?;
             if holds(&args, &m, refused) {
                 good = n;
                 n *= 2;
@@ -642,6 +661,7 @@ fn main() -> Result<()> {
                 let (m, refused, report) = run(&args, &model, &playlist, mid)?;
                 print_run(&report);
                 runs.push(report);
+                save(&runs)?;
                 if holds(&args, &m, refused) {
                     good = mid;
                 } else {
@@ -659,18 +679,7 @@ fn main() -> Result<()> {
         print_run(&report);
         runs.push(report);
     }
-    if let Some(p) = &args.json {
-        let doc = json!({
-            "model": args.model,
-            "device": format!("{:?}", args.device),
-            "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
-            "duration_s": args.duration,
-            "stagger_s": args.stagger,
-            "runs": runs,
-        });
-        std::fs::write(p, serde_json::to_string_pretty(&doc)?)?;
-    }
-    Ok(())
+    save(&runs)
 }
 
 /// Step-Audio 2 mini's configuration with random weights (the tokenizer of

@@ -6,6 +6,7 @@
 # one comparison table at the end.
 #
 #   STEPS="check bench torch parity" bash .device/scripts/device_compare.sh
+#   STEPS="check batch torchbatch streams" ...   (issue 15: many streams on one GPU)
 #
 # Logs and JSON go to $OUT (default /tmp/device-out).
 set -uo pipefail
@@ -53,6 +54,23 @@ for step in $STEPS; do
       --tokenizer "$D/tokenizer.json" --steps 8 "$EN" "$D/speech/zh_aishell1_BAC009S0764W0121.wav" 2>&1 | tee -a "$LOG"
     $BIN/gpu_check --parity --ckpt "$CK" --reference "$OUT/parity_ref.safetensors" --json "$OUT/parity.json" 2>&1 | tee -a "$LOG"
     rm -rf "$CK" "$OUT/parity_ref.safetensors"
+    ;;
+  batch)
+    say "batched decode step per batch size (fused batched, batch-1 fused, candle ops)"
+    $BIN/benchmark_batch_decode --batches ${BATCHES:-1,2,4,8,16,32,64,128,256} --context ${CONTEXT:-512} \
+      --candle 1,8,64 --json "$OUT/batch_decode.json" 2>&1 | tee -a "$LOG"
+    ;;
+  torchbatch)
+    say "PyTorch batched decode step (static cache; eager and torch.compile)"
+    OUT=$OUT python3 "$D/scripts/reference/torch_batched_decode.py" --check \
+      --batches ${BATCHES:-1,2,4,8,16,32,64,128,256} --context ${CONTEXT:-512} --budget-s ${TORCH_BUDGET_S:-300} 2>&1 | tee -a "$LOG"
+    ;;
+  streams)
+    say "live capacity: Step-Audio 2 mini shape (random bf16) through the engine"
+    # the whole English playlist of the repository's assets/ (the stage has two clips)
+    STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets $BIN/benchmark_streams --step-audio-random --device cuda --find-capacity --max-batch 256 \
+      --min-streams ${MIN_STREAMS:-16} --max-streams ${MAX_STREAMS:-512} --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} \
+      --max-partial-gap 1e9 --json "$OUT/streams_capacity.json" 2>&1 | tee -a "$LOG"
     ;;
   *) say "unknown step $step" ;;
   esac
