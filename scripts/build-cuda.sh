@@ -45,7 +45,7 @@ if [ -n "$STAGE" ]; then
   done
   tar -C "$tmp" -cJf "$STAGE/bins.tar.xz" benchmark_e2e gpu_check benchmark_streams benchmark_batch_decode
   rm -rf "$tmp"
-  cp scripts/device_compare.sh scripts/device_table.py "$STAGE/scripts/"
+  cp scripts/device_compare.sh scripts/device_table.py scripts/stage_times.py "$STAGE/scripts/"
   cp scripts/reference/step_audio2_ref.py scripts/reference/step_audio2_gpu_parity.py \
     scripts/reference/torch_baseline_stepaudio2.py scripts/reference/torch_batched_decode.py \
     "$STAGE/scripts/reference/"

@@ -71,6 +71,15 @@ for step in $STEPS; do
     STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets $BIN/benchmark_streams --step-audio-random --device cuda --find-capacity --max-batch 256 \
       --min-streams ${MIN_STREAMS:-16} --max-streams ${MAX_STREAMS:-512} --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} \
       --max-partial-gap 1e9 --json "$OUT/streams_capacity.json" 2>&1 | tee -a "$LOG"
+    # where the time goes at that capacity: one more run with the model's timing logs
+    cap=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["runs"][-1].get("capacity", 0))' "$OUT/streams_capacity.json")
+    if [ "${cap:-0}" -gt 0 ]; then
+      say "stage times at $cap streams"
+      RUST_LOG=stepaudio_live::model::step_audio2=debug STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets \
+        $BIN/benchmark_streams --step-audio-random --device cuda --max-batch 256 --streams "$cap" \
+        --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} --warmup 0 > "$OUT/stage_run.txt" 2> "$OUT/stage_debug.log"
+      python3 "$D/scripts/stage_times.py" "$OUT/stage_debug.log" 2>&1 | tee -a "$LOG"
+    fi
     ;;
   *) say "unknown step $step" ;;
   esac

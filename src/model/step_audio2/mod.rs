@@ -410,6 +410,7 @@ impl StepAudio2Recognizer {
                 _ => groups.push(vec![k]),
             }
         }
+        let encode_start = Instant::now();
         for group in groups {
             let t0 = Instant::now();
             let mels: Vec<&LogMel> = group.iter().map(|&k| &todo[k].1).collect();
@@ -433,6 +434,11 @@ impl StepAudio2Recognizer {
                 }
             }
         }
+        tracing::debug!(
+            segments = todo.len(),
+            encode_ms = encode_start.elapsed().as_secs_f64() * 1e3,
+            "encoded a batch's new segments"
+        );
         // Streams batch only with streams over the same weights.
         let mut groups: Vec<Vec<usize>> = Vec::new();
         for (i, r) in requests.iter().enumerate() {

@@ -322,6 +322,10 @@ impl Session {
                 }
             }
         }
+        let prefilled = Instant::now();
+        let (mut steps, mut widest) = (0usize, 0usize);
+        // Turns whose greedy decoding ended, closed together after the loop.
+        let mut ended: Vec<(usize, (TurnPlan, Greedy))> = Vec::new();
         loop {
             // Streams whose turn ended leave the batch; the others need a step.
             let mut batch = Vec::new();
@@ -333,13 +337,13 @@ impl Session {
                     batch.push(i);
                     continue;
                 }
-                let (plan, g) = live[i].take().expect("live above");
-                let result = g.finish(sa, &mut t.session.state, t.prefix, t.commit);
-                results[i] = Some(t.session.close_turn(&plan, t.commit, result));
+                ended.push((i, live[i].take().expect("live above")));
             }
             if batch.is_empty() {
                 break;
             }
+            steps += 1;
+            widest = widest.max(batch.len());
             let ids: Vec<u32> = batch
                 .iter()
                 .map(|&i| live[i].as_ref().expect("in the batch").1.next)
@@ -400,6 +404,58 @@ impl Session {
                 }
             }
         }
+        // Committed turns are closed by their `pending + <|EOT|>` tails, all as
+        // one batched forward (one at a time where the batch fails). In stream
+        // order, as the states are taken below.
+        ended.sort_by_key(|(i, _)| *i);
+        let committing: Vec<(usize, usize)> = ended
+            .iter()
+            .filter(|(i, _)| turns[*i].commit)
+            .map(|(i, _)| (*i, turns[*i].session.state.len()))
+            .collect();
+        let tails = ended
+            .iter()
+            .filter(|(i, _)| turns[*i].commit)
+            .map(|(_, (_, g))| llm.embed(&g.tail(eot))?.unsqueeze(0))
+            .collect::<candle_core::Result<Vec<_>>>();
+        let batched_tails = match tails {
+            Ok(tails) if tails.len() > 1 => {
+                let mut states: Vec<&mut llm::LlmState> = turns
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, t)| t.commit && ended.iter().any(|(e, _)| e == i))
+                    .map(|(_, t)| &mut t.session.state)
+                    .collect();
+                let ok = llm.forward_batch(&tails, &mut states).is_ok();
+                drop(states);
+                if !ok {
+                    for &(i, len) in &committing {
+                        turns[i].session.state.truncate(len);
+                    }
+                }
+                ok
+            }
+            _ => false,
+        };
+        for (i, (plan, g)) in ended {
+            let t = &mut turns[i];
+            let result = if t.commit && !batched_tails {
+                g.finish(sa, &mut t.session.state, t.prefix, true)
+            } else {
+                g.output(sa, t.prefix)
+            };
+            results[i] = Some(t.session.close_turn(&plan, t.commit, result));
+        }
+        // Where a batch's time goes (examples/benchmark_streams on a GPU).
+        tracing::debug!(
+            turns = turns.len(),
+            prefill_ms = (prefilled - start).as_secs_f64() * 1e3,
+            decode_ms = prefilled.elapsed().as_secs_f64() * 1e3,
+            steps,
+            widest,
+            fused = fused.is_some(),
+            "batch of turns"
+        );
         results
             .into_iter()
             .map(|r| r.expect("every turn is closed"))
@@ -722,22 +778,31 @@ impl Greedy {
     /// Ends the turn: on commit the assistant turn is closed the way the
     /// published multi-turn layout does (the pending id, then `<|EOT|>`).
     fn finish(
-        mut self,
+        self,
         sa: &StepAudio2,
         state: &mut llm::LlmState,
         prefix: &[u32],
         commit: bool,
     ) -> Result<TurnOutput, ModelError> {
         let llm = &sa.model.llm;
+        if commit {
+            let tail = self.tail(sa.tokenizer.eot);
+            llm.forward(&llm.embed(&tail)?.unsqueeze(0)?, state)?;
+        }
+        self.output(sa, prefix)
+    }
+
+    /// The ids that close a committed turn: the pending id, then `<|EOT|>`.
+    fn tail(&self, eot: u32) -> Vec<u32> {
+        self.pending.into_iter().chain([eot]).collect()
+    }
+
+    /// The turn's output; a commit's [`Self::tail`] has run through the model.
+    fn output(mut self, sa: &StepAudio2, prefix: &[u32]) -> Result<TurnOutput, ModelError> {
         let decoded = Instant::now();
         let first_read = self.first_read.unwrap_or(decoded);
         self.out.prefill_time = first_read - self.start;
         self.out.decode_time = decoded - first_read;
-        if commit {
-            let mut tail: Vec<u32> = self.pending.into_iter().collect();
-            tail.push(sa.tokenizer.eot);
-            llm.forward(&llm.embed(&tail)?.unsqueeze(0)?, state)?;
-        }
         self.out.sum_logprob = self.fused_logprob
             + match &self.logprob {
                 Some(t) => t.to_dtype(DType::F32)?.to_vec1::<f32>()?[0] as f64,

@@ -1,0 +1,31 @@
+#!/usr/bin/env python3
+"""Where a GPU engine's batches spend their time, from a benchmark_streams log run with
+RUST_LOG=stepaudio_live::model::step_audio2=debug: per batch the encoder time of its new
+segments, the batched prefill and the greedy decode (steps, widest step), summed and per
+batch. Usage: python3 scripts/stage_times.py LOG"""
+import re
+import sys
+
+num = lambda key, line: float(re.search(key + r"=([0-9.]+)", line).group(1))
+enc, pre, dec, steps, widest, turns, batches = [], [], [], [], [], [], 0
+ansi = re.compile(r"\x1b\[[0-9;]*m")
+for line in open(sys.argv[1], errors="replace"):
+    line = ansi.sub("", line)
+    if "encoded a batch" in line:
+        enc.append(num("encode_ms", line))
+    elif "batch of turns" in line:
+        batches += 1
+        pre.append(num("prefill_ms", line))
+        dec.append(num("decode_ms", line))
+        steps.append(num("steps", line))
+        widest.append(num("widest", line))
+        turns.append(num("turns", line))
+if not batches:
+    sys.exit("no 'batch of turns' lines: run with RUST_LOG=stepaudio_live::model::step_audio2=debug")
+total = sum(enc) + sum(pre) + sum(dec)
+print(f"{batches} batches, {sum(turns):.0f} turns (mean {sum(turns) / batches:.1f} a batch, "
+      f"widest decode step {max(widest):.0f}), {sum(steps):.0f} decode steps")
+for name, v in (("encoder", enc), ("prefill", pre), ("decode", dec)):
+    print(f"  {name:8s} {sum(v) / 1e3:7.2f} s  {100 * sum(v) / total:5.1f} %  "
+          f"{sum(v) / max(len(v), 1):7.1f} ms a batch")
+print(f"  decode step {sum(dec) / max(sum(steps), 1):.2f} ms on average")
