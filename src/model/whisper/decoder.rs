@@ -46,6 +46,18 @@ pub struct CrossAttention {
 }
 
 impl CrossAttention {
+    /// Keys and values `[1, h, T, dh]` per layer.
+    pub(crate) fn layers(&self) -> &[(Tensor, Tensor)] {
+        &self.layers
+    }
+
+    /// Positions of the window (T).
+    pub fn positions(&self) -> usize {
+        self.layers
+            .first()
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
     /// The first `n` positions.
     pub fn narrow(&self, n: usize) -> Result<Self> {
         Ok(Self {
@@ -306,6 +318,10 @@ impl WhisperDecoder {
     /// groups of rows that each take the same path as a lone step's row.
     pub fn step_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, _, d) = hidden.dims3()?;
+        if !hidden.device().is_cpu() {
+            // No int8 path off the CPU: one product for the whole batch.
+            return self.logits_of_rows(&hidden.reshape((b, d))?);
+        }
         let rows = hidden.reshape((1, b, d))?;
         let groups = (0..b)
             .step_by(crate::ops::quant::MAX_ROWS)

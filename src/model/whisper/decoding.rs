@@ -196,7 +196,9 @@ impl WhisperModel {
     /// own (prompts differ in length), then every window still generating
     /// takes its next step in one [`WhisperDecoder::step_batch`]; a window
     /// leaves the batch at end-of-text or its budget. Window `i`'s result
-    /// is what it gets decoded alone.
+    /// is what it gets decoded alone. Off the CPU the windows go through
+    /// the stacked path instead ([`super::stacked`]: one padded prefill, one
+    /// attention launch per layer for all rows).
     ///
     /// [`WhisperDecoder::step_batch`]: super::decoder::WhisperDecoder::step_batch
     pub fn greedy_decode_batch(
@@ -204,6 +206,14 @@ impl WhisperModel {
         jobs: &[WindowJob<'_>],
         opts: &DecodingOptions,
     ) -> Result<Vec<DecodedWindow>> {
+        let stacked = !self.device.is_cpu()
+            && jobs.first().is_some_and(|j| {
+                jobs.iter()
+                    .all(|k| k.cross.positions() == j.cross.positions())
+            });
+        if stacked {
+            return self.greedy_decode_stacked(jobs, opts);
+        }
         let mut states = Vec::with_capacity(jobs.len());
         let mut outs = Vec::with_capacity(jobs.len());
         let mut rows = Vec::with_capacity(jobs.len());
@@ -217,20 +227,10 @@ impl WhisperModel {
                 .logits(&hidden, &[job.sot_index, full.len() - 1])?
                 .to_dtype(DType::F32)?
                 .to_vec2::<f32>()?;
-            let no_speech_prob = match self.tokenizer.no_speech {
-                Some(ns) => (log_softmax(&logits[0])[ns as usize] as f64).exp(),
-                None => 0.0,
-            };
-            budgets.push(
-                (job.forced.len() + job.max_new_tokens.min(opts.max_new_tokens))
-                    .min(self.decoder.n_text_ctx().saturating_sub(job.prompt.len())),
-            );
-            outs.push(DecodedWindow {
-                no_speech_prob,
-                tokens: job.forced.to_vec(),
-                ..Default::default()
-            });
-            rows.push(logits.into_iter().nth(1).unwrap());
+            let (out, row) = self.start_window(job, logits);
+            budgets.push(self.budget(job, opts));
+            outs.push(out);
+            rows.push(row);
             states.push(state);
         }
         // Windows still generating, in batch order.
@@ -238,22 +238,7 @@ impl WhisperModel {
             .filter(|&i| outs[i].tokens.len() < budgets[i])
             .collect();
         while !active.is_empty() {
-            let mut stepping = Vec::with_capacity(active.len());
-            for &i in &active {
-                let out = &mut outs[i];
-                let row = &mut rows[i];
-                self.apply_logit_rules(row, &out.tokens, opts);
-                let next = argmax(row);
-                out.sum_logprob += log_softmax(row)[next as usize] as f64;
-                if next == self.tokenizer.eot {
-                    out.finished = true;
-                    continue;
-                }
-                out.tokens.push(next);
-                if out.tokens.len() < budgets[i] {
-                    stepping.push(i);
-                }
-            }
+            let stepping = self.pick_next(&active, &mut rows, &mut outs, &budgets, opts);
             if stepping.is_empty() {
                 break;
             }
@@ -282,9 +267,190 @@ impl WhisperModel {
             }
             active = stepping;
         }
+        Ok(Self::finish_windows(outs))
+    }
+
+    /// [`Self::greedy_decode_batch`] through the stacked decoder state: one
+    /// transfer of logits to the host per step for the whole batch. Rows
+    /// that finished keep stepping (their results unused) until at most
+    /// half the rows still step; then the state is gathered down to those.
+    fn greedy_decode_stacked(
+        &self,
+        jobs: &[WindowJob<'_>],
+        opts: &DecodingOptions,
+    ) -> Result<Vec<DecodedWindow>> {
+        let prompts: Vec<Vec<u32>> = jobs
+            .iter()
+            .map(|j| j.prompt.iter().chain(j.forced).copied().collect())
+            .collect();
+        let budgets: Vec<usize> = jobs.iter().map(|j| self.budget(j, opts)).collect();
+        let steps = jobs
+            .iter()
+            .zip(&budgets)
+            .map(|(j, &b)| b.saturating_sub(j.forced.len()))
+            .max()
+            .unwrap_or(0);
+        let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let crosses: Vec<&CrossAttention> = jobs.iter().map(|j| j.cross).collect();
+        let (mut state, hidden) = self
+            .decoder
+            .stacked_prefill(&prompt_refs, &crosses, steps)?;
+        let picks: Vec<(usize, usize)> = jobs
+            .iter()
+            .zip(&prompts)
+            .enumerate()
+            .flat_map(|(r, (j, p))| {
+                [
+                    (r, state.column(r, j.sot_index)),
+                    (r, state.column(r, p.len() - 1)),
+                ]
+            })
+            .collect();
+        let mut first = self
+            .decoder
+            .stacked_logits(&hidden, &picks)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?
+            .into_iter();
+        let mut outs = Vec::with_capacity(jobs.len());
+        let mut rows = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let pair = first.by_ref().take(2).collect();
+            let (out, row) = self.start_window(job, pair);
+            outs.push(out);
+            rows.push(row);
+        }
+        // The window of each row of the stacked state.
+        let mut stacked_rows: Vec<usize> = (0..jobs.len()).collect();
+        let mut active: Vec<usize> = (0..jobs.len())
+            .filter(|&i| outs[i].tokens.len() < budgets[i])
+            .collect();
+        while !active.is_empty() {
+            let stepping = self.pick_next(&active, &mut rows, &mut outs, &budgets, opts);
+            if stepping.is_empty() {
+                break;
+            }
+            if 2 * stepping.len() <= stacked_rows.len() {
+                let keep: Vec<usize> = stacked_rows
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| stepping.binary_search(w).is_ok())
+                    .map(|(r, _)| r)
+                    .collect();
+                state.retain(&keep)?;
+                stacked_rows = stepping.clone();
+            }
+            // A finished row steps on end-of-text; its results are dropped.
+            let tokens: Vec<u32> = stacked_rows
+                .iter()
+                .map(|w| match stepping.binary_search(w) {
+                    Ok(_) => *outs[*w].tokens.last().expect("a token was just pushed"),
+                    Err(_) => self.tokenizer.eot,
+                })
+                .collect();
+            let hidden = self.decoder.stacked_step(&mut state, &tokens)?;
+            let logits = self.decoder.step_logits(&hidden)?;
+            // Only the stepping rows' logits come to the host.
+            let logits = if stepping.len() < stacked_rows.len() {
+                let keep: Vec<u32> = stacked_rows
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| stepping.binary_search(w).is_ok())
+                    .map(|(r, _)| r as u32)
+                    .collect();
+                logits.index_select(
+                    &candle_core::Tensor::new(keep.as_slice(), logits.device())?,
+                    0,
+                )?
+            } else {
+                logits
+            };
+            let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for (&i, row) in stepping.iter().zip(logits) {
+                rows[i] = row;
+            }
+            active = stepping;
+        }
+        Ok(Self::finish_windows(outs))
+    }
+
+    /// Tokens window `job` may hold when done (forced ones included).
+    fn budget(&self, job: &WindowJob<'_>, opts: &DecodingOptions) -> usize {
+        (job.forced.len() + job.max_new_tokens.min(opts.max_new_tokens))
+            .min(self.decoder.n_text_ctx().saturating_sub(job.prompt.len()))
+    }
+
+    /// A window's result so far and its next logits row, from the prefill's
+    /// logits at the start-of-transcript position and at the last token.
+    fn start_window(
+        &self,
+        job: &WindowJob<'_>,
+        logits: Vec<Vec<f32>>,
+    ) -> (DecodedWindow, Vec<f32>) {
+        let mut logits = logits.into_iter();
+        let sot_row = logits.next().unwrap_or_default();
+        let no_speech_prob = match self.tokenizer.no_speech {
+            Some(ns) if (ns as usize) < sot_row.len() => {
+                ((sot_row[ns as usize] - log_sum_exp(&sot_row)) as f64).exp()
+            }
+            _ => 0.0,
+        };
+        let out = DecodedWindow {
+            no_speech_prob,
+            tokens: job.forced.to_vec(),
+            ..Default::default()
+        };
+        (out, logits.next().unwrap_or_default())
+    }
+
+    /// Samples the next token of every window in `active` (sorted) from its
+    /// logits row, applying the logit rules; returns the windows that take
+    /// another step, in order. Rows are independent, so a large batch's
+    /// rules run in parallel.
+    fn pick_next(
+        &self,
+        active: &[usize],
+        rows: &mut [Vec<f32>],
+        outs: &mut [DecodedWindow],
+        budgets: &[usize],
+        opts: &DecodingOptions,
+    ) -> Vec<usize> {
+        use rayon::prelude::*;
+        let pick = |i: usize, out: &mut DecodedWindow, row: &mut Vec<f32>| -> Option<usize> {
+            if active.binary_search(&i).is_err() {
+                return None;
+            }
+            self.apply_logit_rules(row, &out.tokens, opts);
+            let next = argmax(row);
+            out.sum_logprob += (row[next as usize] - log_sum_exp(row)) as f64;
+            if next == self.tokenizer.eot {
+                out.finished = true;
+                return None;
+            }
+            out.tokens.push(next);
+            (out.tokens.len() < budgets[i]).then_some(i)
+        };
+        // Below this many rows a thread pool costs more than the rules.
+        const PARALLEL_ROWS: usize = 8;
+        if active.len() >= PARALLEL_ROWS {
+            outs.par_iter_mut()
+                .zip(rows.par_iter_mut())
+                .enumerate()
+                .filter_map(|(i, (out, row))| pick(i, out, row))
+                .collect()
+        } else {
+            outs.iter_mut()
+                .zip(rows.iter_mut())
+                .enumerate()
+                .filter_map(|(i, (out, row))| pick(i, out, row))
+                .collect()
+        }
+    }
+
+    fn finish_windows(mut outs: Vec<DecodedWindow>) -> Vec<DecodedWindow> {
         for out in &mut outs {
             out.avg_logprob = out.sum_logprob / (out.tokens.len() + 1) as f64;
         }
-        Ok(outs)
+        outs
     }
 }

@@ -4,8 +4,9 @@
 use crate::model::layers::{
     attention, merge_heads, narrow_positions, splice_cached, split_heads, Conv1d, LayerNorm, Linear,
 };
+use crate::model::step_audio2::encoder as sa2;
 use crate::ops::cpu::gelu_erf;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 #[derive(Clone, Debug)]
 pub struct EncoderBlock {
@@ -37,6 +38,9 @@ impl EncoderBlock {
         heads: usize,
         frozen: Option<Frozen>,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
+        if x.dtype() == DType::BF16 && crate::ops::fast::available(x.device()) {
+            return self.forward_fast(x, heads, frozen);
+        }
         let d = x.dim(2)?;
         let h = self.attn_ln.forward(x)?;
         let qkv = self.qkv.forward(&h)?;
@@ -59,6 +63,54 @@ impl EncoderBlock {
         let h = self.mlp_ln.forward(&x)?;
         let h = self.fc2.forward(&gelu_erf(&self.fc1.forward(&h)?)?)?;
         Ok(((x + h)?, (k, v)))
+    }
+
+    /// [`Self::forward`] through the GPU's fast paths: cuBLAS GEMMs with
+    /// fused bias/GELU/residual/LayerNorm epilogues and the fused attention,
+    /// which reads q (and, without `frozen`, k and v) in place from the
+    /// fused projection. Each falls back to candle ops where it does not
+    /// apply.
+    fn forward_fast(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        frozen: Option<Frozen>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (b, t, d) = x.dims3()?;
+        let hd = d / heads;
+        let h = sa2::layer_norm(&self.attn_ln, x)?;
+        let qkv = sa2::linear(&self.qkv, &h)?.reshape((b, t, 3, heads, hd))?;
+        // [b, h, t, hd] views of the fused projection
+        let part =
+            |i: usize| -> Result<Tensor> { qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2) };
+        let q = part(0)?;
+        // This block's own keys and values are returned (padding windows and
+        // carried heads keep them): contiguous copies.
+        let (k, v) = (part(1)?.contiguous()?, part(2)?.contiguous()?);
+        let (keys, values) = match frozen {
+            Some(Frozen {
+                head,
+                whole: (wk, wv),
+            }) => (
+                splice_cached(head.map(|h| &h.0), &k, wk)?,
+                splice_cached(head.map(|h| &h.1), &v, wv)?,
+            ),
+            None => (k.clone(), v.clone()),
+        };
+        let scale = (hd as f32).powf(-0.5);
+        let a = match crate::ops::fast::attention(&q, &keys, &values, scale, false, None)? {
+            Some(a) => a.reshape((b, t, d))?,
+            None => merge_heads(&attention(
+                &q.contiguous()?,
+                &keys,
+                &values,
+                scale as f64,
+                None,
+            )?)?,
+        };
+        let (x, h) = sa2::linear_residual_norm(&self.out, &a, x, &self.mlp_ln)?;
+        let h = sa2::linear_gelu(&self.fc1, &h)?;
+        Ok((sa2::linear_residual(&self.fc2, &h, &x)?, (k, v)))
     }
 }
 

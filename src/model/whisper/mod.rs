@@ -7,6 +7,7 @@ pub mod decoding;
 pub mod encoder;
 pub mod load;
 pub mod prompt;
+pub mod stacked;
 pub mod streaming;
 pub mod tokens;
 
