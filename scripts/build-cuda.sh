@@ -32,7 +32,7 @@ if ! command -v nvcc >/dev/null 2>&1 && [ -z "${CUDA_ROOT:-}" ]; then
   source "$PREFIX/env.sh"
 fi
 cargo build --release --features cuda --bin stepaudio-live --example benchmark_e2e --example gpu_check \
-  --example benchmark_streams --example benchmark_batch_decode
+  --example benchmark_streams --example benchmark_batch_decode --example whisper_gpu_check
 
 if [ -n "$STAGE" ]; then
   # Everything the device run needs, small enough to travel (binaries stripped and
@@ -40,16 +40,24 @@ if [ -n "$STAGE" ]; then
   mkdir -p "$STAGE/speech" "$STAGE/scripts/reference"
   R=$CARGO_TARGET_DIR/release
   tmp=$(mktemp -d)
-  for b in examples/benchmark_e2e examples/gpu_check examples/benchmark_streams examples/benchmark_batch_decode; do
+  for b in examples/benchmark_e2e examples/gpu_check examples/benchmark_streams \
+    examples/benchmark_batch_decode examples/whisper_gpu_check; do
     objcopy --strip-debug "$R/$b" "$tmp/$(basename "$b")"
   done
-  tar -C "$tmp" -cJf "$STAGE/bins.tar.xz" benchmark_e2e gpu_check benchmark_streams benchmark_batch_decode
+  tar -C "$tmp" -cJf "$STAGE/bins.tar.xz" benchmark_e2e gpu_check benchmark_streams \
+    benchmark_batch_decode whisper_gpu_check
   rm -rf "$tmp"
   cp scripts/device_compare.sh scripts/device_table.py scripts/stage_times.py "$STAGE/scripts/"
   cp scripts/reference/step_audio2_ref.py scripts/reference/step_audio2_gpu_parity.py \
     scripts/reference/torch_baseline_stepaudio2.py scripts/reference/torch_batched_decode.py \
+    scripts/reference/whisper_gpu_parity.py \
     "$STAGE/scripts/reference/"
   cp tests/fixtures/step_audio2/tiny_ckpt/tokenizer.json "$STAGE/tokenizer.json"
+  # whisper_gpu_parity.py needs a multilingual Whisper tokenizer.json (none is in the
+  # repo): by default the one `stepaudio-live fetch base` leaves in the model cache.
+  WTOK=${WHISPER_TOKENIZER:-$HOME/.cache/stepaudio-live/models/base/tokenizer.json}
+  if [ -f "$WTOK" ]; then cp "$WTOK" "$STAGE/whisper_tokenizer.json"
+  else echo "no $WTOK: whisper_gpu_parity.py will have no tokenizer (set WHISPER_TOKENIZER)" >&2; fi
   SPEECH=${STEPAUDIO_LIVE_SPEECH_DIR:-assets}
   for w in en_ps_librivox_0870 zh_aishell1_BAC009S0764W0121; do
     cp "$SPEECH/$w.wav" "$STAGE/speech/"
