@@ -233,6 +233,8 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtypes", default="f32,bf16",
+                    help="f32 alone on a CPU, where bf16 is slow (no bf16 references then)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False  # the f32 reference is f32, convolutions too
@@ -257,7 +259,8 @@ def main():
                     device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
         # Two copies: .to() converts a module in place.
         models = {"f32": model.to(device=device)}
-        models["bf16"] = copy.deepcopy(models["f32"]).to(dtype=torch.bfloat16)
+        if "bf16" in args.dtypes.split(","):
+            models["bf16"] = copy.deepcopy(models["f32"]).to(dtype=torch.bfloat16)
         encs = {}
         for name, m in models.items():
             feats = mel[None].to(device=device, dtype=next(m.parameters()).dtype)
@@ -272,23 +275,28 @@ def main():
         for name, m in models.items():
             tensors[f"tf_logits_{name}"] = decoder_logits(m, encs[name], tf, device).cpu().contiguous()
         info["tf_tokens"] = tf
-        # torch's own bf16 against its f32: the yardstick for ours.
-        info["torch_bf16_vs_f32"] = dict(
-            encoder_rel=rel(tensors["enc_bf16"], tensors["enc_f32"]),
-            logits_rel=[rel(a, b) for a, b in zip(tensors["tf_logits_bf16"],
-                                                  tensors["tf_logits_f32"])],
-            greedy_agree_prefix=next((i for i, (a, b) in enumerate(
-                zip(info["greedy_bf16"], info["greedy_f32"])) if a != b),
-                min(len(info["greedy_bf16"]), len(info["greedy_f32"]))),
-        )
+        if "bf16" in models:
+            # torch's own bf16 against its f32: the yardstick for ours.
+            gb, gf = info["greedy_bf16"], info["greedy_f32"]
+            info["torch_bf16_vs_f32"] = dict(
+                encoder_rel=rel(tensors["enc_bf16"], tensors["enc_f32"]),
+                logits_rel=[rel(a, b) for a, b in zip(tensors["tf_logits_bf16"],
+                                                      tensors["tf_logits_f32"])],
+                greedy_agree_prefix=next((i for i, (a, b) in enumerate(zip(gb, gf)) if a != b),
+                                         min(len(gb), len(gf))),
+            )
         save_file(tensors, os.path.join(out_dir, "ref.safetensors"))
         with open(os.path.join(out_dir, "ref.json"), "w") as f:
             json.dump(info, f, indent=1)
-        y = info["torch_bf16_vs_f32"]
-        print(f"{shape}: {time.time() - t0:.1f} s; torch bf16 vs f32: encoder {y['encoder_rel']:.2e},"
-              f" logits max {max(y['logits_rel']):.2e}, greedy prefix {y['greedy_agree_prefix']}"
-              f"/{args.steps}; encoder {info.get('torch_encoder_ms_bf16', float('nan')):.2f} ms",
-              flush=True)
+        y = info.get("torch_bf16_vs_f32")
+        line = f"{shape}: {time.time() - t0:.1f} s"
+        if y:
+            line += (f"; torch bf16 vs f32: encoder {y['encoder_rel']:.2e}, logits max"
+                     f" {max(y['logits_rel']):.2e}, greedy prefix {y['greedy_agree_prefix']}"
+                     f"/{args.steps}")
+        if "torch_encoder_ms_bf16" in info:
+            line += f"; torch encoder {info['torch_encoder_ms_bf16']:.2f} ms"
+        print(line, flush=True)
         del model, models, encs
         if device.type == "cuda":
             torch.cuda.empty_cache()
