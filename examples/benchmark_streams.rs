@@ -115,6 +115,10 @@ struct Args {
     /// First N tried by --find-capacity (it doubles from there).
     #[arg(long, default_value_t = 1)]
     min_streams: usize,
+    /// --find-capacity stops bisecting when the bound is known to within
+    /// this many streams (the reported capacity is the lower end).
+    #[arg(long, default_value_t = 1)]
+    capacity_step: usize,
     #[arg(long, default_value_t = 1.0)]
     target_p95: f64,
     #[arg(long, default_value_t = 1.5)]
@@ -656,7 +660,7 @@ fn main() -> Result<()> {
             }
         }
         if let Some(mut hi) = bad {
-            while hi - good > 1 {
+            while hi - good > args.capacity_step.max(1) {
                 let mid = (good + hi) / 2;
                 let (m, refused, report) = run(&args, &model, &playlist, mid)?;
                 print_run(&report);

@@ -69,7 +69,7 @@ for step in $STEPS; do
     say "live capacity: Step-Audio 2 mini shape (random bf16) through the engine"
     # the whole English playlist of the repository's assets/ (the stage has two clips)
     STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets $BIN/benchmark_streams --step-audio-random --device cuda --find-capacity --max-batch 256 \
-      --min-streams ${MIN_STREAMS:-16} --max-streams ${MAX_STREAMS:-512} --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} \
+      --min-streams ${MIN_STREAMS:-16} --max-streams ${MAX_STREAMS:-512} --capacity-step ${CAPACITY_STEP:-1} --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} \
       --max-partial-gap 1e9 --json "$OUT/streams_capacity.json" 2>&1 | tee -a "$LOG"
     # where the time goes at that capacity: one more run with the model's timing logs
     cap=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["runs"][-1].get("capacity", 0))' "$OUT/streams_capacity.json")
@@ -80,6 +80,16 @@ for step in $STEPS; do
         --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} --warmup 0 > "$OUT/stage_run.txt" 2> "$OUT/stage_debug.log"
       python3 "$D/scripts/stage_times.py" "$OUT/stage_debug.log" 2>&1 | tee -a "$LOG"
     fi
+    ;;
+  wstreams)
+    say "live capacity: Whisper large-v3-turbo shape (random bf16, made by whisper_gpu_parity.py) through the engine"
+    W=/tmp/wp-streams
+    [ -d $W/turbo/model ] || python3 "$D/scripts/reference/whisper_gpu_parity.py" --shapes turbo --dtypes f32 --steps 2 \
+      --wav "$EN" --tokenizer "$D/whisper_tokenizer.json" --out $W 2>&1 | grep -v "Writing model" | tail -3 | tee -a "$LOG"
+    STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets $BIN/benchmark_streams --model $W/turbo/model --device cuda \
+      --find-capacity --max-batch 256 --min-streams ${MIN_STREAMS:-16} --max-streams ${MAX_STREAMS:-512} \
+      --capacity-step ${CAPACITY_STEP:-1} --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} \
+      --max-partial-gap 1e9 --json "$OUT/whisper_streams_capacity.json" 2>&1 | tee -a "$LOG"
     ;;
   *) say "unknown step $step" ;;
   esac
