@@ -12,9 +12,7 @@
 //! reads with the others'. What runs first:
 //!
 //! 1. finals (and pause decodes, which usually become finals) of every
-//!    stream that has one, oldest first, up to [`EngineConfig::max_batch`],
-//!    joined by as many partials as make the batch at most a quarter slower
-//!    by the measured batch cost (on a GPU many, on a CPU few or none);
+//!    stream that has one, oldest first, up to [`EngineConfig::max_batch`];
 //! 2. otherwise partials, the streams whose last partial is oldest first,
 //!    as many as fit [`EngineConfig::partial_budget`] by the measured cost
 //!    of a partial batch (a fixed part plus a part per partial: on a GPU
@@ -364,10 +362,6 @@ struct Opening {
     counters: Arc<StreamCounters>,
 }
 
-/// A batch of finals may take this many times longer for the partials
-/// that join it ([`CostModel::extra`]).
-const FINAL_DELAY: f64 = 1.25;
-
 /// The model time of a batch of n partials as `fixed + per · n`, fitted by
 /// least squares over recent batches (exponentially forgotten). On a CPU the
 /// fixed part is near zero (each partial costs its own compute); on a GPU a
@@ -400,10 +394,11 @@ impl CostModel {
         }
     }
 
-    /// `(fixed, per)` of the fit, or `None` before any measurement.
-    fn parts(&self) -> Option<(f64, f64)> {
+    /// How many partials fit `budget` seconds (at least 1; 1 before any
+    /// measurement).
+    fn fit(&self, budget: f64) -> usize {
         if self.w == 0.0 || self.n == 0.0 {
-            return None;
+            return 1;
         }
         let det = self.w * self.nn - self.n * self.n;
         // Sizes too alike to separate the parts: all of it per partial.
@@ -416,29 +411,10 @@ impl CostModel {
         // A fit whose slope is (noise) zero or negative: the mean cost of a
         // partial bounds it instead.
         let per = if per > 0.0 { per } else { self.t / self.n };
-        Some((fixed, per))
-    }
-
-    /// How many decodes may join a batch of `n` at most `factor` times its
-    /// predicted time (0 before any measurement).
-    fn extra(&self, n: usize, factor: f64) -> usize {
-        match self.parts() {
-            Some((fixed, per)) if per > 0.0 => {
-                let t = fixed + per * n as f64;
-                ((factor - 1.0) * t / per).floor().max(0.0) as usize
-            }
-            _ => 0,
+        if per <= 0.0 {
+            return usize::MAX;
         }
-    }
-
-    /// How many partials fit `budget` seconds (at least 1; 1 before any
-    /// measurement).
-    fn fit(&self, budget: f64) -> usize {
-        match self.parts() {
-            None => 1,
-            Some((_, per)) if per <= 0.0 => usize::MAX,
-            Some((fixed, per)) => ((budget - fixed).max(0.0) / per).floor().max(1.0) as usize,
-        }
+        ((budget - fixed).max(0.0) / per).floor().max(1.0) as usize
     }
 }
 
@@ -665,19 +641,18 @@ impl Core {
                     .map(|u| (u.end_arrival, id))
             })
             .collect();
-        finals.sort();
-        finals.truncate(self.config.max_batch);
-        let mut picked: Vec<StreamId> = finals.into_iter().map(|(_, id)| id).collect();
+        if !finals.is_empty() {
+            finals.sort();
+            finals.truncate(self.config.max_batch);
+            return finals.into_iter().map(|(_, id)| id).collect();
+        }
         if lane > 0 {
-            return picked;
+            return Vec::new();
         }
         let mut partials: Vec<(Instant, StreamId)> = state
             .slots
             .iter()
-            .filter(|(_, s)| {
-                s.ready_update()
-                    .is_some_and(|u| u.kind == UpdateKind::Partial)
-            })
+            .filter(|(_, s)| s.ready_update().is_some())
             .map(|(&id, s)| (s.last_partial, id))
             .collect();
         let now = Instant::now();
@@ -685,23 +660,11 @@ impl Core {
             partials.retain(|(last, _)| now.duration_since(*last) >= self.config.partial_spacing);
         }
         partials.sort();
-        let room = self.config.max_batch - picked.len();
-        let take = if picked.is_empty() {
-            state
-                .partial_cost
-                .fit(self.config.partial_budget.as_secs_f64())
-                .clamp(1, room)
-        } else {
-            // Finals ride with as many partials as cost them at most a
-            // quarter more time (on a GPU, where a batch's time is mostly
-            // fixed, many; on a CPU, where each decode costs its own, few).
-            state
-                .partial_cost
-                .extra(picked.len(), FINAL_DELAY)
-                .min(room)
-        };
-        picked.extend(partials.into_iter().take(take).map(|(_, id)| id));
-        picked
+        let fit = state
+            .partial_cost
+            .fit(self.config.partial_budget.as_secs_f64());
+        partials.truncate(fit.clamp(1, self.config.max_batch));
+        partials.into_iter().map(|(_, id)| id).collect()
     }
 
     /// When a partial held back by [`EngineConfig::partial_spacing`] is due.
@@ -972,11 +935,5 @@ mod tests {
             slow.observe(n, 0.500 + 0.01 * n as f64);
         }
         assert_eq!(slow.fit(0.350), 1);
-        // Partials joining 2 finals within a quarter more time: on the GPU
-        // (210 ms predicted, 5 ms each) 10, on the CPU (20 ms, 10 ms each) 0.
-        assert_eq!(gpu.extra(2, 1.25), 10);
-        assert_eq!(cpu.extra(2, 1.25), 0);
-        assert_eq!(cpu.extra(8, 1.25), 2);
-        assert_eq!(CostModel::default().extra(2, 1.25), 0);
     }
 }
