@@ -77,16 +77,25 @@ fn cpu_capacity(d_model: usize, cores: usize) -> usize {
     streams.max(1)
 }
 
+/// Streams a GPU holds by default: below the capacity that
+/// `benchmark_streams --find-capacity` measured on one H200 with random
+/// weights (end-of-speech→final p95 ≤ 1 s, nothing lost; README, "How many
+/// streams"): Step-Audio 2 mini 72–93 (24 tokens a turn), Whisper
+/// large-v3-turbo's shape 112. A smaller card holds fewer: `--max-streams`.
+const GPU_STREAMS_STEP_AUDIO2: usize = 64;
+const GPU_STREAMS_WHISPER: usize = 96;
+
 impl EngineConfig {
     /// The defaults for `model` on this machine: capacity from the measured
-    /// streams per CPU core (at least one stream); on a GPU, 8 until the
-    /// batched GPU kernels are measured.
+    /// streams per CPU core (at least one stream), or the measured streams of
+    /// one GPU.
     pub fn for_model(model: &LoadedModel) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let max_streams = match model {
             LoadedModel::Whisper(m) if m.device.is_cpu() => cpu_capacity(m.config.d_model, cores),
+            LoadedModel::Whisper(_) => GPU_STREAMS_WHISPER,
             LoadedModel::StepAudio2(sa) if sa.model.device.is_cpu() => 1,
-            _ => 8,
+            LoadedModel::StepAudio2(_) => GPU_STREAMS_STEP_AUDIO2,
         };
         Self {
             max_streams,
