@@ -427,6 +427,9 @@ impl CostModel {
     }
 }
 
+/// A stream back from its batch, with whether it had a partial.
+type Done = (StreamId, Stream, bool);
+
 struct State {
     slots: HashMap<StreamId, Slot>,
     opening: VecDeque<Opening>,
@@ -748,10 +751,7 @@ impl Core {
     /// Runs the taken decodes as one batch and emits their events; returns
     /// each stream (with whether it had a partial) and, for a batch of
     /// partials, the time per partial.
-    fn run_batch(
-        &self,
-        mut taken: Vec<Taken>,
-    ) -> (Vec<(StreamId, Stream, bool)>, Option<(usize, f64)>) {
+    fn run_batch(&self, mut taken: Vec<Taken>) -> (Vec<Done>, Option<(usize, f64)>) {
         let partials = taken
             .iter()
             .all(|(_, _, u, _)| u.kind == UpdateKind::Partial);
@@ -836,7 +836,7 @@ impl Core {
                 .model_micros
                 .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
-        let partial_batch = partials.then(|| (n, elapsed.as_secs_f64()));
+        let partial_batch = partials.then_some((n, elapsed.as_secs_f64()));
         (
             done.into_iter().map(|(id, s, p, _)| (id, s, p)).collect(),
             partial_batch,

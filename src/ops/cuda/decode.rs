@@ -276,6 +276,61 @@ impl ModelPtrs {
     }
 }
 
+/// Where an argmax pass over logits `[rows, V]` keeps its partials (`parts` a row) and
+/// writes each row's result: `io + row * io_stride` becomes {argmax, position + 1} and
+/// log p(argmax) goes to `lp[row]` (added with `accumulate`).
+pub(crate) struct ArgmaxArgs {
+    pub logits: u64,
+    pub rows: usize,
+    pub parts: usize,
+    pub am_max: u64,
+    pub am_idx: u64,
+    pub am_sum: u64,
+    pub io: u64,
+    pub io_stride: i32,
+    pub lp: u64,
+    pub accumulate: bool,
+}
+
+impl ModelPtrs {
+    /// Enqueues the two argmax kernels (`argmax_partial`, then `argmax_final`).
+    pub fn argmax(&self, part: &CudaFunction, fin: &CudaFunction, a: &ArgmaxArgs) -> Result<()> {
+        let stream = self.dev.cuda_stream();
+        let (v_i, parts) = (self.vocab as i32, a.parts as i32);
+        let mut b = stream.launch_builder(part);
+        b.arg(&a.logits)
+            .arg(&v_i)
+            .arg(&a.am_max)
+            .arg(&a.am_idx)
+            .arg(&a.am_sum);
+        let cfg = LaunchConfig {
+            grid_dim: (a.parts as u32, a.rows as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: logits [rows, V], partial buffers [rows, parts] (the caller's).
+        unsafe { b.launch(cfg) }.w()?;
+        let accumulate = i32::from(a.accumulate);
+        let mut b = stream.launch_builder(fin);
+        b.arg(&a.am_max)
+            .arg(&a.am_idx)
+            .arg(&a.am_sum)
+            .arg(&parts)
+            .arg(&a.io)
+            .arg(&a.io_stride)
+            .arg(&a.lp)
+            .arg(&accumulate);
+        let cfg = LaunchConfig {
+            grid_dim: (a.rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as above; writes each row's io pair and lp entry.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
+
 impl DecodeEngine {
     /// An engine for the decoder `llm`, or `None` when the kernels do not cover it.
     pub fn new(llm: &DecodeWeights) -> Result<Option<Self>> {
@@ -512,47 +567,22 @@ impl DecodeEngine {
             h,
             3,
         )?;
-        let (am_max, am_idx, am_sum) = (
-            dev_ptr(&self.am_max)?,
-            dev_ptr(&self.am_idx)?,
-            dev_ptr(&self.am_sum)?,
-        );
-        let lp = dev_ptr(&self.lp)?;
-        let (v_i, parts) = (self.m.vocab as i32, ARGMAX_BLOCKS as i32);
-        {
-            let mut b = stream.launch_builder(&self.f.am_part);
-            b.arg(&logits)
-                .arg(&v_i)
-                .arg(&am_max)
-                .arg(&am_idx)
-                .arg(&am_sum);
-            let cfg = LaunchConfig {
-                grid_dim: (ARGMAX_BLOCKS as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: logits [V], partial buffers [ARGMAX_BLOCKS].
-            unsafe { b.launch(cfg) }.w()?;
-        }
-        {
-            let mut b = stream.launch_builder(&self.f.am_final);
-            let (io_stride, accumulate) = (2i32, 1i32);
-            b.arg(&am_max)
-                .arg(&am_idx)
-                .arg(&am_sum)
-                .arg(&parts)
-                .arg(&io)
-                .arg(&io_stride)
-                .arg(&lp)
-                .arg(&accumulate);
-            let cfg = LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: as above; writes io[0..2] and lp[0].
-            unsafe { b.launch(cfg) }.w()?;
-        }
+        self.m.argmax(
+            &self.f.am_part,
+            &self.f.am_final,
+            &ArgmaxArgs {
+                logits,
+                rows: 1,
+                parts: ARGMAX_BLOCKS,
+                am_max: dev_ptr(&self.am_max)?,
+                am_idx: dev_ptr(&self.am_idx)?,
+                am_sum: dev_ptr(&self.am_sum)?,
+                io,
+                io_stride: 2,
+                lp: dev_ptr(&self.lp)?,
+                accumulate: true,
+            },
+        )?;
         Ok(())
     }
 }

@@ -15,7 +15,7 @@
 //! streams. The argmax kernel advances each row's token and position in the table,
 //! which the host reads back with the rows' log-probabilities: the step's one sync.
 
-use super::decode::{ModelPtrs, DEC_SPLITS};
+use super::decode::{ArgmaxArgs, ModelPtrs, DEC_SPLITS};
 use super::linear::gemm_t;
 use super::{dev_ptr, func};
 use crate::ops::fast::{DecodeCache, DecodeWeights};
@@ -426,42 +426,22 @@ impl BatchDecodeEngine {
             self.norm(x, y, next_norm, xn, rows)?;
         }
         self.project(m.lm_head, xn, logits, rows, m.vocab, h)?;
-        let (am_max, am_idx, am_sum) = (p(&bufs.am_max)?, p(&bufs.am_idx)?, p(&bufs.am_sum)?);
-        let (v_i, parts) = (m.vocab as i32, ARGMAX_PARTS as i32);
-        {
-            let mut b = stream.launch_builder(&self.f.am_part);
-            b.arg(&logits)
-                .arg(&v_i)
-                .arg(&am_max)
-                .arg(&am_idx)
-                .arg(&am_sum);
-            let cfg = LaunchConfig {
-                grid_dim: (ARGMAX_PARTS as u32, r, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: logits [rows, V], partial buffers [rows, ARGMAX_PARTS].
-            unsafe { b.launch(cfg) }.w()?;
-        }
-        {
-            let (stride, accumulate) = (ROW_INTS as i32, 0i32);
-            let mut b = stream.launch_builder(&self.f.am_final);
-            b.arg(&am_max)
-                .arg(&am_idx)
-                .arg(&am_sum)
-                .arg(&parts)
-                .arg(&table)
-                .arg(&stride)
-                .arg(&lp)
-                .arg(&accumulate);
-            let cfg = LaunchConfig {
-                grid_dim: (r, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: as above; writes each row's table[0..2] and lp.
-            unsafe { b.launch(cfg) }.w()?;
-        }
+        m.argmax(
+            &self.f.am_part,
+            &self.f.am_final,
+            &ArgmaxArgs {
+                logits,
+                rows,
+                parts: ARGMAX_PARTS,
+                am_max: p(&bufs.am_max)?,
+                am_idx: p(&bufs.am_idx)?,
+                am_sum: p(&bufs.am_sum)?,
+                io: table,
+                io_stride: ROW_INTS as i32,
+                lp,
+                accumulate: false,
+            },
+        )?;
         Ok(())
     }
 }

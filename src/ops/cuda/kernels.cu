@@ -481,30 +481,36 @@ __device__ __forceinline__ float warp_row_dot(const bf16* __restrict__ wrow,
     return warp_sum(acc);
 }
 
+// rsqrt(mean(x^2) + eps) of a row of K from each thread's partial sum of squares, for the
+// whole block (the one reduction order both decode steps use).
+__device__ __forceinline__ float block_rstd(float ss, int K, float eps) {
+    __shared__ float red[32];
+    __shared__ float rstd_s;
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = 0.0f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += red[w];
+        rstd_s = rsqrtf(t / (float)K + eps);
+    }
+    __syncthreads();
+    return rstd_s;
+}
+
 // Stages the GEMV input in shared memory as bf16: either x itself or
 // bf16(x * rsqrt(mean(x^2) + eps) * norm_w), which is what the RMSNorm kernel would have
 // written to memory.
 __device__ __forceinline__ void stage_input(const bf16* __restrict__ x,
                                             const bf16* __restrict__ norm_w, float eps,
                                             int K, bf16* xs) {
-    __shared__ float red[32];
-    __shared__ float rstd_s;
     if (norm_w) {
         float ss = 0.0f;
         for (int i = threadIdx.x; i < K; i += blockDim.x) {
             float v = __bfloat162float(x[i]);
             ss = fmaf(v, v, ss);
         }
-        ss = warp_sum(ss);
-        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            float t = 0.0f;
-            for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += red[w];
-            rstd_s = rsqrtf(t / (float)K + eps);
-        }
-        __syncthreads();
-        const float rstd = rstd_s;
+        const float rstd = block_rstd(ss, K, eps);
         for (int i = threadIdx.x; i < K; i += blockDim.x)
             xs[i] = __float2bfloat16_rn(__bfloat162float(x[i]) * rstd * __bfloat162float(norm_w[i]));
     } else {
@@ -839,8 +845,6 @@ extern "C" __global__ void embed_rows(const bf16* __restrict__ embed, const int*
 extern "C" __global__ void __launch_bounds__(256) residual_rmsnorm_rows(
     bf16* __restrict__ x, const float* __restrict__ y, const bf16* __restrict__ w, float eps,
     int H, bf16* __restrict__ out) {
-    __shared__ float red[32];
-    __shared__ float rstd_s;
     const size_t base = (size_t)blockIdx.x * H;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < H; i += blockDim.x) {
@@ -852,16 +856,7 @@ extern "C" __global__ void __launch_bounds__(256) residual_rmsnorm_rows(
         }
         ss = fmaf(v, v, ss);
     }
-    ss = warp_sum(ss);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float t = 0.0f;
-        for (int k = 0; k < (int)(blockDim.x >> 5); ++k) t += red[k];
-        rstd_s = rsqrtf(t / (float)H + eps);
-    }
-    __syncthreads();
-    const float rstd = rstd_s;
+    const float rstd = block_rstd(ss, H, eps);
     for (int i = threadIdx.x; i < H; i += blockDim.x)
         out[base + i] = __float2bfloat16_rn(__bfloat162float(x[base + i]) * rstd *
                                             __bfloat162float(w[i]));
