@@ -210,16 +210,17 @@ impl Session {
     }
 
     /// Several streams' turns, each as [`Self::run_turn`] would run it alone, with
-    /// the greedy steps batched: every step runs the streams still generating as
-    /// one `[B, 1, H]` forward ([`llm::Qwen2Llm::forward_step_batch`]), and a
-    /// stream leaves the batch at `<|EOT|>` or its budget while the others go on.
-    /// The prompt prefill stays per stream (prompts differ in length), and so
-    /// does the commit's closing `pending + <|EOT|>` forward. Where the fused
-    /// decode step applies (CUDA, bf16), the steps go through the batched fused
-    /// step shared by the model's sessions; a lone turn there takes its own
-    /// batch-1 fused step (the fastest at one stream). An error in a stream's own
-    /// prologue or prefill costs only that stream; a failed batched step fails
-    /// every stream in it (each rolled back to its committed context).
+    /// the model's work batched: the prefills of all turns as one forward
+    /// ([`llm::Qwen2Llm::forward_batch`]), every greedy step of the streams still
+    /// generating as one step (a stream leaves at `<|EOT|>` or its budget while
+    /// the others go on), and the committed turns' closing `pending + <|EOT|>`
+    /// as one more forward. Where the fused decode step applies (CUDA, bf16) the
+    /// steps go through the batched fused step shared by the model's sessions;
+    /// a lone turn there takes its own batch-1 fused step (the fastest at one
+    /// stream). An error in a stream's own prologue or prefill costs only that
+    /// stream (a failed batched prefill or close is run again one by one); a
+    /// failed batched step fails every stream in it (each rolled back to its
+    /// committed context).
     pub fn run_turns(
         sa: &StepAudio2,
         turns: &mut [TurnRequest<'_>],
@@ -268,60 +269,8 @@ impl Session {
             }
             planned.push((i, plan));
         }
-        // The prefills of all streams as batches of at most PREFILL_ROWS rows;
-        // a batch that fails is run again stream by stream, so an error costs
-        // only its own stream.
         let start = Instant::now();
-        let mut inputs = Vec::with_capacity(planned.len());
-        for (i, plan) in planned {
-            let t = &turns[i];
-            match Greedy::prompt_embeds(sa, &plan, t.audio, t.prefix) {
-                Ok(e) => inputs.push((i, plan, e)),
-                Err(e) => {
-                    let t = &mut turns[i];
-                    results[i] = Some(t.session.close_turn(&plan, t.commit, Err(e)));
-                }
-            }
-        }
-        for chunk in prefill_chunks(&inputs) {
-            let embeds: Vec<Tensor> = chunk.iter().map(|&k| inputs[k].2.clone()).collect();
-            let batched = (chunk.len() > 1)
-                .then(|| {
-                    let mut states: Vec<&mut llm::LlmState> = turns
-                        .iter_mut()
-                        .enumerate()
-                        .filter(|(i, _)| chunk.iter().any(|&k| inputs[k].0 == *i))
-                        .map(|(_, t)| &mut t.session.state)
-                        .collect();
-                    llm.forward_batch(&embeds, &mut states)
-                })
-                .and_then(|r| {
-                    r.inspect_err(|e| tracing::warn!("batched prefill failed ({e}); one by one"))
-                        .ok()
-                });
-            if batched.is_none() {
-                // roll back whatever part of the batch reached the caches
-                for &k in &chunk {
-                    let (i, plan, _) = &inputs[k];
-                    turns[*i].session.state.truncate(plan.base);
-                }
-            }
-            for (j, &k) in chunk.iter().enumerate() {
-                let (i, plan, embeds) = &inputs[k];
-                let t = &mut turns[*i];
-                let hidden = match &batched {
-                    Some(h) => Ok(h[j].clone()),
-                    None => llm.forward(embeds, &mut t.session.state),
-                };
-                let g = hidden
-                    .map_err(ModelError::from)
-                    .and_then(|h| Greedy::prefilled(sa, plan, &h, t.opts, start));
-                match g {
-                    Ok(g) => live[*i] = Some((plan.clone(), g)),
-                    Err(e) => results[*i] = Some(t.session.close_turn(plan, t.commit, Err(e))),
-                }
-            }
-        }
+        Self::prefill_turns(sa, turns, planned, start, &mut live, &mut results);
         let prefilled = Instant::now();
         let (mut steps, mut widest) = (0usize, 0usize);
         // Turns whose greedy decoding ended, closed together after the loop.
@@ -348,12 +297,7 @@ impl Session {
                 .iter()
                 .map(|&i| live[i].as_ref().expect("in the batch").1.next)
                 .collect();
-            let mut states: Vec<&mut llm::LlmState> = turns
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| batch.binary_search(i).is_ok())
-                .map(|(_, t)| &mut t.session.state)
-                .collect();
+            let mut states = states_of(turns, &batch);
             let stepped = match fused.as_mut() {
                 Some(f) => {
                     let step = f.step(&ids, &mut states);
@@ -404,48 +348,7 @@ impl Session {
                 }
             }
         }
-        // Committed turns are closed by their `pending + <|EOT|>` tails, all as
-        // one batched forward (one at a time where the batch fails). In stream
-        // order, as the states are taken below.
-        ended.sort_by_key(|(i, _)| *i);
-        let committing: Vec<(usize, usize)> = ended
-            .iter()
-            .filter(|(i, _)| turns[*i].commit)
-            .map(|(i, _)| (*i, turns[*i].session.state.len()))
-            .collect();
-        let tails = ended
-            .iter()
-            .filter(|(i, _)| turns[*i].commit)
-            .map(|(_, (_, g))| llm.embed(&g.tail(eot))?.unsqueeze(0))
-            .collect::<candle_core::Result<Vec<_>>>();
-        let batched_tails = match tails {
-            Ok(tails) if tails.len() > 1 => {
-                let mut states: Vec<&mut llm::LlmState> = turns
-                    .iter_mut()
-                    .enumerate()
-                    .filter(|(i, t)| t.commit && ended.iter().any(|(e, _)| e == i))
-                    .map(|(_, t)| &mut t.session.state)
-                    .collect();
-                let ok = llm.forward_batch(&tails, &mut states).is_ok();
-                drop(states);
-                if !ok {
-                    for &(i, len) in &committing {
-                        turns[i].session.state.truncate(len);
-                    }
-                }
-                ok
-            }
-            _ => false,
-        };
-        for (i, (plan, g)) in ended {
-            let t = &mut turns[i];
-            let result = if t.commit && !batched_tails {
-                g.finish(sa, &mut t.session.state, t.prefix, true)
-            } else {
-                g.output(sa, t.prefix)
-            };
-            results[i] = Some(t.session.close_turn(&plan, t.commit, result));
-        }
+        Self::close_ended(sa, turns, ended, &mut results);
         // Where a batch's time goes (examples/benchmark_streams on a GPU).
         tracing::debug!(
             turns = turns.len(),
@@ -460,6 +363,111 @@ impl Session {
             .into_iter()
             .map(|r| r.expect("every turn is closed"))
             .collect()
+    }
+
+    /// The prefills of the `planned` turns (stream index and plan, in stream
+    /// order) as batches of at most [`PREFILL_ROWS`] rows; a batch that fails
+    /// is run again stream by stream, so an error costs only its own stream.
+    /// Each prefilled turn goes to `live`, each failed one to `results`.
+    fn prefill_turns(
+        sa: &StepAudio2,
+        turns: &mut [TurnRequest<'_>],
+        planned: Vec<(usize, TurnPlan)>,
+        start: Instant,
+        live: &mut [Option<(TurnPlan, Greedy)>],
+        results: &mut [Option<Result<TurnOutput, ModelError>>],
+    ) {
+        let llm = &sa.model.llm;
+        let mut inputs = Vec::with_capacity(planned.len());
+        for (i, plan) in planned {
+            let t = &mut turns[i];
+            match Greedy::prompt_embeds(sa, &plan, t.audio, t.prefix) {
+                Ok(e) => inputs.push((i, plan, e)),
+                Err(e) => results[i] = Some(t.session.close_turn(&plan, t.commit, Err(e))),
+            }
+        }
+        for chunk in prefill_chunks(&inputs) {
+            let embeds: Vec<Tensor> = chunk.iter().map(|&k| inputs[k].2.clone()).collect();
+            let streams: Vec<usize> = chunk.iter().map(|&k| inputs[k].0).collect();
+            let batched = (chunk.len() > 1)
+                .then(|| llm.forward_batch(&embeds, &mut states_of(turns, &streams)))
+                .and_then(|r| {
+                    r.inspect_err(|e| tracing::warn!("batched prefill failed ({e}); one by one"))
+                        .ok()
+                });
+            if batched.is_none() {
+                // roll back whatever part of the batch reached the caches
+                for &k in &chunk {
+                    let (i, plan, _) = &inputs[k];
+                    turns[*i].session.state.truncate(plan.base);
+                }
+            }
+            for (j, &k) in chunk.iter().enumerate() {
+                let (i, plan, embeds) = &inputs[k];
+                let t = &mut turns[*i];
+                let hidden = match &batched {
+                    Some(h) => Ok(h[j].clone()),
+                    None => llm.forward(embeds, &mut t.session.state),
+                };
+                let g = hidden
+                    .map_err(ModelError::from)
+                    .and_then(|h| Greedy::prefilled(sa, plan, &h, t.opts, start));
+                match g {
+                    Ok(g) => live[*i] = Some((plan.clone(), g)),
+                    Err(e) => results[*i] = Some(t.session.close_turn(plan, t.commit, Err(e))),
+                }
+            }
+        }
+    }
+
+    /// Closes the turns whose greedy decoding `ended`: the committed ones'
+    /// `pending + <|EOT|>` tails as one batched forward (one at a time where
+    /// the batch fails), then every turn's output into `results`.
+    fn close_ended(
+        sa: &StepAudio2,
+        turns: &mut [TurnRequest<'_>],
+        mut ended: Vec<(usize, (TurnPlan, Greedy))>,
+        results: &mut [Option<Result<TurnOutput, ModelError>>],
+    ) {
+        let llm = &sa.model.llm;
+        ended.sort_by_key(|(i, _)| *i);
+        let committing: Vec<usize> = ended
+            .iter()
+            .map(|(i, _)| *i)
+            .filter(|&i| turns[i].commit)
+            .collect();
+        let lengths: Vec<usize> = committing
+            .iter()
+            .map(|&i| turns[i].session.state.len())
+            .collect();
+        let tails = ended
+            .iter()
+            .filter(|(i, _)| turns[*i].commit)
+            .map(|(_, (_, g))| llm.embed(&g.tail(sa.tokenizer.eot))?.unsqueeze(0))
+            .collect::<candle_core::Result<Vec<_>>>();
+        let batched = match tails {
+            Ok(tails) if tails.len() > 1 => {
+                let ok = llm
+                    .forward_batch(&tails, &mut states_of(turns, &committing))
+                    .is_ok();
+                if !ok {
+                    for (&i, &len) in committing.iter().zip(&lengths) {
+                        turns[i].session.state.truncate(len);
+                    }
+                }
+                ok
+            }
+            _ => false,
+        };
+        for (i, (plan, g)) in ended {
+            let t = &mut turns[i];
+            let result = if t.commit && !batched {
+                g.finish(sa, &mut t.session.state, t.prefix, true)
+            } else {
+                g.output(sa, t.prefix)
+            };
+            results[i] = Some(t.session.close_turn(&plan, t.commit, result));
+        }
     }
 
     /// The prologue of a turn: its prompt, a restart when the model's
@@ -615,6 +623,20 @@ fn prefill_chunks<A, B>(inputs: &[(A, B, Tensor)]) -> Vec<Vec<usize>> {
         rows += n;
     }
     chunks
+}
+
+/// The caches of the turns `streams` (indices into `turns`, ascending), in
+/// that order.
+fn states_of<'a>(
+    turns: &'a mut [TurnRequest<'_>],
+    streams: &[usize],
+) -> Vec<&'a mut llm::LlmState> {
+    turns
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| streams.binary_search(i).is_ok())
+        .map(|(_, t)| &mut t.session.state)
+        .collect()
 }
 
 /// One stream's turn in [`Session::run_turns`].
