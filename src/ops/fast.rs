@@ -372,6 +372,16 @@ pub fn device_memory_used(device: &Device) -> Option<usize> {
     None
 }
 
+/// Free device memory on the device of `device`, in bytes, where the backend can tell.
+pub fn device_memory_free(device: &Device) -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return super::cuda::memory_free(d).ok();
+    }
+    let _ = device;
+    None
+}
+
 /// Lets f32 matrix products use TF32 tensor cores on CUDA (about 10 bits of mantissa
 /// in the products; off by default). No effect elsewhere.
 pub fn set_tf32(on: bool) {

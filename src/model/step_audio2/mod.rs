@@ -55,6 +55,23 @@ pub struct StepAudio2Model {
 }
 
 impl StepAudio2Model {
+    /// Bytes of KV cache one stream may hold at most with the default session
+    /// options: a committed context of `max_context` tokens plus a turn (the
+    /// default turn budget, and audio of a 25 s segment), allocated in
+    /// doublings, so up to twice that.
+    pub fn kv_bytes_per_stream_max(&self) -> usize {
+        let t = &self.config.text;
+        let per_position = t.num_layers
+            * 2
+            * t.num_kv_heads
+            * (t.hidden_size / t.num_heads)
+            * self.dtype.size_in_bytes();
+        // a 25 s segment is ~313 audio tokens at 12.5 a second, plus its prompt
+        let turn = session::DEFAULT_MAX_NEW_TOKENS + 400;
+        let positions = (session::DEFAULT_MAX_CONTEXT + turn).min(t.max_position_embeddings);
+        2 * positions * per_position
+    }
+
     /// Bytes of all weight tensors (as held on the device, fused q/k/v included).
     pub fn parameter_bytes(&self) -> usize {
         use crate::model::layers::{Conv1d, LayerNorm, Linear};

@@ -118,6 +118,10 @@ pub(crate) fn memory_used(dev: &CudaDevice) -> Result<usize> {
     Ok(total - free)
 }
 
+pub(crate) fn memory_free(dev: &CudaDevice) -> Result<usize> {
+    Ok(dev.cuda_stream().context().mem_get_info().w()?.0)
+}
+
 /// Device address of the first element of `t` (its layout's start offset included).
 /// The address stays valid while `t`'s storage lives; callers keep a clone of `t`.
 pub(crate) fn dev_ptr(t: &Tensor) -> Result<u64> {
