@@ -185,6 +185,22 @@ impl LoadedModel {
         }
     }
 
+    /// Streams whose state at its largest fits three quarters of the device
+    /// memory free now (the rest kept for a batch's activations): Step-Audio 2
+    /// on a device that reports its memory, each stream's KV cache at its
+    /// largest ([`step_audio2::StepAudio2Model::kv_bytes_per_stream_max`]);
+    /// at least 1. `None` elsewhere.
+    pub fn streams_fitting_memory(&self) -> Option<usize> {
+        match self {
+            Self::StepAudio2(sa) => {
+                let free = crate::ops::fast::device_memory_free(&sa.model.device)?;
+                let per = sa.model.kv_bytes_per_stream_max().max(1);
+                Some((free / 4 * 3 / per).max(1))
+            }
+            Self::Whisper(_) => None,
+        }
+    }
+
     /// A recogniser with its own committed context over the shared weights.
     pub fn recognizer(
         &self,

@@ -478,6 +478,26 @@ pub struct FusedStep<'a> {
     _life: std::marker::PhantomData<&'a mut ()>,
 }
 
+/// The engine in `slot` for `weights`, made anew when it serves other weights;
+/// `None` (and not tried again) when the kernels do not cover the model.
+#[cfg(feature = "cuda")]
+fn engine_for<'a, E>(
+    slot: &'a mut Option<E>,
+    unsupported: &mut bool,
+    weights: &DecodeWeights,
+    serves: impl Fn(&E, &DecodeWeights) -> bool,
+    new: impl FnOnce(&DecodeWeights) -> Result<Option<E>>,
+) -> Result<Option<&'a mut E>> {
+    if *unsupported {
+        return Ok(None);
+    }
+    if !slot.as_ref().is_some_and(|e| serves(e, weights)) {
+        *slot = new(weights)?;
+        *unsupported = slot.is_none();
+    }
+    Ok(slot.as_mut())
+}
+
 impl FusedDecoder {
     /// The fused step for the decoder `weights`, if the fast path is switched on and
     /// covers it.
@@ -488,14 +508,14 @@ impl FusedDecoder {
         }
         #[cfg(feature = "cuda")]
         {
-            if self.unsupported {
-                return Ok(None);
-            }
-            if !self.engine.as_ref().is_some_and(|e| e.serves(weights)) {
-                self.engine = super::cuda::decode::DecodeEngine::new(weights)?;
-                self.unsupported = self.engine.is_none();
-            }
-            Ok(self.engine.as_mut().map(|engine| FusedStep {
+            let engine = engine_for(
+                &mut self.engine,
+                &mut self.unsupported,
+                weights,
+                super::cuda::decode::DecodeEngine::serves,
+                super::cuda::decode::DecodeEngine::new,
+            )?;
+            Ok(engine.map(|engine| FusedStep {
                 engine,
                 graph: flags.graph,
                 _life: std::marker::PhantomData,
@@ -580,14 +600,14 @@ impl FusedBatchDecoder {
         }
         #[cfg(feature = "cuda")]
         {
-            if self.unsupported {
-                return Ok(None);
-            }
-            if !self.engine.as_ref().is_some_and(|e| e.serves(weights)) {
-                self.engine = super::cuda::decode_batch::BatchDecodeEngine::new(weights)?;
-                self.unsupported = self.engine.is_none();
-            }
-            Ok(self.engine.as_mut().map(|engine| FusedBatchStep {
+            let engine = engine_for(
+                &mut self.engine,
+                &mut self.unsupported,
+                weights,
+                super::cuda::decode_batch::BatchDecodeEngine::serves,
+                super::cuda::decode_batch::BatchDecodeEngine::new,
+            )?;
+            Ok(engine.map(|engine| FusedBatchStep {
                 engine,
                 graph: flags.graph,
                 _life: std::marker::PhantomData,

@@ -82,22 +82,9 @@ fn cpu_capacity(d_model: usize, cores: usize) -> usize {
 /// weights (end-of-speech→final p95 ≤ 1 s, nothing lost; README, "How many
 /// streams"): Step-Audio 2 mini 72–93 (24 tokens a turn), Whisper
 /// large-v3-turbo's shape 112. Step-Audio 2 is also bounded by the memory
-/// its streams' KV caches may take ([`gpu_memory_streams`]).
+/// its streams' KV caches may take ([`LoadedModel::streams_fitting_memory`]).
 const GPU_STREAMS_STEP_AUDIO2: usize = 64;
 const GPU_STREAMS_WHISPER: usize = 96;
-
-/// Step-Audio 2 streams whose KV caches fit the device memory free after
-/// loading, each at its largest ([`StepAudio2Model::kv_bytes_per_stream_max`]),
-/// a quarter kept back for a batch's activations: on a 24 GB card the
-/// compute capacity would not fit (at least 1; `None` where the backend
-/// cannot tell).
-///
-/// [`StepAudio2Model::kv_bytes_per_stream_max`]: crate::model::step_audio2::StepAudio2Model::kv_bytes_per_stream_max
-fn gpu_memory_streams(sa: &crate::model::step_audio2::StepAudio2) -> Option<usize> {
-    let free = crate::ops::fast::device_memory_free(&sa.model.device)?;
-    let per = sa.model.kv_bytes_per_stream_max().max(1);
-    Some((free / 4 * 3 / per).max(1))
-}
 
 impl EngineConfig {
     /// The defaults for `model` on this machine: capacity from the measured
@@ -109,8 +96,8 @@ impl EngineConfig {
             LoadedModel::Whisper(m) if m.device.is_cpu() => cpu_capacity(m.config.d_model, cores),
             LoadedModel::Whisper(_) => GPU_STREAMS_WHISPER,
             LoadedModel::StepAudio2(sa) if sa.model.device.is_cpu() => 1,
-            LoadedModel::StepAudio2(sa) => {
-                GPU_STREAMS_STEP_AUDIO2.min(gpu_memory_streams(sa).unwrap_or(usize::MAX))
+            LoadedModel::StepAudio2(_) => {
+                GPU_STREAMS_STEP_AUDIO2.min(model.streams_fitting_memory().unwrap_or(usize::MAX))
             }
         };
         Self {

@@ -837,3 +837,36 @@ impl Greedy {
         Ok(self.out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{prefill_chunks, PREFILL_ROWS};
+    use candle_core::{DType, Device, Tensor};
+
+    #[test]
+    fn prefills_are_grouped_in_order_up_to_the_row_bound() {
+        let input = |n: usize| {
+            (
+                (),
+                (),
+                Tensor::zeros((1, n, 1), DType::F32, &Device::Cpu).unwrap(),
+            )
+        };
+        let half = PREFILL_ROWS / 2;
+        // Two halves fill a batch; the third starts the next; an input longer
+        // than the bound goes alone; a short one after it starts another.
+        let inputs = [
+            input(half),
+            input(half),
+            input(half),
+            input(PREFILL_ROWS + 1),
+            input(3),
+            input(5),
+        ];
+        assert_eq!(
+            prefill_chunks(&inputs),
+            vec![vec![0, 1], vec![2], vec![3], vec![4, 5]]
+        );
+        assert!(prefill_chunks::<(), ()>(&[]).is_empty());
+    }
+}
