@@ -2,7 +2,8 @@
 //! transformer blocks, final LayerNorm.
 
 use crate::model::layers::{
-    attention, merge_heads, narrow_positions, splice_cached, split_heads, Conv1d, LayerNorm, Linear,
+    attention, merge_heads, narrow_positions, splice_cached_pair, split_heads, Conv1d, LayerNorm,
+    Linear,
 };
 use crate::model::step_audio2::encoder as sa2;
 use crate::ops::cpu::gelu_erf;
@@ -48,13 +49,7 @@ impl EncoderBlock {
         let k = split_heads(&qkv.narrow(2, d, d)?, heads)?.contiguous()?;
         let v = split_heads(&qkv.narrow(2, 2 * d, d)?, heads)?.contiguous()?;
         let (keys, values) = match frozen {
-            Some(Frozen {
-                head,
-                whole: (wk, wv),
-            }) => (
-                splice_cached(head.map(|h| &h.0), &k, wk)?,
-                splice_cached(head.map(|h| &h.1), &v, wv)?,
-            ),
+            Some(f) => splice_cached_pair(f.head, (&k, &v), f.whole)?,
             None => (k.clone(), v.clone()),
         };
         let scale = ((d / heads) as f64).powf(-0.5);
@@ -88,13 +83,7 @@ impl EncoderBlock {
         // carried heads keep them): contiguous copies.
         let (k, v) = (part(1)?.contiguous()?, part(2)?.contiguous()?);
         let (keys, values) = match frozen {
-            Some(Frozen {
-                head,
-                whole: (wk, wv),
-            }) => (
-                splice_cached(head.map(|h| &h.0), &k, wk)?,
-                splice_cached(head.map(|h| &h.1), &v, wv)?,
-            ),
+            Some(f) => splice_cached_pair(f.head, (&k, &v), f.whole)?,
             None => (k.clone(), v.clone()),
         };
         let scale = (hd as f32).powf(-0.5);
