@@ -104,6 +104,10 @@ struct Args {
     /// Batches run at once (default: the engine's for the model and device).
     #[arg(long)]
     lanes: Option<usize>,
+    /// Batch at a time instead of the continuous batch (decodes joining the
+    /// running batch between steps) where the engine would use it (a GPU).
+    #[arg(long)]
+    no_continuous: bool,
     /// The tracker's partial interval (ms of new audio per partial request).
     #[arg(long, default_value_t = TrackerConfig::default().partial_interval_ms)]
     partial_interval_ms: u32,
@@ -481,6 +485,7 @@ fn run(
     if let Some(lanes) = args.lanes {
         config.lanes = lanes;
     }
+    config.continuous &= !args.no_continuous;
     config.max_streams = match args.capacity.as_deref() {
         None => n,
         Some("default") => config.max_streams,

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Where a GPU engine's batches spend their time, from a benchmark_streams log run with
-RUST_LOG=stepaudio_live::model::step_audio2=debug: per batch the encoder time of its new
-segments, the batched prefill and the greedy decode (steps, widest step), summed and per
-batch. Usage: python3 scripts/stage_times.py LOG"""
+RUST_LOG=stepaudio_live::model::step_audio2=debug: the encoder time of new segments, the
+batched prefills and the greedy decode steps (count, widest), summed; per batch for the
+batch-at-a-time engine, per logged second ("decode loop" lines) for the continuous batch. Usage: python3 scripts/stage_times.py LOG"""
 import re
 import sys
 
@@ -13,7 +13,7 @@ for line in open(sys.argv[1], errors="replace"):
     line = ansi.sub("", line)
     if "encoded a batch" in line:
         enc.append(num("encode_ms", line))
-    elif "batch of turns" in line:
+    elif "batch of turns" in line or "decode loop" in line:
         batches += 1
         pre.append(num("prefill_ms", line))
         dec.append(num("decode_ms", line))

@@ -14,6 +14,7 @@ use stepaudio_live::stream::engine::{
     self, EngineConfig, EngineHandle, EngineMsg, OpenError, StreamCounters, StreamEvent,
     StreamModel,
 };
+use stepaudio_live::model::RecognizerOptions;
 use stepaudio_live::stream::events::Event;
 use stepaudio_live::stream::tracker::{StreamTracker, TrackerConfig, TrackerOutput};
 
@@ -21,6 +22,7 @@ use stepaudio_live::stream::tracker::{StreamTracker, TrackerConfig, TrackerOutpu
 fn open(
     engine: &EngineHandle,
     id: u64,
+    options: &RecognizerOptions,
 ) -> (
     Result<stepaudio_live::stream::engine::StreamInfo, OpenError>,
     crossbeam_channel::Receiver<StreamEvent>,
@@ -28,7 +30,7 @@ fn open(
     let (tx, rx) = crossbeam_channel::unbounded();
     let sent = engine.send(EngineMsg::Open {
         id,
-        model: StreamModel::Options(Default::default()),
+        model: StreamModel::Options(options.clone()),
         events: Box::new(move |ev| {
             let _ = tx.send(ev);
         }),
@@ -43,8 +45,13 @@ fn open(
 
 /// Feeds `audio` through a tracker into stream `id` as fast as it goes and
 /// closes the stream; returns the final texts in segment order.
-fn stream_finals(engine: &EngineHandle, id: u64, audio: &[f32]) -> Vec<String> {
-    let (info, events) = open(engine, id);
+fn stream_finals(
+    engine: &EngineHandle,
+    id: u64,
+    audio: &[f32],
+    options: &RecognizerOptions,
+) -> Vec<String> {
+    let (info, events) = open(engine, id, options);
     let info = info.expect("opened");
     let config = TrackerConfig {
         partial_interval_ms: 3_600_000,
@@ -115,7 +122,7 @@ fn streams_decoded_together_get_the_finals_they_get_alone() {
     let alone: Vec<Vec<String>> = inputs
         .iter()
         .enumerate()
-        .map(|(i, a)| stream_finals(&engine, i as u64, a))
+        .map(|(i, a)| stream_finals(&engine, i as u64, a, &Default::default()))
         .collect();
     assert_eq!(engine.stats().largest_batch, 1, "one stream at a time");
     drop(engine);
@@ -128,7 +135,7 @@ fn streams_decoded_together_get_the_finals_they_get_alone() {
             .enumerate()
             .map(|(i, a)| {
                 let engine = engine.clone();
-                s.spawn(move || stream_finals(&engine, 10 + i as u64, a))
+                s.spawn(move || stream_finals(&engine, 10 + i as u64, a, &Default::default()))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -153,10 +160,10 @@ fn a_stream_past_capacity_is_refused_until_one_closes() {
         ..EngineConfig::default()
     };
     let (engine, thread) = engine::spawn(common::tiny_en(), config).unwrap();
-    let (a, a_events) = open(&engine, 1);
-    let (b, _b_events) = open(&engine, 2);
+    let (a, a_events) = open(&engine, 1, &Default::default());
+    let (b, _b_events) = open(&engine, 2, &Default::default());
     assert!(a.is_ok() && b.is_ok());
-    let (c, _) = open(&engine, 3);
+    let (c, _) = open(&engine, 3, &Default::default());
     match c {
         Err(e @ OpenError::AtCapacity { capacity: 2 }) => {
             assert!(e.to_string().contains("capacity (2 streams)"), "{e}")
@@ -168,11 +175,82 @@ fn a_stream_past_capacity_is_refused_until_one_closes() {
         a_events.recv_timeout(Duration::from_secs(60)).unwrap(),
         StreamEvent::Closed(None)
     ));
-    let (d, _) = open(&engine, 4);
+    let (d, _) = open(&engine, 4, &Default::default());
     assert!(d.is_ok(), "a place was freed: {d:?}");
     let stats = engine.stats();
     assert_eq!((stats.streams, stats.capacity, stats.refused), (2, 2, 1));
     drop(engine);
     // Streams 2 and 4 were never closed: the engine still ends with its last handle.
     thread.join().unwrap();
+}
+
+/// Step-Audio 2 (the tiny random checkpoint, CPU): the engine's continuous
+/// batch — decodes joining and leaving one running decode loop between its
+/// steps — gives every stream the finals it gets from the batch-at-a-time
+/// engine with the streams one after another.
+#[test]
+fn a_continuous_batch_gives_each_stream_its_finals_alone() {
+    let load = || {
+        stepaudio_live::model::LoadedModel::load(
+            &common::fixture("step_audio2/tiny_ckpt"),
+            stepaudio_live::device::DeviceChoice::Cpu,
+            Some(candle_core::DType::F32),
+            Default::default(),
+        )
+        .unwrap()
+    };
+    let inputs = [
+        audio_of(&["en_jfk_ask_not", "en_timit_ldc93s1"]),
+        audio_of(&["en_mfa_words", "en_ps_cards_002"]),
+        audio_of(&["en_timit_ldc93s1", "en_ps_goforward", "en_mfa_her"]),
+    ];
+    // Turns of 24 tokens, as in the GPU benchmarks: the random weights' logits
+    // are nearly flat, and a batch's GEMM sums rows in another order than a
+    // single row's, so over hundreds of steps a near-tie may flip.
+    let options = RecognizerOptions {
+        step_audio_max_new_tokens: 24,
+        ..Default::default()
+    };
+    let options = &options;
+    let alone_config = EngineConfig {
+        max_streams: 8,
+        ..EngineConfig::default()
+    };
+    let (engine, thread) = engine::spawn(load(), alone_config.clone()).unwrap();
+    let alone: Vec<Vec<String>> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| stream_finals(&engine, i as u64, a, options))
+        .collect();
+    drop(engine);
+    thread.join().unwrap();
+
+    let config = EngineConfig {
+        continuous: true,
+        ..alone_config
+    };
+    let (engine, thread) = engine::spawn(load(), config).unwrap();
+    let together: Vec<Vec<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let engine = engine.clone();
+                s.spawn(move || stream_finals(&engine, 10 + i as u64, a, options))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let stats = engine.stats();
+    drop(engine);
+    thread.join().unwrap();
+    eprintln!("continuous: {stats:?}");
+    assert!(
+        stats.largest_batch > 1,
+        "decodes of several streams shared steps: {stats:?}"
+    );
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert!(a.iter().any(|f| !f.is_empty()), "stream {i} got text");
+        assert_eq!(a, t, "stream {i}");
+    }
 }

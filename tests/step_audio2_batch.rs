@@ -20,7 +20,7 @@ use stepaudio_live::model::batch::{decode_batch, decode_one, BatchRequest};
 use stepaudio_live::model::recognizer::{Hypothesis, Recognizer, SegmentFeatures};
 use stepaudio_live::model::step_audio2::prompt::SystemPrompt;
 use stepaudio_live::model::step_audio2::{
-    Session, SessionOptions, StepAudio2, TurnOptions, TurnOutput, TurnRequest,
+    Session, SessionOptions, StepAudio2, TurnLoop, TurnOptions, TurnOutput, TurnRequest,
 };
 use stepaudio_live::model::{LoadedModel, RecognizerOptions};
 
@@ -480,4 +480,98 @@ fn a_batched_forward_of_different_lengths_equals_each_stream_alone() {
             }
         }
     }
+}
+
+/// (5) Continuous batching: turns join a running loop between its steps and
+/// leave it while the others go on — two start together, two more join after
+/// 5 steps (a final and a partial), and the first stream's next segment joins
+/// right after its turn is taken back. Every turn equals the same turn
+/// decoded alone, and so does every session afterwards.
+#[test]
+fn turns_joining_a_running_loop_equal_each_stream_alone() {
+    let model = model();
+    let sa = step_audio2(&model);
+    let clips: Vec<Tensor> = CLIPS.iter().map(|&(n, s)| rows(&sa, n, s)).collect();
+    let opts = vec![SessionOptions::default(); 4];
+    let (mut looped, mut alone) = (sessions(&sa, &opts), sessions(&sa, &opts));
+    // (session, clip, prefix, commit, budget, the step it joins at)
+    type Joining<'a> = (usize, usize, &'a [u32], bool, usize, usize);
+    let prefix: &[u32] = &[210, 87];
+    let plan: [Joining<'_>; 5] = [
+        (0, 0, &[], true, 8, 0),
+        (1, 1, prefix, false, 30, 0),
+        (2, 2, &[], true, 12, 5),
+        (3, 3, &[], false, 20, 5),
+        // session 0's next segment, once its first turn is back (step 8)
+        (0, 3, &[], true, 10, 8),
+    ];
+    let turn_opts: Vec<TurnOptions> = plan.iter().map(|p| TurnOptions::new(p.4)).collect();
+    let audio: Vec<[Tensor; 1]> = plan.iter().map(|p| [clips[p.1].clone()]).collect();
+    let mut outs: Vec<Option<TurnOutput>> = plan.iter().map(|_| None).collect();
+    let mut batch = TurnLoop::default();
+    let mut step = 0;
+    let mut joined = 0;
+    while joined < plan.len() || !batch.is_idle() {
+        // Join every turn due by now whose session is free.
+        let mut keys = Vec::new();
+        let mut slots: Vec<Option<&mut Session>> = looped.iter_mut().map(Some).collect();
+        let mut requests = Vec::new();
+        while joined < plan.len() && plan[joined].5 <= step {
+            let p = plan[joined];
+            let Some(session) = slots[p.0].take() else {
+                break;
+            };
+            if outs[..joined]
+                .iter()
+                .zip(&plan)
+                .any(|(o, q)| q.0 == p.0 && o.is_none())
+            {
+                break; // its earlier turn is still in the loop
+            }
+            keys.push(joined as u64);
+            requests.push(TurnRequest {
+                session,
+                audio: &audio[joined],
+                prefix: p.2,
+                commit: p.3,
+                opts: &turn_opts[joined],
+            });
+            joined += 1;
+        }
+        drop(slots);
+        if !requests.is_empty() {
+            for r in batch.admit(&sa, &keys, &mut requests) {
+                r.unwrap();
+            }
+        }
+        drop(requests);
+        for key in batch.step(&sa) {
+            let k = key as usize;
+            let out = batch.finish(key, &mut looped[plan[k].0]).unwrap().unwrap();
+            outs[k] = Some(out);
+        }
+        step += 1;
+        assert!(step < 1000, "the loop never ended");
+    }
+    for (k, p) in plan.iter().enumerate() {
+        let s = &mut alone[p.0];
+        let reference = if p.3 {
+            s.decode_final(&sa, &audio[k], p.2, &turn_opts[k])
+        } else {
+            s.decode_partial(&sa, &audio[k], p.2, &turn_opts[k])
+        }
+        .unwrap();
+        let out = outs[k].as_ref().expect("every turn ended");
+        let what = format!("turn {k} (session {}, commit {}, budget {})", p.0, p.3, p.4);
+        assert_same_turn(&what, out, &reference);
+        eprintln!("{what}: peak batch {}", out.peak_batch);
+    }
+    for i in 0..looped.len() {
+        assert_same_session(&format!("session {i}"), &looped[i], &alone[i]);
+    }
+    // The turns overlapped: 2 and 3 joined while 0 and 1 were stepping, and
+    // session 0's second turn joined turns still running.
+    let peak: Vec<usize> = outs.iter().map(|o| o.as_ref().unwrap().peak_batch).collect();
+    assert_eq!(peak[0], 4, "turns 2 and 3 joined turns 0 and 1 mid-way");
+    assert!(peak[4] >= 2, "session 0's next turn joined a running loop");
 }

@@ -44,6 +44,39 @@ pub fn decode_batch(requests: &mut [BatchRequest<'_>]) -> Vec<Result<Hypothesis,
     requests.iter_mut().map(decode_one).collect()
 }
 
+/// Decodes that join and leave one running batch between its steps
+/// (continuous batching), for a model family whose decoding has steps to
+/// share: a decode admitted while others run takes part in the next step,
+/// one that is over is handed back while the others go on. Each gives what
+/// it would alone. While a decode is in the loop its recogniser's context is
+/// the loop's: the caller leaves the recogniser alone until
+/// [`DecodeLoop::finish`] or [`DecodeLoop::abandon`] gives it back. Keys are
+/// the caller's names for its decodes.
+pub trait DecodeLoop: Send {
+    /// Starts the decodes of `requests` (`keys[i]` names `requests[i]`); an
+    /// error costs only its own request, whose recogniser is left as it was.
+    fn admit(
+        &mut self,
+        keys: &[u64],
+        requests: &mut [BatchRequest<'_>],
+    ) -> Vec<Result<(), ModelError>>;
+    /// One step of every running decode; the keys of the decodes over since
+    /// the last call, to be finished.
+    fn step(&mut self) -> Vec<u64>;
+    /// The hypothesis of a decode that is over; `recognizer` (the one it was
+    /// admitted with) gets its context back, committed or rolled back.
+    fn finish(
+        &mut self,
+        key: u64,
+        recognizer: &mut dyn Recognizer,
+    ) -> Result<Hypothesis, ModelError>;
+    /// Drops a decode wherever it is (after a panic), giving `recognizer` its
+    /// committed context back; false for a key not here.
+    fn abandon(&mut self, key: u64, recognizer: &mut dyn Recognizer) -> bool;
+    /// Decodes still stepping.
+    fn running(&self) -> usize;
+}
+
 /// A request run on its own, as the stream would without batching.
 pub fn decode_one(r: &mut BatchRequest<'_>) -> Result<Hypothesis, ModelError> {
     if r.commit {
@@ -54,7 +87,7 @@ pub fn decode_one(r: &mut BatchRequest<'_>) -> Result<Hypothesis, ModelError> {
 }
 
 /// The requests as one family's, if every recogniser is of type `R`.
-fn downcast_all<'a, 'b, R: 'static>(
+pub(crate) fn downcast_all<'a, 'b, R: 'static>(
     requests: &'a mut [BatchRequest<'b>],
 ) -> Option<Vec<FamilyRequest<'a, R>>> {
     if !requests

@@ -185,6 +185,16 @@ impl LoadedModel {
         }
     }
 
+    /// A loop that decodes this model's streams as one continuous batch
+    /// (decodes join and leave between steps), for the families that have one:
+    /// Step-Audio 2.
+    pub fn decode_loop(&self) -> Option<Box<dyn batch::DecodeLoop>> {
+        match self {
+            Self::StepAudio2(sa) => Some(Box::new(step_audio2::StepAudio2Loop::new(sa.clone()))),
+            Self::Whisper(_) => None,
+        }
+    }
+
     /// Streams whose state at its largest fits three quarters of the device
     /// memory free now (the rest kept for a batch's activations): Step-Audio 2
     /// on a device that reports its memory, each stream's KV cache at its

@@ -30,7 +30,7 @@
 use super::decoder::{guarded, reset_context, DecodeFailure, DecodeWork, SegmentDecoder};
 use super::events::Event;
 use super::tracker::{SegmentUpdate, UpdateKind};
-use crate::model::batch::{decode_batch, BatchRequest};
+use crate::model::batch::{decode_batch, BatchRequest, DecodeLoop};
 use crate::model::recognizer::{FrontendSpec, Recognizer};
 use crate::model::{LoadedModel, ModelError, RecognizerOptions};
 use crossbeam_channel::Sender;
@@ -64,6 +64,11 @@ pub struct EngineConfig {
     /// end-of-speech→final p95 1462 → 1521 ms), and a GPU runs one batch at
     /// a time.
     pub lanes: usize,
+    /// Decode as one continuous batch where the model has one
+    /// ([`LoadedModel::decode_loop`]): decodes join and leave the running
+    /// batch between decode steps, so a final waits one step, not a batch.
+    /// On by default on a GPU.
+    pub continuous: bool,
 }
 
 /// Streams the CPU holds by default, by Whisper width and core count: the
@@ -102,6 +107,7 @@ impl EngineConfig {
         };
         Self {
             max_streams,
+            continuous: !on_cpu(model),
             ..Self::default()
         }
     }
@@ -115,6 +121,7 @@ impl Default for EngineConfig {
             partial_budget: Duration::from_millis(350),
             partial_spacing: Duration::from_millis(1000),
             lanes: 1,
+            continuous: false,
         }
     }
 }
@@ -285,7 +292,26 @@ pub fn spawn(
         model,
     });
     let mut lanes = Vec::new();
-    for lane in 0..core.lanes {
+    let decode_loop = core
+        .config
+        .continuous
+        .then(|| core.model.decode_loop())
+        .flatten();
+    let batch_lanes = if decode_loop.is_some() { 0 } else { core.lanes };
+    if let Some(decodes) = decode_loop {
+        let lane_core = core.clone();
+        let spawned = std::thread::Builder::new()
+            .name("stream-loop".into())
+            .spawn(move || lane_core.continuous_lane(decodes));
+        match spawned {
+            Ok(t) => lanes.push(t),
+            Err(e) => {
+                core.stop();
+                return Err(e);
+            }
+        }
+    }
+    for lane in 0..batch_lanes {
         let lane_core = core.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("stream-lane-{lane}"))
@@ -647,6 +673,25 @@ impl Core {
     /// finals (and pause decodes) first; only lane 0 takes partials, so a
     /// final never waits behind a batch of partials when there are two.
     fn pick(&self, state: &State, lane: usize) -> Vec<StreamId> {
+        let mut finals = Self::ready_finals(state);
+        if !finals.is_empty() {
+            finals.truncate(self.config.max_batch);
+            return finals;
+        }
+        if lane > 0 {
+            return Vec::new();
+        }
+        let mut partials = self.due_partials(state);
+        let fit = state
+            .partial_cost
+            .fit(self.config.partial_budget.as_secs_f64());
+        partials.truncate(fit.clamp(1, self.config.max_batch));
+        partials
+    }
+
+    /// The free streams with a final (or pause decode) at the head of their
+    /// queue, oldest end of speech first.
+    fn ready_finals(state: &State) -> Vec<StreamId> {
         let mut finals: Vec<(Instant, StreamId)> = state
             .slots
             .iter()
@@ -656,18 +701,21 @@ impl Core {
                     .map(|u| (u.end_arrival, id))
             })
             .collect();
-        if !finals.is_empty() {
-            finals.sort();
-            finals.truncate(self.config.max_batch);
-            return finals.into_iter().map(|(_, id)| id).collect();
-        }
-        if lane > 0 {
-            return Vec::new();
-        }
+        finals.sort();
+        finals.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// The free streams with a partial at the head of their queue, the one
+    /// whose last partial is oldest first; while several wait, only those
+    /// whose last partial is [`EngineConfig::partial_spacing`] old.
+    fn due_partials(&self, state: &State) -> Vec<StreamId> {
         let mut partials: Vec<(Instant, StreamId)> = state
             .slots
             .iter()
-            .filter(|(_, s)| s.ready_update().is_some())
+            .filter(|(_, s)| {
+                s.ready_update()
+                    .is_some_and(|u| u.kind == UpdateKind::Partial)
+            })
             .map(|(&id, s)| (s.last_partial, id))
             .collect();
         let now = Instant::now();
@@ -675,10 +723,6 @@ impl Core {
             partials.retain(|(last, _)| now.duration_since(*last) >= self.config.partial_spacing);
         }
         partials.sort();
-        let fit = state
-            .partial_cost
-            .fit(self.config.partial_budget.as_secs_f64());
-        partials.truncate(fit.clamp(1, self.config.max_batch));
         partials.into_iter().map(|(_, id)| id).collect()
     }
 
@@ -690,6 +734,25 @@ impl Core {
             .filter(|s| s.ready_update().is_some())
             .map(|s| s.last_partial + self.config.partial_spacing)
             .min()
+    }
+
+    /// Waits until work may have come (lane 0 also until the next held-back
+    /// partial is due).
+    fn wait_for_work<'a>(
+        &'a self,
+        state: MutexGuard<'a, State>,
+        lane: usize,
+    ) -> MutexGuard<'a, State> {
+        match self.next_partial_due(&state).filter(|_| lane == 0) {
+            Some(due) => {
+                let wait = due.saturating_duration_since(Instant::now());
+                self.wake
+                    .wait_timeout(state, wait.max(Duration::from_millis(1)))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+            None => self.wake.wait(state).unwrap_or_else(|e| e.into_inner()),
+        }
     }
 
     /// One lane: takes a batch under the lock, decodes it without.
@@ -706,48 +769,49 @@ impl Core {
                 if Self::finished(&state) {
                     break;
                 }
-                state = match self.next_partial_due(&state).filter(|_| lane == 0) {
-                    Some(due) => {
-                        let wait = due.saturating_duration_since(Instant::now());
-                        self.wake
-                            .wait_timeout(state, wait.max(Duration::from_millis(1)))
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0
-                    }
-                    None => self.wake.wait(state).unwrap_or_else(|e| e.into_inner()),
-                };
+                state = self.wait_for_work(state, lane);
                 continue;
             }
-            let taken: Vec<Taken> = ids
-                .into_iter()
-                .map(|id| {
-                    let slot = state.slots.get_mut(&id).expect("picked slot");
-                    let mut stream = slot.stream.take().expect("picked streams are free");
-                    let Some(Job::Update(update)) = slot.jobs.pop_front() else {
-                        unreachable!("picked streams have an update at the head");
-                    };
-                    slot.counters.pending.fetch_sub(1, Ordering::Relaxed);
-                    let work = stream.decoder.plan(&update);
-                    (id, stream, update, work)
-                })
-                .collect();
+            let taken = Self::take(&mut state, ids);
             drop(state);
             let (done, partial_batch) = self.run_batch(taken);
             state = self.lock();
-            for (id, stream, partial) in done {
-                let slot = state
-                    .slots
-                    .get_mut(&id)
-                    .expect("a stream in flight keeps its slot");
-                if partial {
-                    slot.last_partial = Instant::now();
-                }
-                slot.stream = Some(stream);
-            }
+            Self::give_back(&mut state, done);
             if let Some((n, secs)) = partial_batch {
                 state.partial_cost.observe(n, secs);
             }
             self.wake.notify_all();
+        }
+    }
+
+    /// Takes the head updates of the picked streams, each stream out of its
+    /// slot while it decodes, with the decoder's plan for it.
+    fn take(state: &mut State, ids: Vec<StreamId>) -> Vec<Taken> {
+        ids.into_iter()
+            .map(|id| {
+                let slot = state.slots.get_mut(&id).expect("picked slot");
+                let mut stream = slot.stream.take().expect("picked streams are free");
+                let Some(Job::Update(update)) = slot.jobs.pop_front() else {
+                    unreachable!("picked streams have an update at the head");
+                };
+                slot.counters.pending.fetch_sub(1, Ordering::Relaxed);
+                let work = stream.decoder.plan(&update);
+                (id, stream, update, work)
+            })
+            .collect()
+    }
+
+    /// Puts streams back into their slots after their decodes.
+    fn give_back(state: &mut State, done: Vec<Done>) {
+        for (id, stream, partial) in done {
+            let slot = state
+                .slots
+                .get_mut(&id)
+                .expect("a stream in flight keeps its slot");
+            if partial {
+                slot.last_partial = Instant::now();
+            }
+            slot.stream = Some(stream);
         }
     }
 
@@ -799,51 +863,293 @@ impl Core {
         let mut finished = Vec::new();
         for ((id, mut s, update, work), outcome) in taken.into_iter().zip(outcomes) {
             let outcome = outcome.expect("every decode has an outcome");
-            s.counters
-                .model_micros
-                .fetch_add(share.as_micros() as u64, Ordering::Relaxed);
-            let Stream {
-                decoder,
-                recognizer,
-                ..
-            } = &mut s;
-            let mut events = Vec::new();
-            let result = decoder.complete(
-                &update,
-                work,
-                outcome,
-                Duration::ZERO,
-                recognizer.as_mut(),
-                |ev| events.push(ev),
-            );
-            for ev in events {
-                s.emit(ev);
-            }
-            match result {
-                Ok(true) => finished.push(done.len()),
-                Ok(false) => {}
-                Err(failure) => {
-                    tracing::error!(stream = id, "decoding failed: {failure}");
-                    s.counters.failed.fetch_add(1, Ordering::Relaxed);
-                    s.first_failure.get_or_insert(failure);
-                }
+            if Self::deliver(id, &mut s, &update, work, outcome, share) {
+                finished.push(done.len());
             }
             done.push((id, s, update.kind == UpdateKind::Partial, update.segment));
         }
         // Work for the next segments waits until every final of the batch is out.
         for i in finished {
             let (_, s, _, segment) = &mut done[i];
-            let t = Instant::now();
-            s.decoder.prepare_next(*segment, s.recognizer.as_mut());
-            s.counters
-                .model_micros
-                .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+            Self::prepare_next(s, *segment);
         }
         let partial_batch = partials.then_some((n, elapsed.as_secs_f64()));
         (
             done.into_iter().map(|(id, s, p, _)| (id, s, p)).collect(),
             partial_batch,
         )
+    }
+}
+
+impl Core {
+    /// Hands a decode's outcome to its stream's decoder and emits the events;
+    /// counts `share` of model time to the stream. True when a final is out.
+    fn deliver(
+        id: StreamId,
+        s: &mut Stream,
+        update: &SegmentUpdate,
+        work: DecodeWork,
+        outcome: Result<crate::model::recognizer::Hypothesis, DecodeFailure>,
+        share: Duration,
+    ) -> bool {
+        s.counters
+            .model_micros
+            .fetch_add(share.as_micros() as u64, Ordering::Relaxed);
+        let Stream {
+            decoder,
+            recognizer,
+            ..
+        } = s;
+        let mut events = Vec::new();
+        let result = decoder.complete(
+            update,
+            work,
+            outcome,
+            Duration::ZERO,
+            recognizer.as_mut(),
+            |ev| events.push(ev),
+        );
+        for ev in events {
+            s.emit(ev);
+        }
+        match result {
+            Ok(finished) => finished,
+            Err(failure) => {
+                tracing::error!(stream = id, "decoding failed: {failure}");
+                s.counters.failed.fetch_add(1, Ordering::Relaxed);
+                s.first_failure.get_or_insert(failure);
+                false
+            }
+        }
+    }
+
+    /// Work for the stream's next segment, once the final of `segment` is out.
+    fn prepare_next(s: &mut Stream, segment: u64) {
+        let t = Instant::now();
+        s.decoder.prepare_next(segment, s.recognizer.as_mut());
+        s.counters
+            .model_micros
+            .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// A decode in the continuous batch.
+struct InFlight {
+    stream: Stream,
+    update: SegmentUpdate,
+    work: DecodeWork,
+    /// Its share of the rounds' model time so far.
+    model_time: Duration,
+}
+
+impl Core {
+    /// The lane of a model with a decode loop (continuous batching; see
+    /// [`EngineConfig::continuous`]). Each round admits new decodes into the
+    /// running batch — every ready final (oldest end of speech first), then
+    /// due partials ([`Self::due_partials`]) while fewer than
+    /// [`EngineConfig::max_batch`] run — runs one decode step, and hands each
+    /// decode that is over to its stream. A final waits for one step and its
+    /// own admission, never for a whole batch to end.
+    fn continuous_lane(&self, mut decodes: Box<dyn DecodeLoop>) {
+        let mut flying: HashMap<StreamId, InFlight> = HashMap::new();
+        let mut state = self.lock();
+        loop {
+            if !state.opening.is_empty() {
+                state = self.make_opening(state);
+            }
+            self.settle(&mut state);
+            let mut ids = Self::ready_finals(&state);
+            ids.extend(self.due_partials(&state));
+            ids.truncate(self.config.max_batch.saturating_sub(flying.len()));
+            if ids.is_empty() && flying.is_empty() {
+                if Self::finished(&state) {
+                    break;
+                }
+                state = self.wait_for_work(state, 0);
+                continue;
+            }
+            let taken = Self::take(&mut state, ids);
+            drop(state);
+            let done = self.round(decodes.as_mut(), &mut flying, taken);
+            state = self.lock();
+            Self::give_back(&mut state, done);
+            self.wake.notify_all();
+        }
+    }
+
+    /// One round of the continuous batch: the `taken` decodes join it (work
+    /// that cannot join — a reused pause decode, an injected fault — runs
+    /// alone now), one step runs, and the decodes over are delivered. A panic
+    /// in the loop costs every decode in it a reset context and a decode
+    /// alone, as in [`decode_together`].
+    fn round(
+        &self,
+        decodes: &mut dyn DecodeLoop,
+        flying: &mut HashMap<StreamId, InFlight>,
+        taken: Vec<Taken>,
+    ) -> Vec<Done> {
+        let t = Instant::now();
+        let mut done = Vec::new();
+        let (mut joining, alone): (Vec<Taken>, Vec<Taken>) = taken
+            .into_iter()
+            .partition(|(_, _, _, w)| w.batchable().is_some());
+        for (id, mut s, update, work) in alone {
+            let started = Instant::now();
+            let outcome = guarded(
+                s.recognizer.as_mut(),
+                update.segment,
+                work.is_final(),
+                |r| work.run_alone(&update.features, r),
+            );
+            let run = InFlight {
+                stream: s,
+                update,
+                work,
+                model_time: started.elapsed(),
+            };
+            done.push(Self::land(id, run, outcome));
+        }
+        let keys: Vec<u64> = joining.iter().map(|(id, ..)| *id).collect();
+        let admitted = catch_unwind(AssertUnwindSafe(|| {
+            let mut requests: Vec<BatchRequest<'_>> = joining
+                .iter_mut()
+                .map(|(_, s, update, work)| {
+                    let (prefix, commit) = work.batchable().expect("batchable work");
+                    BatchRequest {
+                        recognizer: s.recognizer.as_mut(),
+                        features: &update.features,
+                        prefix,
+                        commit,
+                    }
+                })
+                .collect();
+            decodes.admit(&keys, &mut requests)
+        }));
+        let Ok(admitted) = admitted else {
+            flying.extend(joining.into_iter().map(|(id, stream, update, work)| {
+                let run = InFlight {
+                    stream,
+                    update,
+                    work,
+                    model_time: Duration::ZERO,
+                };
+                (id, run)
+            }));
+            done.extend(self.recover(decodes, flying));
+            return done;
+        };
+        for ((id, stream, update, work), r) in joining.into_iter().zip(admitted) {
+            let run = InFlight {
+                stream,
+                update,
+                work,
+                model_time: Duration::ZERO,
+            };
+            match r {
+                Ok(()) => {
+                    flying.insert(id, run);
+                }
+                Err(e) => {
+                    let failure = decode_failure(&run.update, &run.work, e);
+                    done.push(Self::land(id, run, Err(failure)));
+                }
+            }
+        }
+        let over = catch_unwind(AssertUnwindSafe(|| {
+            let over = decodes.step();
+            over.into_iter()
+                .map(|key| {
+                    let run = flying.get_mut(&key).expect("a decode over was in flight");
+                    (key, decodes.finish(key, run.stream.recognizer.as_mut()))
+                })
+                .collect::<Vec<_>>()
+        }));
+        // The round's model time, shared by the decodes in it.
+        let elapsed = t.elapsed();
+        let width = flying.len().max(1);
+        for run in flying.values_mut() {
+            run.model_time += elapsed / width as u32;
+        }
+        self.count_round(width, elapsed);
+        let Ok(over) = over else {
+            done.extend(self.recover(decodes, flying));
+            return done;
+        };
+        for (key, result) in over {
+            let run = flying.remove(&key).expect("in flight");
+            let outcome = result.map_err(|e| decode_failure(&run.update, &run.work, e));
+            done.push(Self::land(key, run, outcome));
+        }
+        done
+    }
+
+    /// Delivers a decode's outcome to its stream (and the next segment's
+    /// preparation after a final).
+    fn land(
+        id: StreamId,
+        run: InFlight,
+        outcome: Result<crate::model::recognizer::Hypothesis, DecodeFailure>,
+    ) -> Done {
+        let InFlight {
+            mut stream,
+            update,
+            work,
+            model_time,
+        } = run;
+        if Self::deliver(id, &mut stream, &update, work, outcome, model_time) {
+            Self::prepare_next(&mut stream, update.segment);
+        }
+        (id, stream, update.kind == UpdateKind::Partial)
+    }
+
+    /// After a panic in the decode loop: every decode in it is dropped from
+    /// the loop, its stream's context reset and its update decoded alone.
+    fn recover(
+        &self,
+        decodes: &mut dyn DecodeLoop,
+        flying: &mut HashMap<StreamId, InFlight>,
+    ) -> Vec<Done> {
+        tracing::error!(
+            "the decode loop of {} decodes panicked; each is decoded again alone",
+            flying.len()
+        );
+        flying
+            .drain()
+            .map(|(id, mut run)| {
+                let rec = run.stream.recognizer.as_mut();
+                if catch_unwind(AssertUnwindSafe(|| decodes.abandon(id, &mut *rec))).is_err() {
+                    tracing::error!(stream = id, "dropping a decode from the loop panicked");
+                }
+                reset_context(&mut *rec);
+                let started = Instant::now();
+                let (update, work) = (&run.update, &run.work);
+                let outcome = guarded(rec, update.segment, work.is_final(), |r| {
+                    work.run_alone(&update.features, r)
+                });
+                run.model_time += started.elapsed();
+                Self::land(id, run, outcome)
+            })
+            .collect()
+    }
+
+    /// Counts one round of `width` decodes that took `elapsed`.
+    fn count_round(&self, width: usize, elapsed: Duration) {
+        let c = &self.counters;
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        c.batched_decodes.fetch_add(width as u64, Ordering::Relaxed);
+        c.largest_batch.fetch_max(width, Ordering::Relaxed);
+        c.model_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// A failed decode of `update`.
+fn decode_failure(update: &SegmentUpdate, work: &DecodeWork, e: ModelError) -> DecodeFailure {
+    DecodeFailure {
+        segment: update.segment,
+        on_final: work.is_final(),
+        panicked: false,
+        message: e.to_string(),
     }
 }
 
@@ -858,12 +1164,6 @@ fn decode_together(
     if which.is_empty() {
         return Vec::new();
     }
-    let failure = |update: &SegmentUpdate, work: &DecodeWork, e: ModelError| DecodeFailure {
-        segment: update.segment,
-        on_final: work.is_final(),
-        panicked: false,
-        message: e.to_string(),
-    };
     let outcome = {
         let mut requests: Vec<BatchRequest<'_>> = taken
             .iter_mut()
@@ -888,7 +1188,7 @@ fn decode_together(
             .zip(results)
             .map(|(&i, r)| {
                 let (_, _, update, work) = &taken[i];
-                r.map_err(|e| failure(update, work, e))
+                r.map_err(|e| decode_failure(update, work, e))
             })
             .collect(),
         Err(_) => {

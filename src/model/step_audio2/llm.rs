@@ -38,8 +38,8 @@ pub struct Qwen2Llm {
     pub head_dim: usize,
 }
 
-/// The per-layer key/value caches of one stream.
-#[derive(Clone, Debug)]
+/// The per-layer key/value caches of one stream (empty by default: no layer).
+#[derive(Clone, Debug, Default)]
 pub struct LlmState {
     caches: Vec<KvCache>,
 }

@@ -33,7 +33,7 @@ use config::StepAudio2Config;
 use encoder::{AudioEncoder, EncoderOutput};
 use llm::Qwen2Llm;
 use prompt::{PromptIds, StepTokenizer};
-pub use session::{Session, SessionOptions, TurnOptions, TurnOutput, TurnRequest};
+pub use session::{Session, SessionOptions, TurnLoop, TurnOptions, TurnOutput, TurnRequest};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -383,34 +383,28 @@ fn segment_mel(features: &SegmentFeatures) -> Result<LogMel, ModelError> {
 /// longest of their batch, so lengths are grouped to bound the padding.
 const ENCODE_SPREAD: f64 = 1.25;
 
+/// A segment's adapter rows (one piece) and the encoder time they took.
+type Encoded = ([Tensor; 1], Duration);
+
 impl StepAudio2Recognizer {
-    /// Several streams' turns in one batch (see [`crate::model::batch`]): each
-    /// request gives what [`Self::run`] gives it alone. Segments not encoded
-    /// before (a segment's rows are reused from the last decode of the same
-    /// frames) go through the encoder and adapter in batches of similar
-    /// lengths, each segment with its own key mask; the LLM turns of the
-    /// streams over the same weights go through [`Session::run_turns`], whose
-    /// prefills and greedy steps are batched. A hypothesis' `decode_time` is
-    /// its batch's whole LLM time, which is what the stream waited for.
-    pub(crate) fn decode_batch(
+    /// The adapter rows of each request's segment. Segments not seen before
+    /// (a segment's rows are reused from the last decode of the same frames)
+    /// go through the encoder and adapter in batches of similar lengths, each
+    /// segment with its own key mask, one batch per model.
+    fn encode_requests(
         requests: &mut [crate::model::batch::FamilyRequest<'_, Self>],
-    ) -> Vec<Result<Hypothesis, ModelError>> {
-        let mut results: Vec<Option<Result<Hypothesis, ModelError>>> =
-            requests.iter().map(|_| None).collect();
-        // Per request: its adapter rows (one piece) and the time they took.
-        // Segments not seen before are encoded in batches of similar lengths
-        // (each its own key mask; one batch per model).
-        let mut encoded: Vec<Option<([Tensor; 1], Duration)>> =
+    ) -> Vec<Result<Encoded, ModelError>> {
+        let mut encoded: Vec<Option<Result<Encoded, ModelError>>> =
             requests.iter().map(|_| None).collect();
         let mut todo: Vec<(usize, LogMel)> = Vec::new();
         for (i, r) in requests.iter().enumerate() {
             if let Some(rows) = r.recognizer.cached_rows(r.features) {
-                encoded[i] = Some(([rows], Duration::ZERO));
+                encoded[i] = Some(Ok(([rows], Duration::ZERO)));
                 continue;
             }
             match segment_mel(r.features) {
                 Ok(mel) => todo.push((i, mel)),
-                Err(e) => results[i] = Some(Err(e)),
+                Err(e) => encoded[i] = Some(Err(e)),
             }
         }
         todo.sort_by_key(|(_, m)| m.n_frames);
@@ -440,13 +434,13 @@ impl StepAudio2Recognizer {
                         let r = &mut requests[i];
                         r.recognizer.last_audio =
                             Some((r.features.raw_frames.clone(), rows.clone()));
-                        encoded[i] = Some(([rows], took));
+                        encoded[i] = Some(Ok(([rows], took)));
                     }
                 }
                 Err(e) => {
                     for &k in &group {
-                        results[todo[k].0] =
-                            Some(Err(ModelError::Invalid(format!("batched encoder: {e}"))));
+                        let e = ModelError::Invalid(format!("batched encoder: {e}"));
+                        encoded[todo[k].0] = Some(Err(e));
                     }
                 }
             }
@@ -456,6 +450,28 @@ impl StepAudio2Recognizer {
             encode_ms = encode_start.elapsed().as_secs_f64() * 1e3,
             "encoded a batch's new segments"
         );
+        encoded
+            .into_iter()
+            .map(|e| e.expect("every request is encoded or failed"))
+            .collect()
+    }
+
+    /// Several streams' turns in one batch (see [`crate::model::batch`]): each
+    /// request gives what [`Self::run`] gives it alone. New segments are
+    /// encoded together ([`Self::encode_requests`]); the LLM turns of the
+    /// streams over the same weights go through [`Session::run_turns`], whose
+    /// prefills and greedy steps are batched. A hypothesis' `decode_time` is
+    /// its batch's whole LLM time, which is what the stream waited for.
+    pub(crate) fn decode_batch(
+        requests: &mut [crate::model::batch::FamilyRequest<'_, Self>],
+    ) -> Vec<Result<Hypothesis, ModelError>> {
+        let mut results: Vec<Option<Result<Hypothesis, ModelError>>> =
+            requests.iter().map(|_| None).collect();
+        let encoded: Vec<Option<Encoded>> = Self::encode_requests(requests)
+            .into_iter()
+            .zip(&mut results)
+            .map(|(e, result)| e.map_err(|e| *result = Some(Err(e))).ok())
+            .collect();
         // Streams batch only with streams over the same weights.
         let mut groups: Vec<Vec<usize>> = Vec::new();
         for (i, r) in requests.iter().enumerate() {
@@ -503,6 +519,119 @@ impl StepAudio2Recognizer {
             .into_iter()
             .map(|r| r.expect("every request is answered"))
             .collect()
+    }
+}
+
+/// The continuous batch of the streams of one Step-Audio 2 model
+/// ([`crate::model::batch::DecodeLoop`]): new segments encoded together at
+/// admission, the turns in one [`TurnLoop`].
+pub(crate) struct StepAudio2Loop {
+    sa: Arc<StepAudio2>,
+    turns: TurnLoop,
+    /// Per admitted decode: its encoder time and when it was admitted.
+    admitted: std::collections::HashMap<u64, (Duration, Instant)>,
+}
+
+impl StepAudio2Loop {
+    pub fn new(sa: Arc<StepAudio2>) -> Self {
+        Self {
+            sa,
+            turns: TurnLoop::default(),
+            admitted: Default::default(),
+        }
+    }
+
+    /// The Step-Audio 2 recogniser behind `recognizer`, if it is one of this model's.
+    fn ours<'a>(&self, recognizer: &'a mut dyn Recognizer) -> Option<&'a mut StepAudio2Recognizer> {
+        recognizer
+            .as_any_mut()
+            .downcast_mut::<StepAudio2Recognizer>()
+            .filter(|r| Arc::ptr_eq(&r.sa, &self.sa))
+    }
+}
+
+impl crate::model::batch::DecodeLoop for StepAudio2Loop {
+    fn admit(
+        &mut self,
+        keys: &[u64],
+        requests: &mut [crate::model::batch::BatchRequest<'_>],
+    ) -> Vec<Result<(), ModelError>> {
+        let foreign = || ModelError::Invalid("not a stream of this Step-Audio 2 model".into());
+        let Some(mut family) = crate::model::batch::downcast_all::<StepAudio2Recognizer>(requests)
+            .filter(|f| f.iter().all(|r| Arc::ptr_eq(&r.recognizer.sa, &self.sa)))
+        else {
+            return keys.iter().map(|_| Err(foreign())).collect();
+        };
+        let mut results: Vec<Result<(), ModelError>> = keys.iter().map(|_| Ok(())).collect();
+        let encoded: Vec<Option<Encoded>> = StepAudio2Recognizer::encode_requests(&mut family)
+            .into_iter()
+            .zip(&mut results)
+            .map(|(e, result)| e.map_err(|e| *result = Err(e)).ok())
+            .collect();
+        let ok: Vec<usize> = (0..keys.len()).filter(|&i| encoded[i].is_some()).collect();
+        let ok_keys: Vec<u64> = ok.iter().map(|&i| keys[i]).collect();
+        let mut turns: Vec<TurnRequest<'_>> = family
+            .iter_mut()
+            .zip(&encoded)
+            .filter_map(|(r, e)| {
+                let rec = &mut *r.recognizer;
+                Some(TurnRequest {
+                    session: &mut rec.session,
+                    audio: &e.as_ref()?.0,
+                    prefix: r.prefix,
+                    commit: r.commit,
+                    opts: &rec.turn,
+                })
+            })
+            .collect();
+        let admitted = self.turns.admit(&self.sa, &ok_keys, &mut turns);
+        let now = Instant::now();
+        for ((&i, &key), r) in ok.iter().zip(&ok_keys).zip(admitted) {
+            if r.is_ok() {
+                let encode_time = encoded[i].as_ref().map_or(Duration::ZERO, |e| e.1);
+                self.admitted.insert(key, (encode_time, now));
+            }
+            results[i] = r;
+        }
+        results
+    }
+
+    fn step(&mut self) -> Vec<u64> {
+        let over = self.turns.step(&self.sa);
+        self.turns.log_every_second("decode loop");
+        over
+    }
+
+    fn finish(
+        &mut self,
+        key: u64,
+        recognizer: &mut dyn Recognizer,
+    ) -> Result<Hypothesis, ModelError> {
+        let Some(rec) = self.ours(recognizer) else {
+            return Err(ModelError::Invalid(
+                "not a stream of this Step-Audio 2 model".into(),
+            ));
+        };
+        let (encode_time, admitted) = self
+            .admitted
+            .remove(&key)
+            .unwrap_or((Duration::ZERO, Instant::now()));
+        match self.turns.finish(key, &mut rec.session) {
+            Some(out) => out.map(|o| rec.hypothesis(o, encode_time, admitted.elapsed())),
+            None => Err(ModelError::Invalid(format!("no ended decode {key}"))),
+        }
+    }
+
+    fn abandon(&mut self, key: u64, recognizer: &mut dyn Recognizer) -> bool {
+        self.admitted.remove(&key);
+        match self.ours(recognizer) {
+            Some(rec) => self.turns.abandon(key, &mut rec.session),
+            None => false,
+        }
+    }
+
+    fn running(&self) -> usize {
+        self.turns.running()
     }
 }
 
@@ -571,8 +700,17 @@ impl Recognizer for StepAudio2Recognizer {
     }
 
     fn reset_context(&mut self) {
-        self.session.reset();
         self.last_audio = None;
+        if self.session.state().num_layers() > 0 {
+            self.session.reset();
+            return;
+        }
+        // The cache was lost (a decode loop panicked while it held it): a
+        // fresh session, system prompt prefilled again.
+        match Session::new(&self.sa, self.session.options().clone()) {
+            Ok(session) => self.session = session,
+            Err(e) => tracing::error!("cannot restart a Step-Audio 2 session: {e}"),
+        }
     }
 }
 

@@ -10,11 +10,11 @@
 //! stream restarts from the system prompt: a truncation to its length, since
 //! that prefix is still cached.
 //!
-//! Several sessions' turns can run together ([`Session::run_turns`]): each
-//! prefills alone, then their greedy steps share one batched forward until
-//! each stream leaves at `<|EOT|>` or its budget; a turn's prologue (restart,
-//! budget), greedy bookkeeping and epilogue (commit or rollback) are the same
-//! code as a single stream's.
+//! Several sessions' turns can run together in a [`TurnLoop`]: turns join it
+//! between its greedy steps (prefilled together), share each step's batched
+//! forward and leave at `<|EOT|>` or their budget while the others go on; a
+//! turn's prologue (restart, budget), greedy bookkeeping and epilogue (commit
+//! or rollback) are the same code as a single stream's.
 
 use super::prompt::SystemPrompt;
 use super::{llm, StepAudio2};
@@ -143,6 +143,10 @@ impl Session {
         self.system_ids.len()
     }
 
+    pub fn options(&self) -> &SessionOptions {
+        &self.opts
+    }
+
     /// Budget restarts so far.
     pub fn restarts(&self) -> usize {
         self.restarts
@@ -210,266 +214,37 @@ impl Session {
     }
 
     /// Several streams' turns, each as [`Self::run_turn`] would run it alone, with
-    /// the model's work batched: the prefills of all turns as one forward
-    /// ([`llm::Qwen2Llm::forward_batch`]), every greedy step of the streams still
-    /// generating as one step (a stream leaves at `<|EOT|>` or its budget while
-    /// the others go on), and the committed turns' closing `pending + <|EOT|>`
-    /// as one more forward. Where the fused decode step applies (CUDA, bf16) the
-    /// steps go through the batched fused step shared by the model's sessions;
-    /// a lone turn there takes its own batch-1 fused step (the fastest at one
-    /// stream). An error in a stream's own prologue or prefill costs only that
-    /// stream (a failed batched prefill or close is run again one by one); a
-    /// failed batched step fails every stream in it (each rolled back to its
-    /// committed context).
+    /// the model's work batched: all of them join one [`TurnLoop`] (one batched
+    /// prefill, every greedy step of the streams still generating as one step,
+    /// the committed turns' closing `pending + <|EOT|>` as one forward) and are
+    /// taken back as they end. A lone turn runs as [`Self::run_turn`] (on CUDA
+    /// its own batch-1 fused step, the fastest at one stream).
     pub fn run_turns(
         sa: &StepAudio2,
         turns: &mut [TurnRequest<'_>],
     ) -> Vec<Result<TurnOutput, ModelError>> {
-        let llm = &sa.model.llm;
-        let eot = sa.tokenizer.eot;
-        let mut results: Vec<Option<Result<TurnOutput, ModelError>>> =
-            turns.iter().map(|_| None).collect();
-        let weights = llm.decode_weights();
-        let mut batch_decoder = sa.batch_decoder.lock().unwrap_or_else(|e| e.into_inner());
-        let mut fused = if turns.len() > 1 {
-            batch_decoder.prepare(&weights).unwrap_or_else(|e| {
-                tracing::warn!("batched fused decode unavailable ({e}); candle ops");
-                None
-            })
-        } else {
-            None
-        };
-        // Per stream: the settled turn and its greedy state once prefilled.
-        let mut live: Vec<Option<(TurnPlan, Greedy)>> = turns.iter().map(|_| None).collect();
-        // Turns planned for the batch, in order.
-        let mut planned = Vec::new();
-        for (i, t) in turns.iter_mut().enumerate() {
-            let plan = match t.session.plan_turn(sa, t.audio, t.prefix, t.opts) {
-                Ok(p) => p,
-                Err(e) => {
-                    results[i] = Some(Err(e));
-                    continue;
-                }
-            };
-            let alone = match fused {
-                None => t.session.fused_applies(sa, plan.budget),
-                Some(_) => Ok(false),
-            };
-            match alone {
-                Ok(false) => {}
-                fused => {
-                    // The fused step is batch-1: this stream's turn runs alone.
-                    let result = fused.and_then(|_| {
-                        t.session
-                            .greedy_turn(sa, &plan, t.audio, t.prefix, t.commit, t.opts)
-                    });
-                    results[i] = Some(t.session.close_turn(&plan, t.commit, result));
-                    continue;
-                }
-            }
-            planned.push((i, plan));
+        if let [t] = turns {
+            return vec![t.session.run_turn(sa, t.audio, t.prefix, t.commit, t.opts)];
         }
-        let start = Instant::now();
-        Self::prefill_turns(sa, turns, planned, start, &mut live, &mut results);
-        let prefilled = Instant::now();
-        let (mut steps, mut widest) = (0usize, 0usize);
-        // Turns whose greedy decoding ended, closed together after the loop.
-        let mut ended: Vec<(usize, (TurnPlan, Greedy))> = Vec::new();
-        loop {
-            // Streams whose turn ended leave the batch; the others need a step.
-            let mut batch = Vec::new();
-            for (i, t) in turns.iter_mut().enumerate() {
-                let Some((_, g)) = live[i].as_mut() else {
-                    continue;
-                };
-                if g.accept(eot, t.opts) {
-                    batch.push(i);
-                    continue;
-                }
-                ended.push((i, live[i].take().expect("live above")));
-            }
-            if batch.is_empty() {
-                break;
-            }
-            steps += 1;
-            widest = widest.max(batch.len());
-            let ids: Vec<u32> = batch
-                .iter()
-                .map(|&i| live[i].as_ref().expect("in the batch").1.next)
-                .collect();
-            let mut states = states_of(turns, &batch);
-            let stepped = match fused.as_mut() {
-                Some(f) => {
-                    let step = f.step(&ids, &mut states);
-                    drop(states);
-                    let record = batch.iter().any(|&i| turns[i].opts.record_logits);
-                    step.and_then(|outs| {
-                        let logits = if record { Some(f.logits()?) } else { None };
-                        Ok((outs, logits))
-                    })
-                    .map_err(ModelError::from)
-                    .and_then(|(outs, logits)| {
-                        for (row, (&i, (next, lp))) in batch.iter().zip(outs).enumerate() {
-                            let (_, g) = live[i].as_mut().expect("in the batch");
-                            let row_logits = match (&logits, turns[i].opts.record_logits) {
-                                (Some(l), true) => Some(l.get(row)?),
-                                _ => None,
-                            };
-                            g.take_fused(next, lp, row_logits, batch.len());
-                        }
-                        Ok(())
-                    })
-                }
-                None => {
-                    let step = llm
-                        .embed(&ids)
-                        .and_then(|e| e.unsqueeze(1))
-                        .and_then(|e| llm.forward_step_batch(&e, &mut states))
-                        .and_then(|h| llm.logits_rows(&h));
-                    drop(states);
-                    step.map_err(ModelError::from).and_then(|logits| {
-                        for (row, &i) in batch.iter().enumerate() {
-                            let (_, g) = live[i].as_mut().expect("in the batch");
-                            g.choose(&logits.get(row)?, batch.len(), turns[i].opts)?;
-                        }
-                        Ok(())
-                    })
-                }
-            };
-            if let Err(e) = stepped {
-                for &i in &batch {
-                    let (plan, _) = live[i].take().expect("in the batch");
-                    let err = ModelError::Invalid(format!("batched decode step: {e}"));
-                    results[i] = Some(turns[i].session.close_turn(
-                        &plan,
-                        turns[i].commit,
-                        Err(err),
-                    ));
-                }
+        let mut batch = TurnLoop::default();
+        let keys: Vec<u64> = (0..turns.len() as u64).collect();
+        let mut results: Vec<Option<Result<TurnOutput, ModelError>>> = batch
+            .admit(sa, &keys, turns)
+            .into_iter()
+            .map(|r| r.err().map(Err))
+            .collect();
+        while !batch.is_idle() {
+            for key in batch.step(sa) {
+                let i = key as usize;
+                results[i] = batch.finish(key, turns[i].session);
             }
         }
-        Self::close_ended(sa, turns, ended, &mut results);
-        // Where a batch's time goes (examples/benchmark_streams on a GPU).
-        tracing::debug!(
-            turns = turns.len(),
-            prefill_ms = (prefilled - start).as_secs_f64() * 1e3,
-            decode_ms = prefilled.elapsed().as_secs_f64() * 1e3,
-            steps,
-            widest,
-            fused = fused.is_some(),
-            "batch of turns"
-        );
+        batch.log("batch of turns");
         results
             .into_iter()
             .map(|r| r.expect("every turn is closed"))
             .collect()
     }
-
-    /// The prefills of the `planned` turns (stream index and plan, in stream
-    /// order) as batches of at most [`PREFILL_ROWS`] rows; a batch that fails
-    /// is run again stream by stream, so an error costs only its own stream.
-    /// Each prefilled turn goes to `live`, each failed one to `results`.
-    fn prefill_turns(
-        sa: &StepAudio2,
-        turns: &mut [TurnRequest<'_>],
-        planned: Vec<(usize, TurnPlan)>,
-        start: Instant,
-        live: &mut [Option<(TurnPlan, Greedy)>],
-        results: &mut [Option<Result<TurnOutput, ModelError>>],
-    ) {
-        let llm = &sa.model.llm;
-        let mut inputs = Vec::with_capacity(planned.len());
-        for (i, plan) in planned {
-            let t = &mut turns[i];
-            match Greedy::prompt_embeds(sa, &plan, t.audio, t.prefix) {
-                Ok(e) => inputs.push((i, plan, e)),
-                Err(e) => results[i] = Some(t.session.close_turn(&plan, t.commit, Err(e))),
-            }
-        }
-        for chunk in prefill_chunks(&inputs) {
-            let embeds: Vec<Tensor> = chunk.iter().map(|&k| inputs[k].2.clone()).collect();
-            let streams: Vec<usize> = chunk.iter().map(|&k| inputs[k].0).collect();
-            let batched = (chunk.len() > 1)
-                .then(|| llm.forward_batch(&embeds, &mut states_of(turns, &streams)))
-                .and_then(|r| {
-                    r.inspect_err(|e| tracing::warn!("batched prefill failed ({e}); one by one"))
-                        .ok()
-                });
-            if batched.is_none() {
-                // roll back whatever part of the batch reached the caches
-                for &k in &chunk {
-                    let (i, plan, _) = &inputs[k];
-                    turns[*i].session.state.truncate(plan.base);
-                }
-            }
-            for (j, &k) in chunk.iter().enumerate() {
-                let (i, plan, embeds) = &inputs[k];
-                let t = &mut turns[*i];
-                let hidden = match &batched {
-                    Some(h) => Ok(h[j].clone()),
-                    None => llm.forward(embeds, &mut t.session.state),
-                };
-                let g = hidden
-                    .map_err(ModelError::from)
-                    .and_then(|h| Greedy::prefilled(sa, plan, &h, t.opts, start));
-                match g {
-                    Ok(g) => live[*i] = Some((plan.clone(), g)),
-                    Err(e) => results[*i] = Some(t.session.close_turn(plan, t.commit, Err(e))),
-                }
-            }
-        }
-    }
-
-    /// Closes the turns whose greedy decoding `ended`: the committed ones'
-    /// `pending + <|EOT|>` tails as one batched forward (one at a time where
-    /// the batch fails), then every turn's output into `results`.
-    fn close_ended(
-        sa: &StepAudio2,
-        turns: &mut [TurnRequest<'_>],
-        mut ended: Vec<(usize, (TurnPlan, Greedy))>,
-        results: &mut [Option<Result<TurnOutput, ModelError>>],
-    ) {
-        let llm = &sa.model.llm;
-        ended.sort_by_key(|(i, _)| *i);
-        let committing: Vec<usize> = ended
-            .iter()
-            .map(|(i, _)| *i)
-            .filter(|&i| turns[i].commit)
-            .collect();
-        let lengths: Vec<usize> = committing
-            .iter()
-            .map(|&i| turns[i].session.state.len())
-            .collect();
-        let tails = ended
-            .iter()
-            .filter(|(i, _)| turns[*i].commit)
-            .map(|(_, (_, g))| llm.embed(&g.tail(sa.tokenizer.eot))?.unsqueeze(0))
-            .collect::<candle_core::Result<Vec<_>>>();
-        let batched = match tails {
-            Ok(tails) if tails.len() > 1 => {
-                let ok = llm
-                    .forward_batch(&tails, &mut states_of(turns, &committing))
-                    .is_ok();
-                if !ok {
-                    for (&i, &len) in committing.iter().zip(&lengths) {
-                        turns[i].session.state.truncate(len);
-                    }
-                }
-                ok
-            }
-            _ => false,
-        };
-        for (i, (plan, g)) in ended {
-            let t = &mut turns[i];
-            let result = if t.commit && !batched {
-                g.finish(sa, &mut t.session.state, t.prefix, true)
-            } else {
-                g.output(sa, t.prefix)
-            };
-            results[i] = Some(t.session.close_turn(&plan, t.commit, result));
-        }
-    }
-
     /// The prologue of a turn: its prompt, a restart when the model's
     /// positions would not hold it, and the greedy budget that fits.
     fn plan_turn(
@@ -540,16 +315,6 @@ impl Session {
                 Err(e)
             }
         }
-    }
-
-    /// Whether this session's turn of `budget` steps would decode through the
-    /// fused (batch-1) step.
-    fn fused_applies(&mut self, sa: &StepAudio2, budget: usize) -> Result<bool, ModelError> {
-        Ok(budget > 1
-            && self
-                .fused
-                .prepare(&sa.model.llm.decode_weights())?
-                .is_some())
     }
 
     /// The single-stream turn: prefill, greedy steps (fused where the device
@@ -625,20 +390,6 @@ fn prefill_chunks<A, B>(inputs: &[(A, B, Tensor)]) -> Vec<Vec<usize>> {
     chunks
 }
 
-/// The caches of the turns `streams` (indices into `turns`, ascending), in
-/// that order.
-fn states_of<'a>(
-    turns: &'a mut [TurnRequest<'_>],
-    streams: &[usize],
-) -> Vec<&'a mut llm::LlmState> {
-    turns
-        .iter_mut()
-        .enumerate()
-        .filter(|(i, _)| streams.binary_search(i).is_ok())
-        .map(|(_, t)| &mut t.session.state)
-        .collect()
-}
-
 /// One stream's turn in [`Session::run_turns`].
 pub struct TurnRequest<'a> {
     pub session: &'a mut Session,
@@ -648,6 +399,367 @@ pub struct TurnRequest<'a> {
     /// Keep the turn (a final) or roll it back (a partial).
     pub commit: bool,
     pub opts: &'a TurnOptions,
+}
+
+/// Turns of several sessions that join and leave one running greedy loop
+/// between its steps (continuous batching): turns admitted together are
+/// prefilled as one batched forward and take part in the next step; a turn
+/// that ends (`<|EOT|>`, its budget) is closed — a commit's `pending +
+/// <|EOT|>` with the others ending at the same step, as one forward — and
+/// can be taken back while the others go on. Each turn gives exactly what
+/// [`Session::run_turn`] gives it alone. Where the fused decode step applies
+/// (CUDA, bf16) the steps go through the batched fused step shared by the
+/// model's sessions. While its turn is in the loop a session's KV cache is
+/// the loop's: [`TurnLoop::finish`] (or [`TurnLoop::abandon`]) hands it back.
+#[derive(Default)]
+pub struct TurnLoop {
+    live: Vec<LoopTurn>,
+    /// Closed turns not taken back yet.
+    ended: Vec<EndedTurn>,
+    /// Keys of `ended` that [`Self::step`] has not reported yet.
+    fresh: Vec<u64>,
+    stats: LoopStats,
+}
+
+/// A turn decoding in a [`TurnLoop`].
+struct LoopTurn {
+    key: u64,
+    state: llm::LlmState,
+    plan: TurnPlan,
+    greedy: Greedy,
+    prefix: Vec<u32>,
+    commit: bool,
+    opts: TurnOptions,
+}
+
+/// A closed turn of a [`TurnLoop`], waiting for its session.
+struct EndedTurn {
+    key: u64,
+    state: llm::LlmState,
+    plan: TurnPlan,
+    commit: bool,
+    result: Result<TurnOutput, ModelError>,
+}
+
+/// Where a [`TurnLoop`]'s time went since its last log line.
+struct LoopStats {
+    since: Instant,
+    admitted: usize,
+    prefill: Duration,
+    steps: usize,
+    stepping: Duration,
+    widest: usize,
+}
+
+impl Default for LoopStats {
+    fn default() -> Self {
+        Self {
+            since: Instant::now(),
+            admitted: 0,
+            prefill: Duration::ZERO,
+            steps: 0,
+            stepping: Duration::ZERO,
+            widest: 0,
+        }
+    }
+}
+
+/// The caches of `items` at the ascending indices `which`, in that order.
+fn states_at<'a, T>(
+    items: &'a mut [T],
+    which: &[usize],
+    state: fn(&mut T) -> &mut llm::LlmState,
+) -> Vec<&'a mut llm::LlmState> {
+    items
+        .iter_mut()
+        .enumerate()
+        .filter(|(k, _)| which.binary_search(k).is_ok())
+        .map(|(_, t)| state(t))
+        .collect()
+}
+
+impl TurnLoop {
+    /// Turns decoding (not ended).
+    pub fn running(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Nothing decoding and nothing left to take back.
+    pub fn is_idle(&self) -> bool {
+        self.live.is_empty() && self.ended.is_empty()
+    }
+
+    /// Starts the `turns` (`keys[i]` names `turns[i]`): their prologues, one
+    /// batched prefill (at most [`PREFILL_ROWS`] rows a forward; a failed
+    /// forward is run again stream by stream) and their first ids. An error
+    /// costs only its own turn, whose session is left as it was.
+    pub fn admit(
+        &mut self,
+        sa: &StepAudio2,
+        keys: &[u64],
+        turns: &mut [TurnRequest<'_>],
+    ) -> Vec<Result<(), ModelError>> {
+        let start = Instant::now();
+        let llm = &sa.model.llm;
+        let running = self.live.len();
+        let mut results: Vec<Result<(), ModelError>> = turns.iter().map(|_| Ok(())).collect();
+        let mut inputs = Vec::with_capacity(turns.len());
+        for (i, t) in turns.iter_mut().enumerate() {
+            let plan = match t.session.plan_turn(sa, t.audio, t.prefix, t.opts) {
+                Ok(p) => p,
+                Err(e) => {
+                    results[i] = Err(e);
+                    continue;
+                }
+            };
+            match Greedy::prompt_embeds(sa, &plan, t.audio, t.prefix) {
+                Ok(e) => inputs.push((i, plan, e)),
+                Err(e) => results[i] = t.session.close_turn(&plan, t.commit, Err(e)).map(drop),
+            }
+        }
+        let mut states: Vec<llm::LlmState> = inputs
+            .iter()
+            .map(|(i, _, _)| std::mem::take(&mut turns[*i].session.state))
+            .collect();
+        let mut greedy: Vec<Option<Result<Greedy, ModelError>>> =
+            inputs.iter().map(|_| None).collect();
+        for chunk in prefill_chunks(&inputs) {
+            let embeds: Vec<Tensor> = chunk.iter().map(|&k| inputs[k].2.clone()).collect();
+            let batched = (chunk.len() > 1)
+                .then(|| llm.forward_batch(&embeds, &mut states_at(&mut states, &chunk, |s| s)))
+                .and_then(|r| {
+                    r.inspect_err(|e| tracing::warn!("batched prefill failed ({e}); one by one"))
+                        .ok()
+                });
+            if batched.is_none() {
+                // roll back whatever part of the batch reached the caches
+                for &k in &chunk {
+                    states[k].truncate(inputs[k].1.base);
+                }
+            }
+            for (j, &k) in chunk.iter().enumerate() {
+                let (i, plan, embeds) = &inputs[k];
+                let hidden = match &batched {
+                    Some(h) => Ok(h[j].clone()),
+                    None => llm.forward(embeds, &mut states[k]),
+                };
+                greedy[k] = Some(
+                    hidden
+                        .map_err(ModelError::from)
+                        .and_then(|h| Greedy::prefilled(sa, plan, &h, turns[*i].opts, start)),
+                );
+            }
+        }
+        for (((i, plan, _), state), g) in inputs.into_iter().zip(states).zip(greedy) {
+            let t = &mut turns[i];
+            match g.expect("every input is prefilled") {
+                Ok(greedy) => self.live.push(LoopTurn {
+                    key: keys[i],
+                    state,
+                    plan,
+                    greedy,
+                    prefix: t.prefix.to_vec(),
+                    commit: t.commit,
+                    opts: t.opts.clone(),
+                }),
+                Err(e) => {
+                    t.session.state = state;
+                    results[i] = t.session.close_turn(&plan, t.commit, Err(e)).map(drop);
+                }
+            }
+        }
+        self.stats.admitted += turns.len();
+        self.stats.prefill += start.elapsed();
+        // The new turns take their first ids (the running ones took theirs
+        // at their last step).
+        self.sweep(sa, running);
+        results
+    }
+
+    /// One greedy step of every decoding turn; the keys of the turns ended
+    /// since the last call (by this step, or already at their admission).
+    /// A failed step fails every turn in it.
+    pub fn step(&mut self, sa: &StepAudio2) -> Vec<u64> {
+        if !self.live.is_empty() {
+            let start = Instant::now();
+            self.stats.steps += 1;
+            self.stats.widest = self.stats.widest.max(self.live.len());
+            match self.step_live(sa) {
+                Ok(()) => self.sweep(sa, 0),
+                Err(e) => {
+                    for t in std::mem::take(&mut self.live) {
+                        let err = ModelError::Invalid(format!("batched decode step: {e}"));
+                        self.end(t.key, t.state, t.plan, t.commit, Err(err));
+                    }
+                }
+            }
+            self.stats.stepping += start.elapsed();
+        }
+        std::mem::take(&mut self.fresh)
+    }
+
+    /// The output of the ended turn `key`, its cache back in `session` (the
+    /// turn committed, or rolled back); `None` for a key not ended here.
+    pub fn finish(
+        &mut self,
+        key: u64,
+        session: &mut Session,
+    ) -> Option<Result<TurnOutput, ModelError>> {
+        let k = self.ended.iter().position(|e| e.key == key)?;
+        let e = self.ended.swap_remove(k);
+        session.state = e.state;
+        Some(session.close_turn(&e.plan, e.commit, e.result))
+    }
+
+    /// Drops the turn `key` wherever it is, its session's cache rolled back to
+    /// its committed context; false for a key not here.
+    pub fn abandon(&mut self, key: u64, session: &mut Session) -> bool {
+        let (state, plan) = if let Some(k) = self.live.iter().position(|t| t.key == key) {
+            let t = self.live.swap_remove(k);
+            (t.state, t.plan)
+        } else if let Some(k) = self.ended.iter().position(|e| e.key == key) {
+            let e = self.ended.swap_remove(k);
+            (e.state, e.plan)
+        } else {
+            return false;
+        };
+        self.fresh.retain(|&f| f != key);
+        session.state = state;
+        let dropped = Err(ModelError::Invalid("abandoned".into()));
+        let _ = session.close_turn(&plan, false, dropped);
+        true
+    }
+
+    /// Logs where the loop's time went since the last log (debug: read by
+    /// `scripts/stage_times.py`).
+    pub fn log(&mut self, what: &'static str) {
+        let s = std::mem::take(&mut self.stats);
+        tracing::debug!(
+            turns = s.admitted,
+            prefill_ms = s.prefill.as_secs_f64() * 1e3,
+            decode_ms = s.stepping.as_secs_f64() * 1e3,
+            steps = s.steps,
+            widest = s.widest,
+            seconds = s.since.elapsed().as_secs_f64(),
+            "{what}"
+        );
+    }
+
+    /// Logs once a second at most.
+    pub fn log_every_second(&mut self, what: &'static str) {
+        if self.stats.since.elapsed() >= Duration::from_secs(1) {
+            self.log(what);
+        }
+    }
+
+    /// One step of the live turns, each choosing its next id.
+    fn step_live(&mut self, sa: &StepAudio2) -> Result<(), ModelError> {
+        let llm = &sa.model.llm;
+        let width = self.live.len();
+        let ids: Vec<u32> = self.live.iter().map(|t| t.greedy.next).collect();
+        let mut states: Vec<&mut llm::LlmState> =
+            self.live.iter_mut().map(|t| &mut t.state).collect();
+        let mut decoder = sa.batch_decoder.lock().unwrap_or_else(|e| e.into_inner());
+        let fused = decoder.prepare(&llm.decode_weights()).unwrap_or_else(|e| {
+            tracing::warn!("batched fused decode unavailable ({e}); candle ops");
+            None
+        });
+        match fused {
+            Some(mut f) => {
+                let outs = f.step(&ids, &mut states)?;
+                drop(states);
+                let record = self.live.iter().any(|t| t.opts.record_logits);
+                let logits = if record { Some(f.logits()?) } else { None };
+                for (row, (t, (next, lp))) in self.live.iter_mut().zip(outs).enumerate() {
+                    let row_logits = match (&logits, t.opts.record_logits) {
+                        (Some(l), true) => Some(l.get(row)?),
+                        _ => None,
+                    };
+                    t.greedy.take_fused(next, lp, row_logits, width);
+                }
+            }
+            None => {
+                let embeds = llm.embed(&ids)?.unsqueeze(1)?;
+                let hidden = llm.forward_step_batch(&embeds, &mut states)?;
+                drop(states);
+                let logits = llm.logits_rows(&hidden)?;
+                for (row, t) in self.live.iter_mut().enumerate() {
+                    t.greedy.choose(&logits.get(row)?, width, &t.opts)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the chosen id of each live turn from index `from` on; the turns
+    /// that ended leave the loop and are closed, the committed ones' tails as
+    /// one batched forward (one at a time where it fails).
+    fn sweep(&mut self, sa: &StepAudio2, from: usize) {
+        let llm = &sa.model.llm;
+        let eot = sa.tokenizer.eot;
+        let mut ending = Vec::new();
+        for mut t in self.live.split_off(from) {
+            if t.greedy.accept(eot, &t.opts) {
+                self.live.push(t);
+            } else {
+                ending.push(t);
+            }
+        }
+        let committing: Vec<usize> = (0..ending.len()).filter(|&k| ending[k].commit).collect();
+        let lengths: Vec<usize> = committing.iter().map(|&k| ending[k].state.len()).collect();
+        let tails = committing
+            .iter()
+            .map(|&k| llm.embed(&ending[k].greedy.tail(eot))?.unsqueeze(0))
+            .collect::<candle_core::Result<Vec<_>>>();
+        let batched = match tails {
+            Ok(tails) if tails.len() > 1 => {
+                let mut states = states_at(&mut ending, &committing, |t| &mut t.state);
+                let ok = llm.forward_batch(&tails, &mut states).is_ok();
+                if !ok {
+                    for (s, &len) in states.into_iter().zip(&lengths) {
+                        s.truncate(len);
+                    }
+                }
+                ok
+            }
+            _ => false,
+        };
+        for t in ending {
+            let LoopTurn {
+                key,
+                mut state,
+                plan,
+                greedy,
+                prefix,
+                commit,
+                ..
+            } = t;
+            let result = if commit && !batched {
+                greedy.finish(sa, &mut state, &prefix, true)
+            } else {
+                greedy.output(sa, &prefix)
+            };
+            self.end(key, state, plan, commit, result);
+        }
+    }
+
+    fn end(
+        &mut self,
+        key: u64,
+        state: llm::LlmState,
+        plan: TurnPlan,
+        commit: bool,
+        result: Result<TurnOutput, ModelError>,
+    ) {
+        self.fresh.push(key);
+        self.ended.push(EndedTurn {
+            key,
+            state,
+            plan,
+            commit,
+            result,
+        });
+    }
 }
 
 /// What a turn's prologue settled: its prompt, the greedy budget that fits
