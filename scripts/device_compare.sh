@@ -7,6 +7,7 @@
 #
 #   STEPS="check bench torch parity" bash .device/scripts/device_compare.sh
 #   STEPS="check batch torchbatch streams" ...   (issue 15: many streams on one GPU)
+#   STEPS="streamsab" AB_STREAMS=96 ...          (continuous batch vs batch at a time)
 #
 # Logs and JSON go to $OUT (default /tmp/device-out).
 set -uo pipefail
@@ -80,6 +81,15 @@ for step in $STEPS; do
         --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} --warmup 0 > "$OUT/stage_run.txt" 2> "$OUT/stage_debug.log"
       python3 "$D/scripts/stage_times.py" "$OUT/stage_debug.log" 2>&1 | tee -a "$LOG"
     fi
+    ;;
+  streamsab)
+    say "continuous batch against batch at a time, ${AB_STREAMS:-96} Step-Audio 2 streams each"
+    for mode in continuous batch; do
+      flag=""; [ $mode = batch ] && flag=--no-continuous
+      STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets $BIN/benchmark_streams --step-audio-random --device cuda --max-batch 256 \
+        --streams ${AB_STREAMS:-96} --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} $flag \
+        --json "$OUT/streams_ab_$mode.json" 2>&1 | tail -4 | tee -a "$LOG"
+    done
     ;;
   wstreams)
     say "live capacity: Whisper large-v3-turbo shape (random bf16, made by whisper_gpu_parity.py) through the engine"
