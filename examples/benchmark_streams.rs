@@ -108,6 +108,9 @@ struct Args {
     /// running batch between steps) where the engine would use it (a GPU).
     #[arg(long)]
     no_continuous: bool,
+    /// Continuous batch: time the partials joining in one round may take (ms).
+    #[arg(long, default_value_t = EngineConfig::default().admit_budget.as_millis() as u64)]
+    admit_budget_ms: u64,
     /// The tracker's partial interval (ms of new audio per partial request).
     #[arg(long, default_value_t = TrackerConfig::default().partial_interval_ms)]
     partial_interval_ms: u32,
@@ -486,6 +489,7 @@ fn run(
         config.lanes = lanes;
     }
     config.continuous &= !args.no_continuous;
+    config.admit_budget = Duration::from_millis(args.admit_budget_ms);
     config.max_streams = match args.capacity.as_deref() {
         None => n,
         Some("default") => config.max_streams,

@@ -10,11 +10,11 @@
 mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use stepaudio_live::model::RecognizerOptions;
 use stepaudio_live::stream::engine::{
     self, EngineConfig, EngineHandle, EngineMsg, OpenError, StreamCounters, StreamEvent,
     StreamModel,
 };
-use stepaudio_live::model::RecognizerOptions;
 use stepaudio_live::stream::events::Event;
 use stepaudio_live::stream::tracker::{StreamTracker, TrackerConfig, TrackerOutput};
 

@@ -571,7 +571,10 @@ fn turns_joining_a_running_loop_equal_each_stream_alone() {
     }
     // The turns overlapped: 2 and 3 joined while 0 and 1 were stepping, and
     // session 0's second turn joined turns still running.
-    let peak: Vec<usize> = outs.iter().map(|o| o.as_ref().unwrap().peak_batch).collect();
+    let peak: Vec<usize> = outs
+        .iter()
+        .map(|o| o.as_ref().unwrap().peak_batch)
+        .collect();
     assert_eq!(peak[0], 4, "turns 2 and 3 joined turns 0 and 1 mid-way");
     assert!(peak[4] >= 2, "session 0's next turn joined a running loop");
 }

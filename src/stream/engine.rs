@@ -69,6 +69,11 @@ pub struct EngineConfig {
     /// batch between decode steps, so a final waits one step, not a batch.
     /// On by default on a GPU.
     pub continuous: bool,
+    /// Continuous batch: how long the partials that join in one round may
+    /// take to encode and prefill, by their measured cost (at least one
+    /// joins a round). Every decode in flight waits that long on top of its
+    /// step, so this bounds how much partials slow finals down.
+    pub admit_budget: Duration,
 }
 
 /// Streams the CPU holds by default, by Whisper width and core count: the
@@ -122,6 +127,7 @@ impl Default for EngineConfig {
             partial_spacing: Duration::from_millis(1000),
             lanes: 1,
             continuous: false,
+            admit_budget: Duration::from_millis(15),
         }
     }
 }
@@ -946,21 +952,28 @@ impl Core {
     /// The lane of a model with a decode loop (continuous batching; see
     /// [`EngineConfig::continuous`]). Each round admits new decodes into the
     /// running batch — every ready final (oldest end of speech first), then
-    /// due partials ([`Self::due_partials`]) while fewer than
+    /// due partials ([`Self::due_partials`]) as many as fit
+    /// [`EngineConfig::admit_budget`], while fewer than
     /// [`EngineConfig::max_batch`] run — runs one decode step, and hands each
     /// decode that is over to its stream. A final waits for one step and its
     /// own admission, never for a whole batch to end.
     fn continuous_lane(&self, mut decodes: Box<dyn DecodeLoop>) {
         let mut flying: HashMap<StreamId, InFlight> = HashMap::new();
+        // Measured time to admit n decodes (encode and prefill).
+        let mut admit_cost = CostModel::default();
         let mut state = self.lock();
         loop {
             if !state.opening.is_empty() {
                 state = self.make_opening(state);
             }
             self.settle(&mut state);
+            let room = self.config.max_batch.saturating_sub(flying.len());
             let mut ids = Self::ready_finals(&state);
-            ids.extend(self.due_partials(&state));
-            ids.truncate(self.config.max_batch.saturating_sub(flying.len()));
+            ids.truncate(room);
+            let partials = admit_cost
+                .fit(self.config.admit_budget.as_secs_f64())
+                .min(room - ids.len());
+            ids.extend(self.due_partials(&state).into_iter().take(partials));
             if ids.is_empty() && flying.is_empty() {
                 if Self::finished(&state) {
                     break;
@@ -970,7 +983,10 @@ impl Core {
             }
             let taken = Self::take(&mut state, ids);
             drop(state);
-            let done = self.round(decodes.as_mut(), &mut flying, taken);
+            let (done, admitted) = self.round(decodes.as_mut(), &mut flying, taken);
+            if let Some((n, secs)) = admitted {
+                admit_cost.observe(n, secs);
+            }
             state = self.lock();
             Self::give_back(&mut state, done);
             self.wake.notify_all();
@@ -981,13 +997,14 @@ impl Core {
     /// that cannot join — a reused pause decode, an injected fault — runs
     /// alone now), one step runs, and the decodes over are delivered. A panic
     /// in the loop costs every decode in it a reset context and a decode
-    /// alone, as in [`decode_together`].
+    /// alone, as in [`decode_together`]. Returns the streams back and how
+    /// many decodes joined in how long.
     fn round(
         &self,
         decodes: &mut dyn DecodeLoop,
         flying: &mut HashMap<StreamId, InFlight>,
         taken: Vec<Taken>,
-    ) -> Vec<Done> {
+    ) -> (Vec<Done>, Option<(usize, f64)>) {
         let t = Instant::now();
         let mut done = Vec::new();
         let (mut joining, alone): (Vec<Taken>, Vec<Taken>) = taken
@@ -1010,6 +1027,7 @@ impl Core {
             done.push(Self::land(id, run, outcome));
         }
         let keys: Vec<u64> = joining.iter().map(|(id, ..)| *id).collect();
+        let admit_start = Instant::now();
         let admitted = catch_unwind(AssertUnwindSafe(|| {
             let mut requests: Vec<BatchRequest<'_>> = joining
                 .iter_mut()
@@ -1036,8 +1054,10 @@ impl Core {
                 (id, run)
             }));
             done.extend(self.recover(decodes, flying));
-            return done;
+            return (done, None);
         };
+        let admission =
+            (!keys.is_empty()).then(|| (keys.len(), admit_start.elapsed().as_secs_f64()));
         for ((id, stream, update, work), r) in joining.into_iter().zip(admitted) {
             let run = InFlight {
                 stream,
@@ -1073,14 +1093,14 @@ impl Core {
         self.count_round(width, elapsed);
         let Ok(over) = over else {
             done.extend(self.recover(decodes, flying));
-            return done;
+            return (done, admission);
         };
         for (key, result) in over {
             let run = flying.remove(&key).expect("in flight");
             let outcome = result.map_err(|e| decode_failure(&run.update, &run.work, e));
             done.push(Self::land(key, run, outcome));
         }
-        done
+        (done, admission)
     }
 
     /// Delivers a decode's outcome to its stream (and the next segment's
