@@ -84,12 +84,14 @@ for step in $STEPS; do
     ;;
   streamsab)
     say "continuous batch against batch at a time, ${AB_STREAMS:-96} Step-Audio 2 streams each"
-    # AB_MODES: "batch" and "continuous:MS" (the admit budget in ms)
-    for mode in ${AB_MODES:-continuous:15 batch}; do
-      flag=--no-continuous; [ $mode != batch ] && flag="--admit-budget-ms ${mode#continuous:}"
+    # AB_MODES: "batch" and "continuous:MS:SHARE" (admit budget in ms, admit share)
+    for mode in ${AB_MODES:-continuous:60:0.5 batch}; do
+      IFS=: read -r kind budget share <<< "$mode"
+      flag=--no-continuous
+      [ "$kind" = continuous ] && flag="--admit-budget-ms ${budget:-60} --admit-share ${share:-0.5}"
       STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets $BIN/benchmark_streams --step-audio-random --device cuda --max-batch 256 \
         --streams ${AB_STREAMS:-96} --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} $flag \
-        --json "$OUT/streams_ab_${mode/:/_}.json" 2>&1 | tail -4 | tee -a "$LOG"
+        --json "$OUT/streams_ab_${mode//:/_}.json" 2>&1 | tail -4 | tee -a "$LOG"
     done
     ;;
   wstreams)

@@ -70,10 +70,14 @@ pub struct EngineConfig {
     /// On by default on a GPU.
     pub continuous: bool,
     /// Continuous batch: how long the partials that join in one round may
-    /// take to encode and prefill, by their measured cost (at least one
-    /// joins a round). Every decode in flight waits that long on top of its
-    /// step, so this bounds how much partials slow finals down.
+    /// take to encode and prefill, by the measured cost of admitting decodes
+    /// (at least one joins). Every decode in flight waits for an admission.
     pub admit_budget: Duration,
+    /// Continuous batch: while finals wait or decode, the most of the time
+    /// that admitting partials may take (a token bucket filled at this rate,
+    /// holding at most [`Self::admit_budget`]), so partials slow finals down
+    /// by a bounded factor and in groups large enough to batch well.
+    pub admit_share: f64,
 }
 
 /// Streams the CPU holds by default, by Whisper width and core count: the
@@ -127,7 +131,8 @@ impl Default for EngineConfig {
             partial_spacing: Duration::from_millis(1000),
             lanes: 1,
             continuous: false,
-            admit_budget: Duration::from_millis(15),
+            admit_budget: Duration::from_millis(60),
+            admit_share: 0.5,
         }
     }
 }
@@ -953,7 +958,8 @@ impl Core {
     /// [`EngineConfig::continuous`]). Each round admits new decodes into the
     /// running batch — every ready final (oldest end of speech first), then
     /// due partials ([`Self::due_partials`]) as many as fit
-    /// [`EngineConfig::admit_budget`], while fewer than
+    /// [`EngineConfig::admit_budget`] (while finals are busy, only as the
+    /// [`EngineConfig::admit_share`] of the time allows), while fewer than
     /// [`EngineConfig::max_batch`] run — runs one decode step, and hands each
     /// decode that is over to its stream. A final waits for one step and its
     /// own admission, never for a whole batch to end.
@@ -961,19 +967,36 @@ impl Core {
         let mut flying: HashMap<StreamId, InFlight> = HashMap::new();
         // Measured time to admit n decodes (encode and prefill).
         let mut admit_cost = CostModel::default();
+        let budget = self.config.admit_budget.as_secs_f64();
+        // Seconds of partial admissions allowed now while finals are busy.
+        let mut credit = budget;
+        let mut credited = Instant::now();
         let mut state = self.lock();
         loop {
             if !state.opening.is_empty() {
                 state = self.make_opening(state);
             }
             self.settle(&mut state);
+            let now = Instant::now();
+            credit =
+                (credit + self.config.admit_share * (now - credited).as_secs_f64()).min(budget);
+            credited = now;
             let room = self.config.max_batch.saturating_sub(flying.len());
             let mut ids = Self::ready_finals(&state);
             ids.truncate(room);
-            let partials = admit_cost
-                .fit(self.config.admit_budget.as_secs_f64())
-                .min(room - ids.len());
-            ids.extend(self.due_partials(&state).into_iter().take(partials));
+            let finals_busy = !ids.is_empty() || flying.values().any(|run| run.work.is_final());
+            let partials = match (finals_busy, credit > 0.0) {
+                (false, _) => admit_cost.fit(budget),
+                (true, true) => admit_cost.fit(credit),
+                (true, false) => 0,
+            };
+            let partials: Vec<StreamId> = self
+                .due_partials(&state)
+                .into_iter()
+                .take(partials.min(room - ids.len()))
+                .collect();
+            let partial_share = partials.len() as f64 / (ids.len() + partials.len()).max(1) as f64;
+            ids.extend(partials);
             if ids.is_empty() && flying.is_empty() {
                 if Self::finished(&state) {
                     break;
@@ -986,6 +1009,9 @@ impl Core {
             let (done, admitted) = self.round(decodes.as_mut(), &mut flying, taken);
             if let Some((n, secs)) = admitted {
                 admit_cost.observe(n, secs);
+                if finals_busy {
+                    credit -= secs * partial_share;
+                }
             }
             state = self.lock();
             Self::give_back(&mut state, done);
