@@ -962,7 +962,8 @@ impl Core {
     /// [`EngineConfig::admit_share`] of the time allows), while fewer than
     /// [`EngineConfig::max_batch`] run — runs one decode step, and hands each
     /// decode that is over to its stream. A final waits for one step and its
-    /// own admission, never for a whole batch to end.
+    /// own admission, never for a whole batch to end, nor for its stream's
+    /// partial in flight (dropped: it would be stale).
     fn continuous_lane(&self, mut decodes: Box<dyn DecodeLoop>) {
         let mut flying: HashMap<StreamId, InFlight> = HashMap::new();
         // Measured time to admit n decodes (encode and prefill).
@@ -977,6 +978,16 @@ impl Core {
                 state = self.make_opening(state);
             }
             self.settle(&mut state);
+            let preempted = Self::preempted(&state, &flying);
+            if !preempted.is_empty() {
+                drop(state);
+                let back = preempted
+                    .into_iter()
+                    .map(|id| Self::drop_partial(decodes.as_mut(), &mut flying, id))
+                    .collect();
+                state = self.lock();
+                Self::give_back(&mut state, back);
+            }
             let now = Instant::now();
             credit =
                 (credit + self.config.admit_share * (now - credited).as_secs_f64()).min(budget);
@@ -1017,6 +1028,48 @@ impl Core {
             Self::give_back(&mut state, done);
             self.wake.notify_all();
         }
+    }
+
+    /// The streams whose partial in flight is overtaken by a final (or pause
+    /// decode) queued behind it: the partial would be stale once out, and
+    /// the final waits for the stream.
+    fn preempted(state: &State, flying: &HashMap<StreamId, InFlight>) -> Vec<StreamId> {
+        flying
+            .iter()
+            .filter(|(_, run)| run.update.kind == UpdateKind::Partial)
+            .filter(|(id, _)| {
+                state.slots.get(id).is_some_and(|slot| {
+                    slot.jobs
+                        .iter()
+                        .any(|j| matches!(j, Job::Update(u) if u.kind != UpdateKind::Partial))
+                })
+            })
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    /// Drops stream `id`'s partial from the decode loop (counted as a skipped
+    /// partial) and gives the stream back.
+    fn drop_partial(
+        decodes: &mut dyn DecodeLoop,
+        flying: &mut HashMap<StreamId, InFlight>,
+        id: StreamId,
+    ) -> Done {
+        let mut run = flying.remove(&id).expect("a preempted stream is in flight");
+        let rec = run.stream.recognizer.as_mut();
+        let dropped = catch_unwind(AssertUnwindSafe(|| decodes.abandon(id, &mut *rec)));
+        if !matches!(dropped, Ok(true)) {
+            tracing::error!(
+                stream = id,
+                "dropping a partial from the decode loop failed"
+            );
+            reset_context(rec);
+        }
+        run.stream
+            .counters
+            .skipped_partials
+            .fetch_add(1, Ordering::Relaxed);
+        (id, run.stream, false)
     }
 
     /// One round of the continuous batch: the `taken` decodes join it (work
