@@ -111,9 +111,9 @@ struct Args {
     /// Continuous batch: time the partials joining in one round may take (ms).
     #[arg(long, default_value_t = EngineConfig::default().admit_budget.as_millis() as u64)]
     admit_budget_ms: u64,
-    /// Continuous batch: share of the time partials may take to join while finals are busy.
-    #[arg(long, default_value_t = EngineConfig::default().admit_share)]
-    admit_share: f64,
+    /// Continuous batch: least time between two admissions (ms).
+    #[arg(long, default_value_t = EngineConfig::default().admit_interval.as_millis() as u64)]
+    admit_interval_ms: u64,
     /// The tracker's partial interval (ms of new audio per partial request).
     #[arg(long, default_value_t = TrackerConfig::default().partial_interval_ms)]
     partial_interval_ms: u32,
@@ -493,7 +493,7 @@ fn run(
     }
     config.continuous &= !args.no_continuous;
     config.admit_budget = Duration::from_millis(args.admit_budget_ms);
-    config.admit_share = args.admit_share;
+    config.admit_interval = Duration::from_millis(args.admit_interval_ms);
     config.max_streams = match args.capacity.as_deref() {
         None => n,
         Some("default") => config.max_streams,

@@ -84,11 +84,11 @@ for step in $STEPS; do
     ;;
   streamsab)
     say "continuous batch against batch at a time, ${AB_STREAMS:-96} Step-Audio 2 streams each"
-    # AB_MODES: "batch" and "continuous:MS:SHARE" (admit budget in ms, admit share)
-    for mode in ${AB_MODES:-continuous:60:0.5 batch}; do
-      IFS=: read -r kind budget share <<< "$mode"
+    # AB_MODES: "batch" and "continuous:BUDGET:INTERVAL" (admit budget and interval, ms)
+    for mode in ${AB_MODES:-continuous:60:100 batch}; do
+      IFS=: read -r kind budget interval <<< "$mode"
       flag=--no-continuous
-      [ "$kind" = continuous ] && flag="--admit-budget-ms ${budget:-60} --admit-share ${share:-0.5}"
+      [ "$kind" = continuous ] && flag="--admit-budget-ms ${budget:-60} --admit-interval-ms ${interval:-100}"
       STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets $BIN/benchmark_streams --step-audio-random --device cuda --max-batch 256 \
         --streams ${AB_STREAMS:-96} --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} $flag \
         --json "$OUT/streams_ab_${mode//:/_}.json" 2>&1 | tail -4 | tee -a "$LOG"

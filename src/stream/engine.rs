@@ -69,15 +69,17 @@ pub struct EngineConfig {
     /// batch between decode steps, so a final waits one step, not a batch.
     /// On by default on a GPU.
     pub continuous: bool,
-    /// Continuous batch: how long the partials that join in one round may
-    /// take to encode and prefill, by the measured cost of admitting decodes
-    /// (at least one joins). Every decode in flight waits for an admission.
+    /// Continuous batch: how long the partials that join at one admission
+    /// may take to encode and prefill, by the measured cost of admitting
+    /// decodes (at least one joins). Every decode in flight waits for an
+    /// admission.
     pub admit_budget: Duration,
-    /// Continuous batch: while finals wait or decode, the most of the time
-    /// that admitting partials may take (a token bucket filled at this rate,
-    /// holding at most [`Self::admit_budget`]), so partials slow finals down
-    /// by a bounded factor and in groups large enough to batch well.
-    pub admit_share: f64,
+    /// Continuous batch: least time between two admissions while decodes run
+    /// (between them the loop only steps). New decodes join in groups: one
+    /// batched encoder pass and prefill for many streams costs little more
+    /// than for one (a prefill reads all the weights however few rows it
+    /// has), and the decodes in flight are held up once per group.
+    pub admit_interval: Duration,
 }
 
 /// Streams the CPU holds by default, by Whisper width and core count: the
@@ -132,7 +134,7 @@ impl Default for EngineConfig {
             lanes: 1,
             continuous: false,
             admit_budget: Duration::from_millis(60),
-            admit_share: 0.5,
+            admit_interval: Duration::from_millis(100),
         }
     }
 }
@@ -958,9 +960,9 @@ impl Core {
     /// [`EngineConfig::continuous`]). Each round admits new decodes into the
     /// running batch — every ready final (oldest end of speech first), then
     /// due partials ([`Self::due_partials`]) as many as fit
-    /// [`EngineConfig::admit_budget`] (while finals are busy, only as the
-    /// [`EngineConfig::admit_share`] of the time allows), while fewer than
-    /// [`EngineConfig::max_batch`] run — runs one decode step, and hands each
+    /// [`EngineConfig::admit_budget`], while fewer than
+    /// [`EngineConfig::max_batch`] run; at most once an
+    /// [`EngineConfig::admit_interval`] — runs one decode step, and hands each
     /// decode that is over to its stream. A final waits for one step and its
     /// own admission, never for a whole batch to end, nor for its stream's
     /// partial in flight (dropped: it would be stale).
@@ -968,10 +970,7 @@ impl Core {
         let mut flying: HashMap<StreamId, InFlight> = HashMap::new();
         // Measured time to admit n decodes (encode and prefill).
         let mut admit_cost = CostModel::default();
-        let budget = self.config.admit_budget.as_secs_f64();
-        // Seconds of partial admissions allowed now while finals are busy.
-        let mut credit = budget;
-        let mut credited = Instant::now();
+        let mut last_admission: Option<Instant> = None;
         let mut state = self.lock();
         loop {
             if !state.opening.is_empty() {
@@ -988,26 +987,18 @@ impl Core {
                 state = self.lock();
                 Self::give_back(&mut state, back);
             }
-            let now = Instant::now();
-            credit =
-                (credit + self.config.admit_share * (now - credited).as_secs_f64()).min(budget);
-            credited = now;
-            let room = self.config.max_batch.saturating_sub(flying.len());
-            let mut ids = Self::ready_finals(&state);
-            ids.truncate(room);
-            let finals_busy = !ids.is_empty() || flying.values().any(|run| run.work.is_final());
-            let partials = match (finals_busy, credit > 0.0) {
-                (false, _) => admit_cost.fit(budget),
-                (true, true) => admit_cost.fit(credit),
-                (true, false) => 0,
-            };
-            let partials: Vec<StreamId> = self
-                .due_partials(&state)
-                .into_iter()
-                .take(partials.min(room - ids.len()))
-                .collect();
-            let partial_share = partials.len() as f64 / (ids.len() + partials.len()).max(1) as f64;
-            ids.extend(partials);
+            let due = flying.is_empty()
+                || last_admission.is_none_or(|t| t.elapsed() >= self.config.admit_interval);
+            let mut ids = Vec::new();
+            if due {
+                let room = self.config.max_batch.saturating_sub(flying.len());
+                ids = Self::ready_finals(&state);
+                ids.truncate(room);
+                let partials = admit_cost
+                    .fit(self.config.admit_budget.as_secs_f64())
+                    .min(room - ids.len());
+                ids.extend(self.due_partials(&state).into_iter().take(partials));
+            }
             if ids.is_empty() && flying.is_empty() {
                 if Self::finished(&state) {
                     break;
@@ -1020,9 +1011,7 @@ impl Core {
             let (done, admitted) = self.round(decodes.as_mut(), &mut flying, taken);
             if let Some((n, secs)) = admitted {
                 admit_cost.observe(n, secs);
-                if finals_busy {
-                    credit -= secs * partial_share;
-                }
+                last_admission = Some(Instant::now());
             }
             state = self.lock();
             Self::give_back(&mut state, done);
