@@ -273,6 +273,12 @@ pub struct ServerArgs {
     /// Most decodes the engine runs as one batch.
     #[arg(long, value_name = "N", default_value_t = crate::stream::engine::EngineConfig::default().max_batch as u64, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_batch: u64,
+    /// Decode one batch at a time instead of the continuous batch (decodes
+    /// joining the running batch between steps), where the continuous batch
+    /// is the default (Step-Audio 2 on a GPU): finals a little sooner under
+    /// load, fewer partials (README, "Many streams on one GPU").
+    #[arg(long)]
+    pub batch_at_a_time: bool,
 }
 
 impl ServerArgs {
@@ -287,6 +293,7 @@ impl ServerArgs {
                 .max_streams
                 .map_or(defaults.max_streams, |n| n as usize),
             max_batch: self.max_batch as usize,
+            continuous: defaults.continuous && !self.batch_at_a_time,
             ..defaults
         }
     }

@@ -20,6 +20,11 @@
 //!    while others wait — under load each stream gets partials less often,
 //!    never fewer finals.
 //!
+//! With [`EngineConfig::continuous`] (Step-Audio 2 on a GPU) one lane keeps
+//! a decode loop running instead: decodes join it between decode steps (in
+//! groups, finals first) and leave it as they end, so a final never waits
+//! for a whole batch ([`Core::continuous_lane`]).
+//!
 //! A queued partial or pause decode is dropped as soon as newer audio of its
 //! segment arrives (never a final), so a stream's queue holds at most one of
 //! them per segment. A stream opened when [`EngineConfig::max_streams`] are
