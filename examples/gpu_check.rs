@@ -621,7 +621,144 @@ fn check_decode(args: &Args, device: &Device, rep: &mut Report) -> Result<()> {
         format!("max abs diff {m:e}"),
     );
     fast::set_fast_paths(FastPaths::ALL);
-    check_decode_batch(args, llm, rep)
+    check_decode_batch(args, llm, rep)?;
+    check_turn_loop(args, device, rep)
+}
+
+/// The continuous batch on the device: turns of six sessions joining a running
+/// [`TurnLoop`] between its steps (and one session's next turn after its
+/// first is back) against the same turns decoded alone (batch-1 fused step),
+/// on a real-width random model with the fixture tokenizer. The logits of
+/// every step up to the first differing id are compared (bf16: a near-tie may
+/// flip an id, after which the turns decode different text).
+fn check_turn_loop(args: &Args, device: &Device, rep: &mut Report) -> Result<()> {
+    use stepaudio_live::model::step_audio2::prompt::StepTokenizer;
+    use stepaudio_live::model::step_audio2::{
+        Session, SessionOptions, StepAudio2, TurnLoop, TurnOptions, TurnOutput, TurnRequest,
+    };
+    let mut cfg = StepAudio2Config::mini();
+    cfg.text.num_layers = args.decode_layers;
+    cfg.encoder.n_layer = 1;
+    let hidden = cfg.text.hidden_size;
+    let model = random_weights(&cfg, device, DType::BF16, 13)?;
+    let rel = "tests/fixtures/step_audio2/tiny_ckpt/tokenizer.json";
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel);
+    let tokenizer = StepTokenizer::load(if built.exists() {
+        &built
+    } else {
+        std::path::Path::new(rel)
+    })?;
+    let sa = StepAudio2::new(model, tokenizer)?;
+    let sessions = || -> Result<Vec<Session>> {
+        (0..6)
+            .map(|_| Ok(sa.session(SessionOptions::default())?))
+            .collect()
+    };
+    let (mut looped, mut alone) = (sessions()?, sessions()?);
+    // (session, audio rows, commit, budget, the step it joins at)
+    let plan = [
+        (0, 40, true, 20, 0),
+        (1, 75, false, 32, 0),
+        (2, 12, true, 16, 2),
+        (3, 60, false, 24, 5),
+        (4, 30, true, 28, 5),
+        (5, 90, false, 12, 9),
+        (0, 50, false, 20, 21),
+    ];
+    let audio: Vec<[Tensor; 1]> = plan
+        .iter()
+        .map(|p| {
+            let rows = Tensor::randn(0f32, 0.02, (p.1, hidden), device)?.to_dtype(DType::BF16)?;
+            Ok([rows])
+        })
+        .collect::<Result<_>>()?;
+    let turn_opts: Vec<TurnOptions> = plan
+        .iter()
+        .map(|p| TurnOptions {
+            record_logits: true,
+            ..TurnOptions::new(p.3)
+        })
+        .collect();
+    let mut outs: Vec<Option<TurnOutput>> = plan.iter().map(|_| None).collect();
+    let mut batch = TurnLoop::default();
+    let (mut step, mut joined) = (0, 0);
+    while joined < plan.len() || !batch.is_idle() {
+        let mut keys = Vec::new();
+        let mut requests = Vec::new();
+        let mut free: Vec<Option<&mut Session>> = looped.iter_mut().map(Some).collect();
+        while joined < plan.len() && plan[joined].4 <= step {
+            let p = plan[joined];
+            let busy = (0..joined).any(|k| plan[k].0 == p.0 && outs[k].is_none());
+            let Some(session) = free[p.0].take().filter(|_| !busy) else {
+                break;
+            };
+            keys.push(joined as u64);
+            requests.push(TurnRequest {
+                session,
+                audio: &audio[joined],
+                prefix: &[],
+                commit: p.2,
+                opts: &turn_opts[joined],
+            });
+            joined += 1;
+        }
+        drop(free);
+        for r in batch.admit(&sa, &keys, &mut requests) {
+            r?;
+        }
+        drop(requests);
+        for key in batch.step(&sa) {
+            let k = key as usize;
+            let out = batch.finish(key, &mut looped[plan[k].0]).context("ended turn")??;
+            outs[k] = Some(out);
+        }
+        step += 1;
+        if step > 10_000 {
+            bail!("the turn loop never ended");
+        }
+    }
+    let (mut worst, mut agreed, mut total, mut identical, mut peak) = (0f64, 0, 0, 0, 0);
+    for (k, p) in plan.iter().enumerate() {
+        let s = &mut alone[p.0];
+        let reference = if p.2 {
+            s.decode_final(&sa, &audio[k], &[], &turn_opts[k])?
+        } else {
+            s.decode_partial(&sa, &audio[k], &[], &turn_opts[k])?
+        };
+        let out = outs[k].as_ref().context("every turn ended")?;
+        peak = peak.max(out.peak_batch);
+        let same = out
+            .generated
+            .iter()
+            .zip(&reference.generated)
+            .take_while(|(a, b)| a == b)
+            .count();
+        identical += usize::from(out.generated == reference.generated);
+        agreed += same;
+        total += reference.generated.len().max(1);
+        // logits up to and including the step that chose the first differing id
+        for (a, b) in out.step_logits.iter().zip(&reference.step_logits).take(same + 1) {
+            worst = worst.max(rel_err(a, b)?.0);
+        }
+    }
+    rep.json.insert(
+        "turn loop".into(),
+        json!({"worst_rel_logits": worst, "ids_agreeing": agreed, "ids": total,
+               "turns_identical": identical, "turns": plan.len(), "widest_step": peak}),
+    );
+    rep.check(
+        &format!(
+            "continuous batch (turns joining a running loop) vs each turn alone ({} layers, real widths)",
+            args.decode_layers
+        ),
+        worst < 1e-2 && worst.is_finite() && peak >= 4,
+        format!(
+            "worst logits rel {worst:.2e}; {identical}/{} turns identical, ids equal up to the \
+             first difference {agreed}/{total}; widest step {peak} turns",
+            plan.len()
+        ),
+    );
+    Ok(())
 }
 
 /// Per stream, per step: logits, and the fused steps' argmaxes.
