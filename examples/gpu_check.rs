@@ -709,7 +709,9 @@ fn check_turn_loop(args: &Args, device: &Device, rep: &mut Report) -> Result<()>
         drop(requests);
         for key in batch.step(&sa) {
             let k = key as usize;
-            let out = batch.finish(key, &mut looped[plan[k].0]).context("ended turn")??;
+            let out = batch
+                .finish(key, &mut looped[plan[k].0])
+                .context("ended turn")??;
             outs[k] = Some(out);
         }
         step += 1;
@@ -737,7 +739,12 @@ fn check_turn_loop(args: &Args, device: &Device, rep: &mut Report) -> Result<()>
         agreed += same;
         total += reference.generated.len().max(1);
         // logits up to and including the step that chose the first differing id
-        for (a, b) in out.step_logits.iter().zip(&reference.step_logits).take(same + 1) {
+        for (a, b) in out
+            .step_logits
+            .iter()
+            .zip(&reference.step_logits)
+            .take(same + 1)
+        {
             worst = worst.max(rel_err(a, b)?.0);
         }
     }

@@ -16,7 +16,7 @@ use stepaudio_live::stream::engine::{
     StreamModel,
 };
 use stepaudio_live::stream::events::Event;
-use stepaudio_live::stream::tracker::{StreamTracker, TrackerConfig, TrackerOutput};
+use stepaudio_live::stream::tracker::{StreamTracker, TrackerConfig, TrackerOutput, UpdateKind};
 
 /// Opens stream `id`; its events arrive on the returned channel.
 fn open(
@@ -51,31 +51,59 @@ fn stream_finals(
     audio: &[f32],
     options: &RecognizerOptions,
 ) -> Vec<String> {
+    stream_paced(engine, id, audio, options, 3_600_000, Duration::ZERO).0
+}
+
+/// Feeds `audio` (100 ms chunks, sleeping `pause` after each, the updates
+/// sent as they come) through a tracker asking for a partial every
+/// `partial_ms`, into stream `id`, and closes it; returns the final texts in
+/// segment order and how many partials arrived.
+fn stream_paced(
+    engine: &EngineHandle,
+    id: u64,
+    audio: &[f32],
+    options: &RecognizerOptions,
+    partial_ms: u32,
+    pause: Duration,
+) -> (Vec<String>, usize) {
     let (info, events) = open(engine, id, options);
     let info = info.expect("opened");
     let config = TrackerConfig {
-        partial_interval_ms: 3_600_000,
+        partial_interval_ms: partial_ms,
         ..TrackerConfig::default()
     };
     let mut tracker = StreamTracker::new(&config, info.frontend, info.max_segment_seconds).unwrap();
     let mut outputs = Vec::new();
+    let send = |outputs: &mut Vec<TrackerOutput>| {
+        for o in outputs.drain(..) {
+            match o {
+                // Unpaced, a pause decode races the final behind it: taken
+                // first, its result is committed as the final (for Step-Audio 2
+                // its text ids alone, not the turn the model generated), else
+                // it is dropped as stale. Finals must not depend on timing.
+                TrackerOutput::Update(update)
+                    if pause.is_zero() && update.kind == UpdateKind::Pause => {}
+                TrackerOutput::Update(update) => {
+                    engine.send(EngineMsg::Update { id, update });
+                }
+                TrackerOutput::Resume { segment } => {
+                    engine.send(EngineMsg::Resume { id, segment });
+                }
+                TrackerOutput::Event(_) => {}
+            }
+        }
+    };
     for chunk in audio.chunks(1600) {
         tracker.push(chunk, Instant::now(), &mut outputs);
-    }
-    tracker.finish(&mut outputs);
-    for o in outputs {
-        match o {
-            TrackerOutput::Update(update) => {
-                engine.send(EngineMsg::Update { id, update });
-            }
-            TrackerOutput::Resume { segment } => {
-                engine.send(EngineMsg::Resume { id, segment });
-            }
-            TrackerOutput::Event(_) => {}
+        if !pause.is_zero() {
+            send(&mut outputs);
+            std::thread::sleep(pause);
         }
     }
+    tracker.finish(&mut outputs);
+    send(&mut outputs);
     engine.send(EngineMsg::Close { id });
-    let mut finals = Vec::new();
+    let (mut finals, mut partials) = (Vec::new(), 0);
     loop {
         match events.recv_timeout(Duration::from_secs(300)).unwrap() {
             StreamEvent::Event(Event::Final {
@@ -88,9 +116,10 @@ fn stream_finals(
                 assert_eq!(segment as usize, finals.len(), "finals in order");
                 finals.push(text);
             }
+            StreamEvent::Event(Event::Partial { .. }) => partials += 1,
             StreamEvent::Closed(failure) => {
                 assert!(failure.is_none(), "{failure:?}");
-                return finals;
+                return (finals, partials);
             }
             _ => {}
         }
@@ -253,4 +282,66 @@ fn a_continuous_batch_gives_each_stream_its_finals_alone() {
         assert!(a.iter().any(|f| !f.is_empty()), "stream {i} got text");
         assert_eq!(a, t, "stream {i}");
     }
+}
+
+/// Step-Audio 2 (tiny random checkpoint, CPU), the continuous batch with
+/// partials on and audio arriving as it is spoken (20× real time): partials
+/// join and leave the running loop beside other streams' finals, and a final
+/// may drop its own stream's partial in flight; every stream still gets one
+/// final per segment, in order, none failed — as many as the batch-at-a-time
+/// engine gives the same audio.
+#[test]
+fn the_continuous_batch_with_partials_keeps_every_final() {
+    let load = || {
+        stepaudio_live::model::LoadedModel::load(
+            &common::fixture("step_audio2/tiny_ckpt"),
+            stepaudio_live::device::DeviceChoice::Cpu,
+            Some(candle_core::DType::F32),
+            Default::default(),
+        )
+        .unwrap()
+    };
+    let options = &RecognizerOptions {
+        step_audio_max_new_tokens: 24,
+        ..Default::default()
+    };
+    let inputs = [
+        audio_of(&["en_jfk_ask_not", "en_timit_ldc93s1"]),
+        audio_of(&["en_mfa_words", "en_ps_cards_002"]),
+        audio_of(&["en_timit_ldc93s1", "en_ps_goforward", "en_mfa_her"]),
+    ];
+    let mut segments = Vec::new();
+    for continuous in [false, true] {
+        let config = EngineConfig {
+            max_streams: 8,
+            continuous,
+            ..EngineConfig::default()
+        };
+        let (engine, thread) = engine::spawn(load(), config).unwrap();
+        let got: Vec<(Vec<String>, usize)> = std::thread::scope(|s| {
+            let handles: Vec<_> = inputs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    let engine = engine.clone();
+                    let pause = Duration::from_millis(5);
+                    s.spawn(move || stream_paced(&engine, i as u64, a, options, 300, pause))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let stats = engine.stats();
+        drop(engine);
+        thread.join().unwrap();
+        eprintln!(
+            "continuous {continuous}: {stats:?}, partials {:?}",
+            got.iter().map(|g| g.1).collect::<Vec<_>>()
+        );
+        segments.push(got.iter().map(|g| g.0.len()).collect::<Vec<_>>());
+    }
+    assert!(segments[0].iter().all(|&n| n >= 2), "segments {segments:?}");
+    assert_eq!(
+        segments[1], segments[0],
+        "finals per stream, continuous vs batch at a time"
+    );
 }
