@@ -589,14 +589,14 @@ impl Core {
         state: &mut State,
         id: StreamId,
         recognizer: Box<dyn Recognizer>,
-        mut events: EventSink,
+        events: EventSink,
         counters: Arc<StreamCounters>,
     ) {
-        events(StreamEvent::Opened(Ok(StreamInfo {
+        let info = StreamInfo {
             name: recognizer.name(),
             frontend: recognizer.frontend(),
             max_segment_seconds: recognizer.max_segment_seconds(),
-        })));
+        };
         self.model.plan_streams(state.slots.len() + 1);
         state.slots.insert(
             id,
@@ -616,6 +616,10 @@ impl Core {
         self.counters
             .streams
             .store(state.slots.len(), Ordering::Relaxed);
+        // Told once it is counted, so that stats read after `Opened` include it.
+        if let Some(stream) = state.slots.get_mut(&id).and_then(|s| s.stream.as_mut()) {
+            (stream.events)(StreamEvent::Opened(Ok(info)));
+        }
     }
 
     fn enqueue(&self, id: StreamId, job: Job) {
