@@ -126,6 +126,36 @@ fn stream_paced(
     }
 }
 
+/// The tiny random Step-Audio 2 checkpoint (f32, CPU).
+fn tiny_step_audio2() -> stepaudio_live::model::LoadedModel {
+    stepaudio_live::model::LoadedModel::load(
+        &common::fixture("step_audio2/tiny_ckpt"),
+        stepaudio_live::device::DeviceChoice::Cpu,
+        Some(candle_core::DType::F32),
+        Default::default(),
+    )
+    .unwrap()
+}
+
+/// Runs `stream(engine, i, input)` for every input at once, one thread each.
+fn together<T: Send>(
+    engine: &EngineHandle,
+    inputs: &[Vec<f32>],
+    stream: impl Fn(&EngineHandle, usize, &[f32]) -> T + Sync,
+) -> Vec<T> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let stream = &stream;
+                s.spawn(move || stream(engine, i, a))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 fn audio_of(ids: &[&str]) -> Vec<f32> {
     let mut audio = Vec::new();
     for id in ids {
@@ -158,16 +188,8 @@ fn streams_decoded_together_get_the_finals_they_get_alone() {
     thread.join().unwrap();
 
     let (engine, thread) = engine::spawn(common::tiny_en(), config).unwrap();
-    let together: Vec<Vec<String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = inputs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| {
-                let engine = engine.clone();
-                s.spawn(move || stream_finals(&engine, 10 + i as u64, a, &Default::default()))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let together = together(&engine, &inputs, |engine, i, a| {
+        stream_finals(engine, 10 + i as u64, a, &Default::default())
     });
     let stats = engine.stats();
     drop(engine);
@@ -219,15 +241,6 @@ fn a_stream_past_capacity_is_refused_until_one_closes() {
 /// engine with the streams one after another.
 #[test]
 fn a_continuous_batch_gives_each_stream_its_finals_alone() {
-    let load = || {
-        stepaudio_live::model::LoadedModel::load(
-            &common::fixture("step_audio2/tiny_ckpt"),
-            stepaudio_live::device::DeviceChoice::Cpu,
-            Some(candle_core::DType::F32),
-            Default::default(),
-        )
-        .unwrap()
-    };
     let inputs = [
         audio_of(&["en_jfk_ask_not", "en_timit_ldc93s1"]),
         audio_of(&["en_mfa_words", "en_ps_cards_002"]),
@@ -245,7 +258,7 @@ fn a_continuous_batch_gives_each_stream_its_finals_alone() {
         max_streams: 8,
         ..EngineConfig::default()
     };
-    let (engine, thread) = engine::spawn(load(), alone_config.clone()).unwrap();
+    let (engine, thread) = engine::spawn(tiny_step_audio2(), alone_config.clone()).unwrap();
     let alone: Vec<Vec<String>> = inputs
         .iter()
         .enumerate()
@@ -258,17 +271,9 @@ fn a_continuous_batch_gives_each_stream_its_finals_alone() {
         continuous: true,
         ..alone_config
     };
-    let (engine, thread) = engine::spawn(load(), config).unwrap();
-    let together: Vec<Vec<String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = inputs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| {
-                let engine = engine.clone();
-                s.spawn(move || stream_finals(&engine, 10 + i as u64, a, options))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let (engine, thread) = engine::spawn(tiny_step_audio2(), config).unwrap();
+    let together = together(&engine, &inputs, |engine, i, a| {
+        stream_finals(engine, 10 + i as u64, a, options)
     });
     let stats = engine.stats();
     drop(engine);
@@ -292,15 +297,6 @@ fn a_continuous_batch_gives_each_stream_its_finals_alone() {
 /// engine gives the same audio.
 #[test]
 fn the_continuous_batch_with_partials_keeps_every_final() {
-    let load = || {
-        stepaudio_live::model::LoadedModel::load(
-            &common::fixture("step_audio2/tiny_ckpt"),
-            stepaudio_live::device::DeviceChoice::Cpu,
-            Some(candle_core::DType::F32),
-            Default::default(),
-        )
-        .unwrap()
-    };
     let options = &RecognizerOptions {
         step_audio_max_new_tokens: 24,
         ..Default::default()
@@ -317,18 +313,10 @@ fn the_continuous_batch_with_partials_keeps_every_final() {
             continuous,
             ..EngineConfig::default()
         };
-        let (engine, thread) = engine::spawn(load(), config).unwrap();
-        let got: Vec<(Vec<String>, usize)> = std::thread::scope(|s| {
-            let handles: Vec<_> = inputs
-                .iter()
-                .enumerate()
-                .map(|(i, a)| {
-                    let engine = engine.clone();
-                    let pause = Duration::from_millis(5);
-                    s.spawn(move || stream_paced(&engine, i as u64, a, options, 300, pause))
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let (engine, thread) = engine::spawn(tiny_step_audio2(), config).unwrap();
+        let pause = Duration::from_millis(5);
+        let got = together(&engine, &inputs, |engine, i, a| {
+            stream_paced(engine, i as u64, a, options, 300, pause)
         });
         let stats = engine.stats();
         drop(engine);

@@ -964,6 +964,32 @@ struct InFlight {
     model_time: Duration,
 }
 
+impl InFlight {
+    fn new((_, stream, update, work): Taken) -> Self {
+        Self {
+            stream,
+            update,
+            work,
+            model_time: Duration::ZERO,
+        }
+    }
+
+    /// Decodes its update alone, guarded (work that cannot join the loop, or
+    /// after a panic in it).
+    fn decode_alone(&mut self) -> Result<crate::model::recognizer::Hypothesis, DecodeFailure> {
+        let started = Instant::now();
+        let (update, work) = (&self.update, &self.work);
+        let outcome = guarded(
+            self.stream.recognizer.as_mut(),
+            update.segment,
+            work.is_final(),
+            |r| work.run_alone(&update.features, r),
+        );
+        self.model_time += started.elapsed();
+        outcome
+    }
+}
+
 impl Core {
     /// The lane of a model with a decode loop (continuous batching; see
     /// [`EngineConfig::continuous`]). Each round admits new decodes into the
@@ -1087,61 +1113,29 @@ impl Core {
         let (mut joining, alone): (Vec<Taken>, Vec<Taken>) = taken
             .into_iter()
             .partition(|(_, _, _, w)| w.batchable().is_some());
-        for (id, mut s, update, work) in alone {
-            let started = Instant::now();
-            let outcome = guarded(
-                s.recognizer.as_mut(),
-                update.segment,
-                work.is_final(),
-                |r| work.run_alone(&update.features, r),
-            );
-            let run = InFlight {
-                stream: s,
-                update,
-                work,
-                model_time: started.elapsed(),
-            };
+        for taken in alone {
+            let id = taken.0;
+            let mut run = InFlight::new(taken);
+            let outcome = run.decode_alone();
             done.push(Self::land(id, run, outcome));
         }
         let keys: Vec<u64> = joining.iter().map(|(id, ..)| *id).collect();
         let admit_start = Instant::now();
         let admitted = catch_unwind(AssertUnwindSafe(|| {
-            let mut requests: Vec<BatchRequest<'_>> = joining
-                .iter_mut()
-                .map(|(_, s, update, work)| {
-                    let (prefix, commit) = work.batchable().expect("batchable work");
-                    BatchRequest {
-                        recognizer: s.recognizer.as_mut(),
-                        features: &update.features,
-                        prefix,
-                        commit,
-                    }
-                })
-                .collect();
+            let mut requests: Vec<BatchRequest<'_>> =
+                joining.iter_mut().map(batch_request).collect();
             decodes.admit(&keys, &mut requests)
         }));
         let Ok(admitted) = admitted else {
-            flying.extend(joining.into_iter().map(|(id, stream, update, work)| {
-                let run = InFlight {
-                    stream,
-                    update,
-                    work,
-                    model_time: Duration::ZERO,
-                };
-                (id, run)
-            }));
+            flying.extend(joining.into_iter().map(|t| (t.0, InFlight::new(t))));
             done.extend(self.recover(decodes, flying));
             return (done, None);
         };
         let admission =
             (!keys.is_empty()).then(|| (keys.len(), admit_start.elapsed().as_secs_f64()));
-        for ((id, stream, update, work), r) in joining.into_iter().zip(admitted) {
-            let run = InFlight {
-                stream,
-                update,
-                work,
-                model_time: Duration::ZERO,
-            };
+        for (taken, r) in joining.into_iter().zip(admitted) {
+            let id = taken.0;
+            let run = InFlight::new(taken);
             match r {
                 Ok(()) => {
                     flying.insert(id, run);
@@ -1217,13 +1211,8 @@ impl Core {
                 if catch_unwind(AssertUnwindSafe(|| decodes.abandon(id, &mut *rec))).is_err() {
                     tracing::error!(stream = id, "dropping a decode from the loop panicked");
                 }
-                reset_context(&mut *rec);
-                let started = Instant::now();
-                let (update, work) = (&run.update, &run.work);
-                let outcome = guarded(rec, update.segment, work.is_final(), |r| {
-                    work.run_alone(&update.features, r)
-                });
-                run.model_time += started.elapsed();
+                reset_context(rec);
+                let outcome = run.decode_alone();
                 Self::land(id, run, outcome)
             })
             .collect()
@@ -1237,6 +1226,17 @@ impl Core {
         c.largest_batch.fetch_max(width, Ordering::Relaxed);
         c.model_micros
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The model request of a taken decode (batchable work).
+fn batch_request<'a>((_, s, update, work): &'a mut Taken) -> BatchRequest<'a> {
+    let (prefix, commit) = work.batchable().expect("batchable work");
+    BatchRequest {
+        recognizer: s.recognizer.as_mut(),
+        features: &update.features,
+        prefix,
+        commit,
     }
 }
 
@@ -1267,15 +1267,7 @@ fn decode_together(
             .enumerate()
             // `which` is in batch order.
             .filter(|(i, _)| which.binary_search(i).is_ok())
-            .map(|(_, (_, s, update, work))| {
-                let (prefix, commit) = work.batchable().expect("batchable work");
-                BatchRequest {
-                    recognizer: s.recognizer.as_mut(),
-                    features: &update.features,
-                    prefix,
-                    commit,
-                }
-            })
+            .map(|(_, t)| batch_request(t))
             .collect();
         catch_unwind(AssertUnwindSafe(|| decode_batch(&mut requests)))
     };

@@ -456,6 +456,21 @@ impl StepAudio2Recognizer {
             .collect()
     }
 
+    /// The session turn of a request whose segment is `encoded`.
+    fn turn_request<'a>(
+        r: &'a mut crate::model::batch::FamilyRequest<'_, Self>,
+        encoded: &'a Encoded,
+    ) -> Option<TurnRequest<'a>> {
+        let rec = &mut *r.recognizer;
+        Some(TurnRequest {
+            session: &mut rec.session,
+            audio: &encoded.0,
+            prefix: r.prefix,
+            commit: r.commit,
+            opts: &rec.turn,
+        })
+    }
+
     /// Several streams' turns in one batch (see [`crate::model::batch`]): each
     /// request gives what [`Self::run`] gives it alone. New segments are
     /// encoded together ([`Self::encode_requests`]); the LLM turns of the
@@ -495,16 +510,7 @@ impl StepAudio2Recognizer {
                 .zip(&encoded)
                 .enumerate()
                 .filter(|(i, _)| group.contains(i))
-                .filter_map(|(_, (r, e))| {
-                    let rec = &mut *r.recognizer;
-                    Some(TurnRequest {
-                        session: &mut rec.session,
-                        audio: &e.as_ref()?.0,
-                        prefix: r.prefix,
-                        commit: r.commit,
-                        opts: &rec.turn,
-                    })
-                })
+                .filter_map(|(_, (r, e))| Self::turn_request(r, e.as_ref()?))
                 .collect();
             let outs = Session::run_turns(&sa, &mut turns);
             drop(turns);
@@ -573,16 +579,7 @@ impl crate::model::batch::DecodeLoop for StepAudio2Loop {
         let mut turns: Vec<TurnRequest<'_>> = family
             .iter_mut()
             .zip(&encoded)
-            .filter_map(|(r, e)| {
-                let rec = &mut *r.recognizer;
-                Some(TurnRequest {
-                    session: &mut rec.session,
-                    audio: &e.as_ref()?.0,
-                    prefix: r.prefix,
-                    commit: r.commit,
-                    opts: &rec.turn,
-                })
-            })
+            .filter_map(|(r, e)| StepAudio2Recognizer::turn_request(r, e.as_ref()?))
             .collect();
         let admitted = self.turns.admit(&self.sa, &ok_keys, &mut turns);
         let now = Instant::now();
