@@ -223,7 +223,9 @@ pub enum StreamEvent {
     Closed(Option<DecodeFailure>),
 }
 
-/// Counters of the whole engine, for stats and benchmarks.
+/// Counters of the whole engine, for stats and benchmarks. In the
+/// continuous batch a round (admission and one step) counts as a batch and
+/// the decodes in flight as its size.
 #[derive(Debug, Default)]
 pub struct EngineCounters {
     pub streams: AtomicUsize,
