@@ -6,7 +6,7 @@ batch-at-a-time engine, per logged second ("decode loop" lines) for the continuo
 import re
 import sys
 
-num = lambda key, line: float(re.search(key + r"=([0-9.]+)", line).group(1))
+num = lambda key, line: float(re.search(key + r"=([0-9.]+(?:[eE][-+]?[0-9]+)?)", line).group(1))
 enc, pre, dec, steps, widest, turns, batches = [], [], [], [], [], [], 0
 ansi = re.compile(r"\x1b\[[0-9;]*m")
 for line in open(sys.argv[1], errors="replace"):
@@ -23,7 +23,7 @@ for line in open(sys.argv[1], errors="replace"):
 if not batches:
     sys.exit("no 'batch of turns' lines: run with RUST_LOG=stepaudio_live::model::step_audio2=debug")
 total = sum(enc) + sum(pre) + sum(dec)
-print(f"{batches} batches, {sum(turns):.0f} turns (mean {sum(turns) / batches:.1f} a batch, "
+print(f"{batches} batches (or seconds of the decode loop), {sum(turns):.0f} turns (mean {sum(turns) / batches:.1f} a batch, "
       f"widest decode step {max(widest):.0f}), {sum(steps):.0f} decode steps")
 for name, v in (("encoder", enc), ("prefill", pre), ("decode", dec)):
     print(f"  {name:8s} {sum(v) / 1e3:7.2f} s  {100 * sum(v) / total:5.1f} %  "

@@ -1124,6 +1124,9 @@ impl Core {
         let keys: Vec<u64> = joining.iter().map(|(id, ..)| *id).collect();
         let admit_start = Instant::now();
         let admitted = catch_unwind(AssertUnwindSafe(|| {
+            if joining.is_empty() {
+                return Vec::new();
+            }
             let mut requests: Vec<BatchRequest<'_>> =
                 joining.iter_mut().map(batch_request).collect();
             decodes.admit(&keys, &mut requests)
