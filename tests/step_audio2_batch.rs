@@ -545,6 +545,18 @@ fn turns_joining_a_running_loop_equal_each_stream_alone() {
             }
         }
         drop(requests);
+        if step == 1 {
+            // A session whose turn is in the loop cannot start another.
+            let mut again = [TurnRequest {
+                session: &mut looped[0],
+                audio: &audio[0],
+                prefix: &[],
+                commit: false,
+                opts: &turn_opts[0],
+            }];
+            let refused = batch.admit(&sa, &[99], &mut again);
+            assert!(refused[0].is_err(), "a second turn of a busy session");
+        }
         for key in batch.step(&sa) {
             let k = key as usize;
             let out = batch.finish(key, &mut looped[plan[k].0]).unwrap().unwrap();

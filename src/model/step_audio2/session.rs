@@ -492,7 +492,8 @@ impl TurnLoop {
     /// Starts the `turns` (`keys[i]` names `turns[i]`): their prologues, one
     /// batched prefill (at most [`PREFILL_ROWS`] rows a forward; a failed
     /// forward is run again stream by stream) and their first ids. An error
-    /// costs only its own turn, whose session is left as it was.
+    /// costs only its own turn, whose session is left as it was (a session
+    /// whose turn is still in a loop is refused).
     pub fn admit(
         &mut self,
         sa: &StepAudio2,
@@ -505,6 +506,12 @@ impl TurnLoop {
         let mut results: Vec<Result<(), ModelError>> = turns.iter().map(|_| Ok(())).collect();
         let mut inputs = Vec::with_capacity(turns.len());
         for (i, t) in turns.iter_mut().enumerate() {
+            if t.session.state.num_layers() == 0 {
+                results[i] = Err(ModelError::Invalid(
+                    "the session already has a turn in a decode loop".into(),
+                ));
+                continue;
+            }
             let plan = match t.session.plan_turn(sa, t.audio, t.prefix, t.opts) {
                 Ok(p) => p,
                 Err(e) => {
