@@ -680,7 +680,7 @@ fn check_turn_loop(args: &Args, device: &Device, rep: &mut Report) -> Result<()>
         })
         .collect();
     let mut outs: Vec<Option<TurnOutput>> = plan.iter().map(|_| None).collect();
-    let mut batch = TurnLoop::default();
+    let mut batch = TurnLoop::new(&sa);
     let (mut step, mut joined) = (0, 0);
     while joined < plan.len() || !batch.is_idle() {
         let mut keys = Vec::new();

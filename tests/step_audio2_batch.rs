@@ -508,7 +508,7 @@ fn turns_joining_a_running_loop_equal_each_stream_alone() {
     let turn_opts: Vec<TurnOptions> = plan.iter().map(|p| TurnOptions::new(p.4)).collect();
     let audio: Vec<[Tensor; 1]> = plan.iter().map(|p| [clips[p.1].clone()]).collect();
     let mut outs: Vec<Option<TurnOutput>> = plan.iter().map(|_| None).collect();
-    let mut batch = TurnLoop::default();
+    let mut batch = TurnLoop::new(&sa);
     let mut step = 0;
     let mut joined = 0;
     while joined < plan.len() || !batch.is_idle() {

@@ -541,8 +541,8 @@ pub(crate) struct StepAudio2Loop {
 impl StepAudio2Loop {
     pub fn new(sa: Arc<StepAudio2>) -> Self {
         Self {
+            turns: TurnLoop::new(&sa),
             sa,
-            turns: TurnLoop::default(),
             admitted: Default::default(),
         }
     }

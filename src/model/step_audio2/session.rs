@@ -226,7 +226,7 @@ impl Session {
         if let [t] = turns {
             return vec![t.session.run_turn(sa, t.audio, t.prefix, t.commit, t.opts)];
         }
-        let mut batch = TurnLoop::default();
+        let mut batch = TurnLoop::new(sa);
         let keys: Vec<u64> = (0..turns.len() as u64).collect();
         let mut results: Vec<Option<Result<TurnOutput, ModelError>>> = batch
             .admit(sa, &keys, turns)
@@ -411,8 +411,10 @@ pub struct TurnRequest<'a> {
 /// (CUDA, bf16) the steps go through the batched fused step shared by the
 /// model's sessions. While its turn is in the loop a session's KV cache is
 /// the loop's: [`TurnLoop::finish`] (or [`TurnLoop::abandon`]) hands it back.
-#[derive(Default)]
+/// A loop serves the sessions of the model it was made for.
 pub struct TurnLoop {
+    /// The model's decoder weights, gathered once rather than every step.
+    weights: crate::ops::fast::DecodeWeights,
     live: Vec<LoopTurn>,
     /// Closed turns not taken back yet.
     ended: Vec<EndedTurn>,
@@ -479,6 +481,17 @@ fn states_at<'a, T>(
 }
 
 impl TurnLoop {
+    /// An empty loop for the sessions of `sa`.
+    pub fn new(sa: &StepAudio2) -> Self {
+        Self {
+            weights: sa.model.llm.decode_weights(),
+            live: Vec::new(),
+            ended: Vec::new(),
+            fresh: Vec::new(),
+            stats: LoopStats::default(),
+        }
+    }
+
     /// Turns decoding (not ended).
     pub fn running(&self) -> usize {
         self.live.len()
@@ -667,7 +680,7 @@ impl TurnLoop {
         let mut states: Vec<&mut llm::LlmState> =
             self.live.iter_mut().map(|t| &mut t.state).collect();
         let mut decoder = sa.batch_decoder.lock().unwrap_or_else(|e| e.into_inner());
-        let fused = decoder.prepare(&llm.decode_weights()).unwrap_or_else(|e| {
+        let fused = decoder.prepare(&self.weights).unwrap_or_else(|e| {
             tracing::warn!("batched fused decode unavailable ({e}); candle ops");
             None
         });
