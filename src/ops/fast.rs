@@ -434,6 +434,7 @@ pub struct DecodeLayerWeights {
     pub down_proj_bias: Option<Tensor>,
 }
 
+#[cfg(feature = "cuda")]
 impl DecodeWeights {
     pub(crate) fn device(&self) -> &Device {
         self.embed_tokens.device()
@@ -478,8 +479,10 @@ pub struct FusedStep<'a> {
     _life: std::marker::PhantomData<&'a mut ()>,
 }
 
-/// The engine in `slot` for `weights`, made anew when it serves other weights;
-/// `None` (and not tried again) when the kernels do not cover the model.
+/// The engine in `slot` for `weights`, with whether to replay CUDA graphs, when
+/// the decode fast path is switched on for their device: made anew when it
+/// serves other weights; `None` (and not tried again) when the kernels do not
+/// cover the model.
 #[cfg(feature = "cuda")]
 fn engine_for<'a, E>(
     slot: &'a mut Option<E>,
@@ -487,42 +490,40 @@ fn engine_for<'a, E>(
     weights: &DecodeWeights,
     serves: impl Fn(&E, &DecodeWeights) -> bool,
     new: impl FnOnce(&DecodeWeights) -> Result<Option<E>>,
-) -> Result<Option<&'a mut E>> {
-    if *unsupported {
+) -> Result<Option<(&'a mut E, bool)>> {
+    let flags = fast_paths();
+    if !flags.decode || !available(weights.device()) || *unsupported {
         return Ok(None);
     }
     if !slot.as_ref().is_some_and(|e| serves(e, weights)) {
         *slot = new(weights)?;
         *unsupported = slot.is_none();
     }
-    Ok(slot.as_mut())
+    Ok(slot.as_mut().map(|e| (e, flags.graph)))
 }
 
 impl FusedDecoder {
     /// The fused step for the decoder `weights`, if the fast path is switched on and
     /// covers it.
     pub fn prepare(&mut self, weights: &DecodeWeights) -> Result<Option<FusedStep<'_>>> {
-        let flags = fast_paths();
-        if !flags.decode || !available(weights.device()) {
-            return Ok(None);
-        }
         #[cfg(feature = "cuda")]
-        {
-            let engine = engine_for(
-                &mut self.engine,
-                &mut self.unsupported,
-                weights,
-                super::cuda::decode::DecodeEngine::serves,
-                super::cuda::decode::DecodeEngine::new,
-            )?;
-            Ok(engine.map(|engine| FusedStep {
-                engine,
-                graph: flags.graph,
-                _life: std::marker::PhantomData,
-            }))
-        }
+        return Ok(engine_for(
+            &mut self.engine,
+            &mut self.unsupported,
+            weights,
+            super::cuda::decode::DecodeEngine::serves,
+            super::cuda::decode::DecodeEngine::new,
+        )?
+        .map(|(engine, graph)| FusedStep {
+            engine,
+            graph,
+            _life: std::marker::PhantomData,
+        }));
         #[cfg(not(feature = "cuda"))]
-        Ok(None)
+        {
+            let _ = weights;
+            Ok(None)
+        }
     }
 }
 
@@ -594,27 +595,24 @@ impl FusedBatchDecoder {
     /// The batched step for the decoder `weights`, if the fast path is switched on and
     /// covers it.
     pub fn prepare(&mut self, weights: &DecodeWeights) -> Result<Option<FusedBatchStep<'_>>> {
-        let flags = fast_paths();
-        if !flags.decode || !available(weights.device()) {
-            return Ok(None);
-        }
         #[cfg(feature = "cuda")]
-        {
-            let engine = engine_for(
-                &mut self.engine,
-                &mut self.unsupported,
-                weights,
-                super::cuda::decode_batch::BatchDecodeEngine::serves,
-                super::cuda::decode_batch::BatchDecodeEngine::new,
-            )?;
-            Ok(engine.map(|engine| FusedBatchStep {
-                engine,
-                graph: flags.graph,
-                _life: std::marker::PhantomData,
-            }))
-        }
+        return Ok(engine_for(
+            &mut self.engine,
+            &mut self.unsupported,
+            weights,
+            super::cuda::decode_batch::BatchDecodeEngine::serves,
+            super::cuda::decode_batch::BatchDecodeEngine::new,
+        )?
+        .map(|(engine, graph)| FusedBatchStep {
+            engine,
+            graph,
+            _life: std::marker::PhantomData,
+        }));
         #[cfg(not(feature = "cuda"))]
-        Ok(None)
+        {
+            let _ = weights;
+            Ok(None)
+        }
     }
 }
 
