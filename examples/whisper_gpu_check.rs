@@ -134,16 +134,6 @@ fn rms_diff(a: &[f32], b: &[f32]) -> f64 {
     (s / a.len().max(1) as f64).sqrt()
 }
 
-fn argmax(xs: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 fn rows_f32(t: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec2()?)
 }
@@ -202,7 +192,7 @@ fn compare_steps(
         let rms = rms_diff(&o, &r);
         m.apply_logit_rules(&mut o, &greedy[..k], &opts);
         m.apply_logit_rules(&mut r, &greedy[..k], &opts);
-        let got = argmax(&o);
+        let got = stepaudio_live::model::whisper::decoding::argmax(&o);
         if got == want {
             agree += 1;
             continue;

@@ -73,7 +73,8 @@ fn log_sum_exp(xs: &[f32]) -> f32 {
         .ln() as f32
 }
 
-fn argmax(xs: &[f32]) -> u32 {
+/// Index of the largest value (the first of equals).
+pub fn argmax(xs: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &x) in xs.iter().enumerate() {
         if x > xs[best] {
