@@ -622,7 +622,119 @@ fn check_decode(args: &Args, device: &Device, rep: &mut Report) -> Result<()> {
     );
     fast::set_fast_paths(FastPaths::ALL);
     check_decode_batch(args, llm, rep)?;
+    check_prefill_batch(args, llm, rep)?;
     check_turn_loop(args, device, rep)
+}
+
+/// The batched fused prefill (every stream's new rows through the decode kernels as
+/// one batch of rows): streams with different cached lengths, new rows from 1 to past
+/// one slice (512 rows). Against the same tokens fed one step at a time through the
+/// batched fused step (the same kernels but for the projections: cuBLAS GEMMs over all
+/// rows instead of the batch-1 GEMV, so a bf16 rounding may differ by an ulp, 2^-8
+/// relative): the logits of every row and the cached keys and values afterwards
+/// (bound 1e-2). And against candle's `forward_batch` (bf16 ops rounded at other
+/// places; bound 2e-2, 1.5e-2 seen with small random inputs).
+fn check_prefill_batch(args: &Args, llm: &Qwen2Llm, rep: &mut Report) -> Result<()> {
+    // (cached positions before, new rows)
+    let shapes = [
+        (31usize, 1usize),
+        (90, 57),
+        (7, 300),
+        (200, 2),
+        (60, 700),
+        (500, 64),
+    ];
+    let ids = |i: usize, n: usize, salt: usize| -> Vec<u32> {
+        (0..n)
+            .map(|j| ((i * 977 + j + salt) as u64 * 2654435761 % 150000) as u32)
+            .collect()
+    };
+    let prepare = || -> Result<Vec<LlmState>> {
+        let mut states = Vec::new();
+        for (i, &(past, n)) in shapes.iter().enumerate() {
+            let mut st = llm.new_state(past + n + 8);
+            llm.forward(&llm.embed(&ids(i, past, 0))?.unsqueeze(0)?, &mut st)?;
+            states.push(st);
+        }
+        Ok(states)
+    };
+    let new_ids: Vec<Vec<u32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, n))| ids(i, n, 50_000))
+        .collect();
+    let inputs = new_ids
+        .iter()
+        .map(|t| Ok(llm.embed(t)?.unsqueeze(0)?))
+        .collect::<Result<Vec<_>>>()?;
+    let mut bd = FusedBatchDecoder::default();
+    let weights = llm.decode_weights();
+    // the prefill
+    let mut states = prepare()?;
+    let got = bd
+        .prepare(&weights)?
+        .context("no batched fused decoder on this device")?
+        .prefill(&inputs, &mut states.iter_mut().collect::<Vec<_>>())?
+        .context("the prefill fast path is off")?;
+    // the same tokens one step at a time, each stream alone
+    let mut stepped = prepare()?;
+    let (mut vs_steps, mut vs_steps_kv, mut same, mut rows) = (0f64, 0f64, 0usize, 0usize);
+    for (i, st) in stepped.iter_mut().enumerate() {
+        let logits = llm.logits(&got[i])?.i(0)?.to_dtype(DType::F32)?;
+        let mut f = bd.prepare(&weights)?.context("no batched fused decoder")?;
+        for (j, &t) in new_ids[i].iter().enumerate() {
+            let (next, _) = f.step(&[t], &mut [&mut *st])?[0];
+            let want = f.logits()?.i(0)?;
+            vs_steps = vs_steps.max(rel_err(&logits.i(j)?, &want)?.0);
+            same += usize::from(argmax(&logits.i(j)?)? == next);
+            rows += 1;
+        }
+    }
+    // candle ops
+    let mut ref_states = prepare()?;
+    let want = llm.forward_batch(&inputs, &mut ref_states.iter_mut().collect::<Vec<_>>())?;
+    let (mut vs_candle, mut vs_candle_kv) = (0f64, 0f64);
+    let mut lengths_ok = true;
+    for i in 0..shapes.len() {
+        vs_candle = vs_candle.max(rel_err(&got[i], &want[i])?.0);
+        lengths_ok &= states[i].len() == ref_states[i].len() && states[i].len() == stepped[i].len();
+        for l in 0..llm.layers.len() {
+            let (k, v) = states[i].layer(l)?.context("no cache")?;
+            let (rk, rv) = ref_states[i].layer(l)?.context("no cache")?;
+            let (sk, sv) = stepped[i].layer(l)?.context("no cache")?;
+            vs_candle_kv = vs_candle_kv
+                .max(rel_err(&k, &rk)?.0)
+                .max(rel_err(&v, &rv)?.0);
+            vs_steps_kv = vs_steps_kv
+                .max(rel_err(&k, &sk)?.0)
+                .max(rel_err(&v, &sv)?.0);
+        }
+    }
+    rep.json.insert(
+        "batched prefill".into(),
+        json!({"shapes": shapes, "worst_rel_logits_vs_steps": vs_steps,
+               "worst_rel_kv_vs_steps": vs_steps_kv, "same_argmax_as_steps": same, "rows": rows,
+               "worst_rel_hidden_vs_candle": vs_candle, "worst_rel_kv_vs_candle": vs_candle_kv}),
+    );
+    let label = format!(
+        "({} layers, {} streams, 1..700 rows)",
+        args.decode_layers,
+        shapes.len()
+    );
+    rep.check(
+        &format!("batched fused prefill vs the same tokens stepped one by one {label}"),
+        lengths_ok && vs_steps < 1e-2 && vs_steps_kv < 1e-2 && vs_steps.is_finite(),
+        format!(
+            "worst logits rel {vs_steps:.2e}, cached K/V rel {vs_steps_kv:.2e}; argmax equal at \
+             {same}/{rows} rows; lengths equal: {lengths_ok}"
+        ),
+    );
+    rep.check(
+        &format!("batched fused prefill vs candle forward_batch {label}"),
+        vs_candle < 2e-2 && vs_candle_kv < 2e-2 && vs_candle.is_finite(),
+        format!("worst hidden rel {vs_candle:.2e}, cached K/V rel {vs_candle_kv:.2e} (bf16 paths)"),
+    );
+    Ok(())
 }
 
 /// The continuous batch on the device: turns of six sessions joining a running

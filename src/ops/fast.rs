@@ -7,7 +7,7 @@
 //! The switches exist so one process can time the reference path and the fast path on
 //! the same warm GPU (benchmarks) and check one against the other (tests). They are
 //! read from `STEPAUDIO_FAST` once (`all` (default), `none`, or a comma list of
-//! `mel,attention,decode,graph,gemm,epilogue`), and can be changed at run time with
+//! `mel,attention,decode,graph,gemm,epilogue,prefill`), and can be changed at run time with
 //! [`set_fast_paths`].
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -28,6 +28,10 @@ pub struct FastPaths {
     pub gemm: bool,
     /// The encoder's bias + GELU and bias + residual in one pass each.
     pub epilogue: bool,
+    /// Several streams' LLM prefill through the batched decode kernels (one launch
+    /// sequence per layer for all streams instead of per-stream attention ops;
+    /// needs `decode`).
+    pub prefill: bool,
 }
 
 impl FastPaths {
@@ -38,6 +42,7 @@ impl FastPaths {
         graph: true,
         gemm: true,
         epilogue: true,
+        prefill: true,
     };
     pub const NONE: FastPaths = FastPaths {
         mel: false,
@@ -46,6 +51,7 @@ impl FastPaths {
         graph: false,
         gemm: false,
         epilogue: false,
+        prefill: false,
     };
 
     fn bits(self) -> u8 {
@@ -55,6 +61,7 @@ impl FastPaths {
             | (self.graph as u8) << 3
             | (self.gemm as u8) << 4
             | (self.epilogue as u8) << 5
+            | (self.prefill as u8) << 6
     }
 
     fn from_bits(b: u8) -> Self {
@@ -65,10 +72,11 @@ impl FastPaths {
             graph: b & 8 != 0,
             gemm: b & 16 != 0,
             epilogue: b & 32 != 0,
+            prefill: b & 64 != 0,
         }
     }
 
-    /// `all`, `none`, or a comma-separated subset of `mel,attention,decode,graph`.
+    /// `all`, `none`, or a comma-separated subset of the switches' names.
     pub fn parse(s: &str) -> std::result::Result<Self, String> {
         match s.trim() {
             "" | "all" => return Ok(Self::ALL),
@@ -84,6 +92,7 @@ impl FastPaths {
                 "graph" => f.graph = true,
                 "gemm" => f.gemm = true,
                 "epilogue" => f.epilogue = true,
+                "prefill" => f.prefill = true,
                 other => return Err(format!("unknown fast path `{other}`")),
             }
         }
@@ -103,6 +112,7 @@ impl std::fmt::Display for FastPaths {
             (self.graph, "graph"),
             (self.gemm, "gemm"),
             (self.epilogue, "epilogue"),
+            (self.prefill, "prefill"),
         ]
         .iter()
         .filter(|(on, _)| *on)
@@ -630,6 +640,27 @@ impl FusedBatchStep<'_> {
         #[cfg(not(feature = "cuda"))]
         {
             let _ = (tokens, states);
+            match self.never {}
+        }
+    }
+
+    /// Several streams' new positions (`embeds[i]` `[1, n_i, H]` at
+    /// `states[i].positions()..`) as one batch of rows through the same kernels;
+    /// each stream's final-norm hidden states `[1, n_i, H]`. `None` when the
+    /// `prefill` switch is off.
+    pub fn prefill<S: DecodeCache>(
+        &mut self,
+        embeds: &[Tensor],
+        states: &mut [&mut S],
+    ) -> Result<Option<Vec<Tensor>>> {
+        if !fast_paths().prefill {
+            return Ok(None);
+        }
+        #[cfg(feature = "cuda")]
+        return self.engine.prefill(embeds, states).map(Some);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (embeds, states);
             match self.never {}
         }
     }

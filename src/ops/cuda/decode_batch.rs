@@ -34,6 +34,8 @@ pub(crate) const MAX_ROWS: usize = 1024;
 const ARGMAX_PARTS: usize = 32;
 /// Entries per row of the row table.
 const ROW_INTS: usize = 4;
+/// Rows of one prefill pass at most; a longer prefill runs in slices, in order.
+const PREFILL_SLICE: usize = 512;
 
 struct Funcs {
     embed: CudaFunction,
@@ -69,6 +71,39 @@ struct Buffers {
     lp: Tensor,
 }
 
+impl Buffers {
+    /// Scratch for `rows` rows; `head`: with the vocabulary logits and the argmax's
+    /// buffers (a step), without them (a prefill, which returns hidden states).
+    fn new(m: &ModelPtrs, rows: usize, head: bool) -> Result<Self> {
+        let device = candle_core::Device::Cuda(m.dev.clone());
+        let zeros = |n: usize, dt: DType| Tensor::zeros(n, dt, &device);
+        let (h, nh, hd) = (m.hidden, m.nh, m.hd);
+        let parts = rows * nh * DEC_SPLITS;
+        let head_rows = if head { rows } else { 0 };
+        Ok(Buffers {
+            rows,
+            x: zeros(rows * h, DType::BF16)?,
+            xn: zeros(rows * h, DType::BF16)?,
+            qkv: zeros(rows * m.qkv_rows(), DType::F32)?,
+            q: zeros(rows * nh * hd, DType::BF16)?,
+            attn: zeros(rows * nh * hd, DType::BF16)?,
+            y: zeros(rows * h, DType::F32)?,
+            gu: zeros(rows * 2 * m.inter, DType::F32)?,
+            act: zeros(rows * m.inter, DType::BF16)?,
+            logits: zeros(head_rows * m.vocab, DType::F32)?,
+            part_m: zeros(parts, DType::F32)?,
+            part_l: zeros(parts, DType::F32)?,
+            part_o: zeros(parts * hd, DType::F32)?,
+            am_max: zeros(head_rows * ARGMAX_PARTS, DType::F32)?,
+            am_idx: zeros(head_rows * ARGMAX_PARTS, DType::U32)?,
+            am_sum: zeros(head_rows * ARGMAX_PARTS, DType::F32)?,
+            table: zeros(rows * ROW_INTS, DType::U32)?,
+            kv: zeros(rows * m.layers.len() * 2, DType::I64)?,
+            lp: zeros(head_rows, DType::F32)?,
+        })
+    }
+}
+
 /// A captured step.
 struct Graph(CudaGraph);
 // SAFETY: a graph may be launched from any host thread as long as launches are
@@ -79,6 +114,9 @@ pub(crate) struct BatchDecodeEngine {
     m: ModelPtrs,
     f: Funcs,
     bufs: Option<Buffers>,
+    /// Scratch of a prefill slice (no logits; apart from `bufs`, whose graphs it
+    /// would otherwise drop).
+    prefill_bufs: Option<Buffers>,
     /// The one-position cache `[nkv, 1, hd]` (keys, then values) of padding rows.
     pad_kv: Tensor,
     graphs: HashMap<usize, Graph>,
@@ -109,6 +147,7 @@ impl BatchDecodeEngine {
             m,
             f,
             bufs: None,
+            prefill_bufs: None,
             pad_kv,
             graphs: HashMap::new(),
             graph_failed: false,
@@ -129,32 +168,7 @@ impl BatchDecodeEngine {
         }
         self.graphs.clear();
         self.bufs = None;
-        let m = &self.m;
-        let device = candle_core::Device::Cuda(m.dev.clone());
-        let zeros = |n: usize, dt: DType| Tensor::zeros(n, dt, &device);
-        let (h, nh, hd) = (m.hidden, m.nh, m.hd);
-        let parts = rows * nh * DEC_SPLITS;
-        self.bufs = Some(Buffers {
-            rows,
-            x: zeros(rows * h, DType::BF16)?,
-            xn: zeros(rows * h, DType::BF16)?,
-            qkv: zeros(rows * m.qkv_rows(), DType::F32)?,
-            q: zeros(rows * nh * hd, DType::BF16)?,
-            attn: zeros(rows * nh * hd, DType::BF16)?,
-            y: zeros(rows * h, DType::F32)?,
-            gu: zeros(rows * 2 * m.inter, DType::F32)?,
-            act: zeros(rows * m.inter, DType::BF16)?,
-            logits: zeros(rows * m.vocab, DType::F32)?,
-            part_m: zeros(parts, DType::F32)?,
-            part_l: zeros(parts, DType::F32)?,
-            part_o: zeros(parts * hd, DType::F32)?,
-            am_max: zeros(rows * ARGMAX_PARTS, DType::F32)?,
-            am_idx: zeros(rows * ARGMAX_PARTS, DType::U32)?,
-            am_sum: zeros(rows * ARGMAX_PARTS, DType::F32)?,
-            table: zeros(rows * ROW_INTS, DType::U32)?,
-            kv: zeros(rows * m.layers.len() * 2, DType::I64)?,
-            lp: zeros(rows, DType::F32)?,
-        });
+        self.bufs = Some(Buffers::new(&self.m, rows, true)?);
         Ok(())
     }
 
@@ -191,35 +205,26 @@ impl BatchDecodeEngine {
             }
             state.reserve(pos + 1)?;
             let (caches, cap) = self.m.cache_ptrs(&**state)?;
-            table[b * ROW_INTS..b * ROW_INTS + 3].copy_from_slice(&[token, pos as u32, cap as u32]);
-            for (l, (k, v)) in caches.into_iter().enumerate() {
-                kv[2 * (b * layers + l)] = k;
-                kv[2 * (b * layers + l) + 1] = v;
-            }
+            set_row(
+                &mut table,
+                &mut kv,
+                b,
+                [token, pos as u32, cap as u32],
+                &caches,
+            );
             positions.push(pos);
         }
         let pad_k = dev_ptr(&self.pad_kv)?;
         let pad_v = pad_k + (self.m.nkv * self.m.hd * 2) as u64; // bf16 bytes of the keys
+        let pad = vec![(pad_k, pad_v); layers];
         for b in n..bucket {
             // token 0 at position 0 of the one-position scratch cache
-            table[b * ROW_INTS + 2] = 1;
-            for l in 0..layers {
-                kv[2 * (b * layers + l)] = pad_k;
-                kv[2 * (b * layers + l) + 1] = pad_v;
-            }
+            set_row(&mut table, &mut kv, b, [0, 0, 1], &pad);
         }
         let bufs = self.bufs.as_ref().expect("ensure_rows");
-        let (table_ptr, kv_ptr, lp_ptr) = (
-            dev_ptr(&bufs.table)?,
-            dev_ptr(&bufs.kv)?,
-            dev_ptr(&bufs.lp)?,
-        );
+        let (table_ptr, lp_ptr) = (dev_ptr(&bufs.table)?, dev_ptr(&bufs.lp)?);
         let stream = self.m.dev.cuda_stream();
-        // SAFETY: both buffers hold at least `bucket` rows (ensure_rows).
-        unsafe {
-            result::memcpy_htod_async(table_ptr, &table, stream.cu_stream()).w()?;
-            result::memcpy_htod_async(kv_ptr, &kv, stream.cu_stream()).w()?;
-        }
+        upload(bufs, &table, &kv)?;
         if use_graph && !self.graph_failed && !self.graphs.contains_key(&bucket) {
             match self.capture(bucket) {
                 Ok(g) => {
@@ -260,6 +265,86 @@ impl BatchDecodeEngine {
             out.push((row[0], lp[b]));
         }
         Ok(out)
+    }
+
+    /// Several streams' new positions as one batch of rows: `embeds[i]` `[1, n_i, H]`
+    /// goes in at positions `states[i].positions()..` of its own cache, every row
+    /// attending to its cache up to itself (so causal within a stream's rows), the
+    /// keys and values appended. Returns each stream's final-norm hidden states
+    /// `[1, n_i, H]` (bf16). Rows run in slices of at most [`PREFILL_SLICE`] (a
+    /// stream's later rows after its earlier ones); the caches' lengths move only
+    /// when every slice was enqueued.
+    pub(crate) fn prefill<S: DecodeCache>(
+        &mut self,
+        embeds: &[Tensor],
+        states: &mut [&mut S],
+    ) -> Result<Vec<Tensor>> {
+        if embeds.len() != states.len() || embeds.is_empty() {
+            candle_core::bail!(
+                "batched prefill of {} inputs for {} streams",
+                embeds.len(),
+                states.len()
+            );
+        }
+        let (h, layers) = (self.m.hidden, self.m.layers.len());
+        // Per row: its stream and position.
+        let mut rows: Vec<(usize, usize)> = Vec::new();
+        let mut caches = Vec::with_capacity(states.len());
+        for (i, (e, state)) in embeds.iter().zip(states.iter_mut()).enumerate() {
+            let (one, n, width) = e.dims3()?;
+            let past = state.positions();
+            if one != 1 || width != h || past + n > self.m.max_positions {
+                candle_core::bail!(
+                    "batched prefill: input {:?} at position {past} (hidden {h}, {} positions)",
+                    e.dims(),
+                    self.m.max_positions
+                );
+            }
+            state.reserve(past + n)?;
+            caches.push(self.m.cache_ptrs(&**state)?);
+            rows.extend((past..past + n).map(|p| (i, p)));
+        }
+        let x = Tensor::cat(embeds, 1)?
+            .to_dtype(DType::BF16)?
+            .contiguous()?;
+        let out = Tensor::zeros((rows.len(), h), DType::BF16, x.device())?;
+        if self.prefill_bufs.is_none() {
+            self.prefill_bufs = Some(Buffers::new(&self.m, PREFILL_SLICE, false)?);
+        }
+        let bufs = self.prefill_bufs.as_ref().expect("made above");
+        let stream = self.m.dev.cuda_stream();
+        let row_bytes = h * DType::BF16.size_in_bytes();
+        let (x_ptr, out_ptr) = (dev_ptr(&x)?, dev_ptr(&out)?);
+        let (bx, bxn) = (dev_ptr(&bufs.x)?, dev_ptr(&bufs.xn)?);
+        for (s, slice) in rows.chunks(PREFILL_SLICE).enumerate() {
+            let mut table = vec![0u32; slice.len() * ROW_INTS];
+            let mut kv = vec![0u64; slice.len() * layers * 2];
+            for (b, &(i, pos)) in slice.iter().enumerate() {
+                let (ptrs, cap) = &caches[i];
+                set_row(&mut table, &mut kv, b, [0, pos as u32, *cap as u32], ptrs);
+            }
+            upload(bufs, &table, &kv)?;
+            let (offset, bytes) = (
+                (s * PREFILL_SLICE * row_bytes) as u64,
+                slice.len() * row_bytes,
+            );
+            // SAFETY: x and out hold every row; the slice buffers hold PREFILL_SLICE rows.
+            unsafe { result::memcpy_dtod_async(bx, x_ptr + offset, bytes, stream.cu_stream()) }
+                .w()?;
+            self.enqueue_layers(bufs, slice.len())?;
+            // SAFETY: as above.
+            unsafe { result::memcpy_dtod_async(out_ptr + offset, bxn, bytes, stream.cu_stream()) }
+                .w()?;
+        }
+        let mut hidden = Vec::with_capacity(embeds.len());
+        let mut offset = 0;
+        for (e, state) in embeds.iter().zip(states.iter_mut()) {
+            let n = e.dim(1)?;
+            state.advance(n)?;
+            hidden.push(out.narrow(0, offset, n)?.unsqueeze(0)?);
+            offset += n;
+        }
+        Ok(hidden)
     }
 
     /// The logits `[rows, V]` (f32) of the last step's streams; a copy.
@@ -313,10 +398,53 @@ impl BatchDecodeEngine {
         Ok(())
     }
 
-    /// Enqueues the kernels of one step of `rows` rows on the device's stream.
+    /// Enqueues the kernels of one step of `rows` rows on the device's stream: the
+    /// rows' token embeddings, the decoder, `lm_head` and the argmax.
     fn enqueue(&self, rows: usize) -> Result<()> {
         let m = &self.m;
         let bufs = self.bufs.as_ref().expect("ensure_rows before enqueue");
+        let stream = m.dev.cuda_stream();
+        let p = dev_ptr;
+        let (x, xn, logits) = (p(&bufs.x)?, p(&bufs.xn)?, p(&bufs.logits)?);
+        let (table, lp) = (p(&bufs.table)?, p(&bufs.lp)?);
+        let h_i = m.hidden as i32;
+        {
+            let mut b = stream.launch_builder(&self.f.embed);
+            b.arg(&m.embed).arg(&table).arg(&h_i).arg(&x);
+            let cfg = LaunchConfig {
+                grid_dim: ((m.hidden / 8).div_ceil(256) as u32, rows as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: every row's token was checked < V; x holds `rows` rows of h.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        self.enqueue_layers(bufs, rows)?;
+        self.project(m.lm_head, xn, logits, rows, m.vocab, m.hidden)?;
+        m.argmax(
+            &self.f.am_part,
+            &self.f.am_final,
+            &ArgmaxArgs {
+                logits,
+                rows,
+                parts: ARGMAX_PARTS,
+                am_max: p(&bufs.am_max)?,
+                am_idx: p(&bufs.am_idx)?,
+                am_sum: p(&bufs.am_sum)?,
+                io: table,
+                io_stride: ROW_INTS as i32,
+                lp,
+                accumulate: false,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Enqueues the decoder over the `rows` input rows in `bufs.x` (positions and
+    /// caches from `bufs`' row table), leaving the final-norm hidden states in
+    /// `bufs.xn`.
+    fn enqueue_layers(&self, bufs: &Buffers, rows: usize) -> Result<()> {
+        let m = &self.m;
         let stream = m.dev.cuda_stream();
         let (h, nh, nkv, hd, inter) = (m.hidden, m.nh, m.nkv, m.hd, m.inter);
         let p = dev_ptr;
@@ -327,25 +455,13 @@ impl BatchDecodeEngine {
             p(&bufs.q)?,
             p(&bufs.attn)?,
         );
-        let (y, gu, act, logits) = (p(&bufs.y)?, p(&bufs.gu)?, p(&bufs.act)?, p(&bufs.logits)?);
+        let (y, gu, act) = (p(&bufs.y)?, p(&bufs.gu)?, p(&bufs.act)?);
         let (pm, pl, po) = (p(&bufs.part_m)?, p(&bufs.part_l)?, p(&bufs.part_o)?);
-        let (table, kv, lp) = (p(&bufs.table)?, p(&bufs.kv)?, p(&bufs.lp)?);
+        let (table, kv) = (p(&bufs.table)?, p(&bufs.kv)?);
         let n_layers = m.layers.len() as i32;
-        let (nh_i, nkv_i, hd_i, h_i) = (nh as i32, nkv as i32, hd as i32, h as i32);
+        let (nh_i, nkv_i, hd_i) = (nh as i32, nkv as i32, hd as i32);
         let scale_log2 = (hd as f32).powf(-0.5) * std::f32::consts::LOG2_E;
         let r = rows as u32;
-
-        {
-            let mut b = stream.launch_builder(&self.f.embed);
-            b.arg(&m.embed).arg(&table).arg(&h_i).arg(&x);
-            let cfg = LaunchConfig {
-                grid_dim: ((h / 8).div_ceil(256) as u32, r, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: every row's token was checked < V; x holds `rows` rows of h.
-            unsafe { b.launch(cfg) }.w()?;
-        }
         let first_norm = m.layers.first().map_or(m.final_norm, |l| l.in_norm);
         self.norm(x, 0, first_norm, xn, rows)?;
         for (li, l) in m.layers.iter().enumerate() {
@@ -425,23 +541,35 @@ impl BatchDecodeEngine {
             let next_norm = m.layers.get(li + 1).map_or(m.final_norm, |n| n.in_norm);
             self.norm(x, y, next_norm, xn, rows)?;
         }
-        self.project(m.lm_head, xn, logits, rows, m.vocab, h)?;
-        m.argmax(
-            &self.f.am_part,
-            &self.f.am_final,
-            &ArgmaxArgs {
-                logits,
-                rows,
-                parts: ARGMAX_PARTS,
-                am_max: p(&bufs.am_max)?,
-                am_idx: p(&bufs.am_idx)?,
-                am_sum: p(&bufs.am_sum)?,
-                io: table,
-                io_stride: ROW_INTS as i32,
-                lp,
-                accumulate: false,
-            },
-        )?;
         Ok(())
     }
+}
+
+/// Row `b` of the host row table (`[token, position, cache capacity]`) and of the
+/// key/value pointer table (every layer's buffers).
+fn set_row(table: &mut [u32], kv: &mut [u64], b: usize, row: [u32; 3], caches: &[(u64, u64)]) {
+    table[b * ROW_INTS..b * ROW_INTS + 3].copy_from_slice(&row);
+    let layers = caches.len();
+    for (l, &(k, v)) in caches.iter().enumerate() {
+        kv[2 * (b * layers + l)] = k;
+        kv[2 * (b * layers + l) + 1] = v;
+    }
+}
+
+/// Copies the host row and pointer tables into `bufs` (on the device's stream).
+fn upload(bufs: &Buffers, table: &[u32], kv: &[u64]) -> Result<()> {
+    if table.len() > bufs.rows * ROW_INTS || kv.len() > bufs.kv.elem_count() {
+        candle_core::bail!("batched decode: row table larger than its buffer");
+    }
+    let stream = match bufs.table.device() {
+        candle_core::Device::Cuda(d) => d.cuda_stream(),
+        _ => candle_core::bail!("batched decode: tables off the GPU"),
+    };
+    // SAFETY: the tables fit the buffers (checked above); a copy from pageable
+    // host memory has read it when the call returns.
+    unsafe {
+        result::memcpy_htod_async(dev_ptr(&bufs.table)?, table, stream.cu_stream()).w()?;
+        result::memcpy_htod_async(dev_ptr(&bufs.kv)?, kv, stream.cu_stream()).w()?;
+    }
+    Ok(())
 }
