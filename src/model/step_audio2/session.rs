@@ -19,6 +19,7 @@
 use super::prompt::SystemPrompt;
 use super::{llm, StepAudio2};
 use crate::model::ModelError;
+use crate::ops::fast::DecodeWeights;
 use candle_core::{DType, Tensor};
 use std::time::{Duration, Instant};
 
@@ -330,11 +331,12 @@ impl Session {
     ) -> Result<TurnOutput, ModelError> {
         let llm = &sa.model.llm;
         let eot = sa.tokenizer.eot;
-        let mut g = Greedy::prefill(sa, &mut self.state, plan, audio, prefix, opts)?;
+        let weights = llm.decode_weights();
+        let mut g = Greedy::prefill(sa, &weights, &mut self.state, plan, audio, prefix, opts)?;
         // The fused decode step, where the device has one: it chooses the next id
         // itself (and sums its log-probability on the device).
         let mut fused = if plan.budget > 1 {
-            self.fused.prepare(&llm.decode_weights())?
+            self.fused.prepare(&weights)?
         } else {
             None
         };
@@ -362,7 +364,7 @@ impl Session {
         if let (Some(f), true) = (fused.as_ref(), fused_started) {
             g.fused_logprob = f.logprob_sum()?;
         }
-        g.finish(sa, &mut self.state, prefix, commit)
+        g.finish(sa, &weights, &mut self.state, prefix, commit)
     }
 }
 
@@ -390,6 +392,47 @@ fn prefill_chunks<A, B>(inputs: &[(A, B, Tensor)]) -> Vec<Vec<usize>> {
     chunks
 }
 
+/// New positions of one or several streams in one forward (as
+/// [`llm::Qwen2Llm::forward_batch`]): through the batched fused kernels where
+/// the device has them, which run a stream's rows the same way alone or beside
+/// others; else candle ops.
+fn forward_rows(
+    sa: &StepAudio2,
+    weights: &DecodeWeights,
+    embeds: &[Tensor],
+    states: &mut [&mut llm::LlmState],
+) -> candle_core::Result<Vec<Tensor>> {
+    let mut decoder = sa.batch_decoder.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(mut f) = decoder.prepare(weights)? {
+        if let Some(hidden) = f.prefill(embeds, states)? {
+            return Ok(hidden);
+        }
+    }
+    drop(decoder);
+    sa.model.llm.forward_batch(embeds, states)
+}
+
+/// The greedy first id of each prefilled turn (`hidden[i]` `[1, n_i, H]`: its
+/// prefill's final-norm states) from its last row: one `lm_head` GEMM and one
+/// read-back for all. Also each id's log-probability `[S]` (on the device) and the
+/// logits `[S, V]` (f32).
+fn first_ids(
+    sa: &StepAudio2,
+    hidden: &[&Tensor],
+) -> candle_core::Result<(Vec<u32>, Tensor, Tensor)> {
+    let last = hidden
+        .iter()
+        .map(|h| h.narrow(1, h.dim(1)? - 1, 1))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let logits = sa
+        .model
+        .llm
+        .logits_rows(&Tensor::cat(&last, 0)?)?
+        .to_dtype(DType::F32)?;
+    let ids = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+    Ok((ids, llm::max_logprob(&logits)?, logits))
+}
+
 /// One stream's turn in [`Session::run_turns`].
 pub struct TurnRequest<'a> {
     pub session: &'a mut Session,
@@ -414,7 +457,7 @@ pub struct TurnRequest<'a> {
 /// A loop serves the sessions of the model it was made for.
 pub struct TurnLoop {
     /// The model's decoder weights, gathered once rather than every step.
-    weights: crate::ops::fast::DecodeWeights,
+    weights: DecodeWeights,
     live: Vec<LoopTurn>,
     /// Closed turns not taken back yet.
     ended: Vec<EndedTurn>,
@@ -541,16 +584,18 @@ impl TurnLoop {
             .iter()
             .map(|(i, _, _)| std::mem::take(&mut turns[*i].session.state))
             .collect();
-        let mut greedy: Vec<Option<Result<Greedy, ModelError>>> =
+        let mut hidden: Vec<Option<Result<Tensor, ModelError>>> =
             inputs.iter().map(|_| None).collect();
         for chunk in prefill_chunks(&inputs) {
             let embeds: Vec<Tensor> = chunk.iter().map(|&k| inputs[k].2.clone()).collect();
-            let batched = (chunk.len() > 1)
-                .then(|| llm.forward_batch(&embeds, &mut states_at(&mut states, &chunk, |s| s)))
-                .and_then(|r| {
-                    r.inspect_err(|e| tracing::warn!("batched prefill failed ({e}); one by one"))
-                        .ok()
-                });
+            let batched = forward_rows(
+                sa,
+                &self.weights,
+                &embeds,
+                &mut states_at(&mut states, &chunk, |s| s),
+            )
+            .inspect_err(|e| tracing::warn!("batched prefill failed ({e}); one by one"))
+            .ok();
             if batched.is_none() {
                 // roll back whatever part of the batch reached the caches
                 for &k in &chunk {
@@ -558,21 +603,54 @@ impl TurnLoop {
                 }
             }
             for (j, &k) in chunk.iter().enumerate() {
-                let (i, plan, embeds) = &inputs[k];
-                let hidden = match &batched {
+                hidden[k] = Some(match &batched {
                     Some(h) => Ok(h[j].clone()),
-                    None => llm.forward(embeds, &mut states[k]),
-                };
-                greedy[k] = Some(
-                    hidden
-                        .map_err(ModelError::from)
-                        .and_then(|h| Greedy::prefilled(sa, plan, &h, turns[*i].opts, start)),
-                );
+                    None => llm
+                        .forward(&inputs[k].2, &mut states[k])
+                        .map_err(Into::into),
+                });
             }
         }
+        // The first ids of all prefilled turns with a budget: one lm_head GEMM and
+        // one read-back (a turn alone where that fails).
+        let heads: Vec<usize> = (0..inputs.len())
+            .filter(|&k| inputs[k].1.budget > 0 && matches!(hidden[k], Some(Ok(_))))
+            .collect();
+        let rows: Vec<&Tensor> = heads
+            .iter()
+            .filter_map(|&k| hidden[k].as_ref()?.as_ref().ok())
+            .collect();
+        let firsts = (!rows.is_empty())
+            .then(|| first_ids(sa, &rows))
+            .and_then(|r| {
+                r.inspect_err(|e| tracing::warn!("batched first ids failed ({e}); one by one"))
+                    .ok()
+            });
+        let greedy: Vec<Result<Greedy, ModelError>> = hidden
+            .into_iter()
+            .enumerate()
+            .map(|(k, h)| {
+                let (i, plan, _) = &inputs[k];
+                let opts = turns[*i].opts;
+                let h = h.expect("every input is prefilled")?;
+                match (&firsts, heads.iter().position(|&x| x == k)) {
+                    (Some((ids, lps, logits)), Some(j)) => {
+                        let row = opts.record_logits.then(|| logits.get(j)).transpose()?;
+                        Ok(Greedy::started(
+                            plan,
+                            start,
+                            ids[j],
+                            lps.narrow(0, j, 1)?,
+                            row,
+                        ))
+                    }
+                    _ => Greedy::prefilled(sa, plan, &h, opts, start),
+                }
+            })
+            .collect();
         for (((i, plan, _), state), g) in inputs.into_iter().zip(states).zip(greedy) {
             let t = &mut turns[i];
-            match g.expect("every input is prefilled") {
+            match g {
                 Ok(greedy) => self.live.push(LoopTurn {
                     key: keys[i],
                     state,
@@ -732,9 +810,9 @@ impl TurnLoop {
             .map(|&k| llm.embed(&ending[k].greedy.tail(eot))?.unsqueeze(0))
             .collect::<candle_core::Result<Vec<_>>>();
         let batched = match tails {
-            Ok(tails) if tails.len() > 1 => {
+            Ok(tails) if !tails.is_empty() => {
                 let mut states = states_at(&mut ending, &committing, |t| &mut t.state);
-                let ok = llm.forward_batch(&tails, &mut states).is_ok();
+                let ok = forward_rows(sa, &self.weights, &tails, &mut states).is_ok();
                 if !ok {
                     for (s, &len) in states.into_iter().zip(&lengths) {
                         s.truncate(len);
@@ -755,7 +833,7 @@ impl TurnLoop {
                 ..
             } = t;
             let result = if commit && !batched {
-                greedy.finish(sa, &mut state, &prefix, true)
+                greedy.finish(sa, &self.weights, &mut state, &prefix, true)
             } else {
                 greedy.output(sa, &prefix)
             };
@@ -819,6 +897,7 @@ impl Greedy {
     /// prefill; chooses the first id if the budget allows one.
     fn prefill(
         sa: &StepAudio2,
+        weights: &DecodeWeights,
         state: &mut llm::LlmState,
         plan: &TurnPlan,
         audio: &[Tensor],
@@ -827,7 +906,7 @@ impl Greedy {
     ) -> Result<Self, ModelError> {
         let start = Instant::now();
         let embeds = Self::prompt_embeds(sa, plan, audio, prefix)?;
-        let hidden = sa.model.llm.forward(&embeds, state)?;
+        let hidden = forward_rows(sa, weights, &[embeds], &mut [state])?.remove(0);
         Self::prefilled(sa, plan, &hidden, opts, start)
     }
 
@@ -855,7 +934,16 @@ impl Greedy {
         opts: &TurnOptions,
         start: Instant,
     ) -> Result<Self, ModelError> {
-        let mut g = Greedy {
+        let mut g = Self::new(plan, start);
+        if plan.budget > 0 {
+            g.pick(&sa.model.llm.logits_last(hidden)?, opts)?;
+            g.first_read = Some(Instant::now());
+        }
+        Ok(g)
+    }
+
+    fn new(plan: &TurnPlan, start: Instant) -> Self {
+        Greedy {
             out: TurnOutput::default(),
             budget: plan.budget,
             next: 0,
@@ -864,12 +952,24 @@ impl Greedy {
             fused_logprob: 0.0,
             start,
             first_read: None,
-        };
-        if plan.budget > 0 {
-            g.pick(&sa.model.llm.logits_last(hidden)?, opts)?;
-            g.first_read = Some(Instant::now());
         }
-        Ok(g)
+    }
+
+    /// The turn after its prefill, its first id chosen already (by
+    /// [`first_ids`]): `logprob` `[1]` on the device, `logits` when recorded.
+    fn started(
+        plan: &TurnPlan,
+        start: Instant,
+        first: u32,
+        logprob: Tensor,
+        logits: Option<Tensor>,
+    ) -> Self {
+        let mut g = Self::new(plan, start);
+        g.next = first;
+        g.logprob = Some(logprob);
+        g.out.step_logits.extend(logits);
+        g.first_read = Some(Instant::now());
+        g
     }
 
     /// Takes the chosen id into the turn; `true` when it must run through the
@@ -934,14 +1034,15 @@ impl Greedy {
     fn finish(
         self,
         sa: &StepAudio2,
+        weights: &DecodeWeights,
         state: &mut llm::LlmState,
         prefix: &[u32],
         commit: bool,
     ) -> Result<TurnOutput, ModelError> {
         let llm = &sa.model.llm;
         if commit {
-            let tail = self.tail(sa.tokenizer.eot);
-            llm.forward(&llm.embed(&tail)?.unsqueeze(0)?, state)?;
+            let tail = llm.embed(&self.tail(sa.tokenizer.eot))?.unsqueeze(0)?;
+            forward_rows(sa, weights, &[tail], &mut [state])?;
         }
         self.output(sa, prefix)
     }
