@@ -84,14 +84,21 @@ for step in $STEPS; do
     ;;
   streamsab)
     say "continuous batch against batch at a time, ${AB_STREAMS:-96} Step-Audio 2 streams each"
-    # AB_MODES: "batch" and "continuous:BUDGET:INTERVAL" (admit budget and interval, ms)
+    # AB_MODES: "batch" and "continuous:BUDGET:INTERVAL" (admit budget and interval, ms),
+    # either with ":FAST" appended (the STEPAUDIO_FAST switches, default all); each run
+    # logs the model's stage times.
     for mode in ${AB_MODES:-continuous:60:100 batch}; do
-      IFS=: read -r kind budget interval <<< "$mode"
+      IFS=: read -r kind budget interval fast <<< "$mode"
       flag=--no-continuous
       [ "$kind" = continuous ] && flag="--admit-budget-ms ${budget:-60} --admit-interval-ms ${interval:-100}"
-      STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets $BIN/benchmark_streams --step-audio-random --device cuda --max-batch 256 \
+      [ "$kind" = batch ] && fast=$budget
+      name=${mode//:/_}; name=${name//,/-}
+      say "mode $mode (STEPAUDIO_FAST=${fast:-all})"
+      STEPAUDIO_FAST=${fast:-all} RUST_LOG=stepaudio_live::model::step_audio2=debug STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets \
+        $BIN/benchmark_streams --step-audio-random --device cuda --max-batch 256 \
         --streams ${AB_STREAMS:-96} --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} $flag \
-        --json "$OUT/streams_ab_${mode//:/_}.json" 2>&1 | tail -4 | tee -a "$LOG"
+        --json "$OUT/streams_ab_$name.json" 2> "$OUT/streams_ab_$name.log" | head -1 | tee -a "$LOG"
+      python3 "$D/scripts/stage_times.py" "$OUT/streams_ab_$name.log" 2>&1 | tee -a "$LOG"
     done
     ;;
   wstreams)

@@ -445,6 +445,13 @@ impl StepAudio2Recognizer {
                 }
             }
         }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            // The encoder's kernels run asynchronously: without a wait its time
+            // would be counted in whatever reads the device next (the prefill).
+            if let Some(r) = requests.first() {
+                let _ = r.recognizer.sa.model.device.synchronize();
+            }
+        }
         tracing::debug!(
             segments = todo.len(),
             encode_ms = encode_start.elapsed().as_secs_f64() * 1e3,
