@@ -509,9 +509,8 @@ fn clip_run(
         ..Default::default()
     };
     let turn = TurnOptions {
-        max_new_tokens: args.tokens,
-        record_logits: false,
         stop_at_eot: false,
+        ..TurnOptions::new(args.tokens)
     };
     let flags = fast::fast_paths();
     let mut session = sa.session(opts.clone())?;

@@ -175,9 +175,8 @@ fn main() -> Result<()> {
         ..Default::default()
     };
     let turn = TurnOptions {
-        max_new_tokens: args.tokens,
-        record_logits: false,
         stop_at_eot: false,
+        ..TurnOptions::new(args.tokens)
     };
     let extractor = MelExtractor::new(sa.model.config.encoder.n_mels);
     let llm = &sa.model.llm;

@@ -1206,9 +1206,8 @@ fn parity(args: &Args, device: &Device, rep: &mut Report) -> Result<()> {
             &rows,
             &[],
             &stepaudio_live::model::step_audio2::TurnOptions {
-                max_new_tokens: ref_tokens.len(),
-                record_logits: false,
                 stop_at_eot: false,
+                ..stepaudio_live::model::step_audio2::TurnOptions::new(ref_tokens.len())
             },
         )?;
         let same = out

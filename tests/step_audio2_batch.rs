@@ -590,3 +590,153 @@ fn turns_joining_a_running_loop_equal_each_stream_alone() {
     assert_eq!(peak[0], 4, "turns 2 and 3 joined turns 0 and 1 mid-way");
     assert!(peak[4] >= 2, "session 0's next turn joined a running loop");
 }
+
+/// A turn given `draft` against the same turn without (`base`, decoded on a
+/// session in the same state): the same ids, text, end and log-probability
+/// sum; the agreeing draft ids (its common start with `base`'s ids, of those
+/// offered) taken without decode steps.
+fn assert_same_but_drafted(what: &str, out: &TurnOutput, base: &TurnOutput, draft: &[u32]) {
+    let agree = draft
+        .iter()
+        .zip(&base.generated)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(out.draft_offered);
+    assert_eq!(out.generated, base.generated, "{what}: generated ids");
+    assert_eq!(out.text_tokens, base.text_tokens, "{what}: text ids");
+    assert_eq!(out.finished, base.finished, "{what}: finished");
+    assert_eq!(out.scored, base.scored, "{what}: scored");
+    assert_eq!(out.draft_taken, agree, "{what}: draft ids taken");
+    assert_eq!(
+        out.decode_steps + agree,
+        base.decode_steps,
+        "{what}: steps saved"
+    );
+    let rel = (out.sum_logprob - base.sum_logprob).abs() / base.sum_logprob.abs().max(1e-12);
+    assert!(
+        rel <= TOLERANCE,
+        "{what}: sum of log-probabilities {} vs {} without a draft",
+        out.sum_logprob,
+        base.sum_logprob
+    );
+}
+
+/// (6) Drafts are lossless: a turn given the ids it chooses anyway (the last
+/// hypothesis of the same audio), a draft wrong from its fourth id, or one of
+/// other ids, gives what it gives without a draft — ids, log-probability sum,
+/// and after a final the same committed cache — alone and in a batch; only
+/// the agreeing ids skip their decode steps.
+#[test]
+fn drafts_save_steps_and_change_nothing_else() {
+    let model = model();
+    let sa = step_audio2(&model);
+    let jfk = [rows(&sa, "en_jfk_ask_not.wav", 3.0)];
+    let budget = 40;
+    let plain = TurnOptions::new(budget);
+    let mut reference = sa.session(SessionOptions::default()).unwrap();
+    let base = reference.decode_partial(&sa, &jfk, &[], &plain).unwrap();
+    assert!(base.decode_steps >= 10, "the turn decodes some steps");
+    let own = base.generated.clone();
+    let mut wrong = own.clone();
+    wrong[3] = if wrong[3] == 7 { 8 } else { 7 };
+    let other: Vec<u32> = (100..130).collect();
+    let drafted = |draft: &[u32]| TurnOptions {
+        draft: draft.to_vec(),
+        ..TurnOptions::new(budget)
+    };
+    // alone, as partials (the cache rolls back to the committed context)
+    let mut session = sa.session(SessionOptions::default()).unwrap();
+    for (what, draft) in [
+        ("own ids", &own),
+        ("wrong 4th id", &wrong),
+        ("other ids", &other),
+    ] {
+        let out = session
+            .decode_partial(&sa, &jfk, &[], &drafted(draft))
+            .unwrap();
+        assert_eq!(out.draft_offered, draft.len().min(budget - 1), "{what}");
+        assert_same_but_drafted(what, &out, &base, draft);
+        assert_same_session(what, &session, &reference);
+        if draft == &own {
+            assert!(
+                out.draft_taken >= 10,
+                "{what}: the turn's own ids are taken"
+            );
+        }
+    }
+    // alone, as a final: the committed turn's cache equals the one without
+    let final_base = reference.decode_final(&sa, &jfk, &[], &plain).unwrap();
+    let out = session
+        .decode_final(&sa, &jfk, &[], &drafted(&own))
+        .unwrap();
+    assert_same_but_drafted("final", &out, &final_base, &own);
+    assert_same_session("final", &session, &reference);
+    // in a batch: two sessions' finals with drafts against each alone without
+    let mut batched = sessions(&sa, &[SessionOptions::default(), SessionOptions::default()]);
+    let mut alone = sessions(&sa, &[SessionOptions::default(), SessionOptions::default()]);
+    let timit = [rows(&sa, "en_timit_ldc93s1.wav", 2.0)];
+    let refs: Vec<TurnOutput> = [(&jfk, 0), (&timit, 1)]
+        .iter()
+        .map(|(a, s)| alone[*s].decode_final(&sa, *a, &[], &plain).unwrap())
+        .collect();
+    let opts = [drafted(&refs[0].generated), drafted(&wrong)];
+    let [first, second] = &mut batched[..] else {
+        unreachable!()
+    };
+    let mut requests = vec![
+        TurnRequest {
+            session: first,
+            audio: &jfk,
+            prefix: &[],
+            commit: true,
+            opts: &opts[0],
+        },
+        TurnRequest {
+            session: second,
+            audio: &timit,
+            prefix: &[],
+            commit: true,
+            opts: &opts[1],
+        },
+    ];
+    let outs = Session::run_turns(&sa, &mut requests);
+    drop(requests);
+    for (k, out) in outs.into_iter().enumerate() {
+        let what = format!("batched final {k}");
+        assert_same_but_drafted(&what, &out.unwrap(), &refs[k], &opts[k].draft);
+        assert_same_session(&what, &batched[k], &alone[k]);
+    }
+}
+
+/// (7) Through the recogniser: partials of a growing segment (each the draft
+/// of the next decode, the last one of exactly the final's audio) leave the
+/// final as it is without them, and the committed context too: the next
+/// segment decodes the same.
+#[test]
+fn partials_before_a_final_leave_it_unchanged() {
+    let model = model();
+    let opts = RecognizerOptions::default();
+    let mut with = model.recognizer(&opts).unwrap();
+    let mut without = model.recognizer(&opts).unwrap();
+    let full = features("en_jfk_ask_not.wav", 3.0);
+    for seconds in [1.5, 2.5] {
+        with.decode(&features("en_jfk_ask_not.wav", seconds), &[])
+            .unwrap();
+    }
+    let partial = with.decode(&full, &[]).unwrap();
+    assert_same_hypothesis(
+        "partial, drafted",
+        &with.decode(&full, &[]).unwrap(),
+        &partial,
+    );
+    let a = with.decode_final(&full, &[]).unwrap();
+    with.after_final().unwrap();
+    let b = without.decode_final(&full, &[]).unwrap();
+    assert_same_hypothesis("final after partials", &a, &b);
+    let next = features("en_timit_ldc93s1.wav", 2.0);
+    assert_same_hypothesis(
+        "next segment",
+        &with.decode(&next, &[]).unwrap(),
+        &without.decode(&next, &[]).unwrap(),
+    );
+}

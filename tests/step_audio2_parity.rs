@@ -78,9 +78,8 @@ fn mask(t: &Tensor) -> Vec<bool> {
 
 fn record(max_new_tokens: usize) -> TurnOptions {
     TurnOptions {
-        max_new_tokens,
         record_logits: true,
-        stop_at_eot: true,
+        ..TurnOptions::new(max_new_tokens)
     }
 }
 

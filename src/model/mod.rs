@@ -121,6 +121,9 @@ pub struct RecognizerOptions {
     pub step_audio_max_context: usize,
     /// Step-Audio 2: greedy steps per turn at most.
     pub step_audio_max_new_tokens: usize,
+    /// Step-Audio 2: a segment's last hypothesis is the draft of its next
+    /// decode (lossless; agreeing ids cost no decode step).
+    pub step_audio_drafts: bool,
     /// Whisper: encode the whole 30 s window for every decode instead of
     /// reusing the padding's states past the audio (see
     /// `WhisperModel::encode_fresh`).
@@ -137,6 +140,7 @@ impl Default for RecognizerOptions {
             step_audio_prompt: Default::default(),
             step_audio_max_context: step_audio2::SessionOptions::default().max_context,
             step_audio_max_new_tokens: step_audio2::SessionOptions::default().max_new_tokens,
+            step_audio_drafts: true,
             whisper_full_window: false,
             whisper_carry_seconds: 10.0,
         }
@@ -230,10 +234,9 @@ impl LoadedModel {
                     max_context: opts.step_audio_max_context,
                     max_new_tokens: opts.step_audio_max_new_tokens,
                 };
-                Ok(Box::new(step_audio2::StepAudio2Recognizer::new(
-                    sa.clone(),
-                    session,
-                )?))
+                let mut rec = step_audio2::StepAudio2Recognizer::new(sa.clone(), session)?;
+                rec.drafts = opts.step_audio_drafts;
+                Ok(Box::new(rec))
             }
         }
     }

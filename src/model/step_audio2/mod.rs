@@ -301,6 +301,14 @@ pub(crate) struct StepAudio2Recognizer {
     /// Adapter rows of the last decoded segment, keyed by its frame data, so
     /// committing the segment right after decoding it does not re-encode it.
     last_audio: Option<(Vec<f32>, Tensor)>,
+    /// The open segment's last hypothesis (forced prefix, then every id the
+    /// greedy loop chose): the next decode of the segment takes what follows
+    /// its own prefix as its draft ([`TurnOptions::draft`]).
+    last_ids: Option<Vec<u32>>,
+    /// The prefix of the decode in flight, and whether it commits.
+    asked: Option<(Vec<u32>, bool)>,
+    /// Whether decodes take drafts (on unless switched off to compare).
+    pub(crate) drafts: bool,
 }
 
 impl StepAudio2Recognizer {
@@ -312,6 +320,9 @@ impl StepAudio2Recognizer {
             session,
             turn,
             last_audio: None,
+            last_ids: None,
+            asked: None,
+            drafts: true,
         })
     }
 
@@ -344,18 +355,38 @@ impl StepAudio2Recognizer {
         let t0 = Instant::now();
         let rows = self.audio_rows(features)?;
         let t1 = Instant::now();
+        self.ask(prefix, commit);
         let out = self
             .session
             .run_turn(&self.sa.clone(), &[rows], prefix, commit, &self.turn)?;
         Ok(self.hypothesis(out, t1 - t0, t1.elapsed()))
     }
 
+    /// Sets the draft of a decode of the open segment after `prefix`: what
+    /// follows that prefix in the segment's last hypothesis, if it begins so.
+    fn ask(&mut self, prefix: &[u32], commit: bool) {
+        self.turn.draft = match &self.last_ids {
+            Some(ids) if self.drafts && ids.starts_with(prefix) => ids[prefix.len()..].to_vec(),
+            _ => Vec::new(),
+        };
+        self.asked = Some((prefix.to_vec(), commit));
+    }
+
+    /// The hypothesis of a decode's output; remembers its ids as the next
+    /// draft of the open segment (none after a final).
     fn hypothesis(
-        &self,
+        &mut self,
         out: TurnOutput,
         encode_time: Duration,
         decode_time: Duration,
     ) -> Hypothesis {
+        self.last_ids = match self.asked.take() {
+            Some((mut ids, false)) => {
+                ids.extend_from_slice(&out.generated);
+                Some(ids)
+            }
+            _ => None,
+        };
         Hypothesis {
             text: self.sa.tokenizer.decode_text(&out.text_tokens),
             tokens: out.text_tokens,
@@ -469,6 +500,7 @@ impl StepAudio2Recognizer {
         encoded: &'a Encoded,
     ) -> Option<TurnRequest<'a>> {
         let rec = &mut *r.recognizer;
+        rec.ask(r.prefix, r.commit);
         Some(TurnRequest {
             session: &mut rec.session,
             audio: &encoded.0,
@@ -524,7 +556,7 @@ impl StepAudio2Recognizer {
             let decode_time = t1.elapsed();
             for (&i, out) in group.iter().zip(outs) {
                 let encode_time = encoded[i].as_ref().map_or(Duration::ZERO, |e| e.1);
-                let rec = &*requests[i].recognizer;
+                let rec = &mut *requests[i].recognizer;
                 results[i] = Some(out.map(|o| rec.hypothesis(o, encode_time, decode_time)));
             }
         }
@@ -703,8 +735,14 @@ impl Recognizer for StepAudio2Recognizer {
         text.starts_with(' ') || text.chars().next().is_some_and(|c| c as u32 >= 0x2E80)
     }
 
+    fn after_final(&mut self) -> Result<(), ModelError> {
+        self.last_ids = None;
+        Ok(())
+    }
+
     fn reset_context(&mut self) {
         self.last_audio = None;
+        self.last_ids = None;
         if self.session.state().num_layers() > 0 {
             self.session.reset();
             return;

@@ -57,6 +57,11 @@ pub struct TurnOptions {
     pub record_logits: bool,
     /// Stop at `<|EOT|>` (normal use); off only to time a fixed number of steps.
     pub stop_at_eot: bool,
+    /// Ids expected after the prefix (the last hypothesis of the same audio,
+    /// its prefix taken off): prefilled with the prompt and kept as far as the
+    /// greedy choices agree with them, so each agreeing id costs no decode
+    /// step. The turn's ids are the same as without.
+    pub draft: Vec<u32>,
 }
 
 impl TurnOptions {
@@ -65,6 +70,7 @@ impl TurnOptions {
             max_new_tokens,
             record_logits: false,
             stop_at_eot: true,
+            draft: Vec::new(),
         }
     }
 }
@@ -100,6 +106,10 @@ pub struct TurnOutput {
     /// The most streams one of those steps ran with in a batch (1: alone,
     /// 0: no step), so a caller can see that batching took place.
     pub peak_batch: usize,
+    /// Draft ids ([`TurnOptions::draft`]) offered in the prefill, and how many
+    /// of them the greedy choices agreed with (taken without a decode step).
+    pub draft_offered: usize,
+    pub draft_taken: usize,
 }
 
 pub struct Session {
@@ -276,10 +286,13 @@ impl Session {
             )));
         }
         debug_assert_eq!(self.state.len(), self.committed);
+        let budget = opts.max_new_tokens.min(room);
         Ok(TurnPlan {
             prompt,
             turn_len,
-            budget: opts.max_new_tokens.min(room),
+            budget,
+            // within the budget, so the drafted positions fit the model's
+            draft: opts.draft.len().min(budget.saturating_sub(1)),
             base: self.committed,
             restarted,
         })
@@ -412,23 +425,20 @@ fn forward_rows(
     sa.model.llm.forward_batch(embeds, states)
 }
 
-/// The greedy first id of each prefilled turn (`hidden[i]` `[1, n_i, H]`: its
-/// prefill's final-norm states) from its last row: one `lm_head` GEMM and one
-/// read-back for all. Also each id's log-probability `[S]` (on the device) and the
-/// logits `[S, V]` (f32).
-fn first_ids(
-    sa: &StepAudio2,
-    hidden: &[&Tensor],
-) -> candle_core::Result<(Vec<u32>, Tensor, Tensor)> {
-    let last = hidden
+/// Greedy choices of prefill rows: ids, log-probabilities `[R]`, logits `[R, V]`.
+type Choices = (Vec<u32>, Tensor, Tensor);
+
+/// The greedy choices at the last `1 + d_i` rows of each prefilled turn
+/// (`heads[i] = (hidden_i [1, n_i, H], d_i)`: its prefill's final-norm states
+/// and its draft length): after the prompt, then after each draft id. One
+/// `lm_head` GEMM and one read-back for all: the ids in turn order, with their
+/// log-probabilities `[R]` and logits `[R, V]` (model dtype) on the device.
+fn predictions(sa: &StepAudio2, heads: &[(&Tensor, usize)]) -> candle_core::Result<Choices> {
+    let last = heads
         .iter()
-        .map(|h| h.narrow(1, h.dim(1)? - 1, 1))
+        .map(|(h, d)| h.narrow(1, h.dim(1)? - 1 - d, 1 + d))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let logits = sa
-        .model
-        .llm
-        .logits_rows(&Tensor::cat(&last, 0)?)?
-        .to_dtype(DType::F32)?;
+    let logits = sa.model.llm.logits_rows(&Tensor::cat(&last, 1)?)?;
     let ids = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
     Ok((ids, llm::max_logprob(&logits)?, logits))
 }
@@ -494,6 +504,9 @@ struct LoopStats {
     steps: usize,
     stepping: Duration,
     widest: usize,
+    /// Draft ids offered in prefills, and those taken.
+    drafted: usize,
+    draft_taken: usize,
 }
 
 impl Default for LoopStats {
@@ -505,6 +518,8 @@ impl Default for LoopStats {
             steps: 0,
             stepping: Duration::ZERO,
             widest: 0,
+            drafted: 0,
+            draft_taken: 0,
         }
     }
 }
@@ -575,7 +590,7 @@ impl TurnLoop {
                     continue;
                 }
             };
-            match Greedy::prompt_embeds(sa, &plan, t.audio, t.prefix) {
+            match Greedy::prompt_embeds(sa, &plan, t.audio, t.prefix, t.opts) {
                 Ok(e) => inputs.push((i, plan, e)),
                 Err(e) => results[i] = t.session.close_turn(&plan, t.commit, Err(e)).map(drop),
             }
@@ -611,55 +626,61 @@ impl TurnLoop {
                 });
             }
         }
-        // The first ids of all prefilled turns with a budget: one lm_head GEMM and
-        // one read-back (a turn alone where that fails).
-        let heads: Vec<usize> = (0..inputs.len())
-            .filter(|&k| inputs[k].1.budget > 0 && matches!(hidden[k], Some(Ok(_))))
-            .collect();
-        let rows: Vec<&Tensor> = heads
+        // The greedy choices of all prefilled turns with a budget: one lm_head
+        // GEMM and one read-back (a turn alone where that fails).
+        let heads: Vec<(usize, &Tensor)> = hidden
             .iter()
-            .filter_map(|&k| hidden[k].as_ref()?.as_ref().ok())
+            .enumerate()
+            .filter(|(k, _)| inputs[*k].1.budget > 0)
+            .filter_map(|(k, h)| Some((k, h.as_ref()?.as_ref().ok()?)))
             .collect();
-        let firsts = (!rows.is_empty())
-            .then(|| first_ids(sa, &rows))
+        let rows: Vec<(&Tensor, usize)> =
+            heads.iter().map(|&(k, h)| (h, inputs[k].1.draft)).collect();
+        let chosen = (!rows.is_empty())
+            .then(|| predictions(sa, &rows))
             .and_then(|r| {
-                r.inspect_err(|e| tracing::warn!("batched first ids failed ({e}); one by one"))
+                r.inspect_err(|e| tracing::warn!("batched greedy choices failed ({e}); one by one"))
                     .ok()
             });
-        let greedy: Vec<Result<Greedy, ModelError>> = hidden
-            .into_iter()
-            .enumerate()
-            .map(|(k, h)| {
-                let (i, plan, _) = &inputs[k];
-                let opts = turns[*i].opts;
-                let h = h.expect("every input is prefilled")?;
-                match (&firsts, heads.iter().position(|&x| x == k)) {
-                    (Some((ids, lps, logits)), Some(j)) => {
-                        let row = opts.record_logits.then(|| logits.get(j)).transpose()?;
-                        Ok(Greedy::started(
-                            plan,
-                            start,
-                            ids[j],
-                            lps.narrow(0, j, 1)?,
-                            row,
-                        ))
+        // Where each turn's rows start among the choices.
+        let mut offsets = vec![None; inputs.len()];
+        let mut offset = 0;
+        for &(k, _) in &heads {
+            offsets[k] = Some(offset);
+            offset += 1 + inputs[k].1.draft;
+        }
+        drop(heads);
+        let mut greedy: Vec<Result<Greedy, ModelError>> = Vec::with_capacity(inputs.len());
+        for (k, h) in hidden.into_iter().enumerate() {
+            let (i, plan, _) = &inputs[k];
+            let opts = turns[*i].opts;
+            let state = &mut states[k];
+            greedy.push(
+                match (h.expect("every input is prefilled"), &chosen, offsets[k]) {
+                    (Err(e), ..) => Err(e),
+                    (Ok(_), Some(choices), Some(at)) => {
+                        Greedy::started(sa, plan, state, choices, at, opts, start)
                     }
-                    _ => Greedy::prefilled(sa, plan, &h, opts, start),
-                }
-            })
-            .collect();
+                    (Ok(h), ..) => Greedy::prefilled(sa, plan, &h, state, opts, start),
+                },
+            );
+        }
         for (((i, plan, _), state), g) in inputs.into_iter().zip(states).zip(greedy) {
             let t = &mut turns[i];
             match g {
-                Ok(greedy) => self.live.push(LoopTurn {
-                    key: keys[i],
-                    state,
-                    plan,
-                    greedy,
-                    prefix: t.prefix.to_vec(),
-                    commit: t.commit,
-                    opts: t.opts.clone(),
-                }),
+                Ok(greedy) => {
+                    self.stats.drafted += greedy.out.draft_offered;
+                    self.stats.draft_taken += greedy.out.draft_taken;
+                    self.live.push(LoopTurn {
+                        key: keys[i],
+                        state,
+                        plan,
+                        greedy,
+                        prefix: t.prefix.to_vec(),
+                        commit: t.commit,
+                        opts: t.opts.clone(),
+                    })
+                }
                 Err(e) => {
                     t.session.state = state;
                     results[i] = t.session.close_turn(&plan, t.commit, Err(e)).map(drop);
@@ -738,6 +759,8 @@ impl TurnLoop {
             decode_ms = s.stepping.as_secs_f64() * 1e3,
             steps = s.steps,
             widest = s.widest,
+            drafted = s.drafted,
+            draft_taken = s.draft_taken,
             seconds = s.since.elapsed().as_secs_f64(),
             "{what}"
         );
@@ -868,6 +891,8 @@ struct TurnPlan {
     /// Prompt + forced prefix tokens.
     turn_len: usize,
     budget: usize,
+    /// Draft ids prefilled after the prefix.
+    draft: usize,
     base: usize,
     restarted: bool,
 }
@@ -905,41 +930,48 @@ impl Greedy {
         opts: &TurnOptions,
     ) -> Result<Self, ModelError> {
         let start = Instant::now();
-        let embeds = Self::prompt_embeds(sa, plan, audio, prefix)?;
-        let hidden = forward_rows(sa, weights, &[embeds], &mut [state])?.remove(0);
-        Self::prefilled(sa, plan, &hidden, opts, start)
+        let embeds = Self::prompt_embeds(sa, plan, audio, prefix, opts)?;
+        let hidden = forward_rows(sa, weights, &[embeds], &mut [&mut *state])?.remove(0);
+        Self::prefilled(sa, plan, &hidden, state, opts, start)
     }
 
     /// The turn's prefill input `[1, n, H]`: prompt (audio patches replaced by
-    /// `audio`), then the forced prefix.
+    /// `audio`), then the forced prefix and the draft.
     fn prompt_embeds(
         sa: &StepAudio2,
         plan: &TurnPlan,
         audio: &[Tensor],
         prefix: &[u32],
+        opts: &TurnOptions,
     ) -> Result<Tensor, ModelError> {
         let mut embeds = sa.model.embed_prompt(&plan.prompt, audio)?;
-        if !prefix.is_empty() {
-            embeds = Tensor::cat(&[embeds, sa.model.llm.embed(prefix)?], 0)?;
+        let forced: Vec<u32> = prefix
+            .iter()
+            .chain(&opts.draft[..plan.draft])
+            .copied()
+            .collect();
+        if !forced.is_empty() {
+            embeds = Tensor::cat(&[embeds, sa.model.llm.embed(&forced)?], 0)?;
         }
         Ok(embeds.unsqueeze(0)?)
     }
 
-    /// The turn after its prefill (`hidden`, begun at `start`): chooses the
-    /// first id if the budget allows one.
+    /// The turn after its prefill (`hidden` `[1, n, H]`, begun at `start`):
+    /// its greedy choices at the prompt's end and after each draft id (see
+    /// [`Self::started`]), if the budget allows one.
     fn prefilled(
         sa: &StepAudio2,
         plan: &TurnPlan,
         hidden: &Tensor,
+        state: &mut llm::LlmState,
         opts: &TurnOptions,
         start: Instant,
     ) -> Result<Self, ModelError> {
-        let mut g = Self::new(plan, start);
-        if plan.budget > 0 {
-            g.pick(&sa.model.llm.logits_last(hidden)?, opts)?;
-            g.first_read = Some(Instant::now());
+        if plan.budget == 0 {
+            return Ok(Self::new(plan, start));
         }
-        Ok(g)
+        let choices = predictions(sa, &[(hidden, plan.draft)])?;
+        Self::started(sa, plan, state, &choices, 0, opts, start)
     }
 
     fn new(plan: &TurnPlan, start: Instant) -> Self {
@@ -955,21 +987,50 @@ impl Greedy {
         }
     }
 
-    /// The turn after its prefill, its first id chosen already (by
-    /// [`first_ids`]): `logprob` `[1]` on the device, `logits` when recorded.
+    /// The turn from its prefill's greedy choices (its last `1 + plan.draft`
+    /// rows in [`predictions`], from row `at`): the
+    /// first id, then each draft id the choice before it agrees with is taken
+    /// as a step would have taken it (its row already ran through the model),
+    /// and the choice after the last agreeing one is next. The cache drops the
+    /// rows of the draft ids not taken.
+    #[allow(clippy::too_many_arguments)]
     fn started(
+        sa: &StepAudio2,
         plan: &TurnPlan,
+        state: &mut llm::LlmState,
+        (ids, lps, logits): &Choices,
+        at: usize,
+        opts: &TurnOptions,
         start: Instant,
-        first: u32,
-        logprob: Tensor,
-        logits: Option<Tensor>,
-    ) -> Self {
+    ) -> Result<Self, ModelError> {
+        let eot = sa.tokenizer.eot;
+        let ids = &ids[at..at + 1 + plan.draft];
+        let draft = &opts.draft[..plan.draft];
         let mut g = Self::new(plan, start);
-        g.next = first;
-        g.logprob = Some(logprob);
-        g.out.step_logits.extend(logits);
+        g.next = ids[0];
+        let mut taken = 0;
+        // Within the budget (`plan.draft` < budget), so `accept` goes on.
+        while taken < draft.len()
+            && g.next == draft[taken]
+            && !(g.next == eot && opts.stop_at_eot)
+            && g.accept(eot, opts)
+        {
+            taken += 1;
+            g.next = ids[taken];
+        }
+        state.truncate(plan.base + plan.turn_len + taken);
+        g.logprob = Some(lps.narrow(0, at, taken + 1)?.sum_keepdim(0)?);
+        if opts.record_logits {
+            for row in at..=at + taken {
+                g.out
+                    .step_logits
+                    .push(logits.get(row)?.to_dtype(DType::F32)?);
+            }
+        }
+        g.out.draft_offered = plan.draft;
+        g.out.draft_taken = taken;
         g.first_read = Some(Instant::now());
-        g
+        Ok(g)
     }
 
     /// Takes the chosen id into the turn; `true` when it must run through the
