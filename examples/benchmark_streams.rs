@@ -108,6 +108,10 @@ struct Args {
     /// running batch between steps) where the engine would use it (a GPU).
     #[arg(long)]
     no_continuous: bool,
+    /// Step-Audio 2: no drafts (a segment's last hypothesis verified in the
+    /// next decode's prefill), to compare.
+    #[arg(long)]
+    no_drafts: bool,
     /// Continuous batch: time the partials joining in one round may take (ms).
     #[arg(long, default_value_t = EngineConfig::default().admit_budget.as_millis() as u64)]
     admit_budget_ms: u64,
@@ -282,6 +286,7 @@ fn run_stream(
     };
     let options = stepaudio_live::model::RecognizerOptions {
         step_audio_max_new_tokens: args.max_new_tokens,
+        step_audio_drafts: !args.no_drafts,
         ..Default::default()
     };
     // The engine makes the recogniser, between batches (as for a server session).

@@ -8,6 +8,7 @@
 #   STEPS="check bench torch parity" bash .device/scripts/device_compare.sh
 #   STEPS="check batch torchbatch streams" ...   (issue 15: many streams on one GPU)
 #   STEPS="streamsab" AB_STREAMS=96 ...          (continuous batch vs batch at a time)
+#   STEPS="streams" STREAMS_FLAGS=--no-continuous  (capacity batch at a time)
 #
 # Logs and JSON go to $OUT (default /tmp/device-out).
 set -uo pipefail
@@ -71,26 +72,28 @@ for step in $STEPS; do
     # the whole English playlist of the repository's assets/ (the stage has two clips)
     STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets $BIN/benchmark_streams --step-audio-random --device cuda --find-capacity --max-batch 256 \
       --min-streams ${MIN_STREAMS:-16} --max-streams ${MAX_STREAMS:-512} --capacity-step ${CAPACITY_STEP:-1} --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} \
-      --max-partial-gap 1e9 --json "$OUT/streams_capacity.json" 2>&1 | tee -a "$LOG"
+      --max-partial-gap 1e9 ${STREAMS_FLAGS:-} --json "$OUT/streams_capacity.json" 2>&1 | tee -a "$LOG"
     # where the time goes at that capacity: one more run with the model's timing logs
     cap=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["runs"][-1].get("capacity", 0))' "$OUT/streams_capacity.json")
     if [ "${cap:-0}" -gt 0 ]; then
       say "stage times at $cap streams"
       RUST_LOG=stepaudio_live::model::step_audio2=debug STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets \
         $BIN/benchmark_streams --step-audio-random --device cuda --max-batch 256 --streams "$cap" \
-        --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} --warmup 0 > "$OUT/stage_run.txt" 2> "$OUT/stage_debug.log"
+        --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} --warmup 0 ${STREAMS_FLAGS:-} > "$OUT/stage_run.txt" 2> "$OUT/stage_debug.log"
       python3 "$D/scripts/stage_times.py" "$OUT/stage_debug.log" 2>&1 | tee -a "$LOG"
     fi
     ;;
   streamsab)
     say "continuous batch against batch at a time, ${AB_STREAMS:-96} Step-Audio 2 streams each"
-    # AB_MODES: "batch" and "continuous:BUDGET:INTERVAL" (admit budget and interval, ms),
+    # AB_MODES: "batch", "continuous:BUDGET:INTERVAL" (admit budget and interval, ms) and
+    # "nodrafts:BUDGET:INTERVAL" (the same without drafts),
     # either with ":FAST" appended (the STEPAUDIO_FAST switches, default all); each run
     # logs the model's stage times.
     for mode in ${AB_MODES:-continuous:60:100 batch}; do
       IFS=: read -r kind budget interval fast <<< "$mode"
       flag=--no-continuous
       [ "$kind" = continuous ] && flag="--admit-budget-ms ${budget:-60} --admit-interval-ms ${interval:-100}"
+      [ "$kind" = nodrafts ] && flag="--no-drafts --admit-budget-ms ${budget:-60} --admit-interval-ms ${interval:-100}"
       [ "$kind" = batch ] && fast=$budget
       name=${mode//:/_}; name=${name//,/-}
       say "mode $mode (STEPAUDIO_FAST=${fast:-all})"

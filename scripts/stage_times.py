@@ -2,12 +2,14 @@
 """Where a GPU engine's batches spend their time, from a benchmark_streams log run with
 RUST_LOG=stepaudio_live::model::step_audio2=debug: the encoder time of new segments, the
 batched prefills and the greedy decode steps (count, widest), summed; per batch for the
-batch-at-a-time engine, per logged second ("decode loop" lines) for the continuous batch. Usage: python3 scripts/stage_times.py LOG"""
+batch-at-a-time engine, per logged second ("decode loop" lines) for the continuous batch;
+and how many draft ids (the last hypothesis of the segment) the decode loop took. Usage: python3 scripts/stage_times.py LOG"""
 import re
 import sys
 
 num = lambda key, line: float(re.search(key + r"=([0-9.]+(?:[eE][-+]?[0-9]+)?)", line).group(1))
 enc, pre, dec, steps, widest, turns, batches = [], [], [], [], [], [], 0
+drafted, taken = 0, 0
 ansi = re.compile(r"\x1b\[[0-9;]*m")
 for line in open(sys.argv[1], errors="replace"):
     line = ansi.sub("", line)
@@ -20,6 +22,9 @@ for line in open(sys.argv[1], errors="replace"):
         steps.append(num("steps", line))
         widest.append(num("widest", line))
         turns.append(num("turns", line))
+        if "draft_taken=" in line:
+            drafted += num("drafted", line)
+            taken += num("draft_taken", line)
 if not batches:
     sys.exit("no 'batch of turns' lines: run with RUST_LOG=stepaudio_live::model::step_audio2=debug")
 total = sum(enc) + sum(pre) + sum(dec)
@@ -29,3 +34,5 @@ for name, v in (("encoder", enc), ("prefill", pre), ("decode", dec)):
     print(f"  {name:8s} {sum(v) / 1e3:7.2f} s  {100 * sum(v) / total:5.1f} %  "
           f"{sum(v) / max(len(v), 1):7.1f} ms a batch")
 print(f"  decode step {sum(dec) / max(sum(steps), 1):.2f} ms on average")
+if drafted:
+    print(f"  draft ids: {drafted:.0f} offered, {taken:.0f} taken without a step ({100 * taken / drafted:.1f} %)")
