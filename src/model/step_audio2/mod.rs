@@ -11,8 +11,9 @@
 //! Tensor code stays on the model's device and dtype; the decode loop reads
 //! back only the sampled id per step. Live streams decoded at the same time
 //! share each LLM decode step as one batch
-//! ([`StepAudio2Recognizer::decode_batch`]); their encoder passes stay one per
-//! segment.
+//! ([`StepAudio2Recognizer::decode_batch`]), their new segments encoded in
+//! batches of similar lengths. Each decode of an open segment carries the
+//! segment's last hypothesis as its draft ([`TurnOptions::draft`]).
 
 pub mod adapter;
 pub mod config;

@@ -14,7 +14,11 @@
 //! between its greedy steps (prefilled together), share each step's batched
 //! forward and leave at `<|EOT|>` or their budget while the others go on; a
 //! turn's prologue (restart, budget), greedy bookkeeping and epilogue (commit
-//! or rollback) are the same code as a single stream's.
+//! or rollback) are the same code as a single stream's. Prefills go through the
+//! batched fused kernels where the device has them, alone or together. A turn
+//! may carry a draft (ids it is expected to choose): prefilled after the
+//! prompt, the agreeing ids are taken without decode steps and the cache
+//! drops the rest, so the turn's ids are those it would choose without.
 
 use super::prompt::SystemPrompt;
 use super::{llm, StepAudio2};
