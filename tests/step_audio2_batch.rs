@@ -740,3 +740,28 @@ fn partials_before_a_final_leave_it_unchanged() {
         &without.decode(&next, &[]).unwrap(),
     );
 }
+
+/// (8) A final taken from the decode made at a pause (`commit` of that
+/// hypothesis, as the live decoder does when the segment then ends with the
+/// same audio) leaves the committed context the decoded final leaves: the
+/// next segment decodes the same.
+#[test]
+fn a_final_committed_from_a_pause_decode_equals_the_decoded_final() {
+    let model = model();
+    let opts = RecognizerOptions::default();
+    let mut reused = model.recognizer(&opts).unwrap();
+    let mut decoded = model.recognizer(&opts).unwrap();
+    let full = features("en_jfk_ask_not.wav", 3.0);
+    let at_pause = reused.decode(&full, &[]).unwrap();
+    reused.commit(&full, &at_pause).unwrap();
+    reused.after_final().unwrap();
+    let final_ = decoded.decode_final(&full, &[]).unwrap();
+    decoded.after_final().unwrap();
+    assert_same_hypothesis("the final", &at_pause, &final_);
+    let next = features("en_timit_ldc93s1.wav", 2.0);
+    assert_same_hypothesis(
+        "next segment",
+        &reused.decode(&next, &[]).unwrap(),
+        &decoded.decode(&next, &[]).unwrap(),
+    );
+}

@@ -700,8 +700,9 @@ impl Recognizer for StepAudio2Recognizer {
         self.run(features, prefix, false)
     }
 
-    /// Appends the turn with the hypothesis' tokens forced and nothing
-    /// generated: one prefill, then `<|EOT|>`.
+    /// Appends the turn with the hypothesis' ids forced (all the ids its
+    /// decode chose, where it was the last decode) and nothing generated: one
+    /// prefill, then `<|EOT|>`.
     fn commit(
         &mut self,
         features: &SegmentFeatures,
@@ -712,8 +713,14 @@ impl Recognizer for StepAudio2Recognizer {
             max_new_tokens: 0,
             ..self.turn.clone()
         };
+        // When `hypothesis` is the last decode's, every id it chose (non-text
+        // ones too) is committed, as a decoded final commits them.
+        let forced = match self.last_ids.take() {
+            Some(ids) if self.sa.tokenizer.text_ids(&ids) == hypothesis.tokens => ids,
+            _ => hypothesis.tokens.clone(),
+        };
         self.session
-            .run_turn(&self.sa.clone(), &[rows], &hypothesis.tokens, true, &opts)?;
+            .run_turn(&self.sa.clone(), &[rows], &forced, true, &opts)?;
         Ok(())
     }
 
