@@ -112,6 +112,10 @@ struct Args {
     /// next decode's prefill), to compare.
     #[arg(long)]
     no_drafts: bool,
+    /// Whisper: encode an open segment's whole audio for every partial
+    /// (`--full-partials` of the binary), to compare.
+    #[arg(long)]
+    full_partials: bool,
     /// Continuous batch: time the partials joining in one round may take (ms).
     #[arg(long, default_value_t = EngineConfig::default().admit_budget.as_millis() as u64)]
     admit_budget_ms: u64,
@@ -287,6 +291,7 @@ fn run_stream(
     let options = stepaudio_live::model::RecognizerOptions {
         step_audio_max_new_tokens: args.max_new_tokens,
         step_audio_drafts: !args.no_drafts,
+        whisper_full_partials: args.full_partials,
         ..Default::default()
     };
     // The engine makes the recogniser, between batches (as for a server session).

@@ -9,6 +9,8 @@
 #   STEPS="check batch torchbatch streams" ...   (issue 15: many streams on one GPU)
 #   STEPS="streamsab" AB_STREAMS=96 ...          (continuous batch vs batch at a time)
 #   STEPS="streams" STREAMS_FLAGS=--no-continuous  (capacity batch at a time)
+#   STEPS="wstreams" WSTREAMS_FLAGS=--full-partials  (Whisper capacity, whole-segment partials)
+#   STEPS="wstreamsab" WAB_STREAMS="64 112"       (Whisper: bounded against whole-segment partials)
 #
 # Logs and JSON go to $OUT (default /tmp/device-out).
 set -uo pipefail
@@ -109,10 +111,26 @@ for step in $STEPS; do
     W=/tmp/wp-streams
     [ -d $W/turbo/model ] || python3 "$D/scripts/reference/whisper_gpu_parity.py" --shapes turbo --dtypes f32 --steps 2 \
       --wav "$EN" --tokenizer "$D/whisper_tokenizer.json" --out $W 2>&1 | grep -v "Writing model" | tail -3 | tee -a "$LOG"
+    name=whisper_streams_capacity${WSTREAMS_FLAGS:+_${WSTREAMS_FLAGS//[- ]/}}
+    say "capacity, flags: ${WSTREAMS_FLAGS:-none}"
     STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets $BIN/benchmark_streams --model $W/turbo/model --device cuda \
       --find-capacity --max-batch 256 --min-streams ${MIN_STREAMS:-16} --max-streams ${MAX_STREAMS:-512} \
       --capacity-step ${CAPACITY_STEP:-1} --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} \
-      --max-partial-gap 1e9 --json "$OUT/whisper_streams_capacity.json" 2>&1 | tee -a "$LOG"
+      --max-partial-gap 1e9 ${WSTREAMS_FLAGS:-} --json "$OUT/$name.json" 2>&1 | tee -a "$LOG"
+    ;;
+  wstreamsab)
+    say "Whisper large-v3-turbo shape: bounded partials (default) against --full-partials, same call"
+    W=/tmp/wp-streams
+    [ -d $W/turbo/model ] || python3 "$D/scripts/reference/whisper_gpu_parity.py" --shapes turbo --dtypes f32 --steps 2 \
+      --wav "$EN" --tokenizer "$D/whisper_tokenizer.json" --out $W 2>&1 | grep -v "Writing model" | tail -3 | tee -a "$LOG"
+    for n in ${WAB_STREAMS:-64 112}; do
+      for flag in "" --full-partials; do
+        say "$n streams ${flag:-(bounded partials)}"
+        STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets $BIN/benchmark_streams --model $W/turbo/model --device cuda \
+          --max-batch 256 --streams $n --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} $flag \
+          --json "$OUT/whisper_ab_${n}${flag//-/}.json" 2>/dev/null | head -1 | tee -a "$LOG"
+      done
+    done
     ;;
   *) say "unknown step $step" ;;
   esac

@@ -75,6 +75,7 @@ fn alone(steps: &[Step]) -> Vec<Hypothesis> {
                 features: &s.features,
                 prefix: &s.prefix,
                 commit: s.commit,
+                partial: false,
             })
             .unwrap()
         })
@@ -108,6 +109,7 @@ fn batched(
                     features: &s.features,
                     prefix: &s.prefix,
                     commit: s.commit,
+                    partial: false,
                 });
             }
         }

@@ -185,6 +185,7 @@ fn a_batch_of_four_equals_each_stream_alone() {
                 features: f,
                 prefix,
                 commit,
+                partial: false,
             })
             .collect();
         let t = std::time::Instant::now();
@@ -198,6 +199,7 @@ fn a_batch_of_four_equals_each_stream_alone() {
                 features: &feats[i],
                 prefix: prefixes[i],
                 commit: commits[i],
+                partial: false,
             };
             let reference = decode_one(&mut one).unwrap();
             let what = format!("stream {i} (commit {})", commits[i]);

@@ -20,6 +20,8 @@ pub struct BatchRequest<'a> {
     /// A final: decoded and committed in one pass, as
     /// [`Recognizer::decode_final`]; otherwise [`Recognizer::decode`].
     pub commit: bool,
+    /// A partial (never committed): [`Recognizer::decode_partial`].
+    pub partial: bool,
 }
 
 /// One concrete recogniser's request, after the family is known.
@@ -28,6 +30,7 @@ pub(crate) struct FamilyRequest<'a, R> {
     pub features: &'a SegmentFeatures,
     pub prefix: &'a [u32],
     pub commit: bool,
+    pub partial: bool,
 }
 
 /// Decodes every request; result `i` is request `i`'s, equal to what the
@@ -81,6 +84,8 @@ pub trait DecodeLoop: Send {
 pub fn decode_one(r: &mut BatchRequest<'_>) -> Result<Hypothesis, ModelError> {
     if r.commit {
         r.recognizer.decode_final(r.features, r.prefix)
+    } else if r.partial {
+        r.recognizer.decode_partial(r.features, r.prefix)
     } else {
         r.recognizer.decode(r.features, r.prefix)
     }
@@ -108,6 +113,7 @@ pub(crate) fn downcast_all<'a, 'b, R: 'static>(
                 features: r.features,
                 prefix: r.prefix,
                 commit: r.commit,
+                partial: r.partial,
             })
             .collect(),
     )

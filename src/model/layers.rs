@@ -178,6 +178,15 @@ pub(crate) fn narrow_positions(
         .collect()
 }
 
+/// Each pair in contiguous tensors of its own (a narrowed view keeps the
+/// whole tensor it was cut from alive).
+pub(crate) fn contiguous_pairs(layers: &[(Tensor, Tensor)]) -> Result<Vec<(Tensor, Tensor)>> {
+    layers
+        .iter()
+        .map(|(k, v)| Ok((k.contiguous()?, v.contiguous()?)))
+        .collect()
+}
+
 /// [`splice_cached`] for keys and values together.
 pub(crate) fn splice_cached_pair(
     head: Option<&(Tensor, Tensor)>,

@@ -128,6 +128,11 @@ pub struct RecognizerOptions {
     /// reusing the padding's states past the audio (see
     /// `WhisperModel::encode_fresh`).
     pub whisper_full_window: bool,
+    /// Whisper: encode an open segment's whole audio for every partial
+    /// instead of only what came since the last partial (plus 1 s encoded
+    /// again), the rest reused from that partial's encoder states. Finals
+    /// and pause decodes are always encoded whole.
+    pub whisper_full_partials: bool,
     /// Whisper: a previous segment up to this long (s) is decoded again,
     /// its text forced, in front of the next (0: off).
     pub whisper_carry_seconds: f64,
@@ -142,6 +147,7 @@ impl Default for RecognizerOptions {
             step_audio_max_new_tokens: step_audio2::SessionOptions::default().max_new_tokens,
             step_audio_drafts: true,
             whisper_full_window: false,
+            whisper_full_partials: false,
             whisper_carry_seconds: 10.0,
         }
     }
@@ -227,6 +233,7 @@ impl LoadedModel {
                 whisper::Task::Transcribe,
                 !opts.whisper_full_window,
                 opts.whisper_carry_seconds,
+                !opts.whisper_full_partials,
             )?)),
             Self::StepAudio2(sa) => {
                 let session = step_audio2::SessionOptions {

@@ -62,6 +62,17 @@ pub trait Recognizer: Send {
         features: &SegmentFeatures,
         prefix: &[u32],
     ) -> Result<Hypothesis, ModelError>;
+    /// A partial's hypothesis: as [`Self::decode`], but never committed (a
+    /// pause decode, which may become the final, goes through `decode`), so
+    /// the recogniser may bound its work at some cost in agreement with
+    /// `decode` (Whisper: [`crate::model::RecognizerOptions::whisper_full_partials`]).
+    fn decode_partial(
+        &mut self,
+        features: &SegmentFeatures,
+        prefix: &[u32],
+    ) -> Result<Hypothesis, ModelError> {
+        self.decode(features, prefix)
+    }
     /// Appends a finished segment (its audio and the hypothesis `decode` gave
     /// for it) to the committed context.
     fn commit(

@@ -162,6 +162,8 @@ impl SegmentDecoder {
             UpdateKind::Partial | UpdateKind::Pause => DecodeWork::Decode {
                 prefix: self.state(segment).policy.committed().to_vec(),
                 commit: false,
+                // A pause decode may become the final: only partials may be bounded.
+                partial: update.kind == UpdateKind::Partial,
                 fault: None,
             },
             UpdateKind::Final(_) => {
@@ -178,6 +180,7 @@ impl SegmentDecoder {
                     None => DecodeWork::Decode {
                         prefix: state.policy.committed().to_vec(),
                         commit: true,
+                        partial: false,
                         fault: self.fault.filter(|f| f.segment == segment),
                     },
                 }
@@ -292,10 +295,12 @@ impl SegmentDecoder {
 #[derive(Clone, Debug)]
 pub enum DecodeWork {
     /// Decode the segment after a forced `prefix`; a final (`commit`) is
-    /// decoded and committed in one pass.
+    /// decoded and committed in one pass; a `partial` is never committed
+    /// ([`Recognizer::decode_partial`]).
     Decode {
         prefix: Vec<u32>,
         commit: bool,
+        partial: bool,
         fault: Option<InjectedFault>,
     },
     /// A final whose audio is exactly what its pause decode saw: that
@@ -308,16 +313,17 @@ impl DecodeWork {
         matches!(self, Self::Commit(_) | Self::Decode { commit: true, .. })
     }
 
-    /// The decode's forced prefix and whether it commits, when it can be
-    /// run in a batch with other streams' (not a reused pause decode, not
-    /// an injected fault).
-    pub fn batchable(&self) -> Option<(&[u32], bool)> {
+    /// The decode's forced prefix, whether it commits and whether it is a
+    /// partial, when it can be run in a batch with other streams' (not a
+    /// reused pause decode, not an injected fault).
+    pub fn batchable(&self) -> Option<(&[u32], bool, bool)> {
         match self {
             Self::Decode {
                 prefix,
                 commit,
+                partial,
                 fault: None,
-            } => Some((prefix, *commit)),
+            } => Some((prefix, *commit, *partial)),
             _ => None,
         }
     }
@@ -332,6 +338,7 @@ impl DecodeWork {
             Self::Decode {
                 prefix,
                 commit,
+                partial,
                 fault,
             } => {
                 if let Some(fault) = fault {
@@ -339,6 +346,8 @@ impl DecodeWork {
                 }
                 if *commit {
                     recognizer.decode_final(features, prefix)
+                } else if *partial {
+                    recognizer.decode_partial(features, prefix)
                 } else {
                     recognizer.decode(features, prefix)
                 }

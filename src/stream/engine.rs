@@ -1237,12 +1237,13 @@ impl Core {
 
 /// The model request of a taken decode (batchable work).
 fn batch_request<'a>((_, s, update, work): &'a mut Taken) -> BatchRequest<'a> {
-    let (prefix, commit) = work.batchable().expect("batchable work");
+    let (prefix, commit, partial) = work.batchable().expect("batchable work");
     BatchRequest {
         recognizer: s.recognizer.as_mut(),
         features: &update.features,
         prefix,
         commit,
+        partial,
     }
 }
 

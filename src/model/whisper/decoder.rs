@@ -3,8 +3,8 @@
 
 use crate::model::kv_cache::KvCache;
 use crate::model::layers::{
-    attention, causal_mask, merge_heads, narrow_positions, splice_cached_pair, split_heads,
-    LayerNorm, Linear,
+    attention, causal_mask, contiguous_pairs, merge_heads, narrow_positions, splice_cached_pair,
+    split_heads, LayerNorm, Linear,
 };
 use crate::ops::cpu::gelu_erf;
 use candle_core::{Result, Tensor};
@@ -62,6 +62,13 @@ impl CrossAttention {
     pub fn narrow(&self, n: usize) -> Result<Self> {
         Ok(Self {
             layers: narrow_positions(&self.layers, n)?,
+        })
+    }
+
+    /// The same positions in tensors of their own (see [`Self::narrow`]).
+    pub fn contiguous(&self) -> Result<Self> {
+        Ok(Self {
+            layers: contiguous_pairs(&self.layers)?,
         })
     }
 }

@@ -2,8 +2,8 @@
 //! transformer blocks, final LayerNorm.
 
 use crate::model::layers::{
-    attention, merge_heads, narrow_positions, splice_cached_pair, split_heads, Conv1d, LayerNorm,
-    Linear,
+    attention, contiguous_pairs, merge_heads, narrow_positions, splice_cached_pair, split_heads,
+    Conv1d, LayerNorm, Linear,
 };
 use crate::model::step_audio2::encoder as sa2;
 use crate::ops::cpu::gelu_erf;
@@ -137,6 +137,25 @@ impl EncodedHead {
     pub fn narrow(&self, n: usize) -> Result<Self> {
         Ok(Self {
             keys_values: narrow_positions(&self.keys_values, n)?,
+        })
+    }
+
+    /// These positions, then `next`'s, in new contiguous tensors.
+    pub fn append(&self, next: &Self) -> Result<Self> {
+        let keys_values = self
+            .keys_values
+            .iter()
+            .zip(&next.keys_values)
+            .map(|((k, v), (nk, nv))| Ok((Tensor::cat(&[k, nk], 2)?, Tensor::cat(&[v, nv], 2)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { keys_values })
+    }
+
+    /// The same positions in contiguous tensors of their own (not views of
+    /// a larger window's).
+    pub fn contiguous(&self) -> Result<Self> {
+        Ok(Self {
+            keys_values: contiguous_pairs(&self.keys_values)?,
         })
     }
 }

@@ -196,28 +196,48 @@ impl WhisperModel {
         fresh: usize,
         key: i32,
     ) -> candle_core::Result<CrossAttention> {
-        self.encode_after(mel, fresh, key, None)
+        Ok(self.encode_after(mel, fresh, key, None, 0)?.0)
     }
 
     /// As [`Self::encode_fresh`] for audio that follows `head`'s (encoded
     /// earlier at the same level): the new audio takes the positions after
-    /// the head's, whose states are reused.
+    /// the head's, whose states are reused. With `keep` past the head's
+    /// positions (and within what was encoded) it also returns the head of
+    /// the window's first `keep` positions (the given head, then the new
+    /// audio's), to stand in front of audio that comes later.
     pub(crate) fn encode_after(
         &self,
         mel: &crate::frontend::LogMel,
         fresh: usize,
         key: i32,
         head: Option<&EncodedAudio>,
-    ) -> candle_core::Result<CrossAttention> {
+        keep: usize,
+    ) -> candle_core::Result<(CrossAttention, Option<EncodedAudio>)> {
         let states = self.silent_states(key)?;
-        let (encoded, _) = self.encoder.forward_after(
+        let (encoded, fresh_states) = self.encoder.forward_after(
             &self.mel_tensor(mel)?,
             fresh,
             head.map(|h| &h.encoder),
             &states.encoder,
         )?;
-        self.decoder
-            .cross_attention_after(head.map(|h| &h.cross), &encoded, &states.cross)
+        let cross =
+            self.decoder
+                .cross_attention_after(head.map(|h| &h.cross), &encoded, &states.cross)?;
+        let start = head.map_or(0, EncodedAudio::positions);
+        if keep <= start || keep > start + encoded.dim(1)? {
+            return Ok((cross, None));
+        }
+        let grown = fresh_states.narrow(keep - start)?;
+        let encoder = match head {
+            Some(h) => h.encoder.append(&grown)?,
+            None => grown.contiguous()?,
+        };
+        let kept = EncodedAudio {
+            encoder,
+            cross: cross.narrow(keep)?.contiguous()?,
+            key,
+        };
+        Ok((cross, Some(kept)))
     }
 
     /// Encodes audio alone (the padding past `2·positions` frames at level

@@ -22,6 +22,14 @@
 //! final is out, and reused in front of the new audio
 //! (`WhisperModel::encode_after`), all but its last second, which is
 //! encoded again with the new audio.
+//!
+//! A partial of a growing segment reuses the last partial's encoder states
+//! the same way: all of the segment's audio but its last second is kept
+//! from the partial before, and only what follows is encoded (attending to
+//! the kept states), so a partial's encoder work is bounded by the audio
+//! since the last partial, not the segment's length. Finals and pause
+//! decodes (which may become finals) encode the whole segment;
+//! `--full-partials` turns the bounding off.
 
 use super::decoder::CrossAttention;
 use super::decoding::{DecodedWindow, DecodingOptions, WindowJob};
@@ -74,6 +82,11 @@ fn is_silence(no_speech_prob: f64, avg_logprob: f64) -> bool {
 /// none, 10.77 % with 50 or 100, 10.37 % re-encoding all of it.
 const HEAD_OVERLAP: usize = 50;
 
+/// Positions (1 s) at the end of a partial's audio that the next partial
+/// encodes again with its new audio rather than reusing them (as
+/// [`HEAD_OVERLAP`], for the same reason).
+const OPEN_OVERLAP: usize = HEAD_OVERLAP;
+
 /// The largest log-mel value of a segment (what sets its padding level).
 fn segment_max(raw_frames: &[f32]) -> f32 {
     raw_frames.iter().copied().fold(LOG10_FLOOR, f32::max)
@@ -103,6 +116,20 @@ struct CarriedSegment {
     encoded: Option<EncodedAudio>,
 }
 
+/// The open segment's encoder states from its last partial, for the next
+/// partial to put in front of its new audio.
+struct OpenHead {
+    /// Raw values of the audio in front of the segment in the window it was
+    /// made for (the carried segment's; 0: none).
+    front: usize,
+    /// The segment's raw frames that the kept states read: a later decode of
+    /// the same segment begins with them.
+    read: Vec<f32>,
+    /// The window's first positions, up to [`OPEN_OVERLAP`] before the end
+    /// of that partial's audio.
+    states: EncodedAudio,
+}
+
 pub(crate) struct WhisperRecognizer {
     model: Arc<WhisperModel>,
     task_tokens: Vec<u32>,
@@ -117,6 +144,10 @@ pub(crate) struct WhisperRecognizer {
     carried: Option<CarriedSegment>,
     /// Padding level (a [`SilentWindows`] key) of the stream's speech so far.
     level: Option<i32>,
+    /// Whether partials reuse the last partial's states ([`OpenHead`]; with
+    /// the padding shortcut only).
+    bound_partials: bool,
+    open: Option<OpenHead>,
 }
 
 impl WhisperRecognizer {
@@ -126,6 +157,7 @@ impl WhisperRecognizer {
         task: Task,
         reuse_padding: bool,
         carry_seconds: f64,
+        bound_partials: bool,
     ) -> Result<Self, ModelError> {
         let task_tokens = model.task_tokens(language.or(Some("en")), task, false)?;
         Ok(Self {
@@ -137,18 +169,22 @@ impl WhisperRecognizer {
             carry_frames: (carry_seconds.max(0.0) * 100.0) as usize,
             carried: None,
             level: None,
+            bound_partials: bound_partials && reuse_padding,
+            open: None,
         })
     }
 
-    /// Encodes a segment padded to 30 s and prepares its cross-attention.
-    /// Encodes a segment padded to 30 s, after `head` (the carried segment's
-    /// states) when given, and prepares its cross-attention.
+    /// Encodes a segment padded to 30 s, after `head` (states of its first
+    /// positions, reused) when given, and prepares its cross-attention; with
+    /// `keep` past the head, also the states of the first `keep` positions
+    /// (see [`WhisperModel::encode_after`]).
     fn encode(
         &self,
         n_mels: usize,
         raw_frames: &[f32],
         head: Option<&EncodedAudio>,
-    ) -> Result<CrossAttention, ModelError> {
+        keep: usize,
+    ) -> Result<(CrossAttention, Option<EncodedAudio>), ModelError> {
         let target = WHISPER_CHUNK_FRAMES;
         let audio_frames = (raw_frames.len() / n_mels).min(target);
         let max = segment_max(raw_frames);
@@ -162,14 +198,14 @@ impl WhisperRecognizer {
             Some(fresh) => {
                 let key = head.map_or_else(|| self.level_for(max), |h| h.key);
                 let mel = padded_mel(n_mels, raw_frames, audio_frames, fresh, key);
-                Ok(self.model.encode_after(&mel, fresh, key, head)?)
+                Ok(self.model.encode_after(&mel, fresh, key, head, keep)?)
             }
             None => {
                 let mut raw = raw_frames[..audio_frames * n_mels].to_vec();
                 raw.resize(target * n_mels, LOG10_FLOOR);
                 let mel = LogMel::from_raw_frames_with_max(n_mels, raw, max);
                 let encoded = self.model.encode(&mel)?;
-                Ok(self.model.cross_attention(&encoded)?)
+                Ok((self.model.cross_attention(&encoded)?, None))
             }
         }
     }
@@ -224,37 +260,69 @@ impl WhisperRecognizer {
     }
 
     /// Encodes the segment, after the carried one if given, and builds the
-    /// prompt of its window.
+    /// prompt of its window. A `partial` puts the open segment's states from
+    /// its last partial in front of the new audio where they fit, and keeps
+    /// the states of this one's for the next ([`PreparedWindow::open`]).
     fn prepare_window(
         &self,
         features: &SegmentFeatures,
         carried: Option<&CarriedSegment>,
         prefix: &[u32],
+        partial: bool,
         encode_time: &mut Duration,
     ) -> Result<PreparedWindow, ModelError> {
         let t = Instant::now();
         let n_mels = features.n_mels;
+        let front: &[f32] = carried.map_or(&[], |c| &c.raw_frames);
+        let joined = [front, features.raw_frames.as_slice()].concat();
         // The carried states serve if they were made at the new audio's level.
-        let head = carried
+        let carried_head = carried
             .and_then(|c| c.encoded.as_ref())
             .filter(|h| h.key == self.level_for(segment_max(&features.raw_frames)));
-        let cross = match (carried, head) {
-            (Some(c), Some(head)) => {
+        let key = carried_head.map_or_else(|| self.level_for(segment_max(&joined)), |h| h.key);
+        let positions = (joined.len() / n_mels).div_ceil(2);
+        let bounded = partial && self.bound_partials;
+        let open = self.open.as_ref().filter(|o| {
+            bounded
+                && o.front == front.len()
+                && o.states.key == key
+                && o.states.positions() < positions
+                && features.raw_frames.starts_with(&o.read)
+        });
+        let narrowed;
+        let head: Option<&EncodedAudio> = match (open, carried_head) {
+            (Some(o), _) => Some(&o.states),
+            (None, Some(h)) => {
                 // The carried segment's last positions are encoded again with
                 // the new audio, so the two meet in both directions.
-                let overlap = HEAD_OVERLAP.min(head.positions());
-                let kept = head.positions() - overlap;
-                let context = kept.min(HEAD_CONTEXT);
-                let from = (2 * (kept - context) * n_mels).min(c.raw_frames.len());
-                let frames = [&c.raw_frames[from..], features.raw_frames.as_slice()].concat();
-                self.encode(n_mels, &frames, Some(&head.narrow(kept)?))?
+                narrowed = h.narrow(h.positions() - HEAD_OVERLAP.min(h.positions()))?;
+                Some(&narrowed)
             }
-            (Some(c), None) => {
-                let joined = [c.raw_frames.as_slice(), &features.raw_frames].concat();
-                self.encode(n_mels, &joined, None)?
-            }
-            (None, _) => self.encode(n_mels, &features.raw_frames, None)?,
+            (None, None) => None,
         };
+        let kept = head.map_or(0, EncodedAudio::positions);
+        let keep = if bounded && self.fresh_margin.is_some() {
+            positions.saturating_sub(OPEN_OVERLAP)
+        } else {
+            0
+        };
+        let (cross, grown) = match head {
+            Some(h) => {
+                let context = kept.min(HEAD_CONTEXT);
+                let from = (2 * (kept - context) * n_mels).min(joined.len());
+                self.encode(n_mels, &joined[from..], Some(h), keep)?
+            }
+            None => self.encode(n_mels, &joined, None, keep)?,
+        };
+        let open = grown.map(|states| {
+            // Position p reads frames up to 2p + 2.
+            let read = (2 * keep + 2).saturating_sub(front.len() / n_mels) * n_mels;
+            OpenHead {
+                front: front.len(),
+                read: features.raw_frames[..read.min(features.raw_frames.len())].to_vec(),
+                states,
+            }
+        });
         *encode_time += t.elapsed();
         let carried_tokens: &[u32] = carried.map_or(&[], |c| &c.tokens);
         // Carried text is forced, so the prompt stops before it.
@@ -271,6 +339,7 @@ impl WhisperRecognizer {
             forced: [carried_tokens, prefix].concat(),
             carried_tokens: carried_tokens.len(),
             max_new_tokens: max_new_tokens(features.samples),
+            open,
         })
     }
 
@@ -313,6 +382,40 @@ impl WhisperRecognizer {
         with_carried && !self.has_words(&window.tokens[prefix.len()..])
     }
 
+    /// [`Recognizer::decode`], or for a `partial` [`Recognizer::decode_partial`].
+    fn decode_segment(
+        &mut self,
+        features: &SegmentFeatures,
+        prefix: &[u32],
+        partial: bool,
+    ) -> Result<Hypothesis, ModelError> {
+        let t0 = Instant::now();
+        self.encode_carried()?;
+        let mut encode_time = t0.elapsed();
+        let opts = live_decoding();
+        let decode_window = |carried, encode_time: &mut Duration| -> Result<_, ModelError> {
+            let mut prepared =
+                self.prepare_window(features, carried, prefix, partial, encode_time)?;
+            let window = self
+                .model
+                .greedy_decode_batch(&[prepared.job()], &opts)?
+                .remove(0);
+            Ok((
+                Self::finish_window(&prepared, window, prefix),
+                prepared.open.take(),
+            ))
+        };
+        let carried = self.carried_for(features);
+        let (mut window, mut open) = decode_window(carried, &mut encode_time)?;
+        if self.needs_decoding_alone(carried.is_some(), &window, prefix) {
+            (window, open) = decode_window(None, &mut encode_time)?;
+        }
+        if open.is_some() {
+            self.open = open;
+        }
+        Ok(self.hypothesis(window, t0, encode_time))
+    }
+
     fn hypothesis(&self, window: DecodedWindow, t0: Instant, encode_time: Duration) -> Hypothesis {
         let tokens = window.tokens;
         Hypothesis {
@@ -335,6 +438,8 @@ struct PreparedWindow {
     forced: Vec<u32>,
     carried_tokens: usize,
     max_new_tokens: usize,
+    /// A partial's encoder states for the next partial of its segment.
+    open: Option<OpenHead>,
 }
 
 impl PreparedWindow {
@@ -399,6 +504,7 @@ impl WhisperRecognizer {
                         features: r.features,
                         prefix: r.prefix,
                         commit: r.commit,
+                        partial: r.partial,
                     };
                     crate::model::batch::decode_one(&mut req)
                 })
@@ -419,7 +525,13 @@ impl WhisperRecognizer {
                 let prepared = rec.encode_carried().and_then(|()| {
                     slot.encode_time = t0.elapsed();
                     let carried = rec.carried_for(r.features);
-                    rec.prepare_window(r.features, carried, r.prefix, &mut slot.encode_time)
+                    rec.prepare_window(
+                        r.features,
+                        carried,
+                        r.prefix,
+                        r.partial,
+                        &mut slot.encode_time,
+                    )
                 });
                 match prepared {
                     Ok(p) => slot.prepared = Some(p),
@@ -438,10 +550,13 @@ impl WhisperRecognizer {
                 .needs_decoding_alone(p.carried_tokens > 0, w, r.prefix)
             {
                 slot.window = None;
-                match r
-                    .recognizer
-                    .prepare_window(r.features, None, r.prefix, &mut slot.encode_time)
-                {
+                match r.recognizer.prepare_window(
+                    r.features,
+                    None,
+                    r.prefix,
+                    r.partial,
+                    &mut slot.encode_time,
+                ) {
                     Ok(p) => slot.prepared = Some(p),
                     Err(e) => {
                         slot.prepared = None;
@@ -457,6 +572,9 @@ impl WhisperRecognizer {
             .map(|(slot, r)| {
                 if let Some(e) = slot.error {
                     return Err(e);
+                }
+                if let Some(open) = slot.prepared.and_then(|p| p.open) {
+                    r.recognizer.open = Some(open);
                 }
                 let window = slot
                     .window
@@ -538,24 +656,15 @@ impl Recognizer for WhisperRecognizer {
         features: &SegmentFeatures,
         prefix: &[u32],
     ) -> Result<Hypothesis, ModelError> {
-        let t0 = Instant::now();
-        self.encode_carried()?;
-        let mut encode_time = t0.elapsed();
-        let opts = live_decoding();
-        let decode_window = |carried, encode_time: &mut Duration| -> Result<_, ModelError> {
-            let prepared = self.prepare_window(features, carried, prefix, encode_time)?;
-            let window = self
-                .model
-                .greedy_decode_batch(&[prepared.job()], &opts)?
-                .remove(0);
-            Ok(Self::finish_window(&prepared, window, prefix))
-        };
-        let carried = self.carried_for(features);
-        let mut window = decode_window(carried, &mut encode_time)?;
-        if self.needs_decoding_alone(carried.is_some(), &window, prefix) {
-            window = decode_window(None, &mut encode_time)?;
-        }
-        Ok(self.hypothesis(window, t0, encode_time))
+        self.decode_segment(features, prefix, false)
+    }
+
+    fn decode_partial(
+        &mut self,
+        features: &SegmentFeatures,
+        prefix: &[u32],
+    ) -> Result<Hypothesis, ModelError> {
+        self.decode_segment(features, prefix, true)
     }
 
     fn commit(
@@ -567,6 +676,7 @@ impl Recognizer for WhisperRecognizer {
         if !hypothesis.tokens.is_empty() {
             self.track_level(features);
         }
+        self.open = None;
         // Only text-bearing segments short enough are carried; noise is not.
         self.carried = (!hypothesis.tokens.is_empty() && features.n_frames() <= self.carry_frames)
             .then(|| CarriedSegment {
@@ -598,6 +708,7 @@ impl Recognizer for WhisperRecognizer {
         self.context.clear();
         self.carried = None;
         self.level = None;
+        self.open = None;
     }
 }
 
