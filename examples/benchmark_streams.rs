@@ -112,7 +112,7 @@ struct Args {
     /// next decode's prefill), to compare.
     #[arg(long)]
     no_drafts: bool,
-    /// Whisper: encode an open segment's whole audio for every partial
+    /// Encode an open segment's whole audio for every partial
     /// (`--full-partials` of the binary), to compare.
     #[arg(long)]
     full_partials: bool,
@@ -291,7 +291,7 @@ fn run_stream(
     let options = stepaudio_live::model::RecognizerOptions {
         step_audio_max_new_tokens: args.max_new_tokens,
         step_audio_drafts: !args.no_drafts,
-        whisper_full_partials: args.full_partials,
+        full_partials: args.full_partials,
         ..Default::default()
     };
     // The engine makes the recogniser, between batches (as for a server session).

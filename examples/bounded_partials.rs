@@ -70,7 +70,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     let make = |full: bool| {
         model.recognizer(&RecognizerOptions {
-            whisper_full_partials: full,
+            full_partials: full,
             ..Default::default()
         })
     };

@@ -87,8 +87,9 @@ for step in $STEPS; do
     ;;
   streamsab)
     say "continuous batch against batch at a time, ${AB_STREAMS:-96} Step-Audio 2 streams each"
-    # AB_MODES: "batch", "continuous:BUDGET:INTERVAL" (admit budget and interval, ms) and
-    # "nodrafts:BUDGET:INTERVAL" (the same without drafts),
+    # AB_MODES: "batch", "continuous:BUDGET:INTERVAL" (admit budget and interval, ms),
+    # "nodrafts:BUDGET:INTERVAL" (the same without drafts) and "fullpartials:BUDGET:INTERVAL"
+    # (every partial encoded and prefilled whole),
     # either with ":FAST" appended (the STEPAUDIO_FAST switches, default all); each run
     # logs the model's stage times.
     for mode in ${AB_MODES:-continuous:60:100 batch}; do
@@ -96,6 +97,7 @@ for step in $STEPS; do
       flag=--no-continuous
       [ "$kind" = continuous ] && flag="--admit-budget-ms ${budget:-60} --admit-interval-ms ${interval:-100}"
       [ "$kind" = nodrafts ] && flag="--no-drafts --admit-budget-ms ${budget:-60} --admit-interval-ms ${interval:-100}"
+      [ "$kind" = fullpartials ] && flag="--full-partials --admit-budget-ms ${budget:-60} --admit-interval-ms ${interval:-100}"
       [ "$kind" = batch ] && fast=$budget
       name=${mode//:/_}; name=${name//,/-}
       say "mode $mode (STEPAUDIO_FAST=${fast:-all})"

@@ -226,10 +226,10 @@ pub struct StreamArgs {
     /// 0.5 s, with the padding's states reused from a padding-only window.
     #[arg(long)]
     pub full_window: bool,
-    /// Whisper: encode an open segment's whole audio for every partial
-    /// instead of only the audio since its last partial plus 1 s (the
-    /// earlier audio's encoder states reused). Finals are always encoded
-    /// whole.
+    /// Encode an open segment's whole audio for every partial instead of
+    /// only the audio since its last partial plus 1 s (the earlier audio's
+    /// encoder states, or Step-Audio 2's audio rows and KV cache, reused).
+    /// Finals are always encoded whole.
     #[arg(long)]
     pub full_partials: bool,
     /// Whisper: decode the previous segment again in front of the next one,
@@ -881,7 +881,7 @@ impl StreamArgs {
             step_audio_prompt: step_audio_prompt(self.prompt.as_deref(), self.lang.as_deref()),
             step_audio_max_context: self.max_context,
             whisper_full_window: self.full_window,
-            whisper_full_partials: self.full_partials,
+            full_partials: self.full_partials,
             whisper_carry_seconds: self.carry_audio,
             ..RecognizerOptions::default()
         }
@@ -903,7 +903,7 @@ mod tests {
         assert_eq!(got.language, want.language);
         assert_eq!(got.step_audio_max_context, want.step_audio_max_context);
         assert_eq!(got.whisper_full_window, want.whisper_full_window);
-        assert_eq!(got.whisper_full_partials, want.whisper_full_partials);
+        assert_eq!(got.full_partials, want.full_partials);
         assert_eq!(got.whisper_carry_seconds, want.whisper_carry_seconds);
         assert_eq!(
             LiveFormat::from(cli.live.live_format),

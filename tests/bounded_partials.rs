@@ -19,7 +19,7 @@ use stepaudio_live::model::RecognizerOptions;
 
 fn recognizer(full_partials: bool) -> Box<dyn Recognizer> {
     let opts = RecognizerOptions {
-        whisper_full_partials: full_partials,
+        full_partials: full_partials,
         ..Default::default()
     };
     common::tiny_en().recognizer(&opts).unwrap()

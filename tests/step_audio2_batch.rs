@@ -767,3 +767,130 @@ fn a_final_committed_from_a_pause_decode_equals_the_decoded_final() {
         &decoded.decode(&next, &[]).unwrap(),
     );
 }
+
+/// (9) A partial that reuses the start of its prompt from the cache, as the
+/// partial before it left it ([`TurnOptions::keep`] / [`TurnOptions::reuse`]),
+/// equals the same turn prefilled whole (a fresh session, the same audio
+/// rows): the cached positions are exactly what a prefill would write.
+#[test]
+fn a_partial_reusing_the_cached_prompt_start_equals_it_prefilled_whole() {
+    let model = model();
+    let sa = step_audio2(&model);
+    let first = rows(&sa, "en_jfk_ask_not.wav", 2.0);
+    let longer = rows(&sa, "en_jfk_ask_not.wav", 3.0);
+    let kept = first.dim(0).unwrap() - 12;
+    // The second partial's rows: the first one's kept rows, then newer ones.
+    let second = Tensor::cat(
+        &[
+            first.narrow(0, 0, kept).unwrap(),
+            longer
+                .narrow(0, kept, longer.dim(0).unwrap() - kept)
+                .unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    let patch_start = sa.tokenizer.human_audio_turn(&[0]).patch_runs[0].0;
+    let opts = SessionOptions::default();
+    let mut reusing = Session::new(&sa, opts.clone()).unwrap();
+    let mut whole = Session::new(&sa, opts).unwrap();
+    let budget = |keep, reuse| TurnOptions {
+        keep,
+        reuse,
+        ..TurnOptions::new(12)
+    };
+    let out = reusing
+        .decode_partial(&sa, &[first], &[], &budget(patch_start + kept, 0))
+        .unwrap();
+    assert_eq!(out.reused, 0);
+    assert_eq!(
+        reusing.state().len(),
+        reusing.committed_len() + patch_start + kept,
+        "the partial leaves its prompt's start cached"
+    );
+    let a = reusing
+        .decode_partial(&sa, &[second.clone()], &[], &budget(0, patch_start + kept))
+        .unwrap();
+    let b = whole
+        .decode_partial(&sa, &[second], &[], &budget(0, 0))
+        .unwrap();
+    assert_eq!(a.reused, patch_start + kept);
+    assert_eq!(b.reused, 0);
+    assert_same_turn("reusing the cached prompt start", &a, &b);
+    assert_same_session("after the partials", &reusing, &whole);
+    // A final asks for no reuse: whatever a partial left is dropped first.
+    let fin = |s: &mut Session| {
+        s.decode_partial(
+            &sa,
+            &[rows(&sa, "en_jfk_ask_not.wav", 2.5)],
+            &[],
+            &budget(patch_start + 9, 0),
+        )
+        .unwrap();
+        s.decode_final(&sa, &[longer.clone()], &[], &TurnOptions::new(12))
+            .unwrap()
+    };
+    let (a, b) = (fin(&mut reusing), fin(&mut whole));
+    assert_eq!(a.reused, 0);
+    assert_same_turn("final", &a, &b);
+    assert_same_session("after the finals", &reusing, &whole);
+}
+
+/// (10) Through the recogniser and the batch API: partials of growing
+/// segments (reusing the last partial's rows and cache, the default) batched
+/// equal each stream's alone, and the finals after them equal finals of a
+/// recogniser that encodes every partial whole (`full_partials`), as does the
+/// next segment: bounding a partial never reaches a final.
+#[test]
+fn bounded_partials_batch_like_alone_and_leave_finals_as_whole_ones() {
+    let model = model();
+    let bounded = RecognizerOptions::default();
+    let whole = RecognizerOptions {
+        full_partials: true,
+        ..Default::default()
+    };
+    let clips = ["en_jfk_ask_not.wav", "en_ps_cards_001.wav"];
+    let make = |o: &RecognizerOptions| -> Vec<Box<dyn Recognizer>> {
+        clips.iter().map(|_| model.recognizer(o).unwrap()).collect()
+    };
+    let (mut batched, mut alone, mut full) = (make(&bounded), make(&bounded), make(&whole));
+    let mut differs = false;
+    for seconds in [1.4, 2.0, 2.6, 3.0] {
+        let feats: Vec<SegmentFeatures> = clips.iter().map(|c| features(c, seconds)).collect();
+        let mut requests: Vec<BatchRequest<'_>> = batched
+            .iter_mut()
+            .zip(&feats)
+            .map(|(r, f)| BatchRequest {
+                recognizer: r.as_mut(),
+                features: f,
+                prefix: &[],
+                commit: false,
+                partial: true,
+            })
+            .collect();
+        let outs = decode_batch(&mut requests);
+        drop(requests);
+        for (k, out) in outs.into_iter().enumerate() {
+            let one = alone[k].decode_partial(&feats[k], &[]).unwrap();
+            assert_same_hypothesis(&format!("partial {k} at {seconds} s"), &out.unwrap(), &one);
+            let w = full[k].decode_partial(&feats[k], &[]).unwrap();
+            differs |= w.avg_logprob != one.avg_logprob;
+        }
+    }
+    assert!(differs, "no partial reused anything");
+    for (k, clip) in clips.iter().enumerate() {
+        let f = features(clip, 3.0);
+        // (Equal up to the drafts, taken from different partials.)
+        assert_same_hypothesis(
+            &format!("final {k}"),
+            &batched[k].decode_final(&f, &[]).unwrap(),
+            &full[k].decode_final(&f, &[]).unwrap(),
+        );
+        let next = features("en_timit_ldc93s1.wav", 2.0);
+        assert_same_hypothesis(
+            &format!("next segment {k}"),
+            &batched[k].decode(&next, &[]).unwrap(),
+            &full[k].decode(&next, &[]).unwrap(),
+        );
+    }
+}

@@ -128,11 +128,12 @@ pub struct RecognizerOptions {
     /// reusing the padding's states past the audio (see
     /// `WhisperModel::encode_fresh`).
     pub whisper_full_window: bool,
-    /// Whisper: encode an open segment's whole audio for every partial
-    /// instead of only what came since the last partial (plus 1 s encoded
-    /// again), the rest reused from that partial's encoder states. Finals
-    /// and pause decodes are always encoded whole.
-    pub whisper_full_partials: bool,
+    /// Encode an open segment's whole audio for every partial instead of
+    /// only what came since the last partial (plus 1 s encoded again), the
+    /// rest reused from that partial (Whisper: its encoder states; Step-Audio
+    /// 2: its audio rows and their place in the KV cache). Finals and pause
+    /// decodes are always encoded whole.
+    pub full_partials: bool,
     /// Whisper: a previous segment up to this long (s) is decoded again,
     /// its text forced, in front of the next (0: off).
     pub whisper_carry_seconds: f64,
@@ -147,7 +148,7 @@ impl Default for RecognizerOptions {
             step_audio_max_new_tokens: step_audio2::SessionOptions::default().max_new_tokens,
             step_audio_drafts: true,
             whisper_full_window: false,
-            whisper_full_partials: false,
+            full_partials: false,
             whisper_carry_seconds: 10.0,
         }
     }
@@ -233,7 +234,7 @@ impl LoadedModel {
                 whisper::Task::Transcribe,
                 !opts.whisper_full_window,
                 opts.whisper_carry_seconds,
-                !opts.whisper_full_partials,
+                !opts.full_partials,
             )?)),
             Self::StepAudio2(sa) => {
                 let session = step_audio2::SessionOptions {
@@ -243,6 +244,7 @@ impl LoadedModel {
                 };
                 let mut rec = step_audio2::StepAudio2Recognizer::new(sa.clone(), session)?;
                 rec.drafts = opts.step_audio_drafts;
+                rec.bound_partials = !opts.full_partials;
                 Ok(Box::new(rec))
             }
         }

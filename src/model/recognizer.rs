@@ -65,7 +65,7 @@ pub trait Recognizer: Send {
     /// A partial's hypothesis: as [`Self::decode`], but never committed (a
     /// pause decode, which may become the final, goes through `decode`), so
     /// the recogniser may bound its work at some cost in agreement with
-    /// `decode` (Whisper: [`crate::model::RecognizerOptions::whisper_full_partials`]).
+    /// `decode` ([`crate::model::RecognizerOptions::full_partials`]).
     fn decode_partial(
         &mut self,
         features: &SegmentFeatures,

@@ -294,6 +294,39 @@ impl StepAudio2 {
     }
 }
 
+/// Patches (≈ 1 s) at the end of a partial's audio that the next partial
+/// encodes and prefills again with its new audio: the encoder attends both
+/// ways, so the last rows change most once more audio follows.
+const OPEN_OVERLAP_PATCHES: usize = 12;
+/// Patches (≈ 1 s) before the first re-encoded one whose mel frames the
+/// encoder reads too, their rows dropped, so the new rows have audio on
+/// their left.
+const OPEN_CONTEXT_PATCHES: usize = 12;
+/// Mel frames per audio patch (conv stride 2, pooling 2, adapter stride 2).
+const MEL_FRAMES_PER_PATCH: usize = 8;
+
+/// An open segment's audio as its last partial left it: the adapter rows of
+/// its first patches, which that partial also left in the session's cache
+/// after the human turn's header ([`TurnOptions::keep`]).
+struct OpenAudio {
+    /// Raw mel frames those rows were computed from: a later decode of the
+    /// segment begins with them.
+    read: Vec<f32>,
+    /// The segment's log-mel maximum then (it sets the normalisation).
+    max: f32,
+    /// Adapter rows `[k, H]` of the first k patches.
+    rows: Tensor,
+}
+
+/// How a partial's encoded mel (the whole segment's, or its frames from
+/// [`OPEN_CONTEXT_PATCHES`] before the first new patch) makes its audio
+/// rows: the open rows it goes after, and how many of its first rows to drop.
+struct PartialJoin {
+    open: Option<Tensor>,
+    drop: usize,
+    max: f32,
+}
+
 /// [`Recognizer`] over a [`StepAudio2`] and one persistent [`Session`].
 pub(crate) struct StepAudio2Recognizer {
     sa: Arc<StepAudio2>,
@@ -310,12 +343,22 @@ pub(crate) struct StepAudio2Recognizer {
     asked: Option<(Vec<u32>, bool)>,
     /// Whether decodes take drafts (on unless switched off to compare).
     pub(crate) drafts: bool,
+    /// Whether a partial reuses the last partial's audio rows and cache
+    /// for all of the segment but its last second (on unless switched off).
+    pub(crate) bound_partials: bool,
+    /// The open segment's audio from its last partial ([`OpenAudio`]).
+    open: Option<OpenAudio>,
+    /// What the partial in flight leaves for the next one.
+    opening: Option<OpenAudio>,
+    /// Index of the first `<audio_patch>` in a human turn's prompt.
+    patch_start: usize,
 }
 
 impl StepAudio2Recognizer {
     pub fn new(sa: Arc<StepAudio2>, opts: SessionOptions) -> Result<Self, ModelError> {
         let turn = TurnOptions::new(opts.max_new_tokens);
         let session = Session::new(&sa, opts)?;
+        let patch_start = sa.tokenizer.human_audio_turn(&[0]).patch_runs[0].0;
         Ok(Self {
             sa,
             session,
@@ -324,7 +367,107 @@ impl StepAudio2Recognizer {
             last_ids: None,
             asked: None,
             drafts: true,
+            bound_partials: true,
+            open: None,
+            opening: None,
+            patch_start,
         })
+    }
+
+    /// What a partial of `features` encodes: after the open rows of its
+    /// last partial when they still hold (same audio and level), else the
+    /// whole segment.
+    fn partial_mel(&self, features: &SegmentFeatures) -> Result<(LogMel, PartialJoin), ModelError> {
+        let full = segment_mel(features)?;
+        let max = features
+            .raw_frames
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        let open = self.open.as_ref().filter(|o| {
+            o.max == max
+                && features.raw_frames.starts_with(&o.read)
+                && o.rows.dim(0).unwrap_or(0) * MEL_FRAMES_PER_PATCH < full.n_frames
+        });
+        let Some(open) = open else {
+            return Ok((
+                full,
+                PartialJoin {
+                    open: None,
+                    drop: 0,
+                    max,
+                },
+            ));
+        };
+        let kept = open.rows.dim(0)?;
+        let drop = kept.min(OPEN_CONTEXT_PATCHES);
+        let from = (kept - drop) * MEL_FRAMES_PER_PATCH * features.n_mels;
+        let mel = LogMel::from_raw_frames_with_max(
+            features.n_mels,
+            features.raw_frames[from..].to_vec(),
+            max,
+        );
+        Ok((
+            mel,
+            PartialJoin {
+                open: Some(open.rows.clone()),
+                drop,
+                max,
+            },
+        ))
+    }
+
+    /// A partial's audio rows from its encoded mel `rows` (see
+    /// [`Self::partial_mel`]); sets what it reuses from the cache and leaves
+    /// in it for the next partial.
+    fn bound(
+        &mut self,
+        features: &SegmentFeatures,
+        join: PartialJoin,
+        rows: Tensor,
+    ) -> Result<Tensor, ModelError> {
+        let drop = join.drop.min(rows.dim(0)?);
+        let new = rows.narrow(0, drop, rows.dim(0)? - drop)?;
+        let reused = join.open.as_ref().map_or(Ok(0), |o| o.dim(0))?;
+        let rows = match join.open {
+            Some(open) => Tensor::cat(&[open, new], 0)?,
+            None => new,
+        };
+        let keep = rows.dim(0)?.saturating_sub(OPEN_OVERLAP_PATCHES);
+        self.turn.reuse = if reused > 0 {
+            self.patch_start + reused
+        } else {
+            0
+        };
+        self.turn.keep = if keep > 0 { self.patch_start + keep } else { 0 };
+        // A kept row reads a few frames past its own (convolutions).
+        let read =
+            ((keep + 1) * MEL_FRAMES_PER_PATCH * features.n_mels).min(features.raw_frames.len());
+        self.opening = match keep {
+            0 => None,
+            _ => Some(OpenAudio {
+                read: features.raw_frames[..read].to_vec(),
+                max: join.max,
+                rows: rows.narrow(0, 0, keep)?,
+            }),
+        };
+        Ok(rows)
+    }
+
+    /// A decode that neither reuses nor leaves open rows (a final, a pause
+    /// decode, or with bounding off).
+    fn unbound(&mut self) {
+        self.turn.reuse = 0;
+        self.turn.keep = 0;
+        self.opening = None;
+        self.open = None;
+    }
+
+    /// A partial's audio rows, alone (see [`Self::partial_mel`]).
+    fn partial_rows(&mut self, features: &SegmentFeatures) -> Result<Tensor, ModelError> {
+        let (mel, join) = self.partial_mel(features)?;
+        let rows = self.sa.model.audio_embeddings(&[&mel])?.remove(0);
+        self.bound(features, join, rows)
     }
 
     /// Adapter rows of a segment's mel (≤ 25 s), reusing the last ones when
@@ -352,9 +495,15 @@ impl StepAudio2Recognizer {
         features: &SegmentFeatures,
         prefix: &[u32],
         commit: bool,
+        partial: bool,
     ) -> Result<Hypothesis, ModelError> {
         let t0 = Instant::now();
-        let rows = self.audio_rows(features)?;
+        let rows = if partial && self.bound_partials {
+            self.partial_rows(features)?
+        } else {
+            self.unbound();
+            self.audio_rows(features)?
+        };
         let t1 = Instant::now();
         self.ask(prefix, commit);
         let out = self
@@ -388,6 +537,7 @@ impl StepAudio2Recognizer {
             }
             _ => None,
         };
+        self.open = self.opening.take();
         Hypothesis {
             text: self.sa.tokenizer.decode_text(&out.text_tokens),
             tokens: out.text_tokens,
@@ -429,7 +579,20 @@ impl StepAudio2Recognizer {
         let mut encoded: Vec<Option<Result<Encoded, ModelError>>> =
             requests.iter().map(|_| None).collect();
         let mut todo: Vec<(usize, LogMel)> = Vec::new();
-        for (i, r) in requests.iter().enumerate() {
+        // Partials bounded by their last partial's rows: what to join them to.
+        let mut plans: Vec<Option<PartialJoin>> = requests.iter().map(|_| None).collect();
+        for (i, r) in requests.iter_mut().enumerate() {
+            if r.partial && r.recognizer.bound_partials {
+                match r.recognizer.partial_mel(r.features) {
+                    Ok((mel, join)) => {
+                        todo.push((i, mel));
+                        plans[i] = Some(join);
+                    }
+                    Err(e) => encoded[i] = Some(Err(e)),
+                }
+                continue;
+            }
+            r.recognizer.unbound();
             if let Some(rows) = r.recognizer.cached_rows(r.features) {
                 encoded[i] = Some(Ok(([rows], Duration::ZERO)));
                 continue;
@@ -464,9 +627,17 @@ impl StepAudio2Recognizer {
                     for (&k, rows) in group.iter().zip(rows) {
                         let i = todo[k].0;
                         let r = &mut requests[i];
-                        r.recognizer.last_audio =
-                            Some((r.features.raw_frames.clone(), rows.clone()));
-                        encoded[i] = Some(Ok(([rows], took)));
+                        encoded[i] = Some(match plans[i].take() {
+                            Some(plan) => r
+                                .recognizer
+                                .bound(r.features, plan, rows)
+                                .map(|rows| ([rows], took)),
+                            None => {
+                                r.recognizer.last_audio =
+                                    Some((r.features.raw_frames.clone(), rows.clone()));
+                                Ok(([rows], took))
+                            }
+                        });
                     }
                 }
                 Err(e) => {
@@ -697,7 +868,15 @@ impl Recognizer for StepAudio2Recognizer {
         features: &SegmentFeatures,
         prefix: &[u32],
     ) -> Result<Hypothesis, ModelError> {
-        self.run(features, prefix, false)
+        self.run(features, prefix, false, false)
+    }
+
+    fn decode_partial(
+        &mut self,
+        features: &SegmentFeatures,
+        prefix: &[u32],
+    ) -> Result<Hypothesis, ModelError> {
+        self.run(features, prefix, false, true)
     }
 
     /// Appends the turn with the hypothesis' ids forced (all the ids its
@@ -708,6 +887,7 @@ impl Recognizer for StepAudio2Recognizer {
         features: &SegmentFeatures,
         hypothesis: &Hypothesis,
     ) -> Result<(), ModelError> {
+        self.unbound();
         let rows = self.audio_rows(features)?;
         let opts = TurnOptions {
             max_new_tokens: 0,
@@ -730,7 +910,7 @@ impl Recognizer for StepAudio2Recognizer {
         features: &SegmentFeatures,
         prefix: &[u32],
     ) -> Result<Hypothesis, ModelError> {
-        self.run(features, prefix, true)
+        self.run(features, prefix, true, false)
     }
 
     fn detokenize(&self, tokens: &[u32]) -> String {
@@ -745,12 +925,14 @@ impl Recognizer for StepAudio2Recognizer {
 
     fn after_final(&mut self) -> Result<(), ModelError> {
         self.last_ids = None;
+        self.unbound();
         Ok(())
     }
 
     fn reset_context(&mut self) {
         self.last_audio = None;
         self.last_ids = None;
+        self.unbound();
         if self.session.state().num_layers() > 0 {
             self.session.reset();
             return;

@@ -19,6 +19,13 @@
 //! may carry a draft (ids it is expected to choose): prefilled after the
 //! prompt, the agreeing ids are taken without decode steps and the cache
 //! drops the rest, so the turn's ids are those it would choose without.
+//!
+//! A partial may leave the start of its prompt in the cache for the next
+//! partial of the same segment ([`TurnOptions::keep`]): the human turn's
+//! header and the audio rows that the next one reuses as they are
+//! ([`TurnOptions::reuse`]), so it prefills only what follows. Finals never
+//! reuse anything: the committed context stays what a decode of the whole
+//! segment gives.
 
 use super::prompt::SystemPrompt;
 use super::{llm, StepAudio2};
@@ -66,6 +73,15 @@ pub struct TurnOptions {
     /// greedy choices agree with them, so each agreeing id costs no decode
     /// step. The turn's ids are the same as without.
     pub draft: Vec<u32>,
+    /// Prompt tokens at the start of this turn that are cached from the last
+    /// partial ([`Self::keep`]) and reused without a prefill, as far as the
+    /// cache still holds them. The caller vouches that this turn's prompt
+    /// begins with the same tokens and audio rows.
+    pub reuse: usize,
+    /// A partial: prompt tokens left in the cache after it, for the next
+    /// partial to [`Self::reuse`] (0: the cache goes back to the committed
+    /// context). A commit keeps nothing.
+    pub keep: usize,
 }
 
 impl TurnOptions {
@@ -75,6 +91,8 @@ impl TurnOptions {
             record_logits: false,
             stop_at_eot: true,
             draft: Vec::new(),
+            reuse: 0,
+            keep: 0,
         }
     }
 }
@@ -114,12 +132,18 @@ pub struct TurnOutput {
     /// of them the greedy choices agreed with (taken without a decode step).
     pub draft_offered: usize,
     pub draft_taken: usize,
+    /// Prompt tokens taken from the cache as the last partial left them
+    /// ([`TurnOptions::reuse`]) instead of being prefilled.
+    pub reused: usize,
 }
 
 pub struct Session {
     state: llm::LlmState,
     system_ids: Vec<u32>,
     committed: usize,
+    /// Prompt tokens of the open segment's last partial cached after the
+    /// committed context ([`TurnOptions::keep`]).
+    open: usize,
     opts: SessionOptions,
     restarts: usize,
     /// The fused decode step over this session's KV cache (CUDA, bf16), made on the
@@ -143,6 +167,7 @@ impl Session {
             state,
             system_ids,
             committed,
+            open: 0,
             opts,
             restarts: 0,
             fused: Default::default(),
@@ -176,6 +201,7 @@ impl Session {
     pub(crate) fn reset(&mut self) {
         self.state.truncate(self.system_ids.len());
         self.committed = self.system_ids.len();
+        self.open = 0;
     }
 
     fn restart(&mut self, reason: &str) {
@@ -289,9 +315,19 @@ impl Session {
                 "a turn of {turn_len} tokens does not fit the model's {max_pos} positions"
             )));
         }
-        debug_assert_eq!(self.state.len(), self.committed);
+        // The last partial's cached prompt start, as far as this turn reuses it.
+        let reused = if restarted {
+            0
+        } else {
+            opts.reuse.min(self.open).min(prompt.len())
+        };
+        self.state.truncate(self.committed + reused);
+        self.open = 0;
+        debug_assert_eq!(self.state.len(), self.committed + reused);
         let budget = opts.max_new_tokens.min(room);
         Ok(TurnPlan {
+            reused,
+            keep: opts.keep.min(prompt.len()),
             prompt,
             turn_len,
             budget,
@@ -303,8 +339,9 @@ impl Session {
     }
 
     /// The epilogue of a turn: a commit moves the committed length (and
-    /// restarts past `max_context`); a partial, or any error, truncates the
-    /// cache back to where the turn began.
+    /// restarts past `max_context`); a partial truncates the cache back to
+    /// where the turn began plus the prompt tokens it keeps, an error to
+    /// where it began.
     fn close_turn(
         &mut self,
         plan: &TurnPlan,
@@ -321,9 +358,11 @@ impl Session {
                         restarted = true;
                     }
                 } else {
-                    self.state.truncate(plan.base);
+                    self.state.truncate(plan.base + plan.keep);
+                    self.open = plan.keep;
                 }
                 out.prompt_tokens = plan.turn_len;
+                out.reused = plan.reused;
                 out.restarted = restarted;
                 Ok(out)
             }
@@ -618,7 +657,7 @@ impl TurnLoop {
             if batched.is_none() {
                 // roll back whatever part of the batch reached the caches
                 for &k in &chunk {
-                    states[k].truncate(inputs[k].1.base);
+                    states[k].truncate(inputs[k].1.base + inputs[k].1.reused);
                 }
             }
             for (j, &k) in chunk.iter().enumerate() {
@@ -897,6 +936,10 @@ struct TurnPlan {
     budget: usize,
     /// Draft ids prefilled after the prefix.
     draft: usize,
+    /// Prompt tokens already cached (reused from the last partial).
+    reused: usize,
+    /// Prompt tokens a partial leaves cached for the next one.
+    keep: usize,
     base: usize,
     restarted: bool,
 }
@@ -940,7 +983,7 @@ impl Greedy {
     }
 
     /// The turn's prefill input `[1, n, H]`: prompt (audio patches replaced by
-    /// `audio`), then the forced prefix and the draft.
+    /// `audio`) past its reused start, then the forced prefix and the draft.
     fn prompt_embeds(
         sa: &StepAudio2,
         plan: &TurnPlan,
@@ -949,6 +992,9 @@ impl Greedy {
         opts: &TurnOptions,
     ) -> Result<Tensor, ModelError> {
         let mut embeds = sa.model.embed_prompt(&plan.prompt, audio)?;
+        if plan.reused > 0 {
+            embeds = embeds.narrow(0, plan.reused, embeds.dim(0)? - plan.reused)?;
+        }
         let forced: Vec<u32> = prefix
             .iter()
             .chain(&opts.draft[..plan.draft])
