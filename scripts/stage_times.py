@@ -3,13 +3,15 @@
 RUST_LOG=stepaudio_live::model::step_audio2=debug: the encoder time of new segments, the
 batched prefills and the greedy decode steps (count, widest), summed; per batch for the
 batch-at-a-time engine, per logged second ("decode loop" lines) for the continuous batch;
-and how many draft ids (the last hypothesis of the segment) the decode loop took. Usage: python3 scripts/stage_times.py LOG"""
+how many draft ids (the last hypothesis of the segment) the decode loop took, and how many
+prompt tokens were reused from the cache as the segment's last partial left them. Usage: python3 scripts/stage_times.py LOG"""
 import re
 import sys
 
 num = lambda key, line: float(re.search(key + r"=([0-9.]+(?:[eE][-+]?[0-9]+)?)", line).group(1))
 enc, pre, dec, steps, widest, turns, batches = [], [], [], [], [], [], 0
 drafted, taken = 0, 0
+prompt, reused = 0, 0
 ansi = re.compile(r"\x1b\[[0-9;]*m")
 for line in open(sys.argv[1], errors="replace"):
     line = ansi.sub("", line)
@@ -25,6 +27,9 @@ for line in open(sys.argv[1], errors="replace"):
         if "draft_taken=" in line:
             drafted += num("drafted", line)
             taken += num("draft_taken", line)
+        if "reused=" in line:
+            prompt += num("prompt", line)
+            reused += num("reused", line)
 if not batches:
     sys.exit("no 'batch of turns' lines: run with RUST_LOG=stepaudio_live::model::step_audio2=debug")
 total = sum(enc) + sum(pre) + sum(dec)
@@ -36,3 +41,5 @@ for name, v in (("encoder", enc), ("prefill", pre), ("decode", dec)):
 print(f"  decode step {sum(dec) / max(sum(steps), 1):.2f} ms on average")
 if drafted:
     print(f"  draft ids: {drafted:.0f} offered, {taken:.0f} taken without a step ({100 * taken / drafted:.1f} %)")
+if prompt:
+    print(f"  prompt tokens: {prompt:.0f} admitted, {reused:.0f} reused from the last partial ({100 * reused / prompt:.1f} %)")

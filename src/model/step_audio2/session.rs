@@ -550,6 +550,10 @@ struct LoopStats {
     /// Draft ids offered in prefills, and those taken.
     drafted: usize,
     draft_taken: usize,
+    /// Prompt tokens of the admitted turns, and those reused from the cache
+    /// as the last partial left them.
+    prompt: usize,
+    reused: usize,
 }
 
 impl Default for LoopStats {
@@ -563,6 +567,8 @@ impl Default for LoopStats {
             widest: 0,
             drafted: 0,
             draft_taken: 0,
+            prompt: 0,
+            reused: 0,
         }
     }
 }
@@ -714,6 +720,8 @@ impl TurnLoop {
                 Ok(greedy) => {
                     self.stats.drafted += greedy.out.draft_offered;
                     self.stats.draft_taken += greedy.out.draft_taken;
+                    self.stats.prompt += plan.turn_len;
+                    self.stats.reused += plan.reused;
                     self.live.push(LoopTurn {
                         key: keys[i],
                         state,
@@ -804,6 +812,8 @@ impl TurnLoop {
             widest = s.widest,
             drafted = s.drafted,
             draft_taken = s.draft_taken,
+            prompt = s.prompt,
+            reused = s.reused,
             seconds = s.since.elapsed().as_secs_f64(),
             "{what}"
         );
