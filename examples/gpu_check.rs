@@ -623,7 +623,9 @@ fn check_decode(args: &Args, device: &Device, rep: &mut Report) -> Result<()> {
     fast::set_fast_paths(FastPaths::ALL);
     check_decode_batch(args, llm, rep)?;
     check_prefill_batch(args, llm, rep)?;
-    check_turn_loop(args, device, rep)
+    let sa = loop_model(args, device)?;
+    check_turn_loop(args, &sa, rep)?;
+    check_partial_reuse(args, &sa, rep)
 }
 
 /// The batched fused prefill (every stream's new rows through the decode kernels as
@@ -743,15 +745,16 @@ fn check_prefill_batch(args: &Args, llm: &Qwen2Llm, rep: &mut Report) -> Result<
 /// on a real-width random model with the fixture tokenizer. The logits of
 /// every step up to the first differing id are compared (bf16: a near-tie may
 /// flip an id, after which the turns decode different text).
-fn check_turn_loop(args: &Args, device: &Device, rep: &mut Report) -> Result<()> {
+/// Step-Audio 2 mini's shape with `--decode-layers` LLM layers and one encoder layer,
+/// random bf16 weights, the tiny checkpoint's tokenizer.
+fn loop_model(
+    args: &Args,
+    device: &Device,
+) -> Result<stepaudio_live::model::step_audio2::StepAudio2> {
     use stepaudio_live::model::step_audio2::prompt::StepTokenizer;
-    use stepaudio_live::model::step_audio2::{
-        Session, SessionOptions, StepAudio2, TurnLoop, TurnOptions, TurnOutput, TurnRequest,
-    };
     let mut cfg = StepAudio2Config::mini();
     cfg.text.num_layers = args.decode_layers;
     cfg.encoder.n_layer = 1;
-    let hidden = cfg.text.hidden_size;
     let model = random_weights(&cfg, device, DType::BF16, 13)?;
     let rel = "tests/fixtures/step_audio2/tiny_ckpt/tokenizer.json";
     let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel);
@@ -760,7 +763,45 @@ fn check_turn_loop(args: &Args, device: &Device, rep: &mut Report) -> Result<()>
     } else {
         std::path::Path::new(rel)
     })?;
-    let sa = StepAudio2::new(model, tokenizer)?;
+    Ok(stepaudio_live::model::step_audio2::StepAudio2::new(
+        model, tokenizer,
+    )?)
+}
+
+/// Ids equal up to the first difference, and the worst logits relative error up to
+/// and including the step that chose it.
+fn agreement(
+    out: &stepaudio_live::model::step_audio2::TurnOutput,
+    reference: &stepaudio_live::model::step_audio2::TurnOutput,
+) -> Result<(usize, f64)> {
+    let same = out
+        .generated
+        .iter()
+        .zip(&reference.generated)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut worst = 0f64;
+    for (a, b) in out
+        .step_logits
+        .iter()
+        .zip(&reference.step_logits)
+        .take(same + 1)
+    {
+        worst = worst.max(rel_err(a, b)?.0);
+    }
+    Ok((same, worst))
+}
+
+fn check_turn_loop(
+    args: &Args,
+    sa: &stepaudio_live::model::step_audio2::StepAudio2,
+    rep: &mut Report,
+) -> Result<()> {
+    use stepaudio_live::model::step_audio2::{
+        Session, SessionOptions, TurnLoop, TurnOptions, TurnOutput, TurnRequest,
+    };
+    let device = &sa.model.device;
+    let hidden = sa.model.config.text.hidden_size;
     let sessions = || -> Result<Vec<Session>> {
         (0..6)
             .map(|_| Ok(sa.session(SessionOptions::default())?))
@@ -792,7 +833,7 @@ fn check_turn_loop(args: &Args, device: &Device, rep: &mut Report) -> Result<()>
         })
         .collect();
     let mut outs: Vec<Option<TurnOutput>> = plan.iter().map(|_| None).collect();
-    let mut batch = TurnLoop::new(&sa);
+    let mut batch = TurnLoop::new(sa);
     let (mut step, mut joined) = (0, 0);
     while joined < plan.len() || !batch.is_idle() {
         let mut keys = Vec::new();
@@ -815,11 +856,11 @@ fn check_turn_loop(args: &Args, device: &Device, rep: &mut Report) -> Result<()>
             joined += 1;
         }
         drop(free);
-        for r in batch.admit(&sa, &keys, &mut requests) {
+        for r in batch.admit(sa, &keys, &mut requests) {
             r?;
         }
         drop(requests);
-        for key in batch.step(&sa) {
+        for key in batch.step(sa) {
             let k = key as usize;
             let out = batch
                 .finish(key, &mut looped[plan[k].0])
@@ -835,30 +876,17 @@ fn check_turn_loop(args: &Args, device: &Device, rep: &mut Report) -> Result<()>
     for (k, p) in plan.iter().enumerate() {
         let s = &mut alone[p.0];
         let reference = if p.2 {
-            s.decode_final(&sa, &audio[k], &[], &turn_opts[k])?
+            s.decode_final(sa, &audio[k], &[], &turn_opts[k])?
         } else {
-            s.decode_partial(&sa, &audio[k], &[], &turn_opts[k])?
+            s.decode_partial(sa, &audio[k], &[], &turn_opts[k])?
         };
         let out = outs[k].as_ref().context("every turn ended")?;
         peak = peak.max(out.peak_batch);
-        let same = out
-            .generated
-            .iter()
-            .zip(&reference.generated)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let (same, rel) = agreement(out, &reference)?;
         identical += usize::from(out.generated == reference.generated);
         agreed += same;
         total += reference.generated.len().max(1);
-        // logits up to and including the step that chose the first differing id
-        for (a, b) in out
-            .step_logits
-            .iter()
-            .zip(&reference.step_logits)
-            .take(same + 1)
-        {
-            worst = worst.max(rel_err(a, b)?.0);
-        }
+        worst = worst.max(rel);
     }
     rep.json.insert(
         "turn loop".into(),
@@ -875,6 +903,53 @@ fn check_turn_loop(args: &Args, device: &Device, rep: &mut Report) -> Result<()>
             "worst logits rel {worst:.2e}; {identical}/{} turns identical, ids equal up to the \
              first difference {agreed}/{total}; widest step {peak} turns",
             plan.len()
+        ),
+    );
+    Ok(())
+}
+
+/// A partial that reuses the start of its prompt as the partial before it left it in
+/// the cache (`TurnOptions::keep` / `reuse`: the fused prefill then starts at the kept
+/// position) against the same turn prefilled whole in a fresh session.
+fn check_partial_reuse(
+    args: &Args,
+    sa: &stepaudio_live::model::step_audio2::StepAudio2,
+    rep: &mut Report,
+) -> Result<()> {
+    use stepaudio_live::model::step_audio2::{SessionOptions, TurnOptions};
+    let (device, hidden) = (&sa.model.device, sa.model.config.text.hidden_size);
+    let rows = |n: usize| Tensor::randn(0f32, 0.02, (n, hidden), device)?.to_dtype(DType::BF16);
+    let (first, kept) = (rows(60)?, 48);
+    let second = Tensor::cat(&[first.narrow(0, 0, kept)?, rows(30)?], 0)?;
+    let patch_start = sa.tokenizer.human_audio_turn(&[0]).patch_runs[0].0;
+    let opts = |keep, reuse| TurnOptions {
+        record_logits: true,
+        keep,
+        reuse,
+        ..TurnOptions::new(16)
+    };
+    let mut reusing = sa.session(SessionOptions::default())?;
+    let mut whole = sa.session(SessionOptions::default())?;
+    reusing.decode_partial(sa, &[first], &[], &opts(patch_start + kept, 0))?;
+    let a = reusing.decode_partial(sa, &[second.clone()], &[], &opts(0, patch_start + kept))?;
+    let b = whole.decode_partial(sa, &[second], &[], &opts(0, 0))?;
+    let (same, worst) = agreement(&a, &b)?;
+    rep.json.insert(
+        "partial reuse".into(),
+        json!({"reused": a.reused, "worst_rel_logits": worst, "ids_agreeing": same,
+               "ids": b.generated.len()}),
+    );
+    rep.check(
+        &format!(
+            "a partial reusing its cached prompt start vs prefilled whole ({} layers, real widths)",
+            args.decode_layers
+        ),
+        a.reused == patch_start + kept && worst < 1e-2 && worst.is_finite(),
+        format!(
+            "{} prompt tokens reused; worst logits rel {worst:.2e}; ids equal up to the first \
+             difference {same}/{}",
+            a.reused,
+            b.generated.len()
         ),
     );
     Ok(())

@@ -385,9 +385,10 @@ impl StepAudio2Recognizer {
             .copied()
             .fold(f32::NEG_INFINITY, f32::max);
         let open = self.open.as_ref().filter(|o| {
-            o.max == max
-                && features.raw_frames.starts_with(&o.read)
-                && o.rows.dim(0).unwrap_or(0) * MEL_FRAMES_PER_PATCH < full.n_frames
+            let (same_max, same_audio) = (o.max == max, features.raw_frames.starts_with(&o.read));
+            let grew = o.rows.dim(0).unwrap_or(0) * MEL_FRAMES_PER_PATCH < full.n_frames;
+            tracing::trace!(same_max, same_audio, grew, "open segment rows");
+            same_max && same_audio && grew
         });
         let Some(open) = open else {
             return Ok((
