@@ -104,16 +104,6 @@ impl EncodedAudio {
     }
 }
 
-/// One stream's window for [`WhisperModel::encode_after_batch`] (the
-/// arguments of [`WhisperModel::encode_after`]).
-pub(crate) struct AfterJob<'a> {
-    pub mel: &'a crate::frontend::LogMel,
-    pub fresh: usize,
-    pub key: i32,
-    pub head: Option<&'a EncodedAudio>,
-    pub keep: usize,
-}
-
 /// The padding levels met most recently, at most [`SilentWindows::capacity`]
 /// of them.
 pub struct SilentWindows {
@@ -223,68 +213,31 @@ impl WhisperModel {
         head: Option<&EncodedAudio>,
         keep: usize,
     ) -> candle_core::Result<(CrossAttention, Option<EncodedAudio>)> {
-        let job = AfterJob {
-            mel,
+        let states = self.silent_states(key)?;
+        let (encoded, fresh_states) = self.encoder.forward_after(
+            &self.mel_tensor(mel)?,
             fresh,
-            key,
-            head,
-            keep,
+            head.map(|h| &h.encoder),
+            &states.encoder,
+        )?;
+        let cross =
+            self.decoder
+                .cross_attention_after(head.map(|h| &h.cross), &encoded, &states.cross)?;
+        let start = head.map_or(0, EncodedAudio::positions);
+        if keep <= start || keep > start + encoded.dim(1)? {
+            return Ok((cross, None));
+        }
+        let grown = fresh_states.narrow(keep - start)?;
+        let encoder = match head {
+            Some(h) => h.encoder.append(&grown)?,
+            None => grown.contiguous()?,
         };
-        Ok(self.encode_after_batch(&[job])?.remove(0))
-    }
-
-    /// [`Self::encode_after`] for several streams' windows, encoded as one
-    /// batch ([`encoder::WhisperEncoder::forward_after_batch`]).
-    pub(crate) fn encode_after_batch(
-        &self,
-        jobs: &[AfterJob<'_>],
-    ) -> candle_core::Result<Vec<(CrossAttention, Option<EncodedAudio>)>> {
-        let states = jobs
-            .iter()
-            .map(|j| self.silent_states(j.key))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let mels = jobs
-            .iter()
-            .map(|j| self.mel_tensor(j.mel))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let inputs: Vec<encoder::AfterInput<'_>> = jobs
-            .iter()
-            .zip(&mels)
-            .zip(&states)
-            .map(|((j, mel), st)| encoder::AfterInput {
-                mel,
-                fresh: j.fresh,
-                head: j.head.map(|h| &h.encoder),
-                silent: &st.encoder,
-            })
-            .collect();
-        let encoded = self.encoder.forward_after_batch(&inputs)?;
-        jobs.iter()
-            .zip(encoded)
-            .zip(&states)
-            .map(|((j, (encoded, fresh_states)), st)| {
-                let cross = self.decoder.cross_attention_after(
-                    j.head.map(|h| &h.cross),
-                    &encoded,
-                    &st.cross,
-                )?;
-                let start = j.head.map_or(0, EncodedAudio::positions);
-                if j.keep <= start || j.keep > start + encoded.dim(1)? {
-                    return Ok((cross, None));
-                }
-                let grown = fresh_states.narrow(j.keep - start)?;
-                let encoder = match j.head {
-                    Some(h) => h.encoder.append(&grown)?,
-                    None => grown.contiguous()?,
-                };
-                let kept = EncodedAudio {
-                    encoder,
-                    cross: cross.narrow(j.keep)?.contiguous()?,
-                    key: j.key,
-                };
-                Ok((cross, Some(kept)))
-            })
-            .collect()
+        let kept = EncodedAudio {
+            encoder,
+            cross: cross.narrow(keep)?.contiguous()?,
+            key,
+        };
+        Ok((cross, Some(kept)))
     }
 
     /// Encodes audio alone (the padding past `2·positions` frames at level
