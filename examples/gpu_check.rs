@@ -931,7 +931,12 @@ fn check_partial_reuse(
     let mut reusing = sa.session(SessionOptions::default())?;
     let mut whole = sa.session(SessionOptions::default())?;
     reusing.decode_partial(sa, &[first], &[], &opts(patch_start + kept, 0))?;
-    let a = reusing.decode_partial(sa, &[second.clone()], &[], &opts(0, patch_start + kept))?;
+    let a = reusing.decode_partial(
+        sa,
+        std::slice::from_ref(&second),
+        &[],
+        &opts(0, patch_start + kept),
+    )?;
     let b = whole.decode_partial(sa, &[second], &[], &opts(0, 0))?;
     let (same, worst) = agreement(&a, &b)?;
     rep.json.insert(

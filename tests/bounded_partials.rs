@@ -19,14 +19,14 @@ use stepaudio_live::model::RecognizerOptions;
 
 fn recognizer(full_partials: bool) -> Box<dyn Recognizer> {
     let opts = RecognizerOptions {
-        full_partials: full_partials,
+        full_partials,
         ..Default::default()
     };
     common::tiny_en().recognizer(&opts).unwrap()
 }
 
 /// Feeds `audio` to both recognisers as one growing segment and checks the
-/// properties above; returns (partials, identical).
+/// properties above.
 fn compare(full: &mut dyn Recognizer, bounded: &mut dyn Recognizer, audio: &[f32]) {
     let (mut n, mut identical, mut logprob_differs) = (0, 0, false);
     let mut errors = stepaudio_live::eval::wer::ErrorCounts::default();

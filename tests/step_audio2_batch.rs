@@ -809,7 +809,12 @@ fn a_partial_reusing_the_cached_prompt_start_equals_it_prefilled_whole() {
         "the partial leaves its prompt's start cached"
     );
     let a = reusing
-        .decode_partial(&sa, &[second.clone()], &[], &budget(0, patch_start + kept))
+        .decode_partial(
+            &sa,
+            std::slice::from_ref(&second),
+            &[],
+            &budget(0, patch_start + kept),
+        )
         .unwrap();
     let b = whole
         .decode_partial(&sa, &[second], &[], &budget(0, 0))
@@ -827,8 +832,13 @@ fn a_partial_reusing_the_cached_prompt_start_equals_it_prefilled_whole() {
             &budget(patch_start + 9, 0),
         )
         .unwrap();
-        s.decode_final(&sa, &[longer.clone()], &[], &TurnOptions::new(12))
-            .unwrap()
+        s.decode_final(
+            &sa,
+            std::slice::from_ref(&longer),
+            &[],
+            &TurnOptions::new(12),
+        )
+        .unwrap()
     };
     let (a, b) = (fin(&mut reusing), fin(&mut whole));
     assert_eq!(a.reused, 0);
