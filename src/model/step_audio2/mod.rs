@@ -378,7 +378,7 @@ impl StepAudio2Recognizer {
     /// last partial when they still hold (same audio and level), else the
     /// whole segment.
     fn partial_mel(&self, features: &SegmentFeatures) -> Result<(LogMel, PartialJoin), ModelError> {
-        let full = segment_mel(features)?;
+        let frames = features.raw_frames.len() / features.n_mels.max(1);
         let max = features
             .raw_frames
             .iter()
@@ -386,13 +386,15 @@ impl StepAudio2Recognizer {
             .fold(f32::NEG_INFINITY, f32::max);
         let open = self.open.as_ref().filter(|o| {
             let (same_max, same_audio) = (o.max == max, features.raw_frames.starts_with(&o.read));
-            let grew = o.rows.dim(0).unwrap_or(0) * MEL_FRAMES_PER_PATCH < full.n_frames;
+            // (a segment past one piece goes to `segment_mel`, which refuses it)
+            let grew = o.rows.dim(0).unwrap_or(0) * MEL_FRAMES_PER_PATCH < frames
+                && frames <= MAX_PIECE_FRAMES;
             tracing::trace!(same_max, same_audio, grew, "open segment rows");
             same_max && same_audio && grew
         });
         let Some(open) = open else {
             return Ok((
-                full,
+                segment_mel(features)?,
                 PartialJoin {
                     open: None,
                     drop: 0,
