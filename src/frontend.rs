@@ -345,8 +345,14 @@ impl LogMel {
     /// Applies the global clamp and scaling to frame-major raw log10 frames and
     /// transposes them to mel-major.
     pub fn from_raw_frames(n_mels: usize, raw: Vec<f32>) -> Self {
-        let max = raw.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = Self::raw_max(&raw);
         Self::from_raw_frames_with_max(n_mels, raw, max)
+    }
+
+    /// The maximum of raw frames, which [`LogMel::from_raw_frames`] clamps and
+    /// scales them by.
+    pub fn raw_max(raw: &[f32]) -> f32 {
+        raw.iter().copied().fold(f32::NEG_INFINITY, f32::max)
     }
 
     /// As [`LogMel::from_raw_frames`] with the clamp set 8 below `max` rather

@@ -379,11 +379,7 @@ impl StepAudio2Recognizer {
     /// whole segment.
     fn partial_mel(&self, features: &SegmentFeatures) -> Result<(LogMel, PartialJoin), ModelError> {
         let frames = features.raw_frames.len() / features.n_mels.max(1);
-        let max = features
-            .raw_frames
-            .iter()
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max);
+        let max = LogMel::raw_max(&features.raw_frames);
         let open = self.open.as_ref().filter(|o| {
             let (same_max, same_audio) = (o.max == max, features.raw_frames.starts_with(&o.read));
             // (a segment past one piece goes to `segment_mel`, which refuses it)

@@ -274,7 +274,12 @@ impl WhisperRecognizer {
         let t = Instant::now();
         let n_mels = features.n_mels;
         let front: &[f32] = carried.map_or(&[], |c| &c.raw_frames);
-        let joined = [front, features.raw_frames.as_slice()].concat();
+        // The segment's own frames unless the carried ones go in front.
+        let joined: std::borrow::Cow<[f32]> = if front.is_empty() {
+            (&features.raw_frames[..]).into()
+        } else {
+            [front, features.raw_frames.as_slice()].concat().into()
+        };
         // The carried states serve if they were made at the new audio's level.
         let carried_head = carried
             .and_then(|c| c.encoded.as_ref())
