@@ -904,3 +904,127 @@ fn bounded_partials_batch_like_alone_and_leave_finals_as_whole_ones() {
         );
     }
 }
+
+/// (11) Streams whose KV caches are slots of one pool (planned for 3 streams)
+/// decode exactly as streams with caches of their own: partials, finals and
+/// the next segment, batched; bit for bit, since only where the keys and
+/// values live differs. A fourth stream finds no free slot and keeps its
+/// own cache; the slots come back when the streams close.
+#[test]
+fn streams_in_kv_pool_slots_decode_as_with_their_own_caches() {
+    let (pooled_model, own_model) = (model(), model());
+    pooled_model.reserve_streams(3);
+    let sa = step_audio2(&pooled_model);
+    let opts = RecognizerOptions::default();
+    let make = |m: &LoadedModel| -> Vec<Box<dyn Recognizer>> {
+        CLIPS.iter().map(|_| m.recognizer(&opts).unwrap()).collect()
+    };
+    let (mut pooled, mut own) = (make(&pooled_model), make(&own_model));
+    let pool = sa.kv_pool().expect("the first session made the pool");
+    assert_eq!(
+        (pool.slots(), pool.free_slots()),
+        (3, 0),
+        "3 slots, all taken"
+    );
+    assert!(step_audio2(&own_model).kv_pool().is_none());
+    let feats: Vec<SegmentFeatures> = CLIPS.iter().map(|&(n, s)| features(n, s)).collect();
+    let run = |recs: &mut [Box<dyn Recognizer>], commit: bool| -> Vec<Hypothesis> {
+        let mut requests: Vec<BatchRequest<'_>> = recs
+            .iter_mut()
+            .zip(&feats)
+            .map(|(r, f)| BatchRequest {
+                recognizer: r.as_mut(),
+                features: f,
+                prefix: &[],
+                commit,
+                partial: !commit,
+            })
+            .collect();
+        decode_batch(&mut requests)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect()
+    };
+    for commit in [false, true] {
+        for (i, (p, o)) in run(&mut pooled, commit)
+            .iter()
+            .zip(run(&mut own, commit))
+            .enumerate()
+        {
+            let what = format!("stream {i} (commit {commit})");
+            assert_eq!(p.tokens, o.tokens, "{what}: tokens");
+            assert_eq!(p.avg_logprob, o.avg_logprob, "{what}: avg_logprob");
+        }
+    }
+    let next = features("en_timit_ldc93s1.wav", 2.0);
+    for (i, (p, o)) in pooled.iter_mut().zip(&mut own).enumerate() {
+        let (hp, ho) = (p.decode(&next, &[]).unwrap(), o.decode(&next, &[]).unwrap());
+        assert_eq!(hp.tokens, ho.tokens, "stream {i}, next segment");
+        assert_eq!(hp.avg_logprob, ho.avg_logprob, "stream {i}, next segment");
+    }
+    drop(pooled);
+    assert_eq!(pool.free_slots(), 3, "closed streams give their slots back");
+}
+
+/// (12) A session in a pool slot never holds more positions than the slot
+/// has: with a short committed context (so finals restart it), turns that
+/// fit are exactly those of a session with its own cache, and a turn whose
+/// forced prefix would pass the slot restarts the context first instead of
+/// failing or cutting the turn's budget.
+#[test]
+fn a_session_in_a_slot_stays_within_it() {
+    let (pooled_model, own_model) = (model(), model());
+    pooled_model.reserve_streams(1);
+    let (sa, own_sa) = (step_audio2(&pooled_model), step_audio2(&own_model));
+    let system = own_sa
+        .session(SessionOptions::default())
+        .unwrap()
+        .system_len();
+    let opts = SessionOptions {
+        max_context: system + 200,
+        max_new_tokens: 24,
+        ..Default::default()
+    };
+    let mut slotted = sa.session(opts.clone()).unwrap();
+    let mut own = own_sa.session(opts.clone()).unwrap();
+    let positions = slotted.state().fixed_positions().expect("a pool slot");
+    assert_eq!(positions, Session::positions_for(&opts, usize::MAX));
+    assert!(own.state().fixed_positions().is_none());
+    let turn = TurnOptions::new(opts.max_new_tokens);
+    for (k, &(name, seconds)) in CLIPS.iter().chain(CLIPS.iter()).enumerate() {
+        let (a, b) = (rows(&sa, name, seconds), rows(&own_sa, name, seconds));
+        let p = slotted.decode_final(&sa, &[a], &[], &turn).unwrap();
+        let o = own.decode_final(&own_sa, &[b], &[], &turn).unwrap();
+        assert_eq!(p.generated, o.generated, "final {k}");
+        assert_eq!(p.restarted, o.restarted, "final {k}");
+        assert!(
+            slotted.state().len() <= positions,
+            "final {k} past the slot"
+        );
+    }
+    assert!(slotted.restarts() > 0, "the short context restarted");
+    assert_eq!(slotted.restarts(), own.restarts());
+    // A forced prefix that exactly fits the slot after the system prompt, so
+    // after any committed turn it restarts the context first.
+    let short = rows(&sa, "en_timit_ldc93s1.wav", 2.0);
+    let probe = slotted
+        .decode_partial(&sa, &[short.clone()], &[], &turn)
+        .unwrap();
+    let len = positions - (system + probe.prompt_tokens + 1 + opts.max_new_tokens);
+    let prefix: Vec<u32> = (0..len as u32).map(|i| 100 + i % 400).collect();
+    while slotted.committed_len() == system {
+        slotted
+            .decode_final(&sa, &[short.clone()], &[], &turn)
+            .unwrap();
+    }
+    let out = slotted
+        .decode_partial(&sa, &[short], &prefix, &turn)
+        .unwrap();
+    assert!(
+        out.restarted,
+        "the turn did not fit after the committed context"
+    );
+    assert_eq!(out.generated.len(), opts.max_new_tokens, "the whole budget");
+    assert_eq!(slotted.committed_len(), system);
+    assert!(slotted.state().len() <= positions);
+}

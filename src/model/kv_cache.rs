@@ -1,7 +1,9 @@
 //! A preallocated key/value cache for one attention layer, laid out
 //! `[batch, heads, capacity, head_dim]`, that grows by appending along the
 //! sequence axis and rolls back by truncation (the stored prefix is never
-//! touched, so a rollback leaves it bit-identical).
+//! touched, so a rollback leaves it bit-identical). A cache may instead be
+//! given fixed buffers (a slot of a [`super::kv_pool::KvPool`]), which it
+//! never outgrows.
 
 use candle_core::{Result, Tensor};
 
@@ -14,6 +16,8 @@ pub(crate) struct KvCache {
     len: usize,
     /// Initial capacity in positions; the buffer doubles when it fills.
     initial_capacity: usize,
+    /// The buffers were given (a pool slot): never reallocated.
+    fixed: bool,
 }
 
 impl KvCache {
@@ -23,7 +27,29 @@ impl KvCache {
             values: None,
             len: 0,
             initial_capacity: initial_capacity.max(1),
+            fixed: false,
         }
+    }
+
+    /// A cache over the given key and value buffers `[b, h, capacity, d]`
+    /// (views into a pool slot), which it fills from position 0 and never
+    /// reallocates.
+    pub fn in_buffers(keys: Tensor, values: Tensor) -> Result<Self> {
+        if keys.dims() != values.dims() || keys.rank() != 4 || !keys.is_contiguous() {
+            candle_core::bail!(
+                "KV cache buffers {:?} and {:?}: want two equal contiguous [b, h, capacity, d]",
+                keys.dims(),
+                values.dims()
+            );
+        }
+        let capacity = keys.dim(SEQ_DIM)?;
+        Ok(Self {
+            keys: Some(keys),
+            values: Some(values),
+            len: 0,
+            initial_capacity: capacity.max(1),
+            fixed: true,
+        })
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -45,6 +71,9 @@ impl KvCache {
         let cap = self.capacity();
         if needed <= cap {
             return Ok(());
+        }
+        if self.fixed {
+            candle_core::bail!("a KV cache slot of {cap} positions cannot hold {needed}");
         }
         let mut new_cap = cap.max(self.initial_capacity);
         while new_cap < needed {

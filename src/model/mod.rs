@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod ct2;
 pub mod kv_cache;
+pub mod kv_pool;
 pub mod layers;
 pub mod recognizer;
 pub mod safetensors_store;
@@ -196,6 +197,14 @@ impl LoadedModel {
         }
     }
 
+    /// Reserves what `streams` streams at most hold (Step-Audio 2: their KV
+    /// caches as slots of one pool, allocated when the first stream opens).
+    pub fn reserve_streams(&self, streams: usize) {
+        if let Self::StepAudio2(sa) = self {
+            sa.plan_kv_slots(streams);
+        }
+    }
+
     /// A loop that decodes this model's streams as one continuous batch
     /// (decodes join and leave between steps), for the families that have one:
     /// Step-Audio 2.
@@ -206,16 +215,16 @@ impl LoadedModel {
         }
     }
 
-    /// Streams whose state at its largest fits three quarters of the device
-    /// memory free now (the rest kept for a batch's activations): Step-Audio 2
-    /// on a device that reports its memory, each stream's KV cache at its
-    /// largest ([`step_audio2::StepAudio2Model::kv_bytes_per_stream_max`]);
-    /// at least 1. `None` elsewhere.
+    /// Streams whose state fits three quarters of the device memory free now
+    /// (the rest kept for a batch's activations): Step-Audio 2 on a device
+    /// that reports its memory, each stream's KV cache slot
+    /// ([`step_audio2::StepAudio2Model::kv_bytes_per_stream`]); at least 1.
+    /// `None` elsewhere.
     pub fn streams_fitting_memory(&self) -> Option<usize> {
         match self {
             Self::StepAudio2(sa) => {
                 let free = crate::ops::fast::device_memory_free(&sa.model.device)?;
-                let per = sa.model.kv_bytes_per_stream_max().max(1);
+                let per = sa.model.kv_bytes_per_stream().max(1);
                 Some((free / 4 * 3 / per).max(1))
             }
             Self::Whisper(_) => None,

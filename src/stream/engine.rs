@@ -104,7 +104,7 @@ fn cpu_capacity(d_model: usize, cores: usize) -> usize {
 /// streams"): Step-Audio 2 mini 108 with the continuous batch, its GPU
 /// default (144 batch at a time; 24 tokens a turn), Whisper
 /// large-v3-turbo's shape 112. Step-Audio 2 is also bounded by the memory
-/// its streams' KV caches may take ([`LoadedModel::streams_fitting_memory`]).
+/// its streams' KV cache slots take ([`LoadedModel::streams_fitting_memory`]).
 const GPU_STREAMS_STEP_AUDIO2: usize = 88;
 const GPU_STREAMS_WHISPER: usize = 96;
 
@@ -282,11 +282,13 @@ impl EngineHandle {
 /// Starts the engine: an intake thread that queues what streams send, and
 /// [`EngineConfig::lanes`] lanes that run batches. The returned thread ends
 /// when every handle is dropped and all queued work is done. `model` makes
-/// the recognisers of streams opened with [`StreamModel::Options`].
+/// the recognisers of streams opened with [`StreamModel::Options`], and holds
+/// room for `config.max_streams` of them ([`LoadedModel::reserve_streams`]).
 pub fn spawn(
     model: LoadedModel,
     config: EngineConfig,
 ) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    model.reserve_streams(config.max_streams);
     let (tx, rx) = crossbeam_channel::unbounded();
     let counters = Arc::new(EngineCounters::default());
     let handle = EngineHandle {

@@ -5,6 +5,7 @@
 //! a step appends one position in place and a rollback is a truncation.
 
 use crate::model::kv_cache::KvCache;
+use crate::model::kv_pool::{KvSlot, SlotShape};
 use crate::model::layers::{causal_mask, Linear, RmsNorm};
 use crate::ops::fast::{DecodeCache, DecodeLayerWeights, DecodeWeights};
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -38,10 +39,13 @@ pub struct Qwen2Llm {
     pub head_dim: usize,
 }
 
-/// The per-layer key/value caches of one stream (empty by default: no layer).
-#[derive(Clone, Debug, Default)]
+/// The per-layer key/value caches of one stream (empty by default: no layer),
+/// in buffers of its own or in a pool slot.
+#[derive(Debug, Default)]
 pub struct LlmState {
     caches: Vec<KvCache>,
+    /// The pool slot the caches live in (given back when the state is dropped).
+    slot: Option<KvSlot>,
 }
 
 impl LlmState {
@@ -74,6 +78,17 @@ impl LlmState {
     /// Allocated positions (the same in every layer).
     pub(crate) fn capacity(&self) -> usize {
         self.caches.first().map_or(0, KvCache::capacity)
+    }
+
+    /// Positions this state can ever hold: its slot's, where it has one (a
+    /// slot never grows); `None` for buffers of its own, which grow.
+    pub fn fixed_positions(&self) -> Option<usize> {
+        self.slot.as_ref().map(KvSlot::positions)
+    }
+
+    /// The pool slot, if the caches live in one.
+    pub fn slot(&self) -> Option<&KvSlot> {
+        self.slot.as_ref()
     }
 
     /// Makes room for `needed` positions in every layer (see [`KvCache::reserve`]).
@@ -192,7 +207,43 @@ impl Qwen2Llm {
     pub fn new_state(&self, capacity: usize) -> LlmState {
         LlmState {
             caches: self.layers.iter().map(|_| KvCache::new(capacity)).collect(),
+            slot: None,
         }
+    }
+
+    /// The shape of a pool slot that holds `positions` of this model's keys
+    /// and values.
+    pub fn slot_shape(&self, positions: usize) -> SlotShape {
+        SlotShape {
+            layers: self.layers.len(),
+            kv_heads: self.num_kv_heads,
+            positions,
+            head_dim: self.head_dim,
+        }
+    }
+
+    /// An empty state whose caches are the layers of `slot` (of a pool of
+    /// [`Self::slot_shape`] in the model's dtype, on its device).
+    pub fn state_in_slot(&self, slot: KvSlot) -> Result<LlmState> {
+        let want = self.slot_shape(slot.positions());
+        let dtype = self.lm_head.weight.dtype();
+        if slot.shape() != want || slot.dtype() != dtype {
+            candle_core::bail!(
+                "a KV slot {:?} ({:?}) does not fit this model's {want:?} ({dtype:?})",
+                slot.shape(),
+                slot.dtype()
+            );
+        }
+        let caches = (0..self.layers.len())
+            .map(|l| {
+                let (k, v) = slot.layer(l)?;
+                KvCache::in_buffers(k, v)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LlmState {
+            caches,
+            slot: Some(slot),
+        })
     }
 
     /// Token embeddings `[n, H]`.

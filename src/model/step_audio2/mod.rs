@@ -26,6 +26,7 @@ pub mod session;
 use crate::frontend::{
     LogMel, MelExtractor, HOP_LENGTH, STEP_AUDIO_PIECE_SAMPLES, STEP_AUDIO_TAIL_PADDING,
 };
+use crate::model::kv_pool::{KvPool, KvSlot};
 use crate::model::recognizer::{FrontendSpec, Hypothesis, Recognizer, SegmentFeatures};
 use crate::model::ModelError;
 use adapter::Adapter;
@@ -56,21 +57,13 @@ pub struct StepAudio2Model {
 }
 
 impl StepAudio2Model {
-    /// Bytes of KV cache one stream may hold at most with the default session
-    /// options: a committed context of `max_context` tokens plus a turn (the
-    /// default turn budget, and audio of a 25 s segment), allocated in
-    /// doublings, so up to twice that.
-    pub fn kv_bytes_per_stream_max(&self) -> usize {
-        let t = &self.config.text;
-        let per_position = t.num_layers
-            * 2
-            * t.num_kv_heads
-            * (t.hidden_size / t.num_heads)
-            * self.dtype.size_in_bytes();
-        // a 25 s segment is ~313 audio tokens at 12.5 a second, plus its prompt
-        let turn = session::DEFAULT_MAX_NEW_TOKENS + 400;
-        let positions = (session::DEFAULT_MAX_CONTEXT + turn).min(t.max_position_embeddings);
-        2 * positions * per_position
+    /// Bytes of KV cache one stream holds with the default session options: a
+    /// pool slot (or buffers of its own, which a session never grows past)
+    /// of [`Session::positions_for`] positions.
+    pub fn kv_bytes_per_stream(&self) -> usize {
+        let positions =
+            Session::positions_for(&SessionOptions::default(), self.llm.max_positions());
+        self.llm.slot_shape(positions).bytes(self.dtype)
     }
 
     /// Bytes of all weight tensors (as held on the device, fused q/k/v included).
@@ -222,6 +215,18 @@ pub struct StepAudio2 {
     /// The fused decode step of several sessions at once (CUDA, bf16), shared by all
     /// sessions of this model: [`Session::run_turns`] steps its streams through it.
     pub(crate) batch_decoder: std::sync::Mutex<crate::ops::fast::FusedBatchDecoder>,
+    /// The sessions' KV caches in one preallocated pool, once streams were
+    /// planned ([`Self::plan_kv_slots`]).
+    kv_pool: std::sync::Mutex<KvPoolPlan>,
+}
+
+/// How many pool slots to hold, and the pool once the first session made it.
+#[derive(Default)]
+struct KvPoolPlan {
+    slots: usize,
+    /// The pool and the slots planned when it was made (it may hold fewer:
+    /// the device's memory bounds it).
+    pool: Option<(KvPool, usize)>,
 }
 
 impl StepAudio2 {
@@ -254,7 +259,99 @@ impl StepAudio2 {
             mel,
             device_mel,
             batch_decoder: Default::default(),
+            kv_pool: Default::default(),
         })
+    }
+
+    /// Holds the KV caches of the next sessions in one pool of `slots` slots,
+    /// allocated at once when the first of them is made (its positions size
+    /// every slot). A session that finds no free slot, or needs more
+    /// positions than a slot has, keeps buffers of its own.
+    pub fn plan_kv_slots(&self, slots: usize) {
+        let mut plan = self.kv_plan();
+        plan.slots = slots;
+        if plan
+            .pool
+            .as_ref()
+            .is_some_and(|(_, planned)| *planned < slots)
+        {
+            // Live sessions keep the old pool's memory until they close.
+            plan.pool = None;
+        }
+    }
+
+    /// The pool, if one was made.
+    pub fn kv_pool(&self) -> Option<KvPool> {
+        self.kv_plan().pool.as_ref().map(|(p, _)| p.clone())
+    }
+
+    /// A pool slot of at least `positions` positions, allocating the pool of
+    /// the planned slots (each of `positions`, as many as three quarters of
+    /// the device's free memory hold) the first time; `None` without a plan,
+    /// when the pool cannot be made, every slot is taken, or slots are smaller.
+    pub(crate) fn take_kv_slot(&self, positions: usize) -> Option<KvSlot> {
+        let mut plan = self.kv_plan();
+        if plan.slots == 0 {
+            return None;
+        }
+        let pool = match &plan.pool {
+            Some((p, _)) => p.clone(),
+            None => {
+                let shape = self.model.llm.slot_shape(positions);
+                let slot_bytes = shape.bytes(self.model.dtype).max(1);
+                // Never more than three quarters of what the device has free.
+                let slots = match crate::ops::fast::device_memory_free(&self.model.device) {
+                    Some(free) => plan.slots.min(free / 4 * 3 / slot_bytes),
+                    None => plan.slots,
+                };
+                let made = match slots {
+                    0 => Err(candle_core::Error::Msg("no room on the device".into())),
+                    n => KvPool::new(n, shape, self.model.dtype, &self.model.device),
+                };
+                match made {
+                    Ok(pool) => {
+                        tracing::info!(
+                            slots,
+                            planned = plan.slots,
+                            positions,
+                            mib = pool.bytes() >> 20,
+                            "Step-Audio 2 KV caches: one pool allocated"
+                        );
+                        plan.pool = Some((pool.clone(), plan.slots));
+                        pool
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            planned = plan.slots,
+                            "no KV pool ({e}): each session's cache is its own"
+                        );
+                        plan.slots = 0;
+                        return None;
+                    }
+                }
+            }
+        };
+        if pool.shape().positions < positions {
+            tracing::warn!(
+                positions,
+                slot = pool.shape().positions,
+                "a session needs more positions than a KV pool slot: its cache is its own"
+            );
+            return None;
+        }
+        let slot = pool.take();
+        if slot.is_none() {
+            tracing::warn!(
+                slots = pool.slots(),
+                "every KV pool slot is taken: this session's cache is its own"
+            );
+        }
+        slot
+    }
+
+    fn kv_plan(&self) -> std::sync::MutexGuard<'_, KvPoolPlan> {
+        // A plan is a count and a handle: consistent whatever a panicking holder did.
+        self.kv_pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Encoder + adapter rows of a whole recording (16 kHz mono): 25 s pieces, each its

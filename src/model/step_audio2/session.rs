@@ -157,9 +157,11 @@ impl Session {
     pub fn new(sa: &StepAudio2, opts: SessionOptions) -> Result<Self, ModelError> {
         let llm = &sa.model.llm;
         let system_ids = sa.tokenizer.system_turn(opts.system_prompt.text())?;
-        let turn = MAX_PATCHES_PER_SEGMENT + 32 + opts.max_new_tokens + 1;
-        let capacity = (opts.max_context + turn).min(llm.max_positions());
-        let mut state = llm.new_state(capacity);
+        let capacity = Self::positions_for(&opts, llm.max_positions());
+        let mut state = match sa.take_kv_slot(capacity) {
+            Some(slot) => llm.state_in_slot(slot)?,
+            None => llm.new_state(capacity),
+        };
         let embeds = llm.embed(&system_ids)?.unsqueeze(0)?;
         llm.forward(&embeds, &mut state)?;
         let committed = state.len();
@@ -172,6 +174,14 @@ impl Session {
             restarts: 0,
             fused: Default::default(),
         })
+    }
+
+    /// Positions a session with `opts` holds at most: a committed context of
+    /// `max_context` plus a turn (a 25 s segment's audio, its header, the
+    /// budget and the closing `<|EOT|>`), within the model's `max_positions`.
+    pub fn positions_for(opts: &SessionOptions, max_positions: usize) -> usize {
+        let turn = MAX_PATCHES_PER_SEGMENT + 32 + opts.max_new_tokens + 1;
+        (opts.max_context + turn).min(max_positions)
     }
 
     /// Tokens in the committed context (system prompt included).
@@ -302,17 +312,23 @@ impl Session {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let prompt = sa.tokenizer.human_audio_turn(&counts);
         let turn_len = prompt.len() + prefix.len();
-        let max_pos = llm.max_positions();
+        // The model's position table, and a pool slot's positions, are hard
+        // limits, for partials too. A turn whose budget they would cut
+        // restarts first, so that a final is never cut short by them.
+        let max_pos = self
+            .state
+            .fixed_positions()
+            .map_or(llm.max_positions(), |p| p.min(llm.max_positions()));
         let mut restarted = false;
-        // The model's position table is a hard limit, for partials too.
-        if self.committed + turn_len + 1 > max_pos && self.committed > self.system_len() {
-            self.restart("would pass the model's positions");
+        let needed = self.committed + turn_len + 1 + opts.max_new_tokens;
+        if needed > max_pos && self.committed > self.system_len() {
+            self.restart("would pass the positions it may hold");
             restarted = true;
         }
         let room = max_pos.saturating_sub(self.committed + turn_len + 1);
         if room == 0 {
             return Err(ModelError::Invalid(format!(
-                "a turn of {turn_len} tokens does not fit the model's {max_pos} positions"
+                "a turn of {turn_len} tokens does not fit the {max_pos} positions a stream may hold"
             )));
         }
         // The last partial's cached prompt start, as far as this turn reuses it.
