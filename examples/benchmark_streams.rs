@@ -571,10 +571,21 @@ fn run(
         "peak_rss_mb": usage.peak_rss_mb,
         "skipped_partials": skipped,
         "engine": stats,
+        "kv_pool": kv_pool(model),
         "wall_s": wall,
         "per_stream": per_stream,
     });
     Ok((all, refused, report))
+}
+
+/// The Step-Audio 2 streams' KV cache pool: slots, positions a slot, MiB.
+fn kv_pool(model: &LoadedModel) -> serde_json::Value {
+    match model {
+        LoadedModel::StepAudio2(sa) => sa.kv_pool().map_or(json!(null), |p| {
+            json!({"slots": p.slots(), "positions": p.shape().positions, "mib": p.bytes() >> 20})
+        }),
+        LoadedModel::Whisper(_) => json!(null),
+    }
 }
 
 fn print_run(report: &serde_json::Value) {

@@ -625,7 +625,8 @@ fn check_decode(args: &Args, device: &Device, rep: &mut Report) -> Result<()> {
     check_prefill_batch(args, llm, rep)?;
     let sa = loop_model(args, device)?;
     check_turn_loop(args, &sa, rep)?;
-    check_partial_reuse(args, &sa, rep)
+    check_partial_reuse(args, &sa, rep)?;
+    check_kv_pool(args, &sa, rep)
 }
 
 /// The batched fused prefill (every stream's new rows through the decode kernels as
@@ -955,6 +956,103 @@ fn check_partial_reuse(
              difference {same}/{}",
             a.reused,
             b.generated.len()
+        ),
+    );
+    Ok(())
+}
+
+/// Sessions whose KV caches are slots of one pool against sessions with buffers of
+/// their own: the same turns batched (partials, finals, then partials over the committed
+/// context) through the batched fused prefill and step. The kernels read both through
+/// the same per-row pointers, so logits and ids must be bit-identical.
+fn check_kv_pool(
+    args: &Args,
+    sa: &stepaudio_live::model::step_audio2::StepAudio2,
+    rep: &mut Report,
+) -> Result<()> {
+    use stepaudio_live::model::step_audio2::{Session, SessionOptions, TurnOptions, TurnRequest};
+    let (device, hidden) = (&sa.model.device, sa.model.config.text.hidden_size);
+    let streams = 6;
+    let make = || -> Result<Vec<Session>> {
+        (0..streams)
+            .map(|_| Ok(sa.session(SessionOptions::default())?))
+            .collect()
+    };
+    sa.plan_kv_slots(streams);
+    let mut pooled = make()?;
+    sa.plan_kv_slots(0);
+    let mut own = make()?;
+    let in_slots = pooled
+        .iter()
+        .filter(|s| s.state().fixed_positions().is_some())
+        .count();
+    let own_bufs = own
+        .iter()
+        .filter(|s| s.state().fixed_positions().is_none())
+        .count();
+    let opts: Vec<TurnOptions> = (0..streams)
+        .map(|i| TurnOptions {
+            record_logits: true,
+            ..TurnOptions::new(8 + 4 * i)
+        })
+        .collect();
+    let (mut worst, mut turns, mut identical) = (0f64, 0, 0);
+    for (round, commit) in [false, true, false].into_iter().enumerate() {
+        let audio: Vec<[Tensor; 1]> = (0..streams)
+            .map(|i| {
+                let n = 20 + 17 * i + 5 * round;
+                Ok([Tensor::randn(0f32, 0.02, (n, hidden), device)?.to_dtype(DType::BF16)?])
+            })
+            .collect::<Result<_>>()?;
+        let run = |sessions: &mut [Session]| {
+            let mut requests: Vec<TurnRequest<'_>> = sessions
+                .iter_mut()
+                .zip(&audio)
+                .zip(&opts)
+                .map(|((session, audio), opts)| TurnRequest {
+                    session,
+                    audio,
+                    prefix: &[],
+                    commit,
+                    opts,
+                })
+                .collect();
+            Session::run_turns(sa, &mut requests)
+        };
+        for (a, b) in run(&mut pooled).into_iter().zip(run(&mut own)) {
+            let (a, b) = (a?, b?);
+            let (_, rel) = agreement(&a, &b)?;
+            worst = worst.max(rel);
+            identical += usize::from(a.generated == b.generated);
+            turns += 1;
+        }
+    }
+    let pool = sa.kv_pool().context("the pooled sessions made a pool")?;
+    let (slots, free_before) = (pool.slots(), pool.free_slots());
+    drop(pooled);
+    let free_after = pool.free_slots();
+    rep.json.insert(
+        "kv pool".into(),
+        json!({"sessions_in_slots": in_slots, "own_buffers": own_bufs, "turns": turns,
+               "turns_identical": identical, "worst_rel_logits": worst,
+               "slot_positions": pool.shape().positions, "pool_mib": pool.bytes() >> 20,
+               "free_slots_before_after_close": [free_before, free_after]}),
+    );
+    rep.check(
+        &format!(
+            "sessions in KV pool slots vs own buffers, batched ({} layers, real widths)",
+            args.decode_layers
+        ),
+        in_slots == streams
+            && own_bufs == streams
+            && worst == 0.0
+            && identical == turns
+            && free_after == slots,
+        format!(
+            "{in_slots} sessions in slots of {} positions; {identical}/{turns} turns identical, \
+             worst logits rel {worst:e}; free slots {free_before} -> {free_after} of {slots} \
+             after closing",
+            pool.shape().positions
         ),
     );
     Ok(())
