@@ -119,6 +119,15 @@ for step in $STEPS; do
       --find-capacity --max-batch 256 --min-streams ${MIN_STREAMS:-16} --max-streams ${MAX_STREAMS:-512} \
       --capacity-step ${CAPACITY_STEP:-1} --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} \
       --max-partial-gap 1e9 ${WSTREAMS_FLAGS:-} --json "$OUT/$name.json" 2>&1 | tee -a "$LOG"
+    cap=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["runs"][-1].get("capacity", 0))' "$OUT/$name.json")
+    if [ "${cap:-0}" -gt 0 ]; then
+      say "Whisper stage times at $cap streams"
+      RUST_LOG=stepaudio_live::model::whisper=debug STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets \
+        $BIN/benchmark_streams --model $W/turbo/model --device cuda --max-batch 256 --streams "$cap" \
+        --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} --warmup 0 ${WSTREAMS_FLAGS:-} > "$OUT/wstage_run.txt" 2> "$OUT/wstage_debug.log"
+      head -1 "$OUT/wstage_run.txt" | tee -a "$LOG"
+      python3 "$D/scripts/stage_times.py" "$OUT/wstage_debug.log" 2>&1 | tee -a "$LOG"
+    fi
     ;;
   wstreamsab)
     say "Whisper large-v3-turbo shape: bounded partials (default) against --full-partials, same call"

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Where a GPU engine's batches spend their time, from a benchmark_streams log run with
-RUST_LOG=stepaudio_live::model::step_audio2=debug: the encoder time of new segments, the
+RUST_LOG=stepaudio_live::model::step_audio2=debug (or ...::model::whisper=debug for Whisper's
+batches: encoder windows, the stacked prefill, the stacked steps): the encoder time of new segments, the
 batched prefills and the greedy decode steps (count, widest), summed; per batch for the
 batch-at-a-time engine, per logged second ("decode loop" lines) for the continuous batch;
 how many draft ids (the last hypothesis of the segment) the decode loop took, and how many
@@ -31,7 +32,7 @@ for line in open(sys.argv[1], errors="replace"):
             prompt += num("prompt", line)
             reused += num("reused", line)
 if not batches:
-    sys.exit("no 'batch of turns' lines: run with RUST_LOG=stepaudio_live::model::step_audio2=debug")
+    sys.exit("no 'batch of turns' lines: run with RUST_LOG=stepaudio_live::model::step_audio2=debug (or ::whisper)")
 total = sum(enc) + sum(pre) + sum(dec)
 print(f"{batches} batches (or seconds of the decode loop), {sum(turns):.0f} turns (mean {sum(turns) / batches:.1f} a batch, "
       f"widest decode step {max(widest):.0f}), {sum(steps):.0f} decode steps")

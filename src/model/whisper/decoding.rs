@@ -298,6 +298,8 @@ impl WhisperModel {
             .unwrap_or(0);
         let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
         let crosses: Vec<&CrossAttention> = jobs.iter().map(|j| j.cross).collect();
+        let started = std::time::Instant::now();
+        let (mut prefill_time, mut decode_steps, mut widest) = (None, 0usize, 0usize);
         let (mut state, hidden) = self
             .decoder
             .stacked_prefill(&prompt_refs, &crosses, steps)?;
@@ -357,6 +359,8 @@ impl WhisperModel {
             .filter(|&i| outs[i].tokens.len() < budgets[i])
             .collect();
         while !active.is_empty() {
+            // The first picks were read back: the prefill is over.
+            prefill_time.get_or_insert_with(|| started.elapsed());
             let stepping = match &rules {
                 None => self.pick_next(&active, &mut rows, &mut outs, &budgets, opts),
                 Some(_) => active
@@ -389,6 +393,8 @@ impl WhisperModel {
                     Err(_) => self.tokenizer.eot,
                 })
                 .collect();
+            decode_steps += 1;
+            widest = widest.max(tokens.len());
             let hidden = self.decoder.stacked_step(&mut state, &tokens)?;
             let logits = self.decoder.step_logits(&hidden)?;
             // Only the stepping rows' logits are used.
@@ -422,6 +428,15 @@ impl WhisperModel {
             }
             active = stepping;
         }
+        let prefill_time = prefill_time.unwrap_or_else(|| started.elapsed());
+        tracing::debug!(
+            turns = jobs.len(),
+            prefill_ms = prefill_time.as_secs_f64() * 1e3,
+            decode_ms = (started.elapsed() - prefill_time).as_secs_f64() * 1e3,
+            steps = decode_steps,
+            widest,
+            "stacked batch of turns"
+        );
         Ok(Self::finish_windows(outs))
     }
 

@@ -545,6 +545,16 @@ impl WhisperRecognizer {
                 slot
             })
             .collect();
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            // Stage times: wait for the encoder's kernels, or the decode's
+            // prefill would be charged with them.
+            let _ = model.device.synchronize();
+            tracing::debug!(
+                windows = slots.len(),
+                encode_ms = slots[0].t0.elapsed().as_secs_f64() * 1e3,
+                "encoded a batch"
+            );
+        }
         decode_prepared(&model, &mut slots, requests);
         // Second round: windows with carried text that came out without words.
         for (slot, r) in slots.iter_mut().zip(requests.iter()) {
