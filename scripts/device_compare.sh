@@ -11,6 +11,7 @@
 #   STEPS="streams" STREAMS_FLAGS=--no-continuous  (capacity batch at a time)
 #   STEPS="wstreams" WSTREAMS_FLAGS=--full-partials  (Whisper capacity, whole-segment partials)
 #   STEPS="wstreamsab" WAB_STREAMS="64 112"       (Whisper: bounded against whole-segment partials)
+#   STEPS="wstreamsab" WAB_FLAGS="|--lanes 2"      (Whisper: one lane against two)
 #
 # Logs and JSON go to $OUT (default /tmp/device-out).
 set -uo pipefail
@@ -104,7 +105,7 @@ for step in $STEPS; do
       STEPAUDIO_FAST=${fast:-all} RUST_LOG=stepaudio_live::model::step_audio2=debug STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets \
         $BIN/benchmark_streams --step-audio-random --device cuda --max-batch 256 \
         --streams ${AB_STREAMS:-96} --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} $flag \
-        --json "$OUT/streams_ab_$name.json" 2> "$OUT/streams_ab_$name.log" | head -1 | tee -a "$LOG"
+        --json "$OUT/streams_ab_$name.json" 2> "$OUT/streams_ab_$name.log" | grep "^streams" | tee -a "$LOG"
       python3 "$D/scripts/stage_times.py" "$OUT/streams_ab_$name.log" 2>&1 | tee -a "$LOG"
     done
     ;;
@@ -130,16 +131,18 @@ for step in $STEPS; do
     fi
     ;;
   wstreamsab)
-    say "Whisper large-v3-turbo shape: bounded partials (default) against --full-partials, same call"
+    say "Whisper large-v3-turbo shape: flag sets side by side (default: bounded against --full-partials), same call"
     W=/tmp/wp-streams
     [ -d $W/turbo/model ] || python3 "$D/scripts/reference/whisper_gpu_parity.py" --shapes turbo --dtypes f32 --steps 2 \
       --wav "$EN" --tokenizer "$D/whisper_tokenizer.json" --out $W 2>&1 | grep -v "Writing model" | tail -3 | tee -a "$LOG"
+    # WAB_FLAGS: the flag sets to compare, separated by "|" (an empty one: the defaults)
+    IFS='|' read -r -a flagsets <<< "${WAB_FLAGS:-|--full-partials}"
     for n in ${WAB_STREAMS:-64 112}; do
-      for flag in "" --full-partials; do
-        say "$n streams ${flag:-(bounded partials)}"
+      for flag in "${flagsets[@]}"; do
+        say "$n streams ${flag:-(defaults)}"
         STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets $BIN/benchmark_streams --model $W/turbo/model --device cuda \
           --max-batch 256 --streams $n --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} $flag \
-          --json "$OUT/whisper_ab_${n}${flag//-/}.json" 2>/dev/null | head -1 | tee -a "$LOG"
+          --json "$OUT/whisper_ab_${n}${flag//[- ]/}.json" 2>/dev/null | grep "^streams" | tee -a "$LOG"
       done
     done
     ;;
