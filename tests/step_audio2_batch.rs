@@ -1008,13 +1008,13 @@ fn a_session_in_a_slot_stays_within_it() {
     // after any committed turn it restarts the context first.
     let short = rows(&sa, "en_timit_ldc93s1.wav", 2.0);
     let probe = slotted
-        .decode_partial(&sa, &[short.clone()], &[], &turn)
+        .decode_partial(&sa, std::slice::from_ref(&short), &[], &turn)
         .unwrap();
     let len = positions - (system + probe.prompt_tokens + 1 + opts.max_new_tokens);
     let prefix: Vec<u32> = (0..len as u32).map(|i| 100 + i % 400).collect();
     while slotted.committed_len() == system {
         slotted
-            .decode_final(&sa, &[short.clone()], &[], &turn)
+            .decode_final(&sa, std::slice::from_ref(&short), &[], &turn)
             .unwrap();
     }
     let out = slotted

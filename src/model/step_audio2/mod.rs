@@ -58,8 +58,8 @@ pub struct StepAudio2Model {
 
 impl StepAudio2Model {
     /// Bytes of KV cache one stream holds with the default session options: a
-    /// pool slot (or buffers of its own, which a session never grows past)
-    /// of [`Session::positions_for`] positions.
+    /// pool slot of [`Session::positions_for`] positions (a session outside a
+    /// pool starts with buffers of that size).
     pub fn kv_bytes_per_stream(&self) -> usize {
         let positions =
             Session::positions_for(&SessionOptions::default(), self.llm.max_positions());
@@ -286,51 +286,22 @@ impl StepAudio2 {
     }
 
     /// A pool slot of at least `positions` positions, allocating the pool of
-    /// the planned slots (each of `positions`, as many as three quarters of
-    /// the device's free memory hold) the first time; `None` without a plan,
-    /// when the pool cannot be made, every slot is taken, or slots are smaller.
+    /// the planned slots the first time ([`Self::new_kv_pool`]); `None`
+    /// without a plan, when the pool cannot be made, every slot is taken, or
+    /// slots are smaller.
     pub(crate) fn take_kv_slot(&self, positions: usize) -> Option<KvSlot> {
         let mut plan = self.kv_plan();
         if plan.slots == 0 {
             return None;
         }
-        let pool = match &plan.pool {
-            Some((p, _)) => p.clone(),
-            None => {
-                let shape = self.model.llm.slot_shape(positions);
-                let slot_bytes = shape.bytes(self.model.dtype).max(1);
-                // Never more than three quarters of what the device has free.
-                let slots = match crate::ops::fast::device_memory_free(&self.model.device) {
-                    Some(free) => plan.slots.min(free / 4 * 3 / slot_bytes),
-                    None => plan.slots,
-                };
-                let made = match slots {
-                    0 => Err(candle_core::Error::Msg("no room on the device".into())),
-                    n => KvPool::new(n, shape, self.model.dtype, &self.model.device),
-                };
-                match made {
-                    Ok(pool) => {
-                        tracing::info!(
-                            slots,
-                            planned = plan.slots,
-                            positions,
-                            mib = pool.bytes() >> 20,
-                            "Step-Audio 2 KV caches: one pool allocated"
-                        );
-                        plan.pool = Some((pool.clone(), plan.slots));
-                        pool
-                    }
-                    Err(e) => {
-                        tracing::warn!(
-                            planned = plan.slots,
-                            "no KV pool ({e}): each session's cache is its own"
-                        );
-                        plan.slots = 0;
-                        return None;
-                    }
-                }
-            }
-        };
+        if plan.pool.is_none() {
+            let Some(pool) = self.new_kv_pool(plan.slots, positions) else {
+                plan.slots = 0;
+                return None;
+            };
+            plan.pool = Some((pool, plan.slots));
+        }
+        let pool = &plan.pool.as_ref()?.0;
         if pool.shape().positions < positions {
             tracing::warn!(
                 positions,
@@ -347,6 +318,38 @@ impl StepAudio2 {
             );
         }
         slot
+    }
+
+    /// A pool of `planned` slots of `positions` each, or as many as three
+    /// quarters of the device's free memory hold; `None` (logged) when not
+    /// even one fits or the allocation fails.
+    fn new_kv_pool(&self, planned: usize, positions: usize) -> Option<KvPool> {
+        let shape = self.model.llm.slot_shape(positions);
+        let slot_bytes = shape.bytes(self.model.dtype).max(1);
+        let slots = match crate::ops::fast::device_memory_free(&self.model.device) {
+            Some(free) => planned.min(free / 4 * 3 / slot_bytes),
+            None => planned,
+        };
+        let made = match slots {
+            0 => Err(candle_core::Error::Msg("no room on the device".into())),
+            n => KvPool::new(n, shape, self.model.dtype, &self.model.device),
+        };
+        match made {
+            Ok(pool) => {
+                tracing::info!(
+                    slots,
+                    planned,
+                    positions,
+                    mib = pool.bytes() >> 20,
+                    "Step-Audio 2 KV caches: one pool allocated"
+                );
+                Some(pool)
+            }
+            Err(e) => {
+                tracing::warn!(planned, "no KV pool ({e}): each session's cache is its own");
+                None
+            }
+        }
     }
 
     fn kv_plan(&self) -> std::sync::MutexGuard<'_, KvPoolPlan> {
