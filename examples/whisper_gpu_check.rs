@@ -112,6 +112,74 @@ impl Report {
     }
 }
 
+/// Three streams' windows — after heads of 60 and 30 positions and after none, at
+/// three padding levels, with 40, 130 and 10 new positions (random mels) — through
+/// `forward_after_batch` against each through `forward_after` alone: the worst
+/// relative error of the outputs and of the new positions' keys and values.
+fn batched_after(m: &WhisperModel) -> Result<(f64, f64)> {
+    use stepaudio_live::model::whisper::encoder::AfterInput;
+    let mel = |positions: usize| -> Result<Tensor> {
+        Ok(Tensor::randn(
+            0f32,
+            1.0,
+            (1, m.config.n_mels, 2 * (positions + 2) + 4),
+            &m.device,
+        )?
+        .to_dtype(m.dtype)?)
+    };
+    let levels = [
+        m.silent_states(-4)?,
+        m.silent_states(0)?,
+        m.silent_states(2)?,
+    ];
+    let head0 = m
+        .encoder
+        .forward_after(&mel(60)?, 60, None, &levels[0].encoder)?
+        .1;
+    let head2 = m
+        .encoder
+        .forward_after(&mel(30)?, 30, None, &levels[2].encoder)?
+        .1;
+    let mels = [mel(40)?, mel(130)?, mel(10)?];
+    let inputs = [
+        AfterInput {
+            mel: &mels[0],
+            fresh: 40,
+            head: Some(&head0),
+            silent: &levels[0].encoder,
+        },
+        AfterInput {
+            mel: &mels[1],
+            fresh: 130,
+            head: None,
+            silent: &levels[1].encoder,
+        },
+        AfterInput {
+            mel: &mels[2],
+            fresh: 10,
+            head: Some(&head2),
+            silent: &levels[2].encoder,
+        },
+    ];
+    let batched = m.encoder.forward_after_batch(&inputs)?;
+    let (mut worst_out, mut worst_kv) = (0f64, 0f64);
+    let flat = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    for (input, (out, kv)) in inputs.iter().zip(&batched) {
+        let (alone_out, alone_kv) =
+            m.encoder
+                .forward_after(input.mel, input.fresh, input.head, input.silent)?;
+        worst_out = worst_out.max(rel(&flat(out)?, &flat(&alone_out)?));
+        for ((k, v), (ak, av)) in kv.keys_values.iter().zip(&alone_kv.keys_values) {
+            worst_kv = worst_kv
+                .max(rel(&flat(k)?, &flat(ak)?))
+                .max(rel(&flat(v)?, &flat(av)?));
+        }
+    }
+    Ok((worst_out, worst_kv))
+}
+
 /// ‖a − b‖ / ‖b‖ in f64 (NaN anywhere gives NaN).
 fn rel(a: &[f32], b: &[f32]) -> f64 {
     let (mut num, mut den) = (0f64, 0f64);
@@ -244,6 +312,19 @@ fn parity_case(dir: &Path, args: &Args, report: &mut Report) -> Result<Value> {
     let dev = m.device.clone();
     let tag = |s: &str| format!("{shape} {s}");
     let mut out = serde_json::Map::new();
+    let (rel_out, rel_kv) = batched_after(&m)?;
+    report.check(
+        &tag("encoder windows of three streams as one batch vs each alone"),
+        rel_out <= tol.batch && rel_kv <= tol.batch,
+        format!(
+            "output rel {rel_out:.2e}, own keys/values rel {rel_kv:.2e} (tolerance {:.0e})",
+            tol.batch
+        ),
+    );
+    out.insert(
+        "batched_encoder".into(),
+        json!({"rel_output": rel_out, "rel_keys_values": rel_kv}),
+    );
     out.insert("dtype".into(), json!(format!("{:?}", m.dtype)));
     out.insert("device".into(), json!(format!("{dev:?}")));
     out.insert("load_s".into(), json!(load_s));

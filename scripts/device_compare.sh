@@ -12,6 +12,8 @@
 #   STEPS="wstreams" WSTREAMS_FLAGS=--full-partials  (Whisper capacity, whole-segment partials)
 #   STEPS="wstreamsab" WAB_STREAMS="64 112"       (Whisper: bounded against whole-segment partials)
 #   STEPS="wstreamsab" WAB_FLAGS="|--lanes 2"      (Whisper: one lane against two)
+#   STEPS="wstreamsab" WAB_FLAGS=" " WAB_FAST="all mel,attention,decode,graph,gemm,epilogue,prefill"
+#                                                 (Whisper: encoder windows grouped against one by one)
 #
 # Logs and JSON go to $OUT (default /tmp/device-out).
 set -uo pipefail
@@ -136,13 +138,16 @@ for step in $STEPS; do
     [ -d $W/turbo/model ] || python3 "$D/scripts/reference/whisper_gpu_parity.py" --shapes turbo --dtypes f32 --steps 2 \
       --wav "$EN" --tokenizer "$D/whisper_tokenizer.json" --out $W 2>&1 | grep -v "Writing model" | tail -3 | tee -a "$LOG"
     # WAB_FLAGS: the flag sets to compare, separated by "|" (an empty one: the defaults)
+    # WAB_FAST: STEPAUDIO_FAST settings to compare, separated by spaces (default all)
     IFS='|' read -r -a flagsets <<< "${WAB_FLAGS:-|--full-partials}"
     for n in ${WAB_STREAMS:-64 112}; do
-      for flag in "${flagsets[@]}"; do
-        say "$n streams ${flag:-(defaults)}"
-        STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets $BIN/benchmark_streams --model $W/turbo/model --device cuda \
-          --max-batch 256 --streams $n --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} $flag \
-          --json "$OUT/whisper_ab_${n}${flag//[- ]/}.json" 2>/dev/null | grep "^streams" | tee -a "$LOG"
+      for fast in ${WAB_FAST:-all}; do
+        for flag in "${flagsets[@]}"; do
+          say "$n streams ${flag:-(defaults)} STEPAUDIO_FAST=$fast"
+          STEPAUDIO_FAST=$fast STEPAUDIO_LIVE_SPEECH_DIR=$PWD/assets $BIN/benchmark_streams --model $W/turbo/model \
+            --device cuda --max-batch 256 --streams $n --duration ${DURATION:-20} --stagger ${STAGGER:-0.05} $flag \
+            --json "$OUT/whisper_ab_${n}${flag//[- ]/}_${fast//,/-}.json" 2>/dev/null | grep "^streams" | tee -a "$LOG"
+        done
       done
     done
     ;;

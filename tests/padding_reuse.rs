@@ -273,3 +273,86 @@ fn speech_after_an_encoded_head_keeps_the_reference_transcript() {
         }
     }
 }
+
+/// Several streams' windows through the encoder in groups of similar lengths
+/// (`forward_after_grouped`, as on a GPU; here forced on the CPU) against each
+/// window alone (`forward_after`): windows after heads and after none, at three
+/// padding levels, of 120, 100, 40, 35 and 10 new positions, so the groups are
+/// {120, 100}, {40, 35} and {10}, each padded to its longest. Tolerance 1e-5
+/// relative L2 (f32; a GEMM over stacked rows may sum in another order).
+#[test]
+fn windows_encoded_in_groups_equal_each_alone() {
+    use stepaudio_live::model::whisper::encoder::{window_groups, AfterInput};
+    let model = match tiny_en() {
+        stepaudio_live::model::LoadedModel::Whisper(m) => m,
+        _ => unreachable!("tiny.en is Whisper"),
+    };
+    let enc = &model.encoder;
+    let mel = |positions: usize, seed: f64| {
+        let frames = 2 * (positions + HEAD_CONTEXT) + 4;
+        let n = model.config.n_mels * frames;
+        let data: Vec<f32> = (0..n)
+            .map(|i| ((i as f64 * 0.37 + seed).sin() * 0.8) as f32)
+            .collect();
+        Tensor::from_vec(data, (1, model.config.n_mels, frames), &Device::Cpu).unwrap()
+    };
+    let levels: Vec<_> = [-4, 0, 2]
+        .iter()
+        .map(|&k| model.silent_states(k).unwrap())
+        .collect();
+    let head = |positions: usize, level: usize| {
+        enc.forward_after(
+            &mel(positions, 9.0),
+            positions,
+            None,
+            &levels[level].encoder,
+        )
+        .unwrap()
+        .1
+    };
+    let (head_a, head_b) = (head(60, 0), head(30, 2));
+    let fresh = [120, 100, 40, 35, 10];
+    let mels: Vec<Tensor> = fresh
+        .iter()
+        .enumerate()
+        .map(|(i, &f)| mel(f, i as f64))
+        .collect();
+    let heads = [Some(&head_a), None, Some(&head_b), None, Some(&head_a)];
+    let level = [0, 1, 2, 1, 0];
+    let inputs: Vec<AfterInput> = (0..fresh.len())
+        .map(|i| AfterInput {
+            mel: &mels[i],
+            fresh: fresh[i],
+            head: heads[i],
+            silent: &levels[level[i]].encoder,
+        })
+        .collect();
+    assert_eq!(
+        window_groups(&fresh, 16),
+        vec![vec![0, 1], vec![2, 3], vec![4]],
+        "the groups this test is about"
+    );
+    let grouped = enc.forward_after_grouped(&inputs, 16).unwrap();
+    let mut worst = 0f64;
+    for (i, (input, (out, kv))) in inputs.iter().zip(&grouped).enumerate() {
+        let (alone, alone_kv) = enc
+            .forward_after(input.mel, input.fresh, input.head, input.silent)
+            .unwrap();
+        assert_eq!(out.dims(), alone.dims(), "window {i}");
+        worst = worst.max(rel_l2(&to_vec_f32(out), &to_vec_f32(&alone)));
+        for ((k, v), (ak, av)) in kv.keys_values.iter().zip(&alone_kv.keys_values) {
+            assert_eq!(k.dims(), ak.dims(), "window {i} keys");
+            worst = worst
+                .max(rel_l2(&to_vec_f32(k), &to_vec_f32(ak)))
+                .max(rel_l2(&to_vec_f32(v), &to_vec_f32(av)));
+        }
+    }
+    eprintln!("grouped windows against each alone: worst rel L2 {worst:.2e}");
+    assert!(worst <= 1e-5, "worst rel L2 {worst:.2e}");
+    // One per group is each alone: the same bits.
+    let single = enc.forward_after_grouped(&inputs[4..], 1).unwrap();
+    let alone = enc
+        .forward_after(inputs[4].mel, 10, inputs[4].head, inputs[4].silent)
+        .unwrap();
+    assert_eq!(to_vec_f32(&single[0].0), to_vec_f32(&alone.0));
+}

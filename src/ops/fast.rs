@@ -11,7 +11,7 @@
 //! [`set_fast_paths`].
 
 use candle_core::{DType, Device, Result, Tensor};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::OnceLock;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +32,9 @@ pub struct FastPaths {
     /// sequence per layer for all streams instead of per-stream attention ops;
     /// needs `decode`).
     pub prefill: bool,
+    /// Whisper's encoder windows of one engine batch in batches of similar
+    /// lengths instead of one by one (a GPU only).
+    pub windows: bool,
 }
 
 impl FastPaths {
@@ -43,6 +46,7 @@ impl FastPaths {
         gemm: true,
         epilogue: true,
         prefill: true,
+        windows: true,
     };
     pub const NONE: FastPaths = FastPaths {
         mel: false,
@@ -52,19 +56,21 @@ impl FastPaths {
         gemm: false,
         epilogue: false,
         prefill: false,
+        windows: false,
     };
 
-    fn bits(self) -> u8 {
-        self.mel as u8
-            | (self.attention as u8) << 1
-            | (self.decode as u8) << 2
-            | (self.graph as u8) << 3
-            | (self.gemm as u8) << 4
-            | (self.epilogue as u8) << 5
-            | (self.prefill as u8) << 6
+    fn bits(self) -> u16 {
+        self.mel as u16
+            | (self.attention as u16) << 1
+            | (self.decode as u16) << 2
+            | (self.graph as u16) << 3
+            | (self.gemm as u16) << 4
+            | (self.epilogue as u16) << 5
+            | (self.prefill as u16) << 6
+            | (self.windows as u16) << 7
     }
 
-    fn from_bits(b: u8) -> Self {
+    fn from_bits(b: u16) -> Self {
         FastPaths {
             mel: b & 1 != 0,
             attention: b & 2 != 0,
@@ -73,6 +79,7 @@ impl FastPaths {
             gemm: b & 16 != 0,
             epilogue: b & 32 != 0,
             prefill: b & 64 != 0,
+            windows: b & 128 != 0,
         }
     }
 
@@ -93,6 +100,7 @@ impl FastPaths {
                 "gemm" => f.gemm = true,
                 "epilogue" => f.epilogue = true,
                 "prefill" => f.prefill = true,
+                "windows" => f.windows = true,
                 other => return Err(format!("unknown fast path `{other}`")),
             }
         }
@@ -113,6 +121,7 @@ impl std::fmt::Display for FastPaths {
             (self.gemm, "gemm"),
             (self.epilogue, "epilogue"),
             (self.prefill, "prefill"),
+            (self.windows, "windows"),
         ]
         .iter()
         .filter(|(on, _)| *on)
@@ -122,8 +131,8 @@ impl std::fmt::Display for FastPaths {
     }
 }
 
-const UNSET: u8 = 0xff;
-static FLAGS: AtomicU8 = AtomicU8::new(UNSET);
+const UNSET: u16 = 0xffff;
+static FLAGS: AtomicU16 = AtomicU16::new(UNSET);
 
 /// The switches now in force.
 pub fn fast_paths() -> FastPaths {

@@ -20,24 +20,48 @@ pub struct EncoderBlock {
     pub fc2: Linear,
 }
 
-/// Keys and values `[1, h, ·, dh]` one block attends to besides its own.
+/// Keys and values `[1, h, ·, dh]` one stream's block attends to besides its own.
 struct Frozen<'a> {
     /// Positions before the block's own (audio encoded earlier).
     head: Option<&'a (Tensor, Tensor)>,
     /// A whole window, used after the own positions.
     whole: &'a (Tensor, Tensor),
+    /// The stream's own positions (its rows of a batch past them are padding).
+    own: usize,
+}
+
+/// The keys and values a block attends to: its own `k`, `v` `[b, h, t, dh]`, or with
+/// `frozen` (one per batch row) each row's head, its own first `own`, then its whole
+/// window's from there on — every row then has the whole window's length.
+fn spliced(k: &Tensor, v: &Tensor, frozen: &[Frozen]) -> Result<(Tensor, Tensor)> {
+    if frozen.is_empty() {
+        return Ok((k.clone(), v.clone()));
+    }
+    let rows = frozen
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let own = |t: &Tensor| t.narrow(0, i, 1)?.narrow(2, 0, f.own);
+            splice_cached_pair(f.head, (&own(k)?, &own(v)?), f.whole)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if let [one] = rows.as_slice() {
+        return Ok(one.clone());
+    }
+    let (ks, vs): (Vec<Tensor>, Vec<Tensor>) = rows.into_iter().unzip();
+    Ok((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?))
 }
 
 impl EncoderBlock {
-    /// One block over `x` `[1, t, d]`. With `frozen`, `x` holds only the
-    /// positions after the frozen head and attends to the head's keys, its
-    /// own, then the whole window's from there on.
+    /// One block over `x` `[b, t, d]`. With `frozen` (one per row of `x`),
+    /// each row holds only the positions after its frozen head and attends
+    /// to the head's keys, its own, then the whole window's from there on.
     /// Returns the output and this call's own keys and values.
     fn forward(
         &self,
         x: &Tensor,
         heads: usize,
-        frozen: Option<Frozen>,
+        frozen: &[Frozen],
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         if x.dtype() == DType::BF16 && crate::ops::fast::available(x.device()) {
             return self.forward_fast(x, heads, frozen);
@@ -48,10 +72,7 @@ impl EncoderBlock {
         let q = split_heads(&qkv.narrow(2, 0, d)?, heads)?.contiguous()?;
         let k = split_heads(&qkv.narrow(2, d, d)?, heads)?.contiguous()?;
         let v = split_heads(&qkv.narrow(2, 2 * d, d)?, heads)?.contiguous()?;
-        let (keys, values) = match frozen {
-            Some(f) => splice_cached_pair(f.head, (&k, &v), f.whole)?,
-            None => (k.clone(), v.clone()),
-        };
+        let (keys, values) = spliced(&k, &v, frozen)?;
         let scale = ((d / heads) as f64).powf(-0.5);
         let a = merge_heads(&attention(&q, &keys, &values, scale, None)?)?;
         let x = (x + self.out.forward(&a)?)?;
@@ -69,7 +90,7 @@ impl EncoderBlock {
         &self,
         x: &Tensor,
         heads: usize,
-        frozen: Option<Frozen>,
+        frozen: &[Frozen],
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (b, t, d) = x.dims3()?;
         let hd = d / heads;
@@ -82,10 +103,7 @@ impl EncoderBlock {
         // This block's own keys and values are returned (padding windows and
         // carried heads keep them): contiguous copies.
         let (k, v) = (part(1)?.contiguous()?, part(2)?.contiguous()?);
-        let (keys, values) = match frozen {
-            Some(f) => splice_cached_pair(f.head, (&k, &v), f.whole)?,
-            None => (k.clone(), v.clone()),
-        };
+        let (keys, values) = spliced(&k, &v, frozen)?;
         let scale = (hd as f32).powf(-0.5);
         let a = match crate::ops::fast::attention(&q, &keys, &values, scale, false, None)? {
             Some(a) => a.reshape((b, t, d))?,
@@ -111,6 +129,46 @@ impl EncoderBlock {
 pub struct SilentWindow {
     pub keys_values: Vec<(Tensor, Tensor)>,
     pub output: Tensor,
+}
+
+/// One stream's window for [`WhisperEncoder::forward_after_batch`]: its mel, new
+/// positions, head and padding-only window (see [`WhisperEncoder::forward_after`]).
+#[derive(Clone, Copy)]
+pub struct AfterInput<'a> {
+    pub mel: &'a Tensor,
+    pub fresh: usize,
+    pub head: Option<&'a EncodedHead>,
+    pub silent: &'a SilentWindow,
+}
+
+impl AfterInput<'_> {
+    /// The positions it encodes: its new ones, within the window.
+    pub fn positions(&self) -> Result<usize> {
+        let offset = self.head.map_or(0, EncodedHead::positions);
+        Ok(self
+            .fresh
+            .min(self.silent.output.dim(1)?.saturating_sub(offset)))
+    }
+}
+
+/// Windows of one encoder batch at most ([`WhisperEncoder::forward_after_grouped`]).
+pub const MAX_WINDOW_GROUP: usize = 16;
+
+/// Groups of `lens`' indices, longest first, each of at most `max` whose
+/// shortest has at least four fifths of its longest's positions: a batch pads
+/// every window to its longest, so a long window (a final with its carried
+/// audio) does not make many short ones (partials) pay its length.
+pub fn window_groups(lens: &[usize], max: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for i in order {
+        match groups.last_mut() {
+            Some(g) if g.len() < max && 5 * lens[i] >= 4 * lens[g[0]] => g.push(i),
+            _ => groups.push(vec![i]),
+        }
+    }
+    groups
 }
 
 /// Positions before the new audio whose mel frames
@@ -178,7 +236,7 @@ impl WhisperEncoder {
     pub fn forward(&self, mel: &Tensor) -> Result<Tensor> {
         let mut x = self.embed(mel, 0, mel.dim(2)? / 2)?;
         for block in &self.blocks {
-            x = block.forward(&x, self.heads, None)?.0;
+            x = block.forward(&x, self.heads, &[])?.0;
         }
         self.ln_post.forward(&x)
     }
@@ -189,7 +247,7 @@ impl WhisperEncoder {
         let mut x = self.embed(mel, 0, mel.dim(2)? / 2)?;
         let mut keys_values = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
-            let (y, kv) = block.forward(&x, self.heads, None)?;
+            let (y, kv) = block.forward(&x, self.heads, &[])?;
             keys_values.push(kv);
             x = y;
         }
@@ -230,28 +288,111 @@ impl WhisperEncoder {
         head: Option<&EncodedHead>,
         silent: &SilentWindow,
     ) -> Result<(Tensor, EncodedHead)> {
-        let offset = head.map_or(0, EncodedHead::positions);
-        let context = offset.min(HEAD_CONTEXT);
-        let fresh = fresh.min(silent.output.dim(1)?.saturating_sub(offset));
-        // Conv receptive fields: position p reads mel frames 2p − 3 ..= 2p + 2.
-        let frames = (2 * (fresh + context) + 4).min(mel.dim(2)?);
-        let x = self.embed(
-            &mel.narrow(2, 0, frames)?,
-            offset - context,
-            fresh + context,
-        )?;
-        let mut x = x.narrow(1, context, x.dim(1)? - context)?;
-        let mut keys_values = Vec::with_capacity(self.blocks.len());
-        for (i, (block, whole)) in self.blocks.iter().zip(&silent.keys_values).enumerate() {
-            let frozen = Frozen {
-                head: head.map(|h| &h.keys_values[i]),
-                whole,
-            };
-            let (y, kv) = block.forward(&x, self.heads, Some(frozen))?;
-            keys_values.push(kv);
+        let input = AfterInput {
+            mel,
+            fresh,
+            head,
+            silent,
+        };
+        Ok(self.forward_after_batch(&[input])?.remove(0))
+    }
+
+    /// [`Self::forward_after`] for several streams' windows as one batch:
+    /// their new positions stacked (shorter ones padded, the padding never
+    /// attended to), each attending to its own head and padding states, so
+    /// each result is what it would be alone.
+    pub fn forward_after_batch(&self, inputs: &[AfterInput]) -> Result<Vec<(Tensor, EncodedHead)>> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut rows = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let offset = input.head.map_or(0, EncodedHead::positions);
+            let context = offset.min(HEAD_CONTEXT);
+            let fresh = input
+                .fresh
+                .min(input.silent.output.dim(1)?.saturating_sub(offset));
+            // Conv receptive fields: position p reads mel frames 2p − 3 ..= 2p + 2.
+            let frames = (2 * (fresh + context) + 4).min(input.mel.dim(2)?);
+            let x = self.embed(
+                &input.mel.narrow(2, 0, frames)?,
+                offset - context,
+                fresh + context,
+            )?;
+            rows.push(x.narrow(1, context, x.dim(1)? - context)?);
+        }
+        let lens: Vec<usize> = rows.iter().map(|x| x.dim(1)).collect::<Result<_>>()?;
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let mut x = if let [one] = rows.as_slice() {
+            one.clone()
+        } else {
+            let padded = rows
+                .iter()
+                .zip(&lens)
+                .map(|(x, &n)| x.pad_with_zeros(1, 0, longest - n))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&padded, 0)?
+        };
+        let mut keys_values: Vec<Vec<(Tensor, Tensor)>> = inputs
+            .iter()
+            .map(|_| Vec::with_capacity(self.blocks.len()))
+            .collect();
+        for (i, block) in self.blocks.iter().enumerate() {
+            let frozen: Vec<Frozen> = inputs
+                .iter()
+                .zip(&lens)
+                .map(|(input, &own)| Frozen {
+                    head: input.head.map(|h| &h.keys_values[i]),
+                    whole: &input.silent.keys_values[i],
+                    own,
+                })
+                .collect();
+            let (y, (k, v)) = block.forward(&x, self.heads, &frozen)?;
+            for (s, (kv, &n)) in keys_values.iter_mut().zip(&lens).enumerate() {
+                let own = |t: &Tensor| t.narrow(0, s, 1)?.narrow(2, 0, n)?.contiguous();
+                kv.push((own(&k)?, own(&v)?));
+            }
             x = y;
         }
-        Ok((self.ln_post.forward(&x)?, EncodedHead { keys_values }))
+        let x = self.ln_post.forward(&x)?;
+        keys_values
+            .into_iter()
+            .zip(&lens)
+            .enumerate()
+            .map(|(s, (keys_values, &n))| {
+                Ok((
+                    x.narrow(0, s, 1)?.narrow(1, 0, n)?,
+                    EncodedHead { keys_values },
+                ))
+            })
+            .collect()
+    }
+
+    /// [`Self::forward_after_batch`] over [`window_groups`] of at most
+    /// `max_group` windows (1: each alone, as [`Self::forward_after`]), the
+    /// results in the inputs' order. Why: on a GPU a window of a few seconds
+    /// costs the host ~500 kernel launches whatever its length, so windows of
+    /// similar lengths share them.
+    pub fn forward_after_grouped(
+        &self,
+        inputs: &[AfterInput],
+        max_group: usize,
+    ) -> Result<Vec<(Tensor, EncodedHead)>> {
+        let lens = inputs
+            .iter()
+            .map(AfterInput::positions)
+            .collect::<Result<Vec<_>>>()?;
+        let mut out: Vec<Option<(Tensor, EncodedHead)>> = inputs.iter().map(|_| None).collect();
+        for group in window_groups(&lens, max_group.max(1)) {
+            let batch: Vec<AfterInput> = group.iter().map(|&i| inputs[i]).collect();
+            for (&i, r) in group.iter().zip(self.forward_after_batch(&batch)?) {
+                out[i] = Some(r);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.expect("every window is in a group"))
+            .collect())
     }
 
     /// Convolutions and positions: the first `positions` of `[1, t, d]`,
@@ -281,5 +422,23 @@ impl WhisperEncoder {
         }
         x.narrow(1, 0, t)?
             .broadcast_add(&self.positions.narrow(0, offset, t)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::window_groups;
+
+    #[test]
+    fn groups_hold_similar_lengths_longest_first_up_to_the_most() {
+        assert_eq!(window_groups(&[], 4), Vec::<Vec<usize>>::new());
+        // 100 and 80 share (80 ≥ 4/5 of 100); 79 starts a group that 64
+        // joins and 63 (< 4/5 of 79) does not.
+        assert_eq!(
+            window_groups(&[80, 100, 79, 64, 63], 4),
+            vec![vec![1, 0], vec![2, 3], vec![4]]
+        );
+        assert_eq!(window_groups(&[5, 5, 5], 2), vec![vec![0, 1], vec![2]]);
+        assert_eq!(window_groups(&[5, 5], 1), vec![vec![0], vec![1]]);
     }
 }

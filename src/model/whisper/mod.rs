@@ -104,6 +104,16 @@ impl EncodedAudio {
     }
 }
 
+/// One stream's window for [`WhisperModel::encode_after_batch`] (the
+/// arguments of [`WhisperModel::encode_after`]).
+pub(crate) struct AfterJob<'a> {
+    pub mel: &'a crate::frontend::LogMel,
+    pub fresh: usize,
+    pub key: i32,
+    pub head: Option<&'a EncodedAudio>,
+    pub keep: usize,
+}
+
 /// The padding levels met most recently, at most [`SilentWindows::capacity`]
 /// of them.
 pub struct SilentWindows {
@@ -213,31 +223,77 @@ impl WhisperModel {
         head: Option<&EncodedAudio>,
         keep: usize,
     ) -> candle_core::Result<(CrossAttention, Option<EncodedAudio>)> {
-        let states = self.silent_states(key)?;
-        let (encoded, fresh_states) = self.encoder.forward_after(
-            &self.mel_tensor(mel)?,
+        let job = AfterJob {
+            mel,
             fresh,
-            head.map(|h| &h.encoder),
-            &states.encoder,
-        )?;
-        let cross =
-            self.decoder
-                .cross_attention_after(head.map(|h| &h.cross), &encoded, &states.cross)?;
-        let start = head.map_or(0, EncodedAudio::positions);
-        if keep <= start || keep > start + encoded.dim(1)? {
-            return Ok((cross, None));
-        }
-        let grown = fresh_states.narrow(keep - start)?;
-        let encoder = match head {
-            Some(h) => h.encoder.append(&grown)?,
-            None => grown.contiguous()?,
-        };
-        let kept = EncodedAudio {
-            encoder,
-            cross: cross.narrow(keep)?.contiguous()?,
             key,
+            head,
+            keep,
         };
-        Ok((cross, Some(kept)))
+        Ok(self.encode_after_batch(&[job])?.remove(0))
+    }
+
+    /// [`Self::encode_after`] for several streams' windows: on a GPU in
+    /// batches of similar lengths
+    /// ([`encoder::WhisperEncoder::forward_after_grouped`]), on the CPU (or
+    /// with the `windows` fast path off) one by one.
+    pub(crate) fn encode_after_batch(
+        &self,
+        jobs: &[AfterJob<'_>],
+    ) -> candle_core::Result<Vec<(CrossAttention, Option<EncodedAudio>)>> {
+        let states = jobs
+            .iter()
+            .map(|j| self.silent_states(j.key))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mels = jobs
+            .iter()
+            .map(|j| self.mel_tensor(j.mel))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let inputs: Vec<encoder::AfterInput<'_>> = jobs
+            .iter()
+            .zip(&mels)
+            .zip(&states)
+            .map(|((j, mel), st)| encoder::AfterInput {
+                mel,
+                fresh: j.fresh,
+                head: j.head.map(|h| &h.encoder),
+                silent: &st.encoder,
+            })
+            .collect();
+        // Grouped on a GPU, where the host's launches are the cost; on the
+        // CPU the arithmetic is, and padding would add to it.
+        let group = if self.device.is_cpu() || !crate::ops::fast::fast_paths().windows {
+            1
+        } else {
+            encoder::MAX_WINDOW_GROUP
+        };
+        let encoded = self.encoder.forward_after_grouped(&inputs, group)?;
+        jobs.iter()
+            .zip(encoded)
+            .zip(&states)
+            .map(|((j, (encoded, fresh_states)), st)| {
+                let cross = self.decoder.cross_attention_after(
+                    j.head.map(|h| &h.cross),
+                    &encoded,
+                    &st.cross,
+                )?;
+                let start = j.head.map_or(0, EncodedAudio::positions);
+                if j.keep <= start || j.keep > start + encoded.dim(1)? {
+                    return Ok((cross, None));
+                }
+                let grown = fresh_states.narrow(j.keep - start)?;
+                let encoder = match j.head {
+                    Some(h) => h.encoder.append(&grown)?,
+                    None => grown.contiguous()?,
+                };
+                let kept = EncodedAudio {
+                    encoder,
+                    cross: cross.narrow(j.keep)?.contiguous()?,
+                    key: j.key,
+                };
+                Ok((cross, Some(kept)))
+            })
+            .collect()
     }
 
     /// Encodes audio alone (the padding past `2·positions` frames at level

@@ -174,38 +174,41 @@ impl WhisperRecognizer {
         })
     }
 
-    /// Encodes a segment padded to 30 s, after `head` (states of its first
-    /// positions, reused) when given, and prepares its cross-attention; with
-    /// `keep` past the head, also the states of the first `keep` positions
-    /// (see [`WhisperModel::encode_after`]).
-    fn encode(
+    /// How a segment padded to 30 s is encoded, after `head` (states of its
+    /// first positions, reused) when given; with `keep` past the head, the
+    /// states of the first `keep` positions are kept too (see
+    /// [`WhisperModel::encode_after`]).
+    fn plan_encode(
         &self,
         n_mels: usize,
         raw_frames: &[f32],
-        head: Option<&EncodedAudio>,
+        head: Option<EncodedAudio>,
         keep: usize,
-    ) -> Result<(CrossAttention, Option<EncodedAudio>), ModelError> {
+    ) -> WindowEncode {
         let target = WHISPER_CHUNK_FRAMES;
         let audio_frames = (raw_frames.len() / n_mels).min(target);
         let max = segment_max(raw_frames);
-        let room = target / 2 - head.map_or(0, EncodedAudio::positions);
-        let fresh = match (self.fresh_margin, head) {
+        let room = target / 2 - head.as_ref().map_or(0, EncodedAudio::positions);
+        let fresh = match (self.fresh_margin, &head) {
             (Some(m), Some(_)) => Some((audio_frames.div_ceil(2) + m).min(room)),
             (Some(m), None) => Some(audio_frames.div_ceil(2) + m).filter(|&f| f < target / 2),
             (None, _) => None,
         };
         match fresh {
             Some(fresh) => {
-                let key = head.map_or_else(|| self.level_for(max), |h| h.key);
-                let mel = padded_mel(n_mels, raw_frames, audio_frames, fresh, key);
-                Ok(self.model.encode_after(&mel, fresh, key, head, keep)?)
+                let key = head.as_ref().map_or_else(|| self.level_for(max), |h| h.key);
+                WindowEncode::After {
+                    mel: padded_mel(n_mels, raw_frames, audio_frames, fresh, key),
+                    fresh,
+                    key,
+                    head,
+                    keep,
+                }
             }
             None => {
                 let mut raw = raw_frames[..audio_frames * n_mels].to_vec();
                 raw.resize(target * n_mels, LOG10_FLOOR);
-                let mel = LogMel::from_raw_frames_with_max(n_mels, raw, max);
-                let encoded = self.model.encode(&mel)?;
-                Ok((self.model.cross_attention(&encoded)?, None))
+                WindowEncode::Full(LogMel::from_raw_frames_with_max(n_mels, raw, max))
             }
         }
     }
@@ -259,19 +262,17 @@ impl WhisperRecognizer {
         };
     }
 
-    /// Encodes the segment, after the carried one if given, and builds the
-    /// prompt of its window. A `partial` puts the open segment's states from
-    /// its last partial in front of the new audio where they fit, and keeps
-    /// the states of this one's for the next ([`PreparedWindow::open`]).
-    fn prepare_window(
+    /// Plans the segment's window: its encoding, after the carried segment
+    /// if given, and its prompt. A `partial` puts the open segment's states
+    /// from its last partial in front of the new audio where they fit, and
+    /// keeps the states of this one's for the next ([`PreparedWindow::open`]).
+    fn plan_window(
         &self,
         features: &SegmentFeatures,
         carried: Option<&CarriedSegment>,
         prefix: &[u32],
         partial: bool,
-        encode_time: &mut Duration,
-    ) -> Result<PreparedWindow, ModelError> {
-        let t = Instant::now();
+    ) -> Result<WindowPlan, ModelError> {
         let n_mels = features.n_mels;
         let front: &[f32] = carried.map_or(&[], |c| &c.raw_frames);
         // The segment's own frames unless the carried ones go in front.
@@ -294,41 +295,24 @@ impl WhisperRecognizer {
                 && o.states.positions() < positions
                 && features.raw_frames.starts_with(&o.read)
         });
-        let narrowed;
-        let head: Option<&EncodedAudio> = match (open, carried_head) {
-            (Some(o), _) => Some(&o.states),
-            (None, Some(h)) => {
-                // The carried segment's last positions are encoded again with
-                // the new audio, so the two meet in both directions.
-                narrowed = h.narrow(h.positions() - HEAD_OVERLAP.min(h.positions()))?;
-                Some(&narrowed)
-            }
+        let head = match (open, carried_head) {
+            (Some(o), _) => Some(o.states.narrow(o.states.positions())?),
+            // The carried segment's last positions are encoded again with
+            // the new audio, so the two meet in both directions.
+            (None, Some(h)) => Some(h.narrow(h.positions() - HEAD_OVERLAP.min(h.positions()))?),
             (None, None) => None,
         };
-        let kept = head.map_or(0, EncodedAudio::positions);
+        let kept = head.as_ref().map_or(0, EncodedAudio::positions);
         let keep = if bounded && self.fresh_margin.is_some() {
             positions.saturating_sub(OPEN_OVERLAP)
         } else {
             0
         };
-        let (cross, grown) = match head {
-            Some(h) => {
-                let context = kept.min(HEAD_CONTEXT);
-                let from = (2 * (kept - context) * n_mels).min(joined.len());
-                self.encode(n_mels, &joined[from..], Some(h), keep)?
-            }
-            None => self.encode(n_mels, &joined, None, keep)?,
-        };
-        let open = grown.map(|states| {
-            // Position p reads frames up to 2p + 2.
-            let read = (2 * keep + 2).saturating_sub(front.len() / n_mels) * n_mels;
-            OpenHead {
-                front: front.len(),
-                read: features.raw_frames[..read.min(features.raw_frames.len())].to_vec(),
-                states,
-            }
-        });
-        *encode_time += t.elapsed();
+        let context = kept.min(HEAD_CONTEXT);
+        let from = (2 * (kept - context) * n_mels).min(joined.len());
+        let encode = self.plan_encode(n_mels, &joined[from..], head, keep);
+        // Position p reads frames up to 2p + 2.
+        let read = (2 * keep + 2).saturating_sub(front.len() / n_mels) * n_mels;
         let carried_tokens: &[u32] = carried.map_or(&[], |c| &c.tokens);
         // Carried text is forced, so the prompt stops before it.
         let conditioning: &[u32] = if self.condition_on_previous {
@@ -337,14 +321,15 @@ impl WhisperRecognizer {
             &[]
         };
         let (prompt, sot_index) = self.model.build_prompt(conditioning, &self.task_tokens);
-        Ok(PreparedWindow {
-            cross,
+        Ok(WindowPlan {
+            encode,
+            front: front.len(),
+            read: features.raw_frames[..read.min(features.raw_frames.len())].to_vec(),
             prompt,
             sot_index,
             forced: [carried_tokens, prefix].concat(),
             carried_tokens: carried_tokens.len(),
             max_new_tokens: max_new_tokens(features.samples),
-            open,
         })
     }
 
@@ -399,8 +384,11 @@ impl WhisperRecognizer {
         let mut encode_time = t0.elapsed();
         let opts = live_decoding();
         let decode_window = |carried, encode_time: &mut Duration| -> Result<_, ModelError> {
-            let mut prepared =
-                self.prepare_window(features, carried, prefix, partial, encode_time)?;
+            let t = Instant::now();
+            let plan = self.plan_window(features, carried, prefix, partial)?;
+            let encoded = encode_windows(&self.model, &[&plan.encode]).remove(0)?;
+            let mut prepared = plan.prepared(encoded);
+            *encode_time += t.elapsed();
             let window = self
                 .model
                 .greedy_decode_batch(&[prepared.job()], &opts)?
@@ -430,6 +418,106 @@ impl WhisperRecognizer {
             avg_logprob: window.avg_logprob,
             encode_time,
             decode_time: t0.elapsed().saturating_sub(encode_time),
+        }
+    }
+}
+
+/// How a window is encoded ([`WhisperRecognizer::plan_encode`]).
+enum WindowEncode {
+    /// The padding shortcut, after the states of a head when given (a job of
+    /// [`WhisperModel::encode_after_batch`]).
+    After {
+        mel: LogMel,
+        fresh: usize,
+        key: i32,
+        head: Option<EncodedAudio>,
+        keep: usize,
+    },
+    /// The whole 30 s window.
+    Full(LogMel),
+}
+
+/// Each window's cross-attention (and kept head, see [`WhisperModel::encode_after`]):
+/// the padding-shortcut ones encoded as one batch (a failure of that batch fails
+/// each of them), whole windows one by one.
+fn encode_windows(
+    model: &WhisperModel,
+    windows: &[&WindowEncode],
+) -> Vec<Result<(CrossAttention, Option<EncodedAudio>), ModelError>> {
+    let jobs: Vec<super::AfterJob<'_>> = windows
+        .iter()
+        .filter_map(|w| match w {
+            WindowEncode::After {
+                mel,
+                fresh,
+                key,
+                head,
+                keep,
+            } => Some(super::AfterJob {
+                mel,
+                fresh: *fresh,
+                key: *key,
+                head: head.as_ref(),
+                keep: *keep,
+            }),
+            WindowEncode::Full(_) => None,
+        })
+        .collect();
+    let mut batched = match model.encode_after_batch(&jobs) {
+        Ok(done) => done.into_iter().map(Ok).collect::<Vec<_>>(),
+        Err(e) => jobs
+            .iter()
+            .map(|_| {
+                Err(ModelError::Invalid(format!(
+                    "batched encoder of {} windows failed: {e}",
+                    jobs.len()
+                )))
+            })
+            .collect(),
+    }
+    .into_iter();
+    windows
+        .iter()
+        .map(|w| match w {
+            WindowEncode::After { .. } => batched.next().expect("one result per job"),
+            WindowEncode::Full(mel) => {
+                let encoded = model.encode(mel)?;
+                Ok((model.cross_attention(&encoded)?, None))
+            }
+        })
+        .collect()
+}
+
+/// A segment's window before it is encoded ([`WhisperRecognizer::plan_window`]).
+struct WindowPlan {
+    encode: WindowEncode,
+    /// Raw values of the carried audio in front, and the segment's raw
+    /// frames that a kept head reads ([`OpenHead`]).
+    front: usize,
+    read: Vec<f32>,
+    prompt: Vec<u32>,
+    sot_index: usize,
+    forced: Vec<u32>,
+    carried_tokens: usize,
+    max_new_tokens: usize,
+}
+
+impl WindowPlan {
+    /// The window once encoded (`encoded`: its cross-attention and kept head).
+    fn prepared(self, (cross, kept): (CrossAttention, Option<EncodedAudio>)) -> PreparedWindow {
+        let (front, read) = (self.front, self.read);
+        PreparedWindow {
+            cross,
+            prompt: self.prompt,
+            sot_index: self.sot_index,
+            forced: self.forced,
+            carried_tokens: self.carried_tokens,
+            max_new_tokens: self.max_new_tokens,
+            open: kept.map(|states| OpenHead {
+                front,
+                read,
+                states,
+            }),
         }
     }
 }
@@ -480,6 +568,8 @@ fn live_decoding() -> DecodingOptions {
 struct BatchSlot {
     t0: Instant,
     encode_time: Duration,
+    /// The window to encode next.
+    plan: Option<WindowPlan>,
     /// The window being decoded (and whether it has the carried segment).
     prepared: Option<PreparedWindow>,
     window: Option<DecodedWindow>,
@@ -488,8 +578,9 @@ struct BatchSlot {
 
 impl WhisperRecognizer {
     /// Several streams' segments in one batch (see [`crate::model::batch`]):
-    /// each stream's window is encoded on its own (its padding shortcut and
-    /// carried audio are its own), then every window is decoded greedily in
+    /// every stream's window is planned on its own (its padding level,
+    /// carried audio and kept states are its own), the windows are encoded
+    /// as one batch ([`encode_windows`]), then every window is decoded greedily in
     /// one [`WhisperModel::greedy_decode_batch`]; windows that must be
     /// decoded again without the carried segment go through a second batch.
     /// Streams of another model are decoded one by one.
@@ -522,29 +613,25 @@ impl WhisperRecognizer {
                 let mut slot = BatchSlot {
                     t0,
                     encode_time: Duration::ZERO,
+                    plan: None,
                     prepared: None,
                     window: None,
                     error: None,
                 };
                 let rec = &mut *r.recognizer;
-                let prepared = rec.encode_carried().and_then(|()| {
-                    slot.encode_time = t0.elapsed();
+                let plan = rec.encode_carried().and_then(|()| {
                     let carried = rec.carried_for(r.features);
-                    rec.prepare_window(
-                        r.features,
-                        carried,
-                        r.prefix,
-                        r.partial,
-                        &mut slot.encode_time,
-                    )
+                    rec.plan_window(r.features, carried, r.prefix, r.partial)
                 });
-                match prepared {
-                    Ok(p) => slot.prepared = Some(p),
+                slot.encode_time = t0.elapsed();
+                match plan {
+                    Ok(p) => slot.plan = Some(p),
                     Err(e) => slot.error = Some(e),
                 }
                 slot
             })
             .collect();
+        encode_planned(&model, &mut slots);
         if tracing::enabled!(tracing::Level::DEBUG) {
             // Stage times: wait for the encoder's kernels, or the decode's
             // prefill would be charged with them.
@@ -565,21 +652,17 @@ impl WhisperRecognizer {
                 .needs_decoding_alone(p.carried_tokens > 0, w, r.prefix)
             {
                 slot.window = None;
-                match r.recognizer.prepare_window(
-                    r.features,
-                    None,
-                    r.prefix,
-                    r.partial,
-                    &mut slot.encode_time,
-                ) {
-                    Ok(p) => slot.prepared = Some(p),
-                    Err(e) => {
-                        slot.prepared = None;
-                        slot.error = Some(e);
-                    }
+                slot.prepared = None;
+                match r
+                    .recognizer
+                    .plan_window(r.features, None, r.prefix, r.partial)
+                {
+                    Ok(p) => slot.plan = Some(p),
+                    Err(e) => slot.error = Some(e),
                 }
             }
         }
+        encode_planned(&model, &mut slots);
         decode_prepared(&model, &mut slots, requests);
         slots
             .into_iter()
@@ -601,6 +684,34 @@ impl WhisperRecognizer {
                 Ok(hypothesis)
             })
             .collect()
+    }
+}
+
+/// Encodes the planned windows of the slots as one batch ([`encode_windows`]);
+/// each slot is charged the batch's encoder time.
+fn encode_planned(model: &WhisperModel, slots: &mut [BatchSlot]) {
+    let t = Instant::now();
+    let planned: Vec<usize> = (0..slots.len())
+        .filter(|&i| slots[i].plan.is_some())
+        .collect();
+    if planned.is_empty() {
+        return;
+    }
+    let plans: Vec<WindowPlan> = planned
+        .iter()
+        .map(|&i| slots[i].plan.take().expect("planned"))
+        .collect();
+    let windows: Vec<&WindowEncode> = plans.iter().map(|p| &p.encode).collect();
+    let encoded = encode_windows(model, &windows);
+    drop(windows);
+    let took = t.elapsed();
+    for ((&i, plan), encoded) in planned.iter().zip(plans).zip(encoded) {
+        let slot = &mut slots[i];
+        slot.encode_time += took;
+        match encoded {
+            Ok(e) => slot.prepared = Some(plan.prepared(e)),
+            Err(e) => slot.error = Some(e),
+        }
     }
 }
 
