@@ -867,19 +867,7 @@ fn bounded_partials_batch_like_alone_and_leave_finals_as_whole_ones() {
     let mut differs = false;
     for seconds in [1.4, 2.0, 2.6, 3.0] {
         let feats: Vec<SegmentFeatures> = clips.iter().map(|c| features(c, seconds)).collect();
-        let mut requests: Vec<BatchRequest<'_>> = batched
-            .iter_mut()
-            .zip(&feats)
-            .map(|(r, f)| BatchRequest {
-                recognizer: r.as_mut(),
-                features: f,
-                prefix: &[],
-                commit: false,
-                partial: true,
-            })
-            .collect();
-        let outs = decode_batch(&mut requests);
-        drop(requests);
+        let outs = decode_all(&mut batched, &feats, false);
         for (k, out) in outs.into_iter().enumerate() {
             let one = alone[k].decode_partial(&feats[k], &[]).unwrap();
             assert_same_hypothesis(&format!("partial {k} at {seconds} s"), &out.unwrap(), &one);
@@ -903,6 +891,27 @@ fn bounded_partials_batch_like_alone_and_leave_finals_as_whole_ones() {
             &full[k].decode(&next, &[]).unwrap(),
         );
     }
+}
+
+/// Recogniser `i` decodes `feats[i]` (no prefix) in one `decode_batch`: finals
+/// with `commit`, partials without.
+fn decode_all(
+    recs: &mut [Box<dyn Recognizer>],
+    feats: &[SegmentFeatures],
+    commit: bool,
+) -> Vec<Result<Hypothesis, stepaudio_live::model::ModelError>> {
+    let mut requests: Vec<BatchRequest<'_>> = recs
+        .iter_mut()
+        .zip(feats)
+        .map(|(r, f)| BatchRequest {
+            recognizer: r.as_mut(),
+            features: f,
+            prefix: &[],
+            commit,
+            partial: !commit,
+        })
+        .collect();
+    decode_batch(&mut requests)
 }
 
 /// (11) Streams whose KV caches are slots of one pool (planned for 3 streams)
@@ -929,18 +938,7 @@ fn streams_in_kv_pool_slots_decode_as_with_their_own_caches() {
     assert!(step_audio2(&own_model).kv_pool().is_none());
     let feats: Vec<SegmentFeatures> = CLIPS.iter().map(|&(n, s)| features(n, s)).collect();
     let run = |recs: &mut [Box<dyn Recognizer>], commit: bool| -> Vec<Hypothesis> {
-        let mut requests: Vec<BatchRequest<'_>> = recs
-            .iter_mut()
-            .zip(&feats)
-            .map(|(r, f)| BatchRequest {
-                recognizer: r.as_mut(),
-                features: f,
-                prefix: &[],
-                commit,
-                partial: !commit,
-            })
-            .collect();
-        decode_batch(&mut requests)
+        decode_all(recs, &feats, commit)
             .into_iter()
             .map(Result::unwrap)
             .collect()
