@@ -309,9 +309,7 @@ impl WhisperEncoder {
         for input in inputs {
             let offset = input.head.map_or(0, EncodedHead::positions);
             let context = offset.min(HEAD_CONTEXT);
-            let fresh = input
-                .fresh
-                .min(input.silent.output.dim(1)?.saturating_sub(offset));
+            let fresh = input.positions()?;
             // Conv receptive fields: position p reads mel frames 2p − 3 ..= 2p + 2.
             let frames = (2 * (fresh + context) + 4).min(input.mel.dim(2)?);
             let x = self.embed(
