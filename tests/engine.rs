@@ -271,7 +271,8 @@ fn a_continuous_batch_gives_each_stream_its_finals_alone() {
         continuous: true,
         ..alone_config
     };
-    let (engine, thread) = engine::spawn(tiny_step_audio2(), config).unwrap();
+    let model = tiny_step_audio2();
+    let (engine, thread) = engine::spawn(model.clone(), config).unwrap();
     let together = together(&engine, &inputs, |engine, i, a| {
         stream_finals(engine, 10 + i as u64, a, options)
     });
@@ -279,6 +280,13 @@ fn a_continuous_batch_gives_each_stream_its_finals_alone() {
     drop(engine);
     thread.join().unwrap();
     eprintln!("continuous: {stats:?}");
+    // The engine held its streams' KV caches in one pool of max_streams
+    // slots, all back once the streams closed.
+    let stepaudio_live::model::LoadedModel::StepAudio2(sa) = &model else {
+        unreachable!("the tiny checkpoint is Step-Audio 2")
+    };
+    let pool = sa.kv_pool().expect("the streams' sessions made the pool");
+    assert_eq!((pool.slots(), pool.free_slots()), (8, 8));
     assert!(
         stats.largest_batch > 1,
         "decodes of several streams shared steps: {stats:?}"
