@@ -86,11 +86,6 @@ impl LlmState {
         self.slot.as_ref().map(KvSlot::positions)
     }
 
-    /// The pool slot, if the caches live in one.
-    pub fn slot(&self) -> Option<&KvSlot> {
-        self.slot.as_ref()
-    }
-
     /// Makes room for `needed` positions in every layer (see [`KvCache::reserve`]).
     pub(crate) fn reserve(&mut self, needed: usize) -> Result<()> {
         self.caches.iter_mut().try_for_each(|c| c.reserve(needed))
