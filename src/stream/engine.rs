@@ -321,6 +321,14 @@ pub fn spawn(
         .then(|| core.model.decode_loop())
         .flatten();
     let batch_lanes = if decode_loop.is_some() { 0 } else { core.lanes };
+    // What a server operator sizes the machine by (README, "How many streams").
+    tracing::info!(
+        max_streams = core.config.max_streams,
+        max_batch = core.config.max_batch,
+        continuous = decode_loop.is_some(),
+        lanes = batch_lanes,
+        "stream engine started"
+    );
     if let Some(decodes) = decode_loop {
         let lane_core = core.clone();
         let spawned = std::thread::Builder::new()
