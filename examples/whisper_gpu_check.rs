@@ -530,6 +530,48 @@ fn parity_case(dir: &Path, args: &Args, report: &mut Report) -> Result<Value> {
     );
     out.insert("batch_padding_rel_errors".into(), json!(errs));
 
+    // (f) The fused step (one CUDA graph a step, picks on the device) against the
+    // candle stacked step, and its graph replay against direct launches.
+    if !dev.is_cpu() && fast::fast_paths().decode {
+        let fused = fused_vs_stacked(
+            &m,
+            [&prompt, &long_prompt, &prompt],
+            [&cross, &cross2, &cross2],
+            |k| [greedy[k], long_tf[long_prompt.len() + k], greedy[k]],
+            greedy.len(),
+        )?;
+        report.check(
+            &tag("fused step vs candle stacked step"),
+            fused.hidden_rel.is_finite()
+                && fused.hidden_rel <= tol.batch
+                && fused.agree as f64 >= tol.agree * fused.picks as f64,
+            format!(
+                "3 rows ({p}, {} and {p} prompt tokens) over {} teacher-forced steps: hidden states max rel. error {:.2e} (≤ {:.0e}); picks equal to the candle logits' argmax at {} of {} (≥ {:.0} %), log-prob max abs diff {:.2e}",
+                long_prompt.len(),
+                greedy.len(),
+                fused.hidden_rel,
+                tol.batch,
+                fused.agree,
+                fused.picks,
+                tol.agree * 100.0,
+                fused.lp_diff
+            ),
+        );
+        report.check(
+            &tag("fused step graph replay vs direct launches"),
+            fused.graph_identical,
+            format!(
+                "picks and hidden states bit-identical: {}",
+                fused.graph_identical
+            ),
+        );
+        out.insert(
+            "fused_step".into(),
+            json!({"hidden_rel": fused.hidden_rel, "agree": fused.agree, "picks": fused.picks,
+                "logprob_max_abs_diff": fused.lp_diff, "graph_identical": fused.graph_identical}),
+        );
+    }
+
     // Batched greedy decoding against each window alone (informational off the CPU:
     // a GEMM over more rows may round differently).
     let forced: Vec<u32> = greedy.iter().take(5).copied().collect();
@@ -573,6 +615,88 @@ fn parity_case(dir: &Path, args: &Args, report: &mut Report) -> Result<Value> {
     );
     out.insert("batched_vs_alone".into(), Value::Array(same));
     Ok(Value::Object(out))
+}
+
+struct FusedCheck {
+    hidden_rel: f64,
+    agree: usize,
+    picks: usize,
+    lp_diff: f64,
+    graph_identical: bool,
+}
+
+/// Three rows teacher-forced through the candle stacked step and through the fused
+/// step (graph replay and direct launches), with no suppression: the fused hidden
+/// states against candle's, its picks against the argmax and log-softmax of
+/// candle's logits.
+fn fused_vs_stacked(
+    m: &WhisperModel,
+    prompts: [&[u32]; 3],
+    crosses: [&CrossAttention; 3],
+    tokens_at: impl Fn(usize) -> [u32; 3],
+    steps: usize,
+) -> Result<FusedCheck> {
+    use stepaudio_live::ops::fast::WhisperFusedStep;
+    let vocab = m.decoder.token_embedding.dim(0)?;
+    let zero = Tensor::zeros(vocab, DType::F32, &m.device)?;
+    let prefill = || m.decoder.stacked_prefill(&prompts, &crosses, steps);
+    let (mut candle, _) = prefill()?;
+    let (mut graph, _) = prefill()?;
+    let (mut direct, _) = prefill()?;
+    let (mut fused_graph, mut fused_direct) =
+        (WhisperFusedStep::default(), WhisperFusedStep::default());
+    let flags = fast::fast_paths();
+    let mut c = FusedCheck {
+        hidden_rel: 0.0,
+        agree: 0,
+        picks: 0,
+        lp_diff: 0.0,
+        graph_identical: true,
+    };
+    for k in 0..steps {
+        let toks = tokens_at(k);
+        let h = m.decoder.stacked_step(&mut candle, &toks)?;
+        let want = rows_f32(&h.squeeze(1)?)?;
+        let logits = rows_f32(&m.decoder.step_logits(&h)?)?;
+        let picks = m
+            .decoder
+            .fused_stacked_step(&mut fused_graph, &mut graph, &toks, &zero)?
+            .context("the fused step did not apply")?;
+        let got = rows_f32(&fused_graph.last_hidden()?)?;
+        fast::set_fast_paths(FastPaths {
+            graph: false,
+            ..flags
+        });
+        let plain = m
+            .decoder
+            .fused_stacked_step(&mut fused_direct, &mut direct, &toks, &zero);
+        fast::set_fast_paths(flags);
+        let plain = plain?.context("the fused step did not apply")?;
+        let plain_hidden = rows_f32(&fused_direct.last_hidden()?)?;
+        c.graph_identical &= plain == picks && plain_hidden == got;
+        for r in 0..3 {
+            c.hidden_rel = c.hidden_rel.max(rel(&got[r], &want[r]));
+            let row = &logits[r];
+            let (best, &max) = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, &f32::NEG_INFINITY),
+                    |a, (i, v)| if *v > *a.1 { (i, v) } else { a },
+                );
+            let lse = max as f64
+                + row
+                    .iter()
+                    .map(|&v| ((v - max) as f64).exp())
+                    .sum::<f64>()
+                    .ln();
+            let lp = row[best] as f64 - lse;
+            c.picks += 1;
+            c.agree += usize::from(picks[r].0 as usize == best);
+            c.lp_diff = c.lp_diff.max((picks[r].1 as f64 - lp).abs());
+        }
+    }
+    Ok(c)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -695,6 +819,23 @@ fn bench(dir: &Path, args: &Args) -> Result<Value> {
         })?;
         fast::set_fast_paths(flags);
         drop(st);
+        // The fused step: layers, logits and picks in one graph launch, picks to the host.
+        let fused_step_ms = {
+            let (mut st, _) = m
+                .decoder
+                .stacked_prefill(&prompts, &cross_refs, 2 * steps)?;
+            let zero = Tensor::zeros(m.decoder.token_embedding.dim(0)?, DType::F32, &dev)?;
+            let mut fused = stepaudio_live::ops::fast::WhisperFusedStep::default();
+            let mut applied = true;
+            let ms = time_ms(&dev, 3, reps, || {
+                applied &= m
+                    .decoder
+                    .fused_stacked_step(&mut fused, &mut st, &toks, &zero)?
+                    .is_some();
+                Ok(())
+            })?;
+            applied.then_some(ms)
+        };
         let per_row_ms = if b <= 64 {
             let mut states: Vec<_> = (0..b).map(|_| m.decoder.new_state()).collect();
             for (s, c) in states.iter_mut().zip(&crosses) {
@@ -729,6 +870,22 @@ fn bench(dir: &Path, args: &Args) -> Result<Value> {
             Ok(())
         })?;
         let per_token_ms = greedy_ms / (made as f64 / b as f64).max(1.0);
+        fast::set_fast_paths(FastPaths {
+            decode: false,
+            ..flags
+        });
+        let mut made_candle = 0;
+        let greedy_candle_ms = time_ms(&dev, 1, 3, || {
+            let out = m.greedy_decode_batch(&jobs, &live_options(n))?;
+            made_candle = out.iter().map(|w| w.tokens.len()).sum::<usize>();
+            Ok(())
+        })?;
+        fast::set_fast_paths(flags);
+        let per_token_candle_ms = greedy_candle_ms / (made_candle as f64 / b as f64).max(1.0);
+        println!(
+            "batch {b:>3}: fused step {} (picks to the host); greedy per token: fused {per_token_ms:.3} ms, candle step {per_token_candle_ms:.3} ms",
+            fused_step_ms.map_or("-".into(), |v| format!("{v:.3} ms")),
+        );
         println!(
             "batch {b:>3}: step {step_ms:.3} ms device ({:.0} tokens/s; unfused attention {step_plain_attention_ms:.3} ms; per-row path {}); logits to host {to_host_ms:.3} ms; prefill {prefill_ms:.1} ms; greedy {n} tokens {greedy_ms:.1} ms = {per_token_ms:.3} ms/token ({:.0} tokens/s)",
             b as f64 / step_ms * 1e3,
@@ -738,6 +895,7 @@ fn bench(dir: &Path, args: &Args) -> Result<Value> {
         rows.push(json!({"batch": b, "step_ms": step_ms, "step_unfused_attention_ms": step_plain_attention_ms,
             "per_row_step_ms": per_row_ms, "logits_to_host_ms": to_host_ms, "prefill_ms": prefill_ms,
             "greedy_tokens": made, "greedy_ms": greedy_ms, "greedy_ms_per_token": per_token_ms,
+            "fused_step_ms": fused_step_ms, "greedy_candle_step_ms_per_token": per_token_candle_ms,
             "memory_peak_bytes": fast::device_memory_peak(&dev, true)}));
     }
     Ok(

@@ -20,9 +20,10 @@ pub struct FastPaths {
     pub mel: bool,
     /// Fused (flash) attention for the encoder and the LLM prefill.
     pub attention: bool,
-    /// The fused batch-1 decode step (GEMV kernels over preallocated buffers).
+    /// The fused decode steps over preallocated buffers: Step-Audio 2's batch-1 GEMV
+    /// step and batched step, Whisper's step of a stacked batch.
     pub decode: bool,
-    /// Replay that decode step as a CUDA graph (needs `decode`).
+    /// Replay those decode steps as CUDA graphs (needs `decode`).
     pub graph: bool,
     /// The encoder's GEMMs straight through cuBLAS (`cublasGemmEx`, TN layout).
     pub gemm: bool,
@@ -503,15 +504,16 @@ pub struct FusedStep<'a> {
 /// serves other weights; `None` (and not tried again) when the kernels do not
 /// cover the model.
 #[cfg(feature = "cuda")]
-fn engine_for<'a, E>(
+fn engine_for<'a, E, W>(
     slot: &'a mut Option<E>,
     unsupported: &mut bool,
-    weights: &DecodeWeights,
-    serves: impl Fn(&E, &DecodeWeights) -> bool,
-    new: impl FnOnce(&DecodeWeights) -> Result<Option<E>>,
+    weights: &W,
+    device: &Device,
+    serves: impl Fn(&E, &W) -> bool,
+    new: impl FnOnce(&W) -> Result<Option<E>>,
 ) -> Result<Option<(&'a mut E, bool)>> {
     let flags = fast_paths();
-    if !flags.decode || !available(weights.device()) || *unsupported {
+    if !flags.decode || !available(device) || *unsupported {
         return Ok(None);
     }
     if !slot.as_ref().is_some_and(|e| serves(e, weights)) {
@@ -530,6 +532,7 @@ impl FusedDecoder {
             &mut self.engine,
             &mut self.unsupported,
             weights,
+            weights.device(),
             super::cuda::decode::DecodeEngine::serves,
             super::cuda::decode::DecodeEngine::new,
         )?
@@ -619,6 +622,7 @@ impl FusedBatchDecoder {
             &mut self.engine,
             &mut self.unsupported,
             weights,
+            weights.device(),
             super::cuda::decode_batch::BatchDecodeEngine::serves,
             super::cuda::decode_batch::BatchDecodeEngine::new,
         )?
@@ -680,5 +684,118 @@ impl FusedBatchStep<'_> {
         return self.engine.logits();
         #[cfg(not(feature = "cuda"))]
         match self.never {}
+    }
+}
+
+/// What the fused Whisper decode step reads of a Whisper decoder: pre-norm layers
+/// (LayerNorm with bias), self-attention with a fused q/k/v projection, cross-attention
+/// over the encoded window, a GELU MLP, learned positions, a final LayerNorm and the
+/// vocabulary head tied to the token embedding. Every projection `(weight [out, in],
+/// bias [out])` has a bias (Whisper's key projection a zero one); norms are `(γ, β)`.
+/// The model builds it from its own layers (tensors shared, not copied).
+#[derive(Clone, Debug)]
+pub struct WhisperStepWeights {
+    /// `[V, d]`, also the vocabulary head.
+    pub token_embedding: Tensor,
+    /// `[n_text_ctx, d]`.
+    pub positions: Tensor,
+    pub layers: Vec<WhisperStepLayer>,
+    pub final_norm: (Tensor, Tensor),
+    /// Epsilon of every LayerNorm.
+    pub eps: f32,
+    pub heads: usize,
+}
+
+/// One layer of [`WhisperStepWeights`].
+#[derive(Clone, Debug)]
+pub struct WhisperStepLayer {
+    pub self_norm: (Tensor, Tensor),
+    /// `[3·d, d]`: q, k, v.
+    pub self_qkv: (Tensor, Tensor),
+    pub self_out: (Tensor, Tensor),
+    pub cross_norm: (Tensor, Tensor),
+    pub cross_q: (Tensor, Tensor),
+    pub cross_out: (Tensor, Tensor),
+    pub mlp_norm: (Tensor, Tensor),
+    pub fc1: (Tensor, Tensor),
+    pub fc2: (Tensor, Tensor),
+}
+
+#[cfg(feature = "cuda")]
+impl WhisperStepWeights {
+    fn device(&self) -> &Device {
+        self.token_embedding.device()
+    }
+}
+
+/// The rows of one step of a stacked Whisper decode (row r of every tensor is one
+/// window).
+pub struct WhisperStepRows<'a> {
+    /// Per layer: self-attention keys and values `[R, heads, capacity, 64]`, bf16.
+    pub self_kv: &'a [(Tensor, Tensor)],
+    /// Per layer: the windows' cross-attention keys and values `[R, heads, T, 64]`.
+    pub cross: &'a [(Tensor, Tensor)],
+    /// Per row: the token going in, its learned position, its first column.
+    pub tokens: &'a [u32],
+    pub positions: &'a [u32],
+    pub first: &'a [usize],
+    /// The column every row's key and value go to; a row attends to its columns
+    /// `first..=column`.
+    pub column: usize,
+    /// Added to the logits before the argmax: the logit rules' suppression `[V]` f32.
+    pub suppress: &'a Tensor,
+}
+
+/// Whisper's fused decode step (CUDA, bf16, head dimension 64): the step of a stacked
+/// decode's rows as one CUDA graph per batch-size bucket, returning each row's greedy
+/// pick; shared by all batches of one model (it keeps only scratch buffers and
+/// graphs). Switched by `decode` (and `graph` for the replay). Empty until a step finds
+/// it applies.
+#[derive(Default)]
+pub struct WhisperFusedStep {
+    #[cfg(feature = "cuda")]
+    engine: Option<super::cuda::whisper_step::WhisperStepEngine>,
+    #[cfg(feature = "cuda")]
+    unsupported: bool,
+}
+
+impl WhisperFusedStep {
+    /// One step of `rows` through the decoder `weights`: each row's greedy next token
+    /// and its log-probability, or `None` when the fast path is off or does not cover
+    /// the model (then the caller steps through candle ops).
+    pub fn step(
+        &mut self,
+        weights: &WhisperStepWeights,
+        rows: &WhisperStepRows<'_>,
+    ) -> Result<Option<Vec<(u32, f32)>>> {
+        #[cfg(feature = "cuda")]
+        {
+            let engine = engine_for(
+                &mut self.engine,
+                &mut self.unsupported,
+                weights,
+                weights.device(),
+                super::cuda::whisper_step::WhisperStepEngine::serves,
+                super::cuda::whisper_step::WhisperStepEngine::new,
+            )?;
+            match engine {
+                Some((e, graph)) => Ok(Some(e.step(rows, graph)?)),
+                None => Ok(None),
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (weights, rows);
+            Ok(None)
+        }
+    }
+
+    /// The final-norm hidden states `[rows, d]` of the last step (a copy; for checks).
+    pub fn last_hidden(&self) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(e) = &self.engine {
+            return e.last_hidden();
+        }
+        candle_core::bail!("no fused Whisper step has run")
     }
 }

@@ -395,6 +395,25 @@ impl WhisperModel {
                 .collect();
             decode_steps += 1;
             widest = widest.max(tokens.len());
+            // Without timestamps, the fused step (one graph launch) gives the picks.
+            let fused = match &rules {
+                Some(rules) => self.decoder.fused_stacked_step(
+                    &mut self.fused_step.lock().unwrap_or_else(|e| e.into_inner()),
+                    &mut state,
+                    &tokens,
+                    &rules.always,
+                )?,
+                None => None,
+            };
+            if let Some(all) = fused {
+                for (r, w) in stacked_rows.iter().enumerate() {
+                    if stepping.binary_search(w).is_ok() {
+                        picks[*w] = all[r];
+                    }
+                }
+                active = stepping;
+                continue;
+            }
             let hidden = self.decoder.stacked_step(&mut state, &tokens)?;
             let logits = self.decoder.step_logits(&hidden)?;
             // Only the stepping rows' logits are used.

@@ -58,6 +58,7 @@ pub fn load_whisper(dir: &Path, device: &Device, dtype: DType) -> Result<Whisper
         device: device.clone(),
         dtype,
         silent_windows: Default::default(),
+        fused_step: Default::default(),
     })
 }
 

@@ -71,6 +71,9 @@ pub struct WhisperModel {
     pub dtype: DType,
     /// Padding-only windows by level, for [`WhisperModel::encode_fresh`].
     pub silent_windows: SilentWindows,
+    /// The fused decode step of stacked batches (a GPU only; see
+    /// [`crate::ops::fast::WhisperFusedStep`]).
+    pub fused_step: std::sync::Mutex<crate::ops::fast::WhisperFusedStep>,
 }
 
 /// What a window of nothing but padding at one level leaves in the encoder

@@ -14,10 +14,11 @@
 //! all rows' keys and values into one column.
 
 use super::decoder::{CrossAttention, DecoderBlock, WhisperDecoder};
-use crate::model::layers::{causal_mask, merge_heads};
+use crate::model::layers::{causal_mask, merge_heads, LayerNorm, Linear};
 use crate::model::step_audio2::encoder::{
     layer_norm, linear, linear_gelu, linear_residual, linear_residual_norm,
 };
+use crate::ops::fast::{WhisperFusedStep, WhisperStepLayer, WhisperStepRows, WhisperStepWeights};
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Added to the scores of a row's padding columns. Finite, so that a
@@ -169,17 +170,97 @@ impl WhisperDecoder {
         if state.len >= state.capacity {
             candle_core::bail!("stacked decode state full ({} columns)", state.capacity);
         }
-        // A row's budget keeps it inside the text context; a finished row
-        // that still steps (its results dropped) may run past it and reads
-        // the last position instead.
+        let positions = self.step_positions(state);
+        let device = self.token_embedding.device().clone();
+        self.stacked_forward(state, tokens, &positions, 1, &device)
+    }
+
+    /// What the fused step reads of this decoder (shared tensors), or `None` when a
+    /// projection has no bias or the norms' epsilons differ (the kernels assume both).
+    pub fn step_weights(&self) -> Option<WhisperStepWeights> {
+        let lin = |l: &Linear| Some((l.weight.clone(), l.bias.clone()?));
+        let norm =
+            |n: &LayerNorm| (n.eps == self.ln.eps).then(|| (n.gamma.clone(), n.beta.clone()));
+        let layers = self
+            .blocks
+            .iter()
+            .map(|b| {
+                Some(WhisperStepLayer {
+                    self_norm: norm(&b.self_ln)?,
+                    self_qkv: lin(&b.self_qkv)?,
+                    self_out: lin(&b.self_out)?,
+                    cross_norm: norm(&b.cross_ln)?,
+                    cross_q: lin(&b.cross_q)?,
+                    cross_out: lin(&b.cross_out)?,
+                    mlp_norm: norm(&b.mlp_ln)?,
+                    fc1: lin(&b.fc1)?,
+                    fc2: lin(&b.fc2)?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(WhisperStepWeights {
+            token_embedding: self.token_embedding.clone(),
+            positions: self.positions.clone(),
+            layers,
+            final_norm: (self.ln.gamma.clone(), self.ln.beta.clone()),
+            eps: self.ln.eps,
+            heads: self.heads,
+        })
+    }
+
+    /// [`Self::stacked_step`] through the fused step (`fused`), the logits,
+    /// `suppress` (`[V]` f32, added to them) and the argmax included: each row's
+    /// greedy next token and its log-probability. `None` (the state untouched)
+    /// where the fused step does not apply.
+    pub fn fused_stacked_step(
+        &self,
+        fused: &mut WhisperFusedStep,
+        state: &mut StackedDecode,
+        tokens: &[u32],
+        suppress: &Tensor,
+    ) -> Result<Option<Vec<(u32, f32)>>> {
+        let laid_out = |t: &Tensor| t.is_contiguous() && t.dtype() == DType::BF16;
+        let fits = tokens.len() == state.rows()
+            && state.len < state.capacity
+            && suppress.is_contiguous()
+            && state
+                .self_kv
+                .iter()
+                .chain(&state.cross)
+                .all(|(k, v)| laid_out(k) && laid_out(v));
+        if !fits {
+            return Ok(None);
+        }
+        let Some(weights) = self.step_weights() else {
+            return Ok(None);
+        };
+        let positions = self.step_positions(state);
+        let rows = WhisperStepRows {
+            self_kv: &state.self_kv,
+            cross: &state.cross,
+            tokens,
+            positions: &positions,
+            first: &state.start,
+            column: state.len,
+            suppress,
+        };
+        let picks = fused.step(&weights, &rows)?;
+        if picks.is_some() {
+            state.len += 1;
+        }
+        Ok(picks)
+    }
+
+    /// Each row's learned position at the next step. A row's budget keeps it
+    /// inside the text context; a finished row that still steps (its results
+    /// dropped) may run past it and reads the last position instead.
+    fn step_positions(&self, state: &StackedDecode) -> Vec<u32> {
         let last = self.n_text_ctx().saturating_sub(1);
-        let positions: Vec<u32> = state
+        state
             .start
             .iter()
             .map(|&s| (state.len - s).min(last) as u32)
-            .collect();
-        let device = self.token_embedding.device().clone();
-        self.stacked_forward(state, tokens, &positions, 1, &device)
+            .collect()
     }
 
     /// `n` new columns per row (`ids` and `positions` row-major `[R, n]`).

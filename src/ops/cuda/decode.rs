@@ -295,40 +295,52 @@ pub(crate) struct ArgmaxArgs {
 impl ModelPtrs {
     /// Enqueues the two argmax kernels (`argmax_partial`, then `argmax_final`).
     pub fn argmax(&self, part: &CudaFunction, fin: &CudaFunction, a: &ArgmaxArgs) -> Result<()> {
-        let stream = self.dev.cuda_stream();
-        let (v_i, parts) = (self.vocab as i32, a.parts as i32);
-        let mut b = stream.launch_builder(part);
-        b.arg(&a.logits)
-            .arg(&v_i)
-            .arg(&a.am_max)
-            .arg(&a.am_idx)
-            .arg(&a.am_sum);
-        let cfg = LaunchConfig {
-            grid_dim: (a.parts as u32, a.rows as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: logits [rows, V], partial buffers [rows, parts] (the caller's).
-        unsafe { b.launch(cfg) }.w()?;
-        let accumulate = i32::from(a.accumulate);
-        let mut b = stream.launch_builder(fin);
-        b.arg(&a.am_max)
-            .arg(&a.am_idx)
-            .arg(&a.am_sum)
-            .arg(&parts)
-            .arg(&a.io)
-            .arg(&a.io_stride)
-            .arg(&a.lp)
-            .arg(&accumulate);
-        let cfg = LaunchConfig {
-            grid_dim: (a.rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: as above; writes each row's io pair and lp entry.
-        unsafe { b.launch(cfg) }.w()?;
-        Ok(())
+        enqueue_argmax(&self.dev, self.vocab, part, fin, a)
     }
+}
+
+/// Enqueues the two argmax kernels (`argmax_partial`, then `argmax_final`) over
+/// logits of `vocab` columns on `dev`'s stream.
+pub(crate) fn enqueue_argmax(
+    dev: &CudaDevice,
+    vocab: usize,
+    part: &CudaFunction,
+    fin: &CudaFunction,
+    a: &ArgmaxArgs,
+) -> Result<()> {
+    let stream = dev.cuda_stream();
+    let (v_i, parts) = (vocab as i32, a.parts as i32);
+    let mut b = stream.launch_builder(part);
+    b.arg(&a.logits)
+        .arg(&v_i)
+        .arg(&a.am_max)
+        .arg(&a.am_idx)
+        .arg(&a.am_sum);
+    let cfg = LaunchConfig {
+        grid_dim: (a.parts as u32, a.rows as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: logits [rows, V], partial buffers [rows, parts] (the caller's).
+    unsafe { b.launch(cfg) }.w()?;
+    let accumulate = i32::from(a.accumulate);
+    let mut b = stream.launch_builder(fin);
+    b.arg(&a.am_max)
+        .arg(&a.am_idx)
+        .arg(&a.am_sum)
+        .arg(&parts)
+        .arg(&a.io)
+        .arg(&a.io_stride)
+        .arg(&a.lp)
+        .arg(&accumulate);
+    let cfg = LaunchConfig {
+        grid_dim: (a.rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: as above; writes each row's io pair and lp entry.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
 }
 
 impl DecodeEngine {

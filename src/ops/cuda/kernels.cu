@@ -1037,3 +1037,135 @@ extern "C" __global__ void __launch_bounds__(256) bias_residual_layernorm_bf16(
     bf16* __restrict__ out, int rows, int cols, float eps) {
     layernorm_row<true>(y, bias, resid, x_out, gamma, beta, out, rows, cols, eps);
 }
+
+// =====================================================================================
+// Whisper's batched decode step (rows of one stacked decode, each its own window)
+// =====================================================================================
+//
+// Every row is an entry of a row table the host rewrites before each step, so one CUDA
+// graph per batch-size bucket replays for any rows:
+//   rows[8 b .. 8 b + 7] = {input token, its learned position, the index its key and
+//                           value go to, the self-attention cache's head stride
+//                           (positions), the cross-attention window's positions, 0, 0, 0}
+//   ptrs[4 (b L + l) + {0, 1, 2, 3}] = row b, layer l: self-attention keys, values
+//       ([heads, stride, 64] bf16, already offset to the row's first key), the window's
+//       cross-attention keys, values ([heads, window, 64] bf16)
+// (argmax_final writes the picked token to rows[8 b]).
+#define W_ROW_INTS 8
+
+// x[b] = token_embedding[token] + positions[position], rounded once; grid (ceil(D / 256), B).
+extern "C" __global__ void whisper_embed_rows(const bf16* __restrict__ tok,
+                                              const bf16* __restrict__ pos,
+                                              const int* __restrict__ rows, int D,
+                                              bf16* __restrict__ x) {
+    const int b = blockIdx.y;
+    const bf16* t = tok + (size_t)rows[W_ROW_INTS * b] * D;
+    const bf16* p = pos + (size_t)rows[W_ROW_INTS * b + 1] * D;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < D; i += gridDim.x * blockDim.x)
+        x[(size_t)b * D + i] = __float2bfloat16_rn(__bfloat162float(t[i]) + __bfloat162float(p[i]));
+}
+
+// The key and value of row b (from its fused projection qkv [B, 3 D], bias added) into
+// its layer-`layer` cache at the row's index. grid (heads, B), 64 threads.
+extern "C" __global__ void whisper_kv_append_rows(const bf16* __restrict__ qkv,
+                                                  const int* __restrict__ rows,
+                                                  const unsigned long long* __restrict__ ptrs,
+                                                  int layer, int layers, int heads) {
+    constexpr int HD = 64;
+    const int b = blockIdx.y, h = blockIdx.x, i = threadIdx.x;
+    const int D = heads * HD;
+    const int idx = rows[W_ROW_INTS * b + 2], stride = rows[W_ROW_INTS * b + 3];
+    const unsigned long long* p = ptrs + 4 * ((size_t)b * layers + layer);
+    const bf16* src = qkv + (size_t)b * 3 * D + (size_t)h * HD + i;
+    const size_t at = ((size_t)h * stride + idx) * HD + i;
+    reinterpret_cast<bf16*>(p[0])[at] = src[D];
+    reinterpret_cast<bf16*>(p[1])[at] = src[2 * D];
+}
+
+// Split-K attention of query head h of row b = blockIdx.z over the row's self-attention
+// keys 0..index (cross == 0) or its window's keys (cross != 0); q rows are `q_stride`
+// apart. Head dim 64: 4 warps, each lane holding 2 dims; partials [B, heads, DEC_SPLITS].
+// grid (heads, DEC_SPLITS, B), 128 threads.
+extern "C" __global__ void __launch_bounds__(128) whisper_attn_partial_rows(
+    const bf16* __restrict__ q, int q_stride, const int* __restrict__ rows,
+    const unsigned long long* __restrict__ ptrs, int layer, int layers, int cross, int heads,
+    float scale_log2, float* __restrict__ part_m, float* __restrict__ part_l,
+    float* __restrict__ part_o) {
+    constexpr int HD = 64;
+    const int b = blockIdx.z, h = blockIdx.x, sp = blockIdx.y;
+    const int* r = rows + W_ROW_INTS * b;
+    const int len = cross ? r[4] : r[2] + 1;
+    const int stride = cross ? r[4] : r[3];
+    const unsigned long long* p = ptrs + 4 * ((size_t)b * layers + layer) + (cross ? 2 : 0);
+    const int chunk = (len + DEC_SPLITS - 1) / DEC_SPLITS;
+    const int beg = sp * chunk, end = min(len, beg + chunk);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const uint32_t qv =
+        *reinterpret_cast<const uint32_t*>(q + (size_t)b * q_stride + (size_t)h * HD + lane * 2);
+    const float q0 = bf_lo(qv) * scale_log2, q1 = bf_hi(qv) * scale_log2;
+    float m = NEG_BIG, l = 0.0f, a0 = 0.0f, a1 = 0.0f;
+    const bf16* kb = reinterpret_cast<const bf16*>(p[0]) + (size_t)h * stride * HD + lane * 2;
+    const bf16* vb = reinterpret_cast<const bf16*>(p[1]) + (size_t)h * stride * HD + lane * 2;
+    for (int j = beg + warp; j < end; j += 4) {
+        const uint32_t kv = *reinterpret_cast<const uint32_t*>(kb + (size_t)j * HD);
+        const uint32_t vv = *reinterpret_cast<const uint32_t*>(vb + (size_t)j * HD);
+        const float s = warp_sum(q0 * bf_lo(kv) + q1 * bf_hi(kv));
+        const float mn = fmaxf(m, s);
+        const float alpha = exp2f(m - mn), pj = exp2f(s - mn);
+        l = l * alpha + pj;
+        a0 = a0 * alpha + pj * bf_lo(vv);
+        a1 = a1 * alpha + pj * bf_hi(vv);
+        m = mn;
+    }
+    __shared__ float sm[4], sl[4];
+    __shared__ float so[4][HD];
+    if (lane == 0) {
+        sm[warp] = m;
+        sl[warp] = l;
+    }
+    so[warp][lane * 2] = a0;
+    so[warp][lane * 2 + 1] = a1;
+    __syncthreads();
+    const int d = threadIdx.x;
+    if (d >= HD) return;
+    const float M = fmaxf(fmaxf(sm[0], sm[1]), fmaxf(sm[2], sm[3]));
+    float acc = 0.0f, L = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+        const float f = exp2f(sm[w] - M);
+        acc += so[w][d] * f;
+        L += sl[w] * f;
+    }
+    const size_t idx = ((size_t)b * heads + h) * DEC_SPLITS + sp;
+    part_o[idx * HD + d] = acc;
+    if (d == 0) {
+        part_m[idx] = M;
+        part_l[idx] = L;
+    }
+}
+
+// Merges the splits: out [B, heads * 64] bf16. grid (heads, B), 64 threads.
+extern "C" __global__ void __launch_bounds__(64) whisper_attn_combine_rows(
+    const float* __restrict__ part_m, const float* __restrict__ part_l,
+    const float* __restrict__ part_o, int heads, bf16* __restrict__ out) {
+    constexpr int HD = 64;
+    const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
+    const size_t base = ((size_t)b * heads + h) * DEC_SPLITS;
+    float M = NEG_BIG;
+    for (int s = 0; s < DEC_SPLITS; ++s) M = fmaxf(M, part_m[base + s]);
+    float L = 0.0f, acc = 0.0f;
+    for (int s = 0; s < DEC_SPLITS; ++s) {
+        const float f = exp2f(part_m[base + s] - M);
+        L += part_l[base + s] * f;
+        acc += part_o[(base + s) * HD + d] * f;
+    }
+    out[((size_t)b * heads + h) * HD + d] = __float2bfloat16_rn(acc / L);
+}
+
+// logits[b, i] += bias[i] (f32, rows of V): the logit rules' suppression row.
+extern "C" __global__ void add_row_bias_f32(float* __restrict__ logits,
+                                            const float* __restrict__ bias, long long n, int V) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        logits[i] += bias[i % V];
+}

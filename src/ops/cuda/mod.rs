@@ -8,6 +8,7 @@ pub mod decode;
 pub mod decode_batch;
 pub mod linear;
 pub mod mel;
+pub mod whisper_step;
 
 use candle_core::cuda::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda::cudarc::driver::{CudaFunction, DevicePtr};
