@@ -115,8 +115,10 @@ impl Report {
 /// Three streams' windows — after heads of 60 and 30 positions and after none, at
 /// three padding levels, with 40, 130 and 10 new positions (random mels) — through
 /// `forward_after_batch` against each through `forward_after` alone: the worst
-/// relative error of the outputs and of the new positions' keys and values.
-fn batched_after(m: &WhisperModel) -> Result<(f64, f64)> {
+/// relative error of the outputs and of the new positions' keys and values; and
+/// whether the batch is bit for bit the same with its keys and values spliced by the
+/// kernel and by candle copies (the `splice` switch).
+fn batched_after(m: &WhisperModel) -> Result<(f64, f64, bool)> {
     use stepaudio_live::model::whisper::encoder::AfterInput;
     let mel = |positions: usize| -> Result<Tensor> {
         Ok(Tensor::randn(
@@ -166,6 +168,20 @@ fn batched_after(m: &WhisperModel) -> Result<(f64, f64)> {
     let flat = |t: &Tensor| -> Result<Vec<f32>> {
         Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
     };
+    let flags = fast::fast_paths();
+    fast::set_fast_paths(FastPaths {
+        splice: !flags.splice,
+        ..flags
+    });
+    let other = m.encoder.forward_after_batch(&inputs);
+    fast::set_fast_paths(flags);
+    let mut splice_identical = true;
+    for ((out, kv), (o, okv)) in batched.iter().zip(&other?) {
+        splice_identical &= flat(out)? == flat(o)?;
+        for ((k, v), (ok, ov)) in kv.keys_values.iter().zip(&okv.keys_values) {
+            splice_identical &= flat(k)? == flat(ok)? && flat(v)? == flat(ov)?;
+        }
+    }
     for (input, (out, kv)) in inputs.iter().zip(&batched) {
         let (alone_out, alone_kv) =
             m.encoder
@@ -177,7 +193,7 @@ fn batched_after(m: &WhisperModel) -> Result<(f64, f64)> {
                 .max(rel(&flat(v)?, &flat(av)?));
         }
     }
-    Ok((worst_out, worst_kv))
+    Ok((worst_out, worst_kv, splice_identical))
 }
 
 /// ‖a − b‖ / ‖b‖ in f64 (NaN anywhere gives NaN).
@@ -312,7 +328,12 @@ fn parity_case(dir: &Path, args: &Args, report: &mut Report) -> Result<Value> {
     let dev = m.device.clone();
     let tag = |s: &str| format!("{shape} {s}");
     let mut out = serde_json::Map::new();
-    let (rel_out, rel_kv) = batched_after(&m)?;
+    let (rel_out, rel_kv, splice_identical) = batched_after(&m)?;
+    report.check(
+        &tag("encoder batch spliced by the kernel vs by candle copies"),
+        splice_identical,
+        format!("outputs, keys and values bit-identical: {splice_identical}"),
+    );
     report.check(
         &tag("encoder windows of three streams as one batch vs each alone"),
         rel_out <= tol.batch && rel_kv <= tol.batch,
@@ -323,7 +344,7 @@ fn parity_case(dir: &Path, args: &Args, report: &mut Report) -> Result<Value> {
     );
     out.insert(
         "batched_encoder".into(),
-        json!({"rel_output": rel_out, "rel_keys_values": rel_kv}),
+        json!({"rel_output": rel_out, "rel_keys_values": rel_kv, "splice_kernel_identical": splice_identical}),
     );
     out.insert("dtype".into(), json!(format!("{:?}", m.dtype)));
     out.insert("device".into(), json!(format!("{dev:?}")));
@@ -728,6 +749,44 @@ fn time_ms(
     Ok(median(times))
 }
 
+/// Live encoder windows as the engine encodes them: groups of 1–16 windows of 150 new
+/// positions (3 s) after a carried head of 100, through `forward_after_batch`, with
+/// their keys and values spliced by the kernel and by candle copies; ms per window.
+fn encoder_groups(m: &WhisperModel, dev: &Device, reps: usize) -> Result<Value> {
+    use stepaudio_live::model::whisper::encoder::AfterInput;
+    let silent = m.silent_states(0)?;
+    let mel = |positions: usize| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, (1, m.config.n_mels, 2 * (positions + 2) + 4), dev)?
+            .to_dtype(m.dtype)?)
+    };
+    let head = m.encoder.forward_after(&mel(100)?, 100, None, &silent.encoder)?.1;
+    let new = mel(150)?;
+    let flags = fast::fast_paths();
+    let mut out = Vec::new();
+    for g in [1usize, 4, 8, 16] {
+        let inputs: Vec<AfterInput> = (0..g)
+            .map(|_| AfterInput { mel: &new, fresh: 150, head: Some(&head), silent: &silent.encoder })
+            .collect();
+        let mut per_window = Vec::new();
+        for splice in [true, false] {
+            fast::set_fast_paths(FastPaths { splice, ..flags });
+            let ms = time_ms(dev, 2, reps.min(10), || {
+                m.encoder.forward_after_batch(&inputs)?;
+                Ok(())
+            });
+            fast::set_fast_paths(flags);
+            per_window.push(ms? / g as f64);
+        }
+        println!(
+            "encoder, {g:>2} windows of 3 s after 2 s in one batch: {:.2} ms a window spliced by the kernel, {:.2} ms by candle copies",
+            per_window[0], per_window[1]
+        );
+        out.push(json!({"windows": g, "ms_per_window_splice_kernel": per_window[0],
+            "ms_per_window_candle_splice": per_window[1]}));
+    }
+    Ok(Value::Array(out))
+}
+
 fn bench(dir: &Path, args: &Args) -> Result<Value> {
     let m = load(dir, args.compute)?;
     let dev = m.device.clone();
@@ -775,6 +834,7 @@ fn bench(dir: &Path, args: &Args) -> Result<Value> {
     println!(
         "encoder 30 s window: {encoder_ms:.2} ms (candle ops only: {encoder_plain_ms:.2} ms); cross-attention K/V of a window: {cross_ms:.2} ms"
     );
+    let after = encoder_groups(&m, &dev, reps)?;
     let prompt = [
         m.tokenizer.sot,
         m.tokenizer.sot + 1,
@@ -902,6 +962,7 @@ fn bench(dir: &Path, args: &Args) -> Result<Value> {
         json!({"model": dir.display().to_string(), "d_model": c.d_model,
         "encoder_layers": c.encoder_layers, "decoder_layers": c.decoder_layers, "dtype": format!("{:?}", m.dtype),
         "encoder_ms": encoder_ms, "encoder_candle_only_ms": encoder_plain_ms, "cross_attention_ms": cross_ms,
+        "encoder_after_groups": after,
         "reps": reps, "batches": rows}),
     )
 }

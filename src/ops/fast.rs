@@ -7,7 +7,7 @@
 //! The switches exist so one process can time the reference path and the fast path on
 //! the same warm GPU (benchmarks) and check one against the other (tests). They are
 //! read from `STEPAUDIO_FAST` once (`all` (default), `none`, or a comma list of
-//! `mel,attention,decode,graph,gemm,epilogue,prefill`), and can be changed at run time with
+//! `mel,attention,decode,graph,gemm,epilogue,prefill,windows,splice`), and can be changed at run time with
 //! [`set_fast_paths`].
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -36,6 +36,9 @@ pub struct FastPaths {
     /// Whisper's encoder windows of one engine batch in batches of similar
     /// lengths instead of one by one (a GPU only).
     pub windows: bool,
+    /// Those batches' keys and values spliced (head, own, padding window) by one
+    /// kernel per block instead of a few copies per window.
+    pub splice: bool,
 }
 
 impl FastPaths {
@@ -48,6 +51,7 @@ impl FastPaths {
         epilogue: true,
         prefill: true,
         windows: true,
+        splice: true,
     };
     pub const NONE: FastPaths = FastPaths {
         mel: false,
@@ -58,6 +62,7 @@ impl FastPaths {
         epilogue: false,
         prefill: false,
         windows: false,
+        splice: false,
     };
 
     fn bits(self) -> u16 {
@@ -69,6 +74,7 @@ impl FastPaths {
             | (self.epilogue as u16) << 5
             | (self.prefill as u16) << 6
             | (self.windows as u16) << 7
+            | (self.splice as u16) << 8
     }
 
     fn from_bits(b: u16) -> Self {
@@ -81,6 +87,7 @@ impl FastPaths {
             epilogue: b & 32 != 0,
             prefill: b & 64 != 0,
             windows: b & 128 != 0,
+            splice: b & 256 != 0,
         }
     }
 
@@ -102,6 +109,7 @@ impl FastPaths {
                 "epilogue" => f.epilogue = true,
                 "prefill" => f.prefill = true,
                 "windows" => f.windows = true,
+                "splice" => f.splice = true,
                 other => return Err(format!("unknown fast path `{other}`")),
             }
         }
@@ -123,6 +131,7 @@ impl std::fmt::Display for FastPaths {
             (self.epilogue, "epilogue"),
             (self.prefill, "prefill"),
             (self.windows, "windows"),
+            (self.splice, "splice"),
         ]
         .iter()
         .filter(|(on, _)| *on)
@@ -245,6 +254,33 @@ pub fn bias_residual(y: &Tensor, bias: &Tensor, resid: &Tensor) -> Result<Option
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (bias, resid);
+        Ok(None)
+    }
+}
+
+/// One row of a batch of encoder windows for [`splice_rows`].
+pub struct SpliceRow<'a> {
+    /// Keys and values `[1, h, c, hd]` of audio encoded earlier (none: c = 0).
+    pub head: Option<(&'a Tensor, &'a Tensor)>,
+    /// Keys and values `[1, h, T, hd]` of the row's padding-only window.
+    pub whole: (&'a Tensor, &'a Tensor),
+    /// The row's own new positions (its rows of the batch past them are padding).
+    pub own: usize,
+}
+
+/// The keys and values `[R, h, T, hd]` a batch of encoder windows attends to: row r's
+/// head, then its first `own` keys and values of the block's fused projection `qkv`
+/// `[R, t, 3, h, hd]`, then its padding window's from there on; one kernel. `None`
+/// where it does not apply (then the caller splices with candle ops).
+pub fn splice_rows(qkv: &Tensor, rows: &[SpliceRow<'_>]) -> Result<Option<(Tensor, Tensor)>> {
+    if !fast_paths().splice || !cuda_bf16(qkv) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    return super::cuda::linear::splice_rows(qkv, rows);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = rows;
         Ok(None)
     }
 }

@@ -100,10 +100,28 @@ impl EncoderBlock {
         let part =
             |i: usize| -> Result<Tensor> { qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2) };
         let q = part(0)?;
+        let rows: Vec<crate::ops::fast::SpliceRow> = frozen
+            .iter()
+            .map(|f| crate::ops::fast::SpliceRow {
+                head: f.head.map(|(k, v)| (k, v)),
+                whole: (&f.whole.0, &f.whole.1),
+                own: f.own,
+            })
+            .collect();
+        let fast = match rows.is_empty() {
+            true => None,
+            false => crate::ops::fast::splice_rows(&qkv, &rows)?,
+        };
         // This block's own keys and values are returned (padding windows and
-        // carried heads keep them): contiguous copies.
-        let (k, v) = (part(1)?.contiguous()?, part(2)?.contiguous()?);
-        let (keys, values) = spliced(&k, &v, frozen)?;
+        // carried heads keep them): contiguous copies, or with the spliced
+        // kernel views of the projection (the caller copies each row's).
+        let ((keys, values), (k, v)) = match fast {
+            Some(kv) => (kv, (part(1)?, part(2)?)),
+            None => {
+                let (k, v) = (part(1)?.contiguous()?, part(2)?.contiguous()?);
+                (spliced(&k, &v, frozen)?, (k, v))
+            }
+        };
         let scale = (hd as f32).powf(-0.5);
         let a = match crate::ops::fast::attention(&q, &keys, &values, scale, false, None)? {
             Some(a) => a.reshape((b, t, d))?,

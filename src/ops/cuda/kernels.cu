@@ -1169,3 +1169,37 @@ extern "C" __global__ void add_row_bias_f32(float* __restrict__ logits,
          i += (long long)gridDim.x * blockDim.x)
         logits[i] += bias[i % V];
 }
+
+// =====================================================================================
+// Whisper encoder: one batch's keys and values spliced for attention
+// =====================================================================================
+//
+// Row r = blockIdx.z / 2 of a batch attends to its head's c keys (audio encoded
+// earlier), its own n new keys (from the block's fused projection qkv [R, t, 3 D]),
+// then its padding-only window's keys from c + n to T. Writes out [R, H, T, hd] for the
+// keys (blockIdx.z even) and the values (odd), 16-byte vectors; hd % 8 == 0.
+//   table[8 r ..] = {head keys, head values, window keys, window values (pointers, each
+//                    [H, ·, hd] with the given head stride), c, n, head stride, window
+//                    stride (elements between heads)}
+// grid (ceil(T hd / 8 / 256), H, 2 R), 256 threads.
+extern "C" __global__ void splice_rows_kv(const long long* __restrict__ table,
+                                          const bf16* __restrict__ qkv, int t, int H, int T,
+                                          int hd, bf16* __restrict__ out_k,
+                                          bf16* __restrict__ out_v) {
+    const int r = blockIdx.z >> 1, which = blockIdx.z & 1, h = blockIdx.y;
+    const long long* row = table + 8 * (size_t)r;
+    const int c = (int)row[4], n = (int)row[5];
+    const long long head_hs = row[6], whole_hs = row[7];
+    const int vecs = hd / 8, D = H * hd;
+    const bf16* head = reinterpret_cast<const bf16*>(row[which]) + (size_t)h * head_hs;
+    const bf16* whole = reinterpret_cast<const bf16*>(row[2 + which]) + (size_t)h * whole_hs;
+    const bf16* own = qkv + (size_t)r * t * 3 * D + (size_t)(1 + which) * D + (size_t)h * hd;
+    bf16* out = (which ? out_v : out_k) + ((size_t)r * H + h) * T * hd;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < T * vecs; i += gridDim.x * blockDim.x) {
+        const int j = i / vecs, e = (i % vecs) * 8;
+        const bf16* src = j < c ? head + (size_t)j * hd + e
+                        : j < c + n ? own + (size_t)(j - c) * 3 * D + e
+                                    : whole + (size_t)j * hd + e;
+        *reinterpret_cast<uint4*>(out + (size_t)j * hd + e) = *reinterpret_cast<const uint4*>(src);
+    }
+}

@@ -19,7 +19,7 @@ fn bf16_contiguous(t: &Tensor) -> bool {
 }
 
 /// Wraps a fresh device buffer of `shape` as a tensor.
-fn alloc_bf16(dev: &candle_core::cuda::CudaDevice, shape: &[usize]) -> Result<(Tensor, u64)> {
+pub(crate) fn alloc_bf16(dev: &candle_core::cuda::CudaDevice, shape: &[usize]) -> Result<(Tensor, u64)> {
     let n: usize = shape.iter().product();
     // SAFETY: every element is written by the caller's kernel or GEMM before any read.
     let slice = unsafe { dev.alloc::<bf16>(n)? };
@@ -267,4 +267,88 @@ pub(crate) fn bias_residual_layer_norm(
     // SAFETY: y, resid, x, out are [rows, cols]; bias, gamma, beta [cols].
     unsafe { b.launch(ln_launch(rows)) }.w()?;
     Ok(Some((x, out)))
+}
+
+/// The keys and values `[R, h, T, hd]` a batch of encoder rows attends to, in one
+/// kernel (`splice_rows_kv`) instead of a few copies per row: see
+/// [`crate::ops::fast::splice_rows`]. `None` where the layouts do not fit.
+pub(crate) fn splice_rows(
+    qkv: &Tensor,
+    rows: &[crate::ops::fast::SpliceRow<'_>],
+) -> Result<Option<(Tensor, Tensor)>> {
+    let (r, t, three, heads, hd) = qkv.dims5()?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let window = first.whole.0.dim(2)?;
+    if !bf16_contiguous(qkv) || three != 3 || rows.len() != r || hd % 8 != 0 || window == 0 {
+        return Ok(None);
+    }
+    // A [1, heads, n, hd] view with unit position stride: its head stride (elements).
+    let head_stride = |x: &Tensor, n: usize| -> Option<usize> {
+        let s = x.stride();
+        let ok = x.dtype() == DType::BF16
+            && x.dims() == [1, heads, n, hd]
+            && s[3] == 1
+            && s[2] == hd
+            && (x.layout().start_offset() * 2) % 16 == 0;
+        ok.then_some(s[1])
+    };
+    let mut table: Vec<i64> = Vec::with_capacity(8 * r);
+    for row in rows {
+        let c = row.head.map_or(Ok(0), |h| h.0.dim(2))?;
+        let (wk, wv) = row.whole;
+        let (Some(wks), Some(wvs)) = (head_stride(wk, window), head_stride(wv, window)) else {
+            return Ok(None);
+        };
+        if wks != wvs || row.own > t || c + row.own > window {
+            return Ok(None);
+        }
+        let (hk, hv, hs) = match row.head {
+            Some((k, v)) => match (head_stride(k, c), head_stride(v, c)) {
+                (Some(a), Some(b)) if a == b => (dev_ptr(k)?, dev_ptr(v)?, a),
+                _ => return Ok(None),
+            },
+            // never read (c = 0); a valid address all the same
+            None => (dev_ptr(wk)?, dev_ptr(wv)?, wks),
+        };
+        table.extend([
+            hk as i64,
+            hv as i64,
+            dev_ptr(wk)? as i64,
+            dev_ptr(wv)? as i64,
+            c as i64,
+            row.own as i64,
+            hs as i64,
+            wks as i64,
+        ]);
+    }
+    let dev = cuda_device(qkv)?;
+    let table = Tensor::from_vec(table, 8 * r, qkv.device())?;
+    let shape = [r, heads, window, hd];
+    let (keys, kp) = alloc_bf16(&dev, &shape)?;
+    let (values, vp) = alloc_bf16(&dev, &shape)?;
+    let f = func(&dev, "splice_rows_kv")?;
+    let (tp, qp) = (dev_ptr(&table)?, dev_ptr(qkv)?);
+    let (t_i, h_i, w_i, hd_i) = (t as i32, heads as i32, window as i32, hd as i32);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&tp)
+        .arg(&qp)
+        .arg(&t_i)
+        .arg(&h_i)
+        .arg(&w_i)
+        .arg(&hd_i)
+        .arg(&kp)
+        .arg(&vp);
+    let cfg = LaunchConfig {
+        grid_dim: ((window * hd / 8).div_ceil(256) as u32, heads as u32, 2 * r as u32),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: every row's head and window hold c and `window` positions of `heads`
+    // heads at the strides given (checked above), its own keys are within qkv (own ≤
+    // t), and the outputs are [r, heads, window, hd].
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(Some((keys, values)))
 }
