@@ -688,7 +688,12 @@ fn main() -> Result<()> {
             save(&runs)?;
             if holds(&args, &m, refused) {
                 good = n;
-                n *= 2;
+                // the largest N is tried too when doubling passes it
+                n = if n < args.max_streams {
+                    (n * 2).min(args.max_streams)
+                } else {
+                    n + 1
+                };
             } else {
                 bad = Some(n);
             }

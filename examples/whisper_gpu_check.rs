@@ -756,16 +756,29 @@ fn encoder_groups(m: &WhisperModel, dev: &Device, reps: usize) -> Result<Value> 
     use stepaudio_live::model::whisper::encoder::AfterInput;
     let silent = m.silent_states(0)?;
     let mel = |positions: usize| -> Result<Tensor> {
-        Ok(Tensor::randn(0f32, 1.0, (1, m.config.n_mels, 2 * (positions + 2) + 4), dev)?
-            .to_dtype(m.dtype)?)
+        Ok(Tensor::randn(
+            0f32,
+            1.0,
+            (1, m.config.n_mels, 2 * (positions + 2) + 4),
+            dev,
+        )?
+        .to_dtype(m.dtype)?)
     };
-    let head = m.encoder.forward_after(&mel(100)?, 100, None, &silent.encoder)?.1;
+    let head = m
+        .encoder
+        .forward_after(&mel(100)?, 100, None, &silent.encoder)?
+        .1;
     let new = mel(150)?;
     let flags = fast::fast_paths();
     let mut out = Vec::new();
     for g in [1usize, 4, 8, 16] {
         let inputs: Vec<AfterInput> = (0..g)
-            .map(|_| AfterInput { mel: &new, fresh: 150, head: Some(&head), silent: &silent.encoder })
+            .map(|_| AfterInput {
+                mel: &new,
+                fresh: 150,
+                head: Some(&head),
+                silent: &silent.encoder,
+            })
             .collect();
         let mut per_window = Vec::new();
         for splice in [true, false] {
@@ -781,8 +794,10 @@ fn encoder_groups(m: &WhisperModel, dev: &Device, reps: usize) -> Result<Value> 
             "encoder, {g:>2} windows of 3 s after 2 s in one batch: {:.2} ms a window spliced by the kernel, {:.2} ms by candle copies",
             per_window[0], per_window[1]
         );
-        out.push(json!({"windows": g, "ms_per_window_splice_kernel": per_window[0],
-            "ms_per_window_candle_splice": per_window[1]}));
+        out.push(
+            json!({"windows": g, "ms_per_window_splice_kernel": per_window[0],
+            "ms_per_window_candle_splice": per_window[1]}),
+        );
     }
     Ok(Value::Array(out))
 }

@@ -11,13 +11,24 @@ import sys
 
 num = lambda key, line: float(re.search(key + r"=([0-9.]+(?:[eE][-+]?[0-9]+)?)", line).group(1))
 enc, pre, dec, steps, widest, turns, batches = [], [], [], [], [], [], 0
+plan, carried, windows = [], 0, 0
+enc_layers, cross, after_final = [], [], []
 drafted, taken = 0, 0
 prompt, reused = 0, 0
 ansi = re.compile(r"\x1b\[[0-9;]*m")
 for line in open(sys.argv[1], errors="replace"):
     line = ansi.sub("", line)
-    if "encoded a batch" in line:
+    if "carried segments encoded after their finals" in line:
+        after_final.append((num("segments", line), num("ms", line)))
+    elif "encoder windows and their cross-attention" in line:
+        enc_layers.append(num("encoder_ms", line))
+        cross.append(num("cross_ms", line))
+    elif "encoded a batch" in line:
         enc.append(num("encode_ms", line))
+        if "plan_ms=" in line:
+            plan.append(num("plan_ms", line))
+            carried += num("carried", line)
+            windows += num("windows", line)
     elif "batch of turns" in line or "decode loop" in line:
         batches += 1
         pre.append(num("prefill_ms", line))
@@ -40,7 +51,20 @@ for name, v in (("encoder", enc), ("prefill", pre), ("decode", dec)):
     print(f"  {name:8s} {sum(v) / 1e3:7.2f} s  {100 * sum(v) / total:5.1f} %  "
           f"{sum(v) / max(len(v), 1):7.1f} ms a batch")
 print(f"  decode step {sum(dec) / max(sum(steps), 1):.2f} ms on average")
+if plan:
+    print(f"  of the encoder: carried segments encoded alone and windows planned {sum(plan) / 1e3:.2f} s "
+          f"({100 * sum(plan) / max(sum(enc), 1e-9):.1f} %; {carried:.0f} carried encodes), the windows' batches "
+          f"{(sum(enc) - sum(plan)) / 1e3:.2f} s ({windows:.0f} windows, "
+          f"{(sum(enc) - sum(plan)) / max(windows, 1):.2f} ms a window)")
+if enc_layers:
+    print(f"  of the windows' batches: encoder blocks {sum(enc_layers) / 1e3:.2f} s "
+          f"({sum(enc_layers) / max(windows, 1):.2f} ms a window), cross-attention keys/values "
+          f"{sum(cross) / 1e3:.2f} s ({sum(cross) / max(windows, 1):.2f} ms a window)")
 if drafted:
     print(f"  draft ids: {drafted:.0f} offered, {taken:.0f} taken without a step ({100 * taken / drafted:.1f} %)")
 if prompt:
     print(f"  prompt tokens: {prompt:.0f} admitted, {reused:.0f} reused from the last partial ({100 * reused / prompt:.1f} %)")
+if after_final:
+    segs, ms = sum(a for a, _ in after_final), sum(b for _, b in after_final)
+    print(f"  outside the batches: {segs:.0f} carried segments encoded after their finals in {len(after_final)} calls, "
+          f"{ms / 1e3:.2f} s ({ms / max(segs, 1):.2f} ms a segment)")

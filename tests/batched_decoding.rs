@@ -11,7 +11,7 @@
 //! takes the same kernels as a lone step.
 
 mod common;
-use stepaudio_live::model::batch::{decode_batch, decode_one, BatchRequest};
+use stepaudio_live::model::batch::{after_finals, decode_batch, decode_one, BatchRequest};
 use stepaudio_live::model::recognizer::{Hypothesis, Recognizer, SegmentFeatures};
 use stepaudio_live::model::RecognizerOptions;
 
@@ -65,33 +65,41 @@ fn script(i: usize, rec: &dyn Recognizer, prefix_of: &dyn Fn(usize) -> Vec<u32>)
     steps
 }
 
+/// The script decoded alone; after a final the recogniser prepares for the
+/// next segment on its own (`after_final`: Whisper encodes the carried audio).
 fn alone(steps: &[Step]) -> Vec<Hypothesis> {
     let mut rec = recognizer();
     steps
         .iter()
         .map(|s| {
-            decode_one(&mut BatchRequest {
+            let h = decode_one(&mut BatchRequest {
                 recognizer: rec.as_mut(),
                 features: &s.features,
                 prefix: &s.prefix,
                 commit: s.commit,
                 partial: false,
             })
-            .unwrap()
+            .unwrap();
+            if s.commit {
+                rec.after_final().unwrap();
+            }
+            h
         })
         .collect()
 }
 
 /// Runs the scripts in rounds: in round r, stream i takes its next step if
-/// `takes(r, i)`; every step of a round is one batch.
+/// `takes(r, i)`; every step of a round is one batch, and the streams whose
+/// final it was prepare for their next segments together (`after_finals`),
+/// as the engine does.
 fn batched(
     scripts: &[Vec<Step>],
     takes: impl Fn(usize, usize) -> bool,
-) -> (Vec<Vec<Hypothesis>>, usize) {
+) -> (Vec<Vec<Hypothesis>>, usize, usize) {
     let mut recs: Vec<Box<dyn Recognizer>> = scripts.iter().map(|_| recognizer()).collect();
     let mut next = vec![0usize; scripts.len()];
     let mut out: Vec<Vec<Hypothesis>> = scripts.iter().map(|_| Vec::new()).collect();
-    let mut widest = 0;
+    let (mut widest, mut widest_after) = (0, 0);
     for round in 0.. {
         if (0..scripts.len()).all(|i| next[i] == scripts[i].len()) {
             break;
@@ -118,8 +126,23 @@ fn batched(
             out[i].push(result.unwrap());
             next[i] += 1;
         }
+        let finished: Vec<usize> = chosen
+            .iter()
+            .copied()
+            .filter(|&i| scripts[i][next[i] - 1].commit)
+            .collect();
+        let mut prepared: Vec<&mut dyn Recognizer> = Vec::new();
+        for (i, rec) in recs.iter_mut().enumerate() {
+            if finished.contains(&i) {
+                prepared.push(rec.as_mut());
+            }
+        }
+        widest_after = widest_after.max(prepared.len());
+        for result in after_finals(&mut prepared) {
+            result.unwrap();
+        }
     }
-    (out, widest)
+    (out, widest, widest_after)
 }
 
 fn assert_same(alone: &[Vec<Hypothesis>], batched: &[Vec<Hypothesis>]) {
@@ -162,13 +185,16 @@ fn a_batch_gives_every_stream_its_unbatched_tokens() {
     );
 
     // Everyone in every round: 10 streams, more than one int8 row group.
-    let (all, widest) = batched(&scripts, |_, _| true);
+    let (all, widest, widest_after) = batched(&scripts, |_, _| true);
     assert_eq!(widest, n);
+    // the even streams' first finals share a round (the odd ones take one
+    // partial more): prepared together
+    assert_eq!(widest_after, n / 2);
     assert_same(&reference, &all);
 
     // Streams join late and take turns: stream i starts in round i / 3 and
     // then skips every third round, so partials and finals of different
     // segments share batches and streams leave while others go on.
-    let (staggered, _) = batched(&scripts, |r, i| r >= i / 3 && (r + i) % 3 != 0);
+    let (staggered, _, _) = batched(&scripts, |r, i| r >= i / 3 && (r + i) % 3 != 0);
     assert_same(&reference, &staggered);
 }

@@ -47,6 +47,29 @@ pub fn decode_batch(requests: &mut [BatchRequest<'_>]) -> Vec<Result<Hypothesis,
     requests.iter_mut().map(decode_one).collect()
 }
 
+/// After a batch's finals: each recogniser prepares for its stream's next
+/// segment ([`Recognizer::after_final`]), together where the family can
+/// (Whisper's carried segments through the encoder in groups). Result `i` is
+/// recogniser `i`'s; each is what it would be alone.
+pub fn after_finals(recognizers: &mut [&mut dyn Recognizer]) -> Vec<Result<(), ModelError>> {
+    if recognizers.len() > 1
+        && recognizers
+            .iter_mut()
+            .all(|r| r.as_any_mut().is::<WhisperRecognizer>())
+    {
+        let mut family: Vec<&mut WhisperRecognizer> = recognizers
+            .iter_mut()
+            .map(|r| {
+                r.as_any_mut()
+                    .downcast_mut::<WhisperRecognizer>()
+                    .expect("checked above")
+            })
+            .collect();
+        return WhisperRecognizer::after_final_batch(&mut family);
+    }
+    recognizers.iter_mut().map(|r| r.after_final()).collect()
+}
+
 /// Decodes that join and leave one running batch between its steps
 /// (continuous batching), for a model family whose decoding has steps to
 /// share: a decode admitted while others run takes part in the next step,

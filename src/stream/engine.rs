@@ -904,10 +904,7 @@ impl Core {
             done.push((id, s, update.kind == UpdateKind::Partial, update.segment));
         }
         // Work for the next segments waits until every final of the batch is out.
-        for i in finished {
-            let (_, s, _, segment) = &mut done[i];
-            Self::prepare_next(s, *segment);
-        }
+        Self::prepare_next_batch(&mut done, &finished);
         let partial_batch = partials.then_some((n, elapsed.as_secs_f64()));
         (
             done.into_iter().map(|(id, s, p, _)| (id, s, p)).collect(),
@@ -954,6 +951,54 @@ impl Core {
                 s.counters.failed.fetch_add(1, Ordering::Relaxed);
                 s.first_failure.get_or_insert(failure);
                 false
+            }
+        }
+    }
+
+    /// [`Self::prepare_next`] for the streams `finished` of `done` (id, stream,
+    /// partial, segment), in one call into the model; after a panic there,
+    /// each stream on its own (guarded).
+    fn prepare_next_batch(done: &mut [(StreamId, Stream, bool, u64)], finished: &[usize]) {
+        if finished.len() < 2 {
+            for &i in finished {
+                let (_, s, _, segment) = &mut done[i];
+                Self::prepare_next(s, *segment);
+            }
+            return;
+        }
+        let t = Instant::now();
+        let mut streams: Vec<&mut (StreamId, Stream, bool, u64)> = done
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| finished.contains(i))
+            .map(|(_, d)| d)
+            .collect();
+        let mut recognizers: Vec<&mut dyn Recognizer> = Vec::with_capacity(streams.len());
+        for d in streams.iter_mut() {
+            recognizers.push(d.1.recognizer.as_mut());
+        }
+        let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            crate::model::batch::after_finals(&mut recognizers)
+        }));
+        drop(recognizers);
+        let share = t.elapsed() / streams.len() as u32;
+        match results {
+            Ok(results) => {
+                for ((id, s, _, _), result) in streams.iter_mut().map(|d| &mut **d).zip(results) {
+                    if let Err(e) = result {
+                        tracing::warn!(stream = *id, "preparing the next segment failed: {e}");
+                    }
+                    s.decoder.model_time += share;
+                    s.counters
+                        .model_micros
+                        .fetch_add(share.as_micros() as u64, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {
+                tracing::warn!("preparing the next segments together panicked; one by one");
+                for (_, s, _, segment) in streams.iter_mut().map(|d| &mut **d) {
+                    Self::prepare_next(s, *segment);
+                }
             }
         }
     }

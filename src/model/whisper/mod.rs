@@ -107,6 +107,16 @@ impl EncodedAudio {
     }
 }
 
+/// Audio to encode alone for [`WhisperModel::encode_heads`]: its log-mel
+/// (`fresh` positions after padding at level `key`), of which the states of
+/// the first `positions` are kept.
+pub(crate) struct HeadJob<'a> {
+    pub mel: &'a crate::frontend::LogMel,
+    pub positions: usize,
+    pub fresh: usize,
+    pub key: i32,
+}
+
 /// One stream's window for [`WhisperModel::encode_after_batch`] (the
 /// arguments of [`WhisperModel::encode_after`]).
 pub(crate) struct AfterJob<'a> {
@@ -263,15 +273,19 @@ impl WhisperModel {
                 silent: &st.encoder,
             })
             .collect();
-        // Grouped on a GPU, where the host's launches are the cost; on the
-        // CPU the arithmetic is, and padding would add to it.
-        let group = if self.device.is_cpu() || !crate::ops::fast::fast_paths().windows {
-            1
-        } else {
-            encoder::MAX_WINDOW_GROUP
-        };
+        let group = self.window_group();
+        // Stage times under DEBUG (the device synchronised at each).
+        let clock = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+            let _ = self.device.synchronize();
+            std::time::Instant::now()
+        });
         let encoded = self.encoder.forward_after_grouped(&inputs, group)?;
-        jobs.iter()
+        let encoder_done = clock.map(|t| {
+            let _ = self.device.synchronize();
+            t.elapsed()
+        });
+        let out = jobs
+            .iter()
             .zip(encoded)
             .zip(&states)
             .map(|((j, (encoded, fresh_states)), st)| {
@@ -296,7 +310,17 @@ impl WhisperModel {
                 };
                 Ok((cross, Some(kept)))
             })
-            .collect()
+            .collect();
+        if let (Some(t), Some(encoder)) = (clock, encoder_done) {
+            let _ = self.device.synchronize();
+            tracing::debug!(
+                windows = jobs.len(),
+                encoder_ms = encoder.as_secs_f64() * 1e3,
+                cross_ms = (t.elapsed() - encoder).as_secs_f64() * 1e3,
+                "encoder windows and their cross-attention"
+            );
+        }
+        out
     }
 
     /// Encodes audio alone (the padding past `2·positions` frames at level
@@ -309,18 +333,67 @@ impl WhisperModel {
         fresh: usize,
         key: i32,
     ) -> candle_core::Result<EncodedAudio> {
-        let states = self.silent_states(key)?;
-        let (encoded, encoder) =
-            self.encoder
-                .forward_after(&self.mel_tensor(mel)?, fresh, None, &states.encoder)?;
-        let positions = positions.min(encoded.dim(1)?);
-        Ok(EncodedAudio {
-            encoder: encoder.narrow(positions)?,
-            cross: self
-                .decoder
-                .cross_attention(&encoded.narrow(1, 0, positions)?)?,
+        let job = HeadJob {
+            mel,
+            positions,
+            fresh,
             key,
-        })
+        };
+        Ok(self.encode_heads(&[job])?.remove(0))
+    }
+
+    /// [`Self::encode_head`] of several streams' audio, through the encoder
+    /// in groups as [`Self::encode_after_batch`] (one by one on the CPU).
+    pub(crate) fn encode_heads(
+        &self,
+        jobs: &[HeadJob<'_>],
+    ) -> candle_core::Result<Vec<EncodedAudio>> {
+        let states = jobs
+            .iter()
+            .map(|j| self.silent_states(j.key))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mels = jobs
+            .iter()
+            .map(|j| self.mel_tensor(j.mel))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let inputs: Vec<encoder::AfterInput<'_>> = mels
+            .iter()
+            .zip(&states)
+            .zip(jobs)
+            .map(|((mel, st), j)| encoder::AfterInput {
+                mel,
+                fresh: j.fresh,
+                head: None,
+                silent: &st.encoder,
+            })
+            .collect();
+        let encoded = self
+            .encoder
+            .forward_after_grouped(&inputs, self.window_group())?;
+        jobs.iter()
+            .zip(encoded)
+            .map(|(j, (encoded, encoder))| {
+                let positions = j.positions.min(encoded.dim(1)?);
+                Ok(EncodedAudio {
+                    encoder: encoder.narrow(positions)?,
+                    cross: self
+                        .decoder
+                        .cross_attention(&encoded.narrow(1, 0, positions)?)?,
+                    key: j.key,
+                })
+            })
+            .collect()
+    }
+
+    /// Windows one encoder batch takes: grouped on a GPU, where the host's
+    /// launches are the cost; one by one on the CPU, where the arithmetic
+    /// is and padding would add to it.
+    fn window_group(&self) -> usize {
+        if self.device.is_cpu() || !crate::ops::fast::fast_paths().windows {
+            1
+        } else {
+            encoder::MAX_WINDOW_GROUP
+        }
     }
 
     /// Encodes a normalised log-mel and prepares the decoder's cross-attention.

@@ -213,22 +213,94 @@ impl WhisperRecognizer {
         }
     }
 
-    /// Encodes the carried segment alone, once, for the decodes that put it
-    /// in front of the next segment (with the padding shortcut on).
-    fn encode_carried(&mut self) -> Result<(), ModelError> {
+    /// The carried segment's audio to encode alone (with the padding
+    /// shortcut on), if it still waits for that: its padded log-mel, the
+    /// positions to keep, the positions encoded and the padding level.
+    fn carried_job(&self) -> Option<(LogMel, usize, usize, i32)> {
         let (Some(margin), Some(level)) = (self.fresh_margin, self.level) else {
-            return Ok(());
+            return None;
         };
         let n_mels = self.model.config.n_mels;
-        let Some(carried) = self.carried.as_mut().filter(|c| c.encoded.is_none()) else {
-            return Ok(());
-        };
+        let carried = self.carried.as_ref().filter(|c| c.encoded.is_none())?;
         let audio_frames = carried.raw_frames.len() / n_mels;
         let positions = audio_frames.div_ceil(2);
         let fresh = positions + margin;
         let mel = padded_mel(n_mels, &carried.raw_frames, audio_frames, fresh, level);
-        carried.encoded = Some(self.model.encode_head(&mel, positions, fresh, level)?);
-        Ok(())
+        Some((mel, positions, fresh, level))
+    }
+
+    /// Encodes the carried segment alone, once, for the decodes that put it
+    /// in front of the next segment. Whether it encoded anything.
+    fn encode_carried(&mut self) -> Result<bool, ModelError> {
+        let Some((mel, positions, fresh, level)) = self.carried_job() else {
+            return Ok(false);
+        };
+        let encoded = self.model.encode_head(&mel, positions, fresh, level)?;
+        if let Some(carried) = self.carried.as_mut() {
+            carried.encoded = Some(encoded);
+        }
+        Ok(true)
+    }
+
+    /// [`Recognizer::after_final`] of several streams at once: their carried
+    /// segments through the encoder together ([`WhisperModel::encode_heads`]:
+    /// grouped on a GPU), each as it would be alone on the CPU. Result `i` is
+    /// stream `i`'s; a failed batch fails each stream that had work in it
+    /// (which the stream's next decode redoes).
+    pub(crate) fn after_final_batch(recognizers: &mut [&mut Self]) -> Vec<Result<(), ModelError>> {
+        let Some(model) = recognizers.first().map(|r| r.model.clone()) else {
+            return Vec::new();
+        };
+        if recognizers.iter().any(|r| !Arc::ptr_eq(&r.model, &model)) {
+            return recognizers.iter_mut().map(|r| r.after_final()).collect();
+        }
+        let t = Instant::now();
+        let work: Vec<Option<(LogMel, usize, usize, i32)>> =
+            recognizers.iter().map(|r| r.carried_job()).collect();
+        let jobs: Vec<super::HeadJob<'_>> = work
+            .iter()
+            .flatten()
+            .map(|(mel, positions, fresh, key)| super::HeadJob {
+                mel,
+                positions: *positions,
+                fresh: *fresh,
+                key: *key,
+            })
+            .collect();
+        if jobs.is_empty() {
+            return recognizers.iter().map(|_| Ok(())).collect();
+        }
+        let encoded = model.encode_heads(&jobs);
+        let n = jobs.len();
+        drop(jobs);
+        let mut encoded = match encoded {
+            Ok(e) => e.into_iter(),
+            Err(e) => {
+                return work
+                    .iter()
+                    .map(|w| match w {
+                        Some(_) => Err(ModelError::Invalid(format!(
+                            "encoding {n} carried segments together failed: {e}"
+                        ))),
+                        None => Ok(()),
+                    })
+                    .collect()
+            }
+        };
+        for (r, w) in recognizers.iter_mut().zip(&work) {
+            if let (Some(_), Some(carried)) = (w, r.carried.as_mut()) {
+                carried.encoded = encoded.next();
+            }
+        }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let _ = model.device.synchronize();
+            tracing::debug!(
+                segments = n,
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                "carried segments encoded after their finals"
+            );
+        }
+        recognizers.iter().map(|_| Ok(())).collect()
     }
 
     fn has_words(&self, tokens: &[u32]) -> bool {
@@ -606,6 +678,7 @@ impl WhisperRecognizer {
                 })
                 .collect();
         }
+        let mut carried_encodes = 0usize;
         let mut slots: Vec<BatchSlot> = requests
             .iter_mut()
             .map(|r| {
@@ -619,7 +692,8 @@ impl WhisperRecognizer {
                     error: None,
                 };
                 let rec = &mut *r.recognizer;
-                let plan = rec.encode_carried().and_then(|()| {
+                let plan = rec.encode_carried().and_then(|encoded| {
+                    carried_encodes += usize::from(encoded);
                     let carried = rec.carried_for(r.features);
                     rec.plan_window(r.features, carried, r.prefix, r.partial)
                 });
@@ -631,13 +705,21 @@ impl WhisperRecognizer {
                 slot
             })
             .collect();
+        let debug = tracing::enabled!(tracing::Level::DEBUG);
+        // Stage times: wait for the kernels of each stage before reading the clock.
+        let planned = debug
+            .then(|| {
+                let _ = model.device.synchronize();
+                slots[0].t0.elapsed()
+            })
+            .unwrap_or_default();
         encode_planned(&model, &mut slots);
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            // Stage times: wait for the encoder's kernels, or the decode's
-            // prefill would be charged with them.
+        if debug {
             let _ = model.device.synchronize();
             tracing::debug!(
                 windows = slots.len(),
+                carried = carried_encodes,
+                plan_ms = planned.as_secs_f64() * 1e3,
                 encode_ms = slots[0].t0.elapsed().as_secs_f64() * 1e3,
                 "encoded a batch"
             );
@@ -819,7 +901,7 @@ impl Recognizer for WhisperRecognizer {
     }
 
     fn after_final(&mut self) -> Result<(), ModelError> {
-        self.encode_carried()
+        Self::after_final_batch(&mut [self]).remove(0)
     }
 
     fn detokenize(&self, tokens: &[u32]) -> String {

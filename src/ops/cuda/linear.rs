@@ -19,7 +19,10 @@ fn bf16_contiguous(t: &Tensor) -> bool {
 }
 
 /// Wraps a fresh device buffer of `shape` as a tensor.
-pub(crate) fn alloc_bf16(dev: &candle_core::cuda::CudaDevice, shape: &[usize]) -> Result<(Tensor, u64)> {
+pub(crate) fn alloc_bf16(
+    dev: &candle_core::cuda::CudaDevice,
+    shape: &[usize],
+) -> Result<(Tensor, u64)> {
     let n: usize = shape.iter().product();
     // SAFETY: every element is written by the caller's kernel or GEMM before any read.
     let slice = unsafe { dev.alloc::<bf16>(n)? };
@@ -342,7 +345,11 @@ pub(crate) fn splice_rows(
         .arg(&kp)
         .arg(&vp);
     let cfg = LaunchConfig {
-        grid_dim: ((window * hd / 8).div_ceil(256) as u32, heads as u32, 2 * r as u32),
+        grid_dim: (
+            (window * hd / 8).div_ceil(256) as u32,
+            heads as u32,
+            2 * r as u32,
+        ),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
