@@ -254,32 +254,16 @@ impl WhisperModel {
         &self,
         jobs: &[AfterJob<'_>],
     ) -> candle_core::Result<Vec<(CrossAttention, Option<EncodedAudio>)>> {
-        let states = jobs
-            .iter()
-            .map(|j| self.silent_states(j.key))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let mels = jobs
-            .iter()
-            .map(|j| self.mel_tensor(j.mel))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let inputs: Vec<encoder::AfterInput<'_>> = jobs
-            .iter()
-            .zip(&mels)
-            .zip(&states)
-            .map(|((j, mel), st)| encoder::AfterInput {
-                mel,
-                fresh: j.fresh,
-                head: j.head.map(|h| &h.encoder),
-                silent: &st.encoder,
-            })
-            .collect();
-        let group = self.window_group();
         // Stage times under DEBUG (the device synchronised at each).
         let clock = tracing::enabled!(tracing::Level::DEBUG).then(|| {
             let _ = self.device.synchronize();
             std::time::Instant::now()
         });
-        let encoded = self.encoder.forward_after_grouped(&inputs, group)?;
+        let windows: Vec<_> = jobs
+            .iter()
+            .map(|j| (j.mel, j.fresh, j.key, j.head.map(|h| &h.encoder)))
+            .collect();
+        let (states, encoded) = self.encode_grouped(&windows)?;
         let encoder_done = clock.map(|t| {
             let _ = self.device.synchronize();
             t.elapsed()
@@ -348,28 +332,8 @@ impl WhisperModel {
         &self,
         jobs: &[HeadJob<'_>],
     ) -> candle_core::Result<Vec<EncodedAudio>> {
-        let states = jobs
-            .iter()
-            .map(|j| self.silent_states(j.key))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let mels = jobs
-            .iter()
-            .map(|j| self.mel_tensor(j.mel))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let inputs: Vec<encoder::AfterInput<'_>> = mels
-            .iter()
-            .zip(&states)
-            .zip(jobs)
-            .map(|((mel, st), j)| encoder::AfterInput {
-                mel,
-                fresh: j.fresh,
-                head: None,
-                silent: &st.encoder,
-            })
-            .collect();
-        let encoded = self
-            .encoder
-            .forward_after_grouped(&inputs, self.window_group())?;
+        let windows: Vec<_> = jobs.iter().map(|j| (j.mel, j.fresh, j.key, None)).collect();
+        let (_, encoded) = self.encode_grouped(&windows)?;
         jobs.iter()
             .zip(encoded)
             .map(|(j, (encoded, encoder))| {
@@ -383,6 +347,43 @@ impl WhisperModel {
                 })
             })
             .collect()
+    }
+
+    /// Windows `(mel, new positions, padding level, head)` through the encoder
+    /// in groups of [`Self::window_group`], with each one's padding states.
+    #[allow(clippy::type_complexity)]
+    fn encode_grouped(
+        &self,
+        windows: &[(
+            &crate::frontend::LogMel,
+            usize,
+            i32,
+            Option<&encoder::EncodedHead>,
+        )],
+    ) -> candle_core::Result<(Vec<Arc<SilentStates>>, Vec<(Tensor, encoder::EncodedHead)>)> {
+        let states = windows
+            .iter()
+            .map(|w| self.silent_states(w.2))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mels = windows
+            .iter()
+            .map(|w| self.mel_tensor(w.0))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let inputs: Vec<encoder::AfterInput<'_>> = windows
+            .iter()
+            .zip(&mels)
+            .zip(&states)
+            .map(|((w, mel), st)| encoder::AfterInput {
+                mel,
+                fresh: w.1,
+                head: w.3,
+                silent: &st.encoder,
+            })
+            .collect();
+        let encoded = self
+            .encoder
+            .forward_after_grouped(&inputs, self.window_group())?;
+        Ok((states, encoded))
     }
 
     /// Windows one encoder batch takes: grouped on a GPU, where the host's

@@ -7,6 +7,10 @@
 //! `WhisperDecoder::step_batch` stays (int8 weights; a row's bits do not
 //! depend on the batch around it).
 //!
+//! Without timestamps a step goes through the fused kernels of
+//! `ops/cuda/whisper_step.rs` where they apply ([`WhisperDecoder::fused_stacked_step`]:
+//! one CUDA graph launch, the picks made on the device).
+//!
 //! Prompts differ in length, so each row's prompt is right-aligned to end
 //! at the same column and the columns before it are masked out of its
 //! attention (Whisper's positions are added to the input embeddings, so
