@@ -707,12 +707,12 @@ impl WhisperRecognizer {
             .collect();
         let debug = tracing::enabled!(tracing::Level::DEBUG);
         // Stage times: wait for the kernels of each stage before reading the clock.
-        let planned = debug
-            .then(|| {
-                let _ = model.device.synchronize();
-                slots[0].t0.elapsed()
-            })
-            .unwrap_or_default();
+        let planned = if debug {
+            let _ = model.device.synchronize();
+            slots[0].t0.elapsed()
+        } else {
+            Duration::ZERO
+        };
         encode_planned(&model, &mut slots);
         if debug {
             let _ = model.device.synchronize();
