@@ -15,9 +15,8 @@
 //! The KV-cache buffers are baked in; the graph is captured again if the cache was
 //! reallocated.
 
-use super::{dev_ptr, func, sm_count};
+use super::{capture_graph, dev_ptr, func, sm_count};
 use crate::ops::fast::{DecodeCache, DecodeWeights};
-use candle_core::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use candle_core::cuda::cudarc::driver::{
     result, CudaFunction, CudaGraph, LaunchConfig, PushKernelArg,
 };
@@ -453,15 +452,7 @@ impl DecodeEngine {
     }
 
     fn capture(&self, caches: &[(u64, u64)], cap: usize) -> Result<Captured> {
-        let stream = self.m.dev.cuda_stream();
-        stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .w()?;
-        let enq = self.enqueue(caches, cap);
-        let graph = stream.end_capture(CUgraphInstantiate_flags(0)).w();
-        enq?;
-        let graph = graph?.ok_or_else(|| candle_core::Error::Msg("empty CUDA graph".into()))?;
-        graph.upload().w()?;
+        let graph = capture_graph(&self.m.dev, || self.enqueue(caches, cap))?.0;
         tracing::debug!(
             layers = caches.len(),
             cap,

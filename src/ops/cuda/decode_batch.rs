@@ -17,12 +17,9 @@
 
 use super::decode::{ArgmaxArgs, ModelPtrs, DEC_SPLITS};
 use super::linear::gemm_t;
-use super::{dev_ptr, func};
+use super::{capture_graph, dev_ptr, func, Graph};
 use crate::ops::fast::{DecodeCache, DecodeWeights};
-use candle_core::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use candle_core::cuda::cudarc::driver::{
-    result, CudaFunction, CudaGraph, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda::cudarc::driver::{result, CudaFunction, LaunchConfig, PushKernelArg};
 use candle_core::cuda::WrapErr;
 use candle_core::{DType, Result, Tensor};
 use std::collections::HashMap;
@@ -103,12 +100,6 @@ impl Buffers {
         })
     }
 }
-
-/// A captured step.
-struct Graph(CudaGraph);
-// SAFETY: a graph may be launched from any host thread as long as launches are
-// serialised; the engine is behind `&mut self` for every launch.
-unsafe impl Send for Graph {}
 
 pub(crate) struct BatchDecodeEngine {
     m: ModelPtrs,
@@ -360,17 +351,9 @@ impl BatchDecodeEngine {
     }
 
     fn capture(&self, rows: usize) -> Result<Graph> {
-        let stream = self.m.dev.cuda_stream();
-        stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .w()?;
-        let enq = self.enqueue(rows);
-        let graph = stream.end_capture(CUgraphInstantiate_flags(0)).w();
-        enq?;
-        let graph = graph?.ok_or_else(|| candle_core::Error::Msg("empty CUDA graph".into()))?;
-        graph.upload().w()?;
+        let graph = capture_graph(&self.m.dev, || self.enqueue(rows))?;
         tracing::debug!(rows, "captured the batched decode step as a CUDA graph");
-        Ok(Graph(graph))
+        Ok(graph)
     }
 
     /// `out [rows, n] (f32) = x [rows, k] · W^T` for W `[n, k]`.

@@ -294,7 +294,7 @@ pub(crate) fn splice_rows(
             && x.dims() == [1, heads, n, hd]
             && s[3] == 1
             && s[2] == hd
-            && (x.layout().start_offset() * 2) % 16 == 0;
+            && (x.layout().start_offset() * 2).is_multiple_of(16);
         ok.then_some(s[1])
     };
     let mut table: Vec<i64> = Vec::with_capacity(8 * r);

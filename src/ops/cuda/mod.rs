@@ -11,7 +11,7 @@ pub mod mel;
 pub mod whisper_step;
 
 use candle_core::cuda::cudarc::driver::sys::CUdevice_attribute;
-use candle_core::cuda::cudarc::driver::{CudaFunction, DevicePtr};
+use candle_core::cuda::cudarc::driver::{CudaFunction, CudaGraph, DevicePtr};
 use candle_core::cuda::{CudaDevice, CudaStorageSlice, WrapErr};
 use candle_core::{Result, Storage, Tensor};
 use std::collections::HashMap;
@@ -121,6 +121,31 @@ pub(crate) fn memory_used(dev: &CudaDevice) -> Result<usize> {
 
 pub(crate) fn memory_free(dev: &CudaDevice) -> Result<usize> {
     Ok(dev.cuda_stream().context().mem_get_info().w()?.0)
+}
+
+/// A captured CUDA graph of a decode step.
+pub(crate) struct Graph(pub CudaGraph);
+// SAFETY: a graph may be launched from any host thread as long as launches are
+// serialised; its engine is behind `&mut self` for every launch.
+unsafe impl Send for Graph {}
+
+/// Captures what `enqueue` launches on `dev`'s stream as a CUDA graph, uploaded
+/// and ready to launch.
+pub(crate) fn capture_graph(
+    dev: &CudaDevice,
+    enqueue: impl FnOnce() -> Result<()>,
+) -> Result<Graph> {
+    use candle_core::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let stream = dev.cuda_stream();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .w()?;
+    let enq = enqueue();
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0)).w();
+    enq?;
+    let graph = graph?.ok_or_else(|| candle_core::Error::Msg("empty CUDA graph".into()))?;
+    graph.upload().w()?;
+    Ok(Graph(graph))
 }
 
 /// Device address of the first element of `t` (its layout's start offset included).

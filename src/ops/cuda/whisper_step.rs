@@ -16,12 +16,9 @@
 
 use super::decode::{enqueue_argmax, ArgmaxArgs, DEC_SPLITS};
 use super::linear::gemm_t;
-use super::{dev_ptr, func};
+use super::{capture_graph, dev_ptr, func, Graph};
 use crate::ops::fast::{WhisperStepRows, WhisperStepWeights};
-use candle_core::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use candle_core::cuda::cudarc::driver::{
-    result, CudaFunction, CudaGraph, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda::cudarc::driver::{result, CudaFunction, LaunchConfig, PushKernelArg};
 use candle_core::cuda::{CudaDevice, WrapErr};
 use candle_core::{DType, Result, Tensor};
 use std::collections::HashMap;
@@ -88,12 +85,6 @@ struct Buffers {
     ptrs: Tensor,
     lp: Tensor,
 }
-
-/// A captured step.
-struct Graph(CudaGraph);
-// SAFETY: a graph may be launched from any host thread as long as launches are
-// serialised; the engine is behind `&mut self` for every launch.
-unsafe impl Send for Graph {}
 
 pub(crate) struct WhisperStepEngine {
     dev: CudaDevice,
@@ -422,34 +413,12 @@ impl WhisperStepEngine {
     }
 
     fn capture(&self, rows: usize) -> Result<Graph> {
-        let stream = self.dev.cuda_stream();
-        stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .w()?;
-        let enq = self.enqueue(rows);
-        let graph = stream.end_capture(CUgraphInstantiate_flags(0)).w();
-        enq?;
-        let graph = graph?.ok_or_else(|| candle_core::Error::Msg("empty CUDA graph".into()))?;
-        graph.upload().w()?;
+        let graph = capture_graph(&self.dev, || self.enqueue(rows))?;
         tracing::debug!(
             rows,
             "captured the fused Whisper decode step as a CUDA graph"
         );
-        Ok(Graph(graph))
-    }
-
-    /// `out [rows, n] = x [rows, k] · W^T` (bf16, or f32 for the logits).
-    fn project(
-        &self,
-        w: u64,
-        x: u64,
-        out: u64,
-        rows: usize,
-        n: usize,
-        k: usize,
-        f32_out: bool,
-    ) -> Result<()> {
-        gemm_t(&self.dev, w, x, out, rows, n, k, f32_out)
+        Ok(graph)
     }
 
     /// A kernel `(y, bias, n, cols)` over `rows` rows of `cols` (bias add or + GELU).
@@ -599,7 +568,7 @@ impl WhisperStepEngine {
         let (nl, nh) = (self.layers.len() as i32, self.heads as i32);
         for (li, l) in self.layers.iter().enumerate() {
             self.layer_norm(x, l.self_norm, xn, rows)?;
-            self.project(l.self_qkv.0, xn, qkv, rows, 3 * d, d, false)?;
+            gemm_t(&self.dev, l.self_qkv.0, xn, qkv, rows, 3 * d, d, false)?;
             self.epilogue(&self.f.bias, qkv, l.self_qkv.1, rows, 3 * d)?;
             {
                 let li = li as i32;
@@ -619,16 +588,16 @@ impl WhisperStepEngine {
                 unsafe { b.launch(cfg) }.w()?;
             }
             self.attend(bufs, qkv, 3 * d, li, false, rows)?;
-            self.project(l.self_out.0, attn, y, rows, d, d, false)?;
+            gemm_t(&self.dev, l.self_out.0, attn, y, rows, d, d, false)?;
             self.residual_norm(y, l.self_out.1, x, l.cross_norm, xn, rows)?;
-            self.project(l.cross_q.0, xn, q, rows, d, d, false)?;
+            gemm_t(&self.dev, l.cross_q.0, xn, q, rows, d, d, false)?;
             self.epilogue(&self.f.bias, q, l.cross_q.1, rows, d)?;
             self.attend(bufs, q, d, li, true, rows)?;
-            self.project(l.cross_out.0, attn, y, rows, d, d, false)?;
+            gemm_t(&self.dev, l.cross_out.0, attn, y, rows, d, d, false)?;
             self.residual_norm(y, l.cross_out.1, x, l.mlp_norm, xn, rows)?;
-            self.project(l.fc1.0, xn, h, rows, self.ffn, d, false)?;
+            gemm_t(&self.dev, l.fc1.0, xn, h, rows, self.ffn, d, false)?;
             self.epilogue(&self.f.bias_gelu, h, l.fc1.1, rows, self.ffn)?;
-            self.project(l.fc2.0, h, y, rows, d, self.ffn, false)?;
+            gemm_t(&self.dev, l.fc2.0, h, y, rows, d, self.ffn, false)?;
             {
                 let (n, c) = ((rows * d) as i64, d as i32);
                 let mut b = stream.launch_builder(&self.f.bias_res);
@@ -638,7 +607,7 @@ impl WhisperStepEngine {
             }
         }
         self.layer_norm(x, self.final_norm, xn, rows)?;
-        self.project(self.embed, xn, logits, rows, self.vocab, d, true)?;
+        gemm_t(&self.dev, self.embed, xn, logits, rows, self.vocab, d, true)?;
         {
             let (n, v) = ((rows * self.vocab) as i64, self.vocab as i32);
             let mut b = stream.launch_builder(&self.f.suppress);
