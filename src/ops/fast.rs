@@ -826,6 +826,15 @@ impl WhisperFusedStep {
         }
     }
 
+    /// Not used again (after a failure): [`Self::step`] answers `None`.
+    pub fn disable(&mut self) {
+        #[cfg(feature = "cuda")]
+        {
+            self.engine = None;
+            self.unsupported = true;
+        }
+    }
+
     /// The final-norm hidden states `[rows, d]` of the last step (a copy; for checks).
     pub fn last_hidden(&self) -> Result<Tensor> {
         #[cfg(feature = "cuda")]

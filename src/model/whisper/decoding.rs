@@ -396,13 +396,21 @@ impl WhisperModel {
             decode_steps += 1;
             widest = widest.max(tokens.len());
             // Without timestamps, the fused step (one graph launch) gives the picks.
+            // If it fails, candle ops take this step and every later one (the
+            // step's column is written again by them).
             let fused = match &rules {
-                Some(rules) => self.decoder.fused_stacked_step(
-                    &mut self.fused_step.lock().unwrap_or_else(|e| e.into_inner()),
-                    &mut state,
-                    &tokens,
-                    &rules.always,
-                )?,
+                Some(rules) => {
+                    let mut fused = self.fused_step.lock().unwrap_or_else(|e| e.into_inner());
+                    self.decoder
+                        .fused_stacked_step(&mut fused, &mut state, &tokens, &rules.always)
+                        .unwrap_or_else(|e| {
+                            tracing::warn!(
+                                "fused Whisper decode step failed ({e}); candle ops from now on"
+                            );
+                            fused.disable();
+                            None
+                        })
+                }
                 None => None,
             };
             if let Some(all) = fused {
