@@ -660,6 +660,10 @@ fn fused_vs_stacked(
     use stepaudio_live::ops::fast::WhisperFusedStep;
     let vocab = m.decoder.token_embedding.dim(0)?;
     let zero = Tensor::zeros(vocab, DType::F32, &m.device)?;
+    let weights = m
+        .decoder
+        .step_weights()
+        .context("the decoder has no fused-step weights")?;
     let prefill = || m.decoder.stacked_prefill(&prompts, &crosses, steps);
     let (mut candle, _) = prefill()?;
     let (mut graph, _) = prefill()?;
@@ -681,16 +685,16 @@ fn fused_vs_stacked(
         let logits = rows_f32(&m.decoder.step_logits(&h)?)?;
         let picks = m
             .decoder
-            .fused_stacked_step(&mut fused_graph, &mut graph, &toks, &zero)?
+            .fused_stacked_step(&mut fused_graph, &weights, &mut graph, &toks, &zero)?
             .context("the fused step did not apply")?;
         let got = rows_f32(&fused_graph.last_hidden()?)?;
         fast::set_fast_paths(FastPaths {
             graph: false,
             ..flags
         });
-        let plain = m
-            .decoder
-            .fused_stacked_step(&mut fused_direct, &mut direct, &toks, &zero);
+        let plain =
+            m.decoder
+                .fused_stacked_step(&mut fused_direct, &weights, &mut direct, &toks, &zero);
         fast::set_fast_paths(flags);
         let plain = plain?.context("the fused step did not apply")?;
         let plain_hidden = rows_f32(&fused_direct.last_hidden()?)?;
@@ -901,11 +905,15 @@ fn bench(dir: &Path, args: &Args) -> Result<Value> {
                 .stacked_prefill(&prompts, &cross_refs, 2 * steps)?;
             let zero = Tensor::zeros(m.decoder.token_embedding.dim(0)?, DType::F32, &dev)?;
             let mut fused = stepaudio_live::ops::fast::WhisperFusedStep::default();
+            let weights = m
+                .decoder
+                .step_weights()
+                .context("the decoder has no fused-step weights")?;
             let mut applied = true;
             let ms = time_ms(&dev, 3, reps, || {
                 applied &= m
                     .decoder
-                    .fused_stacked_step(&mut fused, &mut st, &toks, &zero)?
+                    .fused_stacked_step(&mut fused, &weights, &mut st, &toks, &zero)?
                     .is_some();
                 Ok(())
             })?;

@@ -353,6 +353,8 @@ impl WhisperModel {
                 }
             }
         }
+        // What the fused step reads (without timestamps), once for every step.
+        let step_weights = rules.as_ref().and_then(|_| self.decoder.step_weights());
         // The window of each row of the stacked state.
         let mut stacked_rows: Vec<usize> = (0..jobs.len()).collect();
         let mut active: Vec<usize> = (0..jobs.len())
@@ -398,11 +400,11 @@ impl WhisperModel {
             // Without timestamps, the fused step (one graph launch) gives the picks.
             // If it fails, candle ops take this step and every later one (the
             // step's column is written again by them).
-            let fused = match &rules {
-                Some(rules) => {
+            let fused = match (&rules, &step_weights) {
+                (Some(rules), Some(weights)) => {
                     let mut fused = self.fused_step.lock().unwrap_or_else(|e| e.into_inner());
                     self.decoder
-                        .fused_stacked_step(&mut fused, &mut state, &tokens, &rules.always)
+                        .fused_stacked_step(&mut fused, weights, &mut state, &tokens, &rules.always)
                         .unwrap_or_else(|e| {
                             tracing::warn!(
                                 "fused Whisper decode step failed ({e}); candle ops from now on"
@@ -411,7 +413,7 @@ impl WhisperModel {
                             None
                         })
                 }
-                None => None,
+                _ => None,
             };
             if let Some(all) = fused {
                 for (r, w) in stacked_rows.iter().enumerate() {

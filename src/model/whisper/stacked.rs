@@ -212,13 +212,15 @@ impl WhisperDecoder {
         })
     }
 
-    /// [`Self::stacked_step`] through the fused step (`fused`), the logits,
+    /// [`Self::stacked_step`] through the fused step (`fused`, over `weights`
+    /// from [`Self::step_weights`], made once per decode), the logits,
     /// `suppress` (`[V]` f32, added to them) and the argmax included: each row's
     /// greedy next token and its log-probability. `None` (the state untouched)
     /// where the fused step does not apply.
     pub fn fused_stacked_step(
         &self,
         fused: &mut WhisperFusedStep,
+        weights: &WhisperStepWeights,
         state: &mut StackedDecode,
         tokens: &[u32],
         suppress: &Tensor,
@@ -235,9 +237,6 @@ impl WhisperDecoder {
         if !fits {
             return Ok(None);
         }
-        let Some(weights) = self.step_weights() else {
-            return Ok(None);
-        };
         let positions = self.step_positions(state);
         let rows = WhisperStepRows {
             self_kv: &state.self_kv,
@@ -248,7 +247,7 @@ impl WhisperDecoder {
             column: state.len,
             suppress,
         };
-        let picks = fused.step(&weights, &rows)?;
+        let picks = fused.step(weights, &rows)?;
         if picks.is_some() {
             state.len += 1;
         }
