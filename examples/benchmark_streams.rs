@@ -122,6 +122,10 @@ struct Args {
     /// Continuous batch: least time between two admissions (ms).
     #[arg(long, default_value_t = EngineConfig::default().admit_interval.as_millis() as u64)]
     admit_interval_ms: u64,
+    /// Continuous batch: partials yield to finals that would be out later
+    /// than this after their segment's end (0: they never yield).
+    #[arg(long, default_value_t = EngineConfig::default().final_deadline.map_or(0, |d| d.as_millis() as u64))]
+    final_deadline_ms: u64,
     /// The tracker's partial interval (ms of new audio per partial request).
     #[arg(long, default_value_t = TrackerConfig::default().partial_interval_ms)]
     partial_interval_ms: u32,
@@ -504,6 +508,8 @@ fn run(
     config.continuous &= !args.no_continuous;
     config.admit_budget = Duration::from_millis(args.admit_budget_ms);
     config.admit_interval = Duration::from_millis(args.admit_interval_ms);
+    config.final_deadline =
+        (args.final_deadline_ms > 0).then(|| Duration::from_millis(args.final_deadline_ms));
     config.max_streams = match args.capacity.as_deref() {
         None => n,
         Some("default") => config.max_streams,

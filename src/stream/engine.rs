@@ -23,7 +23,8 @@
 //! With [`EngineConfig::continuous`] (Step-Audio 2 on a GPU) one lane keeps
 //! a decode loop running instead: decodes join it between decode steps (in
 //! groups, finals first) and leave it as they end, so a final never waits
-//! for a whole batch ([`Core::continuous_lane`]).
+//! for a whole batch ([`Core::continuous_lane`]); partials join only as far
+//! as the finals in it still make [`EngineConfig::final_deadline`].
 //!
 //! A queued partial or pause decode is dropped as soon as newer audio of its
 //! segment arrives (never a final), so a stream's queue holds at most one of
@@ -85,6 +86,13 @@ pub struct EngineConfig {
     /// than for one (a prefill reads all the weights however few rows it
     /// has), and the decodes in flight are held up once per group.
     pub admit_interval: Duration,
+    /// Continuous batch: how soon after its segment's end a final (or pause
+    /// decode) should be out. Partials join only as far as every final in
+    /// the loop or joining it still makes this at the loop's measured pace:
+    /// a partial's encoding and prefill hold up every decode in flight, and
+    /// under load most partials would be overtaken by their own final
+    /// anyway. `None`: partials take their whole budget whatever the finals.
+    pub final_deadline: Option<Duration>,
 }
 
 /// Streams the CPU holds by default, by Whisper width and core count: the
@@ -142,6 +150,9 @@ impl Default for EngineConfig {
             continuous: false,
             admit_budget: Duration::from_millis(60),
             admit_interval: Duration::from_millis(100),
+            // The segmenter's 300 ms hangover comes before the segment's end:
+            // 500 ms after it keeps end of speech→final within about a second.
+            final_deadline: Some(Duration::from_millis(500)),
         }
     }
 }
@@ -464,11 +475,11 @@ impl CostModel {
         }
     }
 
-    /// How many partials fit `budget` seconds (at least 1; 1 before any
-    /// measurement).
-    fn fit(&self, budget: f64) -> usize {
+    /// The fitted seconds of a batch, (fixed, per partial); `None` before
+    /// any measurement.
+    fn parts(&self) -> Option<(f64, f64)> {
         if self.w == 0.0 || self.n == 0.0 {
-            return 1;
+            return None;
         }
         let det = self.w * self.nn - self.n * self.n;
         // Sizes too alike to separate the parts: all of it per partial.
@@ -481,10 +492,93 @@ impl CostModel {
         // A fit whose slope is (noise) zero or negative: the mean cost of a
         // partial bounds it instead.
         let per = if per > 0.0 { per } else { self.t / self.n };
+        Some((fixed, per))
+    }
+
+    /// How many partials fit `budget` seconds (at least 1; 1 before any
+    /// measurement).
+    fn fit(&self, budget: f64) -> usize {
+        self.fit_beside(budget, 0, 1)
+    }
+
+    /// How many partials may join `with` other decodes in one batch whose
+    /// time they raise by at most `budget` seconds (the fixed part is paid
+    /// by the others when there are any); at least `least`.
+    fn fit_beside(&self, budget: f64, with: usize, least: usize) -> usize {
+        let Some((fixed, per)) = self.parts() else {
+            return if budget > 0.0 { least.max(1) } else { least };
+        };
         if per <= 0.0 {
             return usize::MAX;
         }
-        ((budget - fixed).max(0.0) / per).floor().max(1.0) as usize
+        let fixed = if with == 0 { fixed } else { 0.0 };
+        ((budget - fixed).max(0.0) / per)
+            .floor()
+            .max(least as f64) as usize
+    }
+}
+
+/// The continuous batch's measured pace: wall seconds a round (a step and
+/// its share of the admissions) and rounds a decode spends in the loop,
+/// both exponential means.
+#[derive(Default)]
+struct Pace {
+    round: f64,
+    rounds: f64,
+}
+
+impl Pace {
+    /// Weight of each new measurement.
+    const NEW: f64 = 0.1;
+
+    fn mean(old: f64, x: f64) -> f64 {
+        if old == 0.0 {
+            x
+        } else {
+            old + Self::NEW * (x - old)
+        }
+    }
+
+    fn observe_round(&mut self, secs: f64) {
+        self.round = Self::mean(self.round, secs);
+    }
+
+    fn observe_decode(&mut self, rounds: usize) {
+        self.rounds = Self::mean(self.rounds, rounds as f64);
+    }
+
+    /// Seconds a decode that has run `done` rounds still needs (one round at
+    /// least).
+    fn remaining(&self, done: usize) -> f64 {
+        (self.rounds - done as f64).max(1.0) * self.round
+    }
+}
+
+/// Seconds the partials joining the continuous batch now may add to the
+/// admission: `budget`, or less where more would make a final miss
+/// `deadline` after its segment's end at the loop's `pace` — `finals` gives
+/// each final's segment end and the rounds it has run (0 if joining now).
+/// The second value says whether a final bounded it.
+fn partial_admission(
+    budget: f64,
+    deadline: Option<Duration>,
+    finals: impl Iterator<Item = (Instant, usize)>,
+    pace: &Pace,
+    now: Instant,
+) -> (f64, bool) {
+    let Some(deadline) = deadline else {
+        return (budget, false);
+    };
+    let slack = finals
+        .map(|(end, done)| {
+            let left = deadline.as_secs_f64() - now.saturating_duration_since(end).as_secs_f64();
+            left - pace.remaining(done)
+        })
+        .fold(f64::INFINITY, f64::min);
+    if slack < budget {
+        (slack, true)
+    } else {
+        (budget, false)
     }
 }
 
@@ -1021,6 +1115,8 @@ struct InFlight {
     work: DecodeWork,
     /// Its share of the rounds' model time so far.
     model_time: Duration,
+    /// Rounds of the loop it has been in.
+    rounds: usize,
 }
 
 impl InFlight {
@@ -1030,6 +1126,7 @@ impl InFlight {
             update,
             work,
             model_time: Duration::ZERO,
+            rounds: 0,
         }
     }
 
@@ -1054,7 +1151,8 @@ impl Core {
     /// [`EngineConfig::continuous`]). Each round admits new decodes into the
     /// running batch — every ready final (oldest end of speech first), then
     /// due partials ([`Self::due_partials`]) as many as fit
-    /// [`EngineConfig::admit_budget`], while fewer than
+    /// [`EngineConfig::admit_budget`] and the finals' deadline
+    /// ([`Self::partials_joining`]), while fewer than
     /// [`EngineConfig::max_batch`] run; at most once an
     /// [`EngineConfig::admit_interval`] — runs one decode step, and hands each
     /// decode that is over to its stream. A final waits for one step and its
@@ -1065,6 +1163,7 @@ impl Core {
         // Measured time to admit n decodes (encode and prefill).
         let mut admit_cost = CostModel::default();
         let mut last_admission: Option<Instant> = None;
+        let mut pace = Pace::default();
         let mut state = self.lock();
         loop {
             if !state.opening.is_empty() {
@@ -1088,10 +1187,12 @@ impl Core {
                 let room = self.config.max_batch.saturating_sub(flying.len());
                 ids = Self::ready_finals(&state);
                 ids.truncate(room);
-                let partials = admit_cost
-                    .fit(self.config.admit_budget.as_secs_f64())
-                    .min(room - ids.len());
-                ids.extend(self.due_partials(&state).into_iter().take(partials));
+                let partials = self.partials_joining(&state, &flying, &ids, &pace, &admit_cost);
+                ids.extend(
+                    self.due_partials(&state)
+                        .into_iter()
+                        .take(partials.min(room - ids.len())),
+                );
             }
             if ids.is_empty() && flying.is_empty() {
                 if Self::finished(&state) {
@@ -1102,7 +1203,11 @@ impl Core {
             }
             let taken = Self::take(&mut state, ids);
             drop(state);
-            let (done, admitted) = self.round(decodes.as_mut(), &mut flying, taken);
+            let started = Instant::now();
+            let (done, admitted) = self.round(decodes.as_mut(), &mut flying, taken, &mut pace);
+            if !flying.is_empty() {
+                pace.observe_round(started.elapsed().as_secs_f64());
+            }
             if let Some((n, secs)) = admitted {
                 admit_cost.observe(n, secs);
                 last_admission = Some(Instant::now());
@@ -1110,6 +1215,41 @@ impl Core {
             state = self.lock();
             Self::give_back(&mut state, done);
             self.wake.notify_all();
+        }
+    }
+
+    /// How many due partials join the loop at this admission beside the
+    /// finals `joining`: as many as fit [`EngineConfig::admit_budget`], fewer
+    /// where their encoding and prefill would make a final in the loop or
+    /// joining it miss [`EngineConfig::final_deadline`] (then maybe none).
+    fn partials_joining(
+        &self,
+        state: &State,
+        flying: &HashMap<StreamId, InFlight>,
+        joining: &[StreamId],
+        pace: &Pace,
+        admit_cost: &CostModel,
+    ) -> usize {
+        let in_loop = flying
+            .values()
+            .filter(|run| run.update.kind != UpdateKind::Partial)
+            .map(|run| (run.update.end_arrival, run.rounds));
+        let new = joining
+            .iter()
+            .filter_map(|id| state.slots.get(id)?.ready_update())
+            .map(|u| (u.end_arrival, 0));
+        let budget = self.config.admit_budget.as_secs_f64();
+        let (secs, bounded) = partial_admission(
+            budget,
+            self.config.final_deadline,
+            in_loop.chain(new),
+            pace,
+            Instant::now(),
+        );
+        if bounded {
+            admit_cost.fit_beside(secs, joining.len(), 0)
+        } else {
+            admit_cost.fit(secs)
         }
     }
 
@@ -1166,6 +1306,7 @@ impl Core {
         decodes: &mut dyn DecodeLoop,
         flying: &mut HashMap<StreamId, InFlight>,
         taken: Vec<Taken>,
+        pace: &mut Pace,
     ) -> (Vec<Done>, Option<(usize, f64)>) {
         let t = Instant::now();
         let mut done = Vec::new();
@@ -1222,6 +1363,7 @@ impl Core {
         let width = flying.len().max(1);
         for run in flying.values_mut() {
             run.model_time += elapsed / width as u32;
+            run.rounds += 1;
         }
         self.count_round(width, elapsed);
         let Ok(over) = over else {
@@ -1230,6 +1372,7 @@ impl Core {
         };
         for (key, result) in over {
             let run = flying.remove(&key).expect("in flight");
+            pace.observe_decode(run.rounds);
             let outcome = result.map_err(|e| decode_failure(&run.update, &run.work, e));
             done.push(Self::land(key, run, outcome));
         }
@@ -1248,6 +1391,7 @@ impl Core {
             update,
             work,
             model_time,
+            ..
         } = run;
         if Self::deliver(id, &mut stream, &update, work, outcome, model_time) {
             Self::prepare_next(&mut stream, update.segment);
@@ -1367,7 +1511,56 @@ fn decode_together(
 
 #[cfg(test)]
 mod tests {
-    use super::CostModel;
+    use super::{partial_admission, CostModel, Pace};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn partials_yield_to_a_final_that_would_miss_its_deadline() {
+        let now = Instant::now();
+        let deadline = Some(Duration::from_millis(500));
+        // 20 ms a round, 24 rounds a decode.
+        let mut pace = Pace::default();
+        pace.observe_round(0.020);
+        pace.observe_decode(24);
+        // No final: the whole budget.
+        assert_eq!(
+            partial_admission(0.060, deadline, std::iter::empty(), &pace, now),
+            (0.060, false)
+        );
+        // A final joining now, its segment ended 100 ms ago: 400 ms left,
+        // 480 ms of rounds to go → nothing for partials.
+        let late = now - Duration::from_millis(100);
+        let (secs, bounded) = partial_admission(0.060, deadline, [(late, 0)].into_iter(), &pace, now);
+        assert!(bounded && secs < 0.0, "{secs}");
+        // The same final 20 rounds in (4 to go, 80 ms) with 300 ms left:
+        // 220 ms of slack, more than the budget.
+        let (secs, bounded) = partial_admission(
+            0.060,
+            deadline,
+            [(now - Duration::from_millis(200), 20)].into_iter(),
+            &pace,
+            now,
+        );
+        assert_eq!((secs, bounded), (0.060, false));
+        // One with 30 ms of slack bounds it; without a deadline nothing does.
+        let tight = now - Duration::from_millis(200 + 190);
+        let (secs, bounded) = partial_admission(0.060, deadline, [(tight, 20)].into_iter(), &pace, now);
+        assert!(bounded && (secs - 0.030).abs() < 1e-6, "{secs}");
+        assert_eq!(
+            partial_admission(0.060, None, [(late, 0)].into_iter(), &pace, now),
+            (0.060, false)
+        );
+        // 30 ms at 5 ms a partial beside joining finals (their admission
+        // pays the 200 ms fixed part): 6; alone it pays the fixed part: 0.
+        let mut gpu = CostModel::default();
+        for n in [2, 4, 8, 3, 6] {
+            gpu.observe(n, 0.200 + 0.005 * n as f64);
+        }
+        assert_eq!(gpu.fit_beside(0.0301, 2, 0), 6);
+        assert_eq!(gpu.fit_beside(0.0301, 0, 0), 0);
+        assert_eq!(gpu.fit_beside(-0.1, 2, 0), 0);
+        assert_eq!(CostModel::default().fit_beside(-0.1, 0, 0), 0);
+    }
 
     #[test]
     fn the_cost_model_separates_a_batchs_fixed_time_from_its_time_per_partial() {
