@@ -5,7 +5,9 @@ batches: encoder windows, the stacked prefill, the stacked steps): the encoder t
 batched prefills and the greedy decode steps (count, widest), summed; per batch for the
 batch-at-a-time engine, per logged second ("decode loop" lines) for the continuous batch;
 how many draft ids (the last hypothesis of the segment) the decode loop took, and how many
-prompt tokens were reused from the cache as the segment's last partial left them. Usage: python3 scripts/stage_times.py LOG"""
+prompt tokens were reused from the cache as the segment's last partial left them; with
+RUST_LOG also naming stepaudio_live::stream::engine=debug, where the continuous batch's finals
+spent their time (segment end → joining the loop, in the loop). Usage: python3 scripts/stage_times.py LOG"""
 import re
 import sys
 
@@ -14,11 +16,16 @@ enc, pre, dec, steps, widest, turns, batches = [], [], [], [], [], [], 0
 plan, carried, windows = [], 0, 0
 enc_layers, cross, after_final = [], [], []
 drafted, taken = 0, 0
+final_before, final_loop, final_rounds = [], [], []
 prompt, reused = 0, 0
 ansi = re.compile(r"\x1b\[[0-9;]*m")
 for line in open(sys.argv[1], errors="replace"):
     line = ansi.sub("", line)
-    if "carried segments encoded after their finals" in line:
+    if "a final out of the decode loop" in line:
+        final_before.append(num("before_ms", line))
+        final_loop.append(num("in_loop_ms", line))
+        final_rounds.append(num("rounds", line))
+    elif "carried segments encoded after their finals" in line:
         after_final.append((num("segments", line), num("ms", line)))
     elif "encoder windows and their cross-attention" in line:
         enc_layers.append(num("encoder_ms", line))
@@ -68,3 +75,8 @@ if after_final:
     segs, ms = sum(a for a, _ in after_final), sum(b for _, b in after_final)
     print(f"  outside the batches: {segs:.0f} carried segments encoded after their finals in {len(after_final)} calls, "
           f"{ms / 1e3:.2f} s ({ms / max(segs, 1):.2f} ms a segment)")
+if final_loop:
+    q = lambda v, p: sorted(v)[min(len(v) - 1, int(p / 100 * len(v)))]
+    print(f"  finals ({len(final_loop)}), segment end → joining the loop p50 {q(final_before, 50):.0f} / p95 "
+          f"{q(final_before, 95):.0f} ms, in the loop p50 {q(final_loop, 50):.0f} / p95 {q(final_loop, 95):.0f} ms, "
+          f"rounds p50 {q(final_rounds, 50):.0f} ({q(final_loop, 50) / max(q(final_rounds, 50), 1):.1f} ms a round)")

@@ -1117,6 +1117,8 @@ struct InFlight {
     model_time: Duration,
     /// Rounds of the loop it has been in.
     rounds: usize,
+    /// When it joined the loop.
+    joined: Instant,
 }
 
 impl InFlight {
@@ -1127,6 +1129,7 @@ impl InFlight {
             work,
             model_time: Duration::ZERO,
             rounds: 0,
+            joined: Instant::now(),
         }
     }
 
@@ -1373,6 +1376,16 @@ impl Core {
         for (key, result) in over {
             let run = flying.remove(&key).expect("in flight");
             pace.observe_decode(run.rounds);
+            if run.update.kind != UpdateKind::Partial {
+                // Where a final's time went (scripts/stage_times.py sums these).
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                tracing::debug!(
+                    before_ms = ms(run.joined.saturating_duration_since(run.update.end_arrival)),
+                    in_loop_ms = ms(run.joined.elapsed()),
+                    rounds = run.rounds,
+                    "a final out of the decode loop"
+                );
+            }
             let outcome = result.map_err(|e| decode_failure(&run.update, &run.work, e));
             done.push(Self::land(key, run, outcome));
         }
