@@ -733,6 +733,34 @@ fn main() -> Result<()> {
 
 /// Step-Audio 2 mini's configuration with random weights (the tokenizer of
 /// the test fixture, which has the real vocabulary's special tokens).
+/// The tiny checkpoint's tokenizer with a word of its own (" w<id>") for
+/// every id of a `vocab`-sized vocabulary that it lacks, written to the temp
+/// directory. With the tiny vocabulary (669 ids) most of a random model's
+/// picks read as nothing, every partial of a segment has the same (empty)
+/// text, and a partial whose text did not change is not sent: the partial
+/// gaps measured would be the tokenizer's, not the engine's.
+fn covering_tokenizer(tiny: &Path, vocab: usize) -> Result<PathBuf> {
+    let mut doc: serde_json::Value = serde_json::from_slice(&std::fs::read(tiny)?)?;
+    let taken: usize = doc["added_tokens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["id"].as_u64())
+        .chain(doc["model"]["vocab"].as_object().into_iter().flatten().filter_map(|(_, id)| id.as_u64()))
+        .max()
+        .map_or(0, |m| m as usize + 1);
+    let words = doc["model"]["vocab"]
+        .as_object_mut()
+        .context("the tiny tokenizer has no BPE vocabulary")?;
+    for id in taken..vocab {
+        // "Ġ" is the byte-level form of a leading space.
+        words.insert(format!("\u{120}w{id}"), json!(id));
+    }
+    let path = std::env::temp_dir().join(format!("stepaudio-random-tokenizer-{vocab}.json"));
+    std::fs::write(&path, serde_json::to_vec(&doc)?)?;
+    Ok(path)
+}
+
 fn step_audio_random(args: &Args) -> Result<LoadedModel> {
     use stepaudio_live::model::step_audio2::{
         config::StepAudio2Config, load, prompt::StepTokenizer,
@@ -746,11 +774,12 @@ fn step_audio_random(args: &Args) -> Result<LoadedModel> {
     // From the source tree, or (a binary carried to another machine) the current directory.
     let rel = "tests/fixtures/step_audio2/tiny_ckpt/tokenizer.json";
     let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel);
-    let tokenizer = StepTokenizer::load(if built.exists() {
-        &built
+    let tiny = if built.exists() {
+        built
     } else {
-        Path::new(rel)
-    })?;
+        PathBuf::from(rel)
+    };
+    let tokenizer = StepTokenizer::load(&covering_tokenizer(&tiny, cfg.text.vocab_size)?)?;
     let model = load::random_weights(&cfg, &device, dtype, 0)?;
     Ok(LoadedModel::StepAudio2(Arc::new(
         stepaudio_live::model::step_audio2::StepAudio2::new(model, tokenizer)?,
