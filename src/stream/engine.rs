@@ -58,10 +58,12 @@ pub struct EngineConfig {
     /// How long a batch of partials may take, by the measured cost of a
     /// batch (at least one partial runs per batch).
     pub partial_budget: Duration,
-    /// Least time between two partials of a stream while other streams
-    /// wait for partials too (alone, a stream gets every partial its
-    /// tracker asks for). Partials are most of the work; spacing them keeps
-    /// room for finals, which then rarely wait.
+    /// Least time between the starts of two partials of a stream while
+    /// other streams wait for partials too (alone, a stream gets every
+    /// partial its tracker asks for). Partials are most of the work; spacing
+    /// them keeps room for finals, which then rarely wait. Start to start,
+    /// so that a stream's partials come about this far apart whatever a
+    /// decode takes.
     pub partial_spacing: Duration,
     /// Batches run at once. With two, the second lane takes only finals
     /// and pause decodes, so they never wait behind partials. One by
@@ -419,7 +421,9 @@ impl Stream {
 struct Slot {
     jobs: VecDeque<Job>,
     counters: Arc<StreamCounters>,
-    /// When this stream last had a partial decoded (fairness among partials).
+    /// When this stream's last partial was taken to be decoded: partials are
+    /// spaced start to start, so the time a stream sees between its partials
+    /// is about the spacing, not the spacing plus a decode.
     last_partial: Instant,
     /// `None` while a lane decodes for this stream (its jobs wait).
     stream: Option<Stream>,
@@ -582,8 +586,8 @@ fn partial_admission(
     }
 }
 
-/// A stream back from its batch, with whether it had a partial.
-type Done = (StreamId, Stream, bool);
+/// A stream back from its batch.
+type Done = (StreamId, Stream);
 
 struct State {
     slots: HashMap<StreamId, Slot>,
@@ -925,6 +929,9 @@ impl Core {
                     unreachable!("picked streams have an update at the head");
                 };
                 slot.counters.pending.fetch_sub(1, Ordering::Relaxed);
+                if update.kind == UpdateKind::Partial {
+                    slot.last_partial = Instant::now();
+                }
                 let work = stream.decoder.plan(&update);
                 (id, stream, update, work)
             })
@@ -933,21 +940,17 @@ impl Core {
 
     /// Puts streams back into their slots after their decodes.
     fn give_back(state: &mut State, done: Vec<Done>) {
-        for (id, stream, partial) in done {
+        for (id, stream) in done {
             let slot = state
                 .slots
                 .get_mut(&id)
                 .expect("a stream in flight keeps its slot");
-            if partial {
-                slot.last_partial = Instant::now();
-            }
             slot.stream = Some(stream);
         }
     }
 
     /// Runs the taken decodes as one batch and emits their events; returns
-    /// each stream (with whether it had a partial) and, for a batch of
-    /// partials, the time per partial.
+    /// each stream and, for a batch of partials, the time per partial.
     fn run_batch(&self, mut taken: Vec<Taken>) -> (Vec<Done>, Option<(usize, f64)>) {
         let partials = taken
             .iter()
@@ -996,13 +999,13 @@ impl Core {
             if Self::deliver(id, &mut s, &update, work, outcome, share) {
                 finished.push(done.len());
             }
-            done.push((id, s, update.kind == UpdateKind::Partial, update.segment));
+            done.push((id, s, update.segment));
         }
         // Work for the next segments waits until every final of the batch is out.
         Self::prepare_next_batch(&mut done, &finished);
         let partial_batch = partials.then_some((n, elapsed.as_secs_f64()));
         (
-            done.into_iter().map(|(id, s, p, _)| (id, s, p)).collect(),
+            done.into_iter().map(|(id, s, _)| (id, s)).collect(),
             partial_batch,
         )
     }
@@ -1051,18 +1054,18 @@ impl Core {
     }
 
     /// [`Self::prepare_next`] for the streams `finished` of `done` (id, stream,
-    /// partial, segment), in one call into the model; after a panic there,
+    /// segment), in one call into the model; after a panic there,
     /// each stream on its own (guarded).
-    fn prepare_next_batch(done: &mut [(StreamId, Stream, bool, u64)], finished: &[usize]) {
+    fn prepare_next_batch(done: &mut [(StreamId, Stream, u64)], finished: &[usize]) {
         if finished.len() < 2 {
             for &i in finished {
-                let (_, s, _, segment) = &mut done[i];
+                let (_, s, segment) = &mut done[i];
                 Self::prepare_next(s, *segment);
             }
             return;
         }
         let t = Instant::now();
-        let mut streams: Vec<&mut (StreamId, Stream, bool, u64)> = done
+        let mut streams: Vec<&mut (StreamId, Stream, u64)> = done
             .iter_mut()
             .enumerate()
             .filter(|(i, _)| finished.contains(i))
@@ -1079,7 +1082,7 @@ impl Core {
         let share = t.elapsed() / streams.len() as u32;
         match results {
             Ok(results) => {
-                for ((id, s, _, _), result) in streams.iter_mut().map(|d| &mut **d).zip(results) {
+                for ((id, s, _), result) in streams.iter_mut().map(|d| &mut **d).zip(results) {
                     if let Err(e) = result {
                         tracing::warn!(stream = *id, "preparing the next segment failed: {e}");
                     }
@@ -1091,7 +1094,7 @@ impl Core {
             }
             Err(_) => {
                 tracing::warn!("preparing the next segments together panicked; one by one");
-                for (_, s, _, segment) in streams.iter_mut().map(|d| &mut **d) {
+                for (_, s, segment) in streams.iter_mut().map(|d| &mut **d) {
                     Self::prepare_next(s, *segment);
                 }
             }
@@ -1295,7 +1298,7 @@ impl Core {
             .counters
             .skipped_partials
             .fetch_add(1, Ordering::Relaxed);
-        (id, run.stream, false)
+        (id, run.stream)
     }
 
     /// One round of the continuous batch: the `taken` decodes join it (work
@@ -1409,7 +1412,7 @@ impl Core {
         if Self::deliver(id, &mut stream, &update, work, outcome, model_time) {
             Self::prepare_next(&mut stream, update.segment);
         }
-        (id, stream, update.kind == UpdateKind::Partial)
+        (id, stream)
     }
 
     /// After a panic in the decode loop: every decode in it is dropped from
