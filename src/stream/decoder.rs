@@ -254,6 +254,7 @@ impl SegmentDecoder {
                     state.at_pause = Some((update.features.samples, hyp.clone()));
                 }
                 if hyp.text == state.last_partial {
+                    tracing::debug!(segment, kind = ?update.kind, "partial text unchanged: not sent");
                     return Ok(None);
                 }
                 state.last_partial = hyp.text.clone();
