@@ -285,6 +285,12 @@ pub struct ServerArgs {
     /// load, fewer partials (README, "Many streams on one GPU").
     #[arg(long)]
     pub batch_at_a_time: bool,
+    /// Least time between the starts of two partials of a stream while other
+    /// streams wait for theirs: lower gives each stream partials more often
+    /// under load, at some cost to how many streams fit (README, "The
+    /// finals' deadline, and capacity with both bounds").
+    #[arg(long, value_name = "MS", default_value_t = crate::stream::engine::EngineConfig::default().partial_spacing.as_millis() as u64)]
+    pub partial_spacing_ms: u64,
 }
 
 impl ServerArgs {
@@ -300,6 +306,7 @@ impl ServerArgs {
                 .map_or(defaults.max_streams, |n| n as usize),
             max_batch: self.max_batch as usize,
             continuous: defaults.continuous && !self.batch_at_a_time,
+            partial_spacing: std::time::Duration::from_millis(self.partial_spacing_ms),
             ..defaults
         }
     }
