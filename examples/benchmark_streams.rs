@@ -746,7 +746,13 @@ fn covering_tokenizer(tiny: &Path, vocab: usize) -> Result<PathBuf> {
         .into_iter()
         .flatten()
         .filter_map(|t| t["id"].as_u64())
-        .chain(doc["model"]["vocab"].as_object().into_iter().flatten().filter_map(|(_, id)| id.as_u64()))
+        .chain(
+            doc["model"]["vocab"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(_, id)| id.as_u64()),
+        )
         .max()
         .map_or(0, |m| m as usize + 1);
     let words = doc["model"]["vocab"]

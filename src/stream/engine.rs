@@ -516,9 +516,7 @@ impl CostModel {
             return usize::MAX;
         }
         let fixed = if with == 0 { fixed } else { 0.0 };
-        ((budget - fixed).max(0.0) / per)
-            .floor()
-            .max(least as f64) as usize
+        ((budget - fixed).max(0.0) / per).floor().max(least as f64) as usize
     }
 }
 
@@ -1546,7 +1544,8 @@ mod tests {
         // A final joining now, its segment ended 100 ms ago: 400 ms left,
         // 480 ms of rounds to go → nothing for partials.
         let late = now - Duration::from_millis(100);
-        let (secs, bounded) = partial_admission(0.060, deadline, [(late, 0)].into_iter(), &pace, now);
+        let (secs, bounded) =
+            partial_admission(0.060, deadline, [(late, 0)].into_iter(), &pace, now);
         assert!(bounded && secs < 0.0, "{secs}");
         // The same final 20 rounds in (4 to go, 80 ms) with 300 ms left:
         // 220 ms of slack, more than the budget.
@@ -1560,7 +1559,8 @@ mod tests {
         assert_eq!((secs, bounded), (0.060, false));
         // One with 30 ms of slack bounds it; without a deadline nothing does.
         let tight = now - Duration::from_millis(200 + 190);
-        let (secs, bounded) = partial_admission(0.060, deadline, [(tight, 20)].into_iter(), &pace, now);
+        let (secs, bounded) =
+            partial_admission(0.060, deadline, [(tight, 20)].into_iter(), &pace, now);
         assert!(bounded && (secs - 0.030).abs() < 1e-6, "{secs}");
         assert_eq!(
             partial_admission(0.060, None, [(late, 0)].into_iter(), &pace, now),
