@@ -242,6 +242,7 @@ struct StreamLog {
     audio_seconds: f64,
     model_seconds: f64,
     skipped_partials: u64,
+    unchanged_partials: u64,
 }
 
 /// Runs one simulated stream to its end; returns its log.
@@ -387,6 +388,7 @@ fn run_stream(
     log.audio_seconds = fed as f64 / RATE as f64;
     log.model_seconds = counters.model_time().as_secs_f64();
     log.skipped_partials = counters.skipped_partials.load(Ordering::Relaxed);
+    log.unchanged_partials = counters.unchanged_partials.load(Ordering::Relaxed);
     Ok(log)
 }
 
@@ -549,7 +551,7 @@ fn run(
     let mut all = Measures::default();
     let mut per_stream = Vec::new();
     let mut refused = 0;
-    let (mut audio, mut model_s, mut skipped) = (0.0, 0.0, 0);
+    let (mut audio, mut model_s, mut skipped, mut unchanged) = (0.0, 0.0, 0, 0);
     for (i, log) in logs.iter().enumerate() {
         if log.refused {
             refused += 1;
@@ -561,9 +563,11 @@ fn run(
         audio += log.audio_seconds;
         model_s += log.model_seconds;
         skipped += log.skipped_partials;
+        unchanged += log.unchanged_partials;
         let mut s = m.summary();
         s["stream"] = json!(i + 1);
         s["skipped_partials"] = json!(log.skipped_partials);
+        s["unchanged_partials"] = json!(log.unchanged_partials);
         per_stream.push(s);
     }
     let report = json!({
@@ -576,6 +580,7 @@ fn run(
         "rss_mb": usage.rss_mb,
         "peak_rss_mb": usage.peak_rss_mb,
         "skipped_partials": skipped,
+        "unchanged_partials": unchanged,
         "engine": stats,
         "kv_pool": kv_pool(model),
         "wall_s": wall,
@@ -617,9 +622,10 @@ fn print_run(report: &serde_json::Value) {
         }
         let e = &s["end_of_speech_to_final_s"];
         println!(
-            "  stream {:>3}: end→final p50 {:.0} / p95 {:.0} ms, partial gap max {:.0} ms, lost {}, skipped partials {}",
+            "  stream {:>3}: end→final p50 {:.0} / p95 {:.0} ms, partial gap max {:.0} ms, lost {}, skipped partials {}, unchanged (not sent) {}",
             s["stream"], f(&e["p50"]) * 1e3, f(&e["p95"]) * 1e3,
-            f(&s["partial_gap_s"]["max"]) * 1e3, s["finals_lost"], s["skipped_partials"]
+            f(&s["partial_gap_s"]["max"]) * 1e3, s["finals_lost"], s["skipped_partials"],
+            s["unchanged_partials"]
         );
     }
 }

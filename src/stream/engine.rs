@@ -175,6 +175,9 @@ pub struct StreamCounters {
     /// sends one; the engine decrements it).
     pub pending: AtomicUsize,
     pub skipped_partials: AtomicU64,
+    /// Partials (and pause decodes) decoded whose text was that of the one
+    /// before, so not sent.
+    pub unchanged_partials: AtomicU64,
     pub finals: AtomicU64,
     /// Decodes that failed (their finals went out with reason `error`).
     pub failed: AtomicU64,
@@ -1037,6 +1040,14 @@ impl Core {
             recognizer.as_mut(),
             |ev| events.push(ev),
         );
+        let unchanged = matches!(update.kind, UpdateKind::Partial | UpdateKind::Pause)
+            && events.is_empty()
+            && result.is_ok();
+        if unchanged {
+            s.counters
+                .unchanged_partials
+                .fetch_add(1, Ordering::Relaxed);
+        }
         for ev in events {
             s.emit(ev);
         }
