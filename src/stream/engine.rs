@@ -152,8 +152,9 @@ impl Default for EngineConfig {
             continuous: false,
             admit_budget: Duration::from_millis(60),
             admit_interval: Duration::from_millis(100),
-            // The segmenter's 300 ms hangover comes before the segment's end:
-            // 500 ms after it keeps end of speech→final within about a second.
+            // A segment ends 150 ms (its tail) after the last voiced audio and
+            // its final is asked for when the 300 ms hangover has passed: 500 ms
+            // after the segment's end keeps end of speech→final near a second.
             final_deadline: Some(Duration::from_millis(500)),
         }
     }
