@@ -302,7 +302,8 @@ fn a_continuous_batch_gives_each_stream_its_finals_alone() {
 /// join and leave the running loop beside other streams' finals, and a final
 /// may drop its own stream's partial in flight; every stream still gets one
 /// final per segment, in order, none failed — as many as the batch-at-a-time
-/// engine gives the same audio.
+/// engine gives the same audio, also when every final misses the deadline
+/// that partials yield to.
 #[test]
 fn the_continuous_batch_with_partials_keeps_every_final() {
     let options = &RecognizerOptions {
@@ -315,10 +316,18 @@ fn the_continuous_batch_with_partials_keeps_every_final() {
         audio_of(&["en_timit_ldc93s1", "en_ps_goforward", "en_mfa_her"]),
     ];
     let mut segments = Vec::new();
-    for continuous in [false, true] {
+    // Batch at a time; continuous; continuous with a deadline every final
+    // misses, so partials join only while no final is in the loop.
+    let modes = [
+        (false, EngineConfig::default().final_deadline),
+        (true, EngineConfig::default().final_deadline),
+        (true, Some(Duration::ZERO)),
+    ];
+    for (continuous, final_deadline) in modes {
         let config = EngineConfig {
             max_streams: 8,
             continuous,
+            final_deadline,
             ..EngineConfig::default()
         };
         let (engine, thread) = engine::spawn(tiny_step_audio2(), config).unwrap();
@@ -330,14 +339,17 @@ fn the_continuous_batch_with_partials_keeps_every_final() {
         drop(engine);
         thread.join().unwrap();
         eprintln!(
-            "continuous {continuous}: {stats:?}, partials {:?}",
+            "continuous {continuous}, deadline {final_deadline:?}: {stats:?}, partials {:?}",
             got.iter().map(|g| g.1).collect::<Vec<_>>()
         );
         segments.push(got.iter().map(|g| g.0.len()).collect::<Vec<_>>());
     }
     assert!(segments[0].iter().all(|&n| n >= 2), "segments {segments:?}");
-    assert_eq!(
-        segments[1], segments[0],
-        "finals per stream, continuous vs batch at a time"
-    );
+    for mode in [1, 2] {
+        assert_eq!(
+            segments[mode], segments[0],
+            "finals per stream, continuous ({:?}) vs batch at a time",
+            modes[mode]
+        );
+    }
 }
