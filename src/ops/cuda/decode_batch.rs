@@ -17,12 +17,11 @@
 
 use super::decode::{ArgmaxArgs, ModelPtrs, DEC_SPLITS};
 use super::linear::gemm_t;
-use super::{capture_graph, dev_ptr, func, Graph};
+use super::{capture_graph, dev_ptr, func, read_rows, BucketGraphs, Graph};
 use crate::ops::fast::{DecodeCache, DecodeWeights};
 use candle_core::cuda::cudarc::driver::{result, CudaFunction, LaunchConfig, PushKernelArg};
 use candle_core::cuda::WrapErr;
 use candle_core::{DType, Result, Tensor};
-use std::collections::HashMap;
 
 /// The largest batch one step takes (the row table and scratch buffers grow to the
 /// bucket in use, up to this).
@@ -110,8 +109,7 @@ pub(crate) struct BatchDecodeEngine {
     prefill_bufs: Option<Buffers>,
     /// The one-position cache `[nkv, 1, hd]` (keys, then values) of padding rows.
     pad_kv: Tensor,
-    graphs: HashMap<usize, Graph>,
-    graph_failed: bool,
+    graphs: BucketGraphs,
     /// Rows of the last step (for [`Self::logits`]).
     last_rows: usize,
 }
@@ -140,8 +138,7 @@ impl BatchDecodeEngine {
             bufs: None,
             prefill_bufs: None,
             pad_kv,
-            graphs: HashMap::new(),
-            graph_failed: false,
+            graphs: BucketGraphs::default(),
             last_rows: 0,
         }))
     }
@@ -214,33 +211,18 @@ impl BatchDecodeEngine {
         }
         let bufs = self.bufs.as_ref().expect("ensure_rows");
         let (table_ptr, lp_ptr) = (dev_ptr(&bufs.table)?, dev_ptr(&bufs.lp)?);
-        let stream = self.m.dev.cuda_stream();
         upload(bufs, &table, &kv)?;
-        if use_graph && !self.graph_failed && !self.graphs.contains_key(&bucket) {
-            match self.capture(bucket) {
-                Ok(g) => {
-                    self.graphs.insert(bucket, g);
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "batched decode: CUDA graph capture failed ({e}); launching kernels directly"
-                    );
-                    self.graph_failed = true;
-                }
-            }
-        }
-        match self.graphs.get(&bucket) {
-            Some(g) if use_graph && !self.graph_failed => g.0.launch().w()?,
-            _ => self.enqueue(bucket)?,
-        }
-        let mut lp = vec![0f32; n];
-        // SAFETY: the table and lp buffers hold `bucket` >= n rows; synchronised below.
-        unsafe {
-            result::memcpy_dtoh_async(&mut table[..n * ROW_INTS], table_ptr, stream.cu_stream())
-                .w()?;
-            result::memcpy_dtoh_async(&mut lp, lp_ptr, stream.cu_stream()).w()?;
-        }
-        stream.synchronize().w()?;
+        let mut graphs = std::mem::take(&mut self.graphs);
+        let ran = graphs.run(
+            bucket,
+            use_graph,
+            "batched decode",
+            || self.capture(bucket),
+            || self.enqueue(bucket),
+        );
+        self.graphs = graphs;
+        ran?;
+        let lp = read_rows(&self.m.dev, &mut table, table_ptr, lp_ptr, n, ROW_INTS)?;
         self.last_rows = n;
         let mut out = Vec::with_capacity(n);
         for (b, state) in states.iter_mut().enumerate() {

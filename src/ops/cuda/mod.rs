@@ -148,6 +148,76 @@ pub(crate) fn capture_graph(
     Ok(Graph(graph))
 }
 
+/// The CUDA graphs of a batched step, one per row bucket, captured on first
+/// use; once a capture fails, every step launches its kernels directly.
+#[derive(Default)]
+pub(crate) struct BucketGraphs {
+    graphs: HashMap<usize, Graph>,
+    failed: bool,
+}
+
+impl BucketGraphs {
+    /// Drops the graphs (they name buffers about to be replaced); a failed
+    /// capture is still remembered.
+    pub(crate) fn clear(&mut self) {
+        self.graphs.clear();
+    }
+
+    /// Runs `bucket`'s step: its graph when `use_graph` (made by `capture` the
+    /// first time), else `enqueue`'s launches. `what` names the engine in the
+    /// warning a failed capture leaves.
+    pub(crate) fn run(
+        &mut self,
+        bucket: usize,
+        use_graph: bool,
+        what: &str,
+        capture: impl FnOnce() -> Result<Graph>,
+        enqueue: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        if use_graph && !self.failed && !self.graphs.contains_key(&bucket) {
+            match capture() {
+                Ok(g) => {
+                    self.graphs.insert(bucket, g);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "{what}: CUDA graph capture failed ({e}); launching kernels directly"
+                    );
+                    self.failed = true;
+                }
+            }
+        }
+        match self.graphs.get(&bucket) {
+            Some(g) if use_graph && !self.failed => g.0.launch().w(),
+            _ => enqueue(),
+        }
+    }
+}
+
+/// Copies a step's results back — the first `n` rows of its row table into
+/// `table` (`row_ints` entries a row) and its `n` log-probabilities — and
+/// waits for the stream.
+pub(crate) fn read_rows(
+    dev: &CudaDevice,
+    table: &mut [u32],
+    table_ptr: u64,
+    lp_ptr: u64,
+    n: usize,
+    row_ints: usize,
+) -> Result<Vec<f32>> {
+    use candle_core::cuda::cudarc::driver::result;
+    let stream = dev.cuda_stream();
+    let mut lp = vec![0f32; n];
+    // SAFETY: the device buffers hold at least `n` rows (the step's bucket);
+    // the copies complete before the synchronise below returns.
+    unsafe {
+        result::memcpy_dtoh_async(&mut table[..n * row_ints], table_ptr, stream.cu_stream()).w()?;
+        result::memcpy_dtoh_async(&mut lp, lp_ptr, stream.cu_stream()).w()?;
+    }
+    stream.synchronize().w()?;
+    Ok(lp)
+}
+
 /// Device address of the first element of `t` (its layout's start offset included).
 /// The address stays valid while `t`'s storage lives; callers keep a clone of `t`.
 pub(crate) fn dev_ptr(t: &Tensor) -> Result<u64> {

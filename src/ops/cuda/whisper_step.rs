@@ -16,12 +16,11 @@
 
 use super::decode::{enqueue_argmax, ArgmaxArgs, DEC_SPLITS};
 use super::linear::gemm_t;
-use super::{capture_graph, dev_ptr, func, Graph};
+use super::{capture_graph, dev_ptr, func, read_rows, BucketGraphs, Graph};
 use crate::ops::fast::{WhisperStepRows, WhisperStepWeights};
 use candle_core::cuda::cudarc::driver::{result, CudaFunction, LaunchConfig, PushKernelArg};
 use candle_core::cuda::{CudaDevice, WrapErr};
 use candle_core::{DType, Result, Tensor};
-use std::collections::HashMap;
 
 /// Head dimension the attention kernels are written for (every Whisper size).
 const HEAD_DIM: usize = 64;
@@ -108,8 +107,7 @@ pub(crate) struct WhisperStepEngine {
     /// The logit rules' suppression row `[V]` f32, copied in before each step (the
     /// graphs name this buffer, not the caller's).
     suppress: Tensor,
-    graphs: HashMap<usize, Graph>,
-    graph_failed: bool,
+    graphs: BucketGraphs,
     last_rows: usize,
 }
 
@@ -210,8 +208,7 @@ impl WhisperStepEngine {
             bufs: None,
             pad,
             suppress,
-            graphs: HashMap::new(),
-            graph_failed: false,
+            graphs: BucketGraphs::default(),
             last_rows: 0,
             _weights: w.clone(),
         }))
@@ -373,29 +370,17 @@ impl WhisperStepEngine {
             result::memcpy_dtod_async(suppress, dev_ptr(r.suppress)?, bytes, stream.cu_stream())
                 .w()?;
         }
-        if use_graph && !self.graph_failed && !self.graphs.contains_key(&bucket) {
-            match self.capture(bucket) {
-                Ok(g) => {
-                    self.graphs.insert(bucket, g);
-                }
-                Err(e) => {
-                    tracing::warn!("fused Whisper step: CUDA graph capture failed ({e}); launching kernels directly");
-                    self.graph_failed = true;
-                }
-            }
-        }
-        match self.graphs.get(&bucket) {
-            Some(g) if use_graph && !self.graph_failed => g.0.launch().w()?,
-            _ => self.enqueue(bucket)?,
-        }
-        let mut lp = vec![0f32; n];
-        // SAFETY: the table and lp buffers hold `bucket` >= n rows; synchronised below.
-        unsafe {
-            result::memcpy_dtoh_async(&mut table[..n * ROW_INTS], table_ptr, stream.cu_stream())
-                .w()?;
-            result::memcpy_dtoh_async(&mut lp, lp_ptr, stream.cu_stream()).w()?;
-        }
-        stream.synchronize().w()?;
+        let mut graphs = std::mem::take(&mut self.graphs);
+        let ran = graphs.run(
+            bucket,
+            use_graph,
+            "fused Whisper step",
+            || self.capture(bucket),
+            || self.enqueue(bucket),
+        );
+        self.graphs = graphs;
+        ran?;
+        let lp = read_rows(&self.dev, &mut table, table_ptr, lp_ptr, n, ROW_INTS)?;
         self.last_rows = n;
         Ok((0..n).map(|b| (table[b * ROW_INTS], lp[b])).collect())
     }
