@@ -768,6 +768,79 @@ fn a_final_committed_from_a_pause_decode_equals_the_decoded_final() {
     );
 }
 
+/// (8b) A pause decode is held in the cache ([`TurnOptions::hold`]): alone
+/// or in a batch with a final, committing it as it is leaves the session bit
+/// for bit as decoding the final does; the next turn drops it instead, and
+/// then nothing is left to commit.
+#[test]
+fn a_held_turn_commits_as_the_decoded_final_or_is_dropped_by_the_next_turn() {
+    let model = model();
+    let sa = step_audio2(&model);
+    let audio = [rows(&sa, "en_jfk_ask_not.wav", 3.0)];
+    let other = [rows(&sa, "en_ps_cards_001.wav", 2.0)];
+    let opts = SessionOptions::default();
+    let plain = TurnOptions::new(12);
+    let hold = TurnOptions {
+        hold: true,
+        ..plain.clone()
+    };
+    let mut decoded = Session::new(&sa, opts.clone()).unwrap();
+    let final_ = decoded.decode_final(&sa, &audio, &[], &plain).unwrap();
+
+    let mut held = Session::new(&sa, opts.clone()).unwrap();
+    let at_pause = held.decode_partial(&sa, &audio, &[], &hold).unwrap();
+    assert_same_turn("held turn", &at_pause, &final_);
+    assert_eq!(
+        held.committed_len(),
+        held.system_len(),
+        "held, not committed"
+    );
+    assert!(held.commit_held(), "a held turn commits");
+    assert!(!held.commit_held(), "only once");
+    assert_same_session("held, then committed", &held, &decoded);
+
+    // In a batch beside another stream's final.
+    let mut batched = [
+        Session::new(&sa, opts.clone()).unwrap(),
+        Session::new(&sa, opts.clone()).unwrap(),
+    ];
+    let mut alone_other = Session::new(&sa, opts.clone()).unwrap();
+    let other_final = alone_other.decode_final(&sa, &other, &[], &plain).unwrap();
+    let [a, b] = &mut batched;
+    let mut requests = [
+        TurnRequest {
+            session: a,
+            audio: &audio,
+            prefix: &[],
+            commit: false,
+            opts: &hold,
+        },
+        TurnRequest {
+            session: b,
+            audio: &other,
+            prefix: &[],
+            commit: true,
+            opts: &plain,
+        },
+    ];
+    let outs = Session::run_turns(&sa, &mut requests);
+    drop(requests);
+    let outs: Vec<TurnOutput> = outs.into_iter().map(Result::unwrap).collect();
+    assert_same_turn("held in a batch", &outs[0], &final_);
+    assert_same_turn("final beside it", &outs[1], &other_final);
+    assert!(batched[0].commit_held());
+    assert_same_session("held in a batch, then committed", &batched[0], &decoded);
+    assert_same_session("final beside it", &batched[1], &alone_other);
+
+    // Speech resumed: the next turn of the segment drops the held one.
+    let mut dropped = Session::new(&sa, opts.clone()).unwrap();
+    dropped.decode_partial(&sa, &other, &[], &hold).unwrap();
+    let longer = dropped.decode_final(&sa, &audio, &[], &plain).unwrap();
+    assert_same_turn("final after a dropped held turn", &longer, &final_);
+    assert!(!dropped.commit_held(), "nothing held after the next turn");
+    assert_same_session("final after a dropped held turn", &dropped, &decoded);
+}
+
 /// (9) A partial that reuses the start of its prompt from the cache, as the
 /// partial before it left it ([`TurnOptions::keep`] / [`TurnOptions::reuse`]),
 /// equals the same turn prefilled whole (a fresh session, the same audio

@@ -604,7 +604,7 @@ impl StepAudio2Recognizer {
             self.audio_rows(features)?
         };
         let t1 = Instant::now();
-        self.ask(prefix, commit);
+        self.ask(prefix, commit, partial);
         let out = self
             .session
             .run_turn(&self.sa.clone(), &[rows], prefix, commit, &self.turn)?;
@@ -612,8 +612,11 @@ impl StepAudio2Recognizer {
     }
 
     /// Sets the draft of a decode of the open segment after `prefix`: what
-    /// follows that prefix in the segment's last hypothesis, if it begins so.
-    fn ask(&mut self, prefix: &[u32], commit: bool) {
+    /// follows that prefix in the segment's last hypothesis, if it begins so;
+    /// a pause decode (neither a final nor a partial) is held in the cache for
+    /// [`Recognizer::commit`].
+    fn ask(&mut self, prefix: &[u32], commit: bool, partial: bool) {
+        self.turn.hold = !commit && !partial;
         self.turn.draft = match &self.last_ids {
             Some(ids) if self.drafts && ids.starts_with(prefix) => ids[prefix.len()..].to_vec(),
             _ => Vec::new(),
@@ -771,7 +774,7 @@ impl StepAudio2Recognizer {
         encoded: &'a Encoded,
     ) -> Option<TurnRequest<'a>> {
         let rec = &mut *r.recognizer;
-        rec.ask(r.prefix, r.commit);
+        rec.ask(r.prefix, r.commit, r.partial);
         Some(TurnRequest {
             session: &mut rec.session,
             audio: &encoded.0,
@@ -978,18 +981,30 @@ impl Recognizer for StepAudio2Recognizer {
         self.run(features, prefix, false, true)
     }
 
-    /// Appends the turn with the hypothesis' ids forced (all the ids its
-    /// decode chose, where it was the last decode) and nothing generated: one
-    /// prefill, then `<|EOT|>`.
+    /// Commits the turn of the last decode where it was the pause decode of
+    /// the same audio with this hypothesis (held in the cache, see
+    /// [`TurnOptions::hold`]): no model work. Otherwise appends the turn with
+    /// the hypothesis' ids forced and nothing generated: one prefill, then
+    /// `<|EOT|>`.
     fn commit(
         &mut self,
         features: &SegmentFeatures,
         hypothesis: &Hypothesis,
     ) -> Result<(), ModelError> {
         self.unbound();
+        let last_decode = self.cached_rows(features).is_some()
+            && self
+                .last_ids
+                .as_ref()
+                .is_some_and(|ids| self.sa.tokenizer.text_ids(ids) == hypothesis.tokens);
+        if last_decode && self.session.commit_held() {
+            self.last_ids = None;
+            return Ok(());
+        }
         let rows = self.audio_rows(features)?;
         let opts = TurnOptions {
             max_new_tokens: 0,
+            hold: false,
             ..self.turn.clone()
         };
         // When `hypothesis` is the last decode's, every id it chose (non-text

@@ -82,6 +82,12 @@ pub struct TurnOptions {
     /// partial to [`Self::reuse`] (0: the cache goes back to the committed
     /// context). A commit keeps nothing.
     pub keep: usize,
+    /// A turn that does not commit but is closed and left in the cache as a
+    /// commit would leave it, until the next turn begins (which drops it) or
+    /// [`Session::commit_held`] commits it as it is: a pause decode, whose
+    /// hypothesis usually becomes the segment's final, which then costs no
+    /// model work at all instead of a prefill of the whole turn.
+    pub hold: bool,
 }
 
 impl TurnOptions {
@@ -93,6 +99,7 @@ impl TurnOptions {
             draft: Vec::new(),
             reuse: 0,
             keep: 0,
+            hold: false,
         }
     }
 }
@@ -144,6 +151,9 @@ pub struct Session {
     /// Prompt tokens of the open segment's last partial cached after the
     /// committed context ([`TurnOptions::keep`]).
     open: usize,
+    /// Cache length at the end of a held turn ([`TurnOptions::hold`]) still
+    /// cached after the committed context.
+    held: Option<usize>,
     opts: SessionOptions,
     restarts: usize,
     /// The fused decode step over this session's KV cache (CUDA, bf16), made on the
@@ -170,6 +180,7 @@ impl Session {
             system_ids,
             committed,
             open: 0,
+            held: None,
             opts,
             restarts: 0,
             fused: Default::default(),
@@ -212,6 +223,24 @@ impl Session {
         self.state.truncate(self.system_ids.len());
         self.committed = self.system_ids.len();
         self.open = 0;
+        self.held = None;
+    }
+
+    /// Commits the held turn ([`TurnOptions::hold`]) as it is cached: the
+    /// committed context becomes what committing its decode would have made
+    /// it. False (nothing changed) when no turn is held, e.g. a later turn
+    /// dropped it.
+    pub fn commit_held(&mut self) -> bool {
+        match self.held.take() {
+            Some(len) if self.state.len() == len => {
+                self.committed = len;
+                if self.committed > self.opts.max_context {
+                    self.restart("budget passed");
+                }
+                true
+            }
+            _ => false,
+        }
     }
 
     fn restart(&mut self, reason: &str) {
@@ -260,8 +289,9 @@ impl Session {
         opts: &TurnOptions,
     ) -> Result<TurnOutput, ModelError> {
         let plan = self.plan_turn(sa, audio, prefix, opts)?;
-        let result = self.greedy_turn(sa, &plan, audio, prefix, commit, opts);
-        self.close_turn(&plan, commit, result)
+        let closes = commit || opts.hold;
+        let result = self.greedy_turn(sa, &plan, audio, prefix, closes, opts);
+        self.close_turn(&plan, closes, result)
     }
 
     /// Several streams' turns, each as [`Self::run_turn`] would run it alone, with
@@ -339,6 +369,7 @@ impl Session {
         };
         self.state.truncate(self.committed + reused);
         self.open = 0;
+        self.held = None;
         debug_assert_eq!(self.state.len(), self.committed + reused);
         let budget = opts.max_new_tokens.min(room);
         Ok(TurnPlan {
@@ -351,13 +382,14 @@ impl Session {
             draft: opts.draft.len().min(budget.saturating_sub(1)),
             base: self.committed,
             restarted,
+            hold: opts.hold,
         })
     }
 
     /// The epilogue of a turn: a commit moves the committed length (and
-    /// restarts past `max_context`); a partial truncates the cache back to
-    /// where the turn began plus the prompt tokens it keeps, an error to
-    /// where it began.
+    /// restarts past `max_context`), a held turn (closed as a commit) stays
+    /// cached past it; a partial truncates the cache back to where the turn
+    /// began plus the prompt tokens it keeps, an error to where it began.
     fn close_turn(
         &mut self,
         plan: &TurnPlan,
@@ -367,7 +399,9 @@ impl Session {
         let mut restarted = plan.restarted;
         match result {
             Ok(mut out) => {
-                if commit {
+                if commit && plan.hold {
+                    self.held = Some(self.state.len());
+                } else if commit {
                     self.committed = self.state.len();
                     if self.committed > self.opts.max_context {
                         self.restart("budget passed");
@@ -744,7 +778,7 @@ impl TurnLoop {
                         plan,
                         greedy,
                         prefix: t.prefix.to_vec(),
-                        commit: t.commit,
+                        commit: t.commit || t.opts.hold,
                         opts: t.opts.clone(),
                     })
                 }
@@ -968,6 +1002,8 @@ struct TurnPlan {
     keep: usize,
     base: usize,
     restarted: bool,
+    /// Closed as a commit but held, not committed ([`TurnOptions::hold`]).
+    hold: bool,
 }
 
 /// One turn's greedy decoding from its prefill to its close: the bookkeeping
