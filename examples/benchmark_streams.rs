@@ -416,6 +416,9 @@ struct Measures {
     /// Per measured utterance: (voiced end, segment end, the engine's
     /// segment-end→final latency, voiced end→final), seconds.
     detail: Vec<(f64, f64, f64, f64)>,
+    /// Where the longest partial gap lies: (gap, from, to, segment); `to` is
+    /// the segment's end of speech when the gap is its last.
+    longest_gap: Option<(f64, f64, f64, u64)>,
 }
 
 impl Measures {
@@ -448,11 +451,13 @@ impl Measures {
             }
             m.partials += parts.len();
             let mut last = started;
-            for &p in &parts {
+            for &p in parts.iter().chain([&ended]) {
                 m.partial_gaps.push(p - last);
+                if m.longest_gap.is_none_or(|g| p - last > g.0) {
+                    m.longest_gap = Some((p - last, last, p, seg));
+                }
                 last = p;
             }
-            m.partial_gaps.push(ended - last);
             // Each recording's last voiced frame, if this segment holds it.
             let Some(latency_ms) = latency_ms else {
                 continue;
@@ -476,6 +481,12 @@ impl Measures {
         self.lost += o.lost;
         self.segments += o.segments;
         self.detail.extend(&o.detail);
+        if let Some(g) = o
+            .longest_gap
+            .filter(|g| self.longest_gap.is_none_or(|s| g.0 > s.0))
+        {
+            self.longest_gap = Some(g);
+        }
     }
 
     fn summary(&self) -> serde_json::Value {
@@ -484,6 +495,7 @@ impl Measures {
             "end_of_speech_to_final_s": q(&self.end_to_final),
             "first_partial_s": q(&self.first_partial),
             "partial_gap_s": q(&self.partial_gaps),
+            "longest_gap": self.longest_gap.map(|(gap, from, to, segment)| json!({"gap": gap, "from": from, "to": to, "segment": segment})),
             "partials_per_speech_second": self.partials as f64 / self.speech_seconds.max(1e-9),
             "segments": self.segments,
             "finals_lost": self.lost,

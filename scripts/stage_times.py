@@ -7,7 +7,7 @@ batch-at-a-time engine, per logged second ("decode loop" lines) for the continuo
 how many draft ids (the last hypothesis of the segment) the decode loop took, and how many
 prompt tokens were reused from the cache as the segment's last partial left them; with
 RUST_LOG also naming stepaudio_live::stream::engine=debug, where the continuous batch's finals
-spent their time (segment end → joining the loop, in the loop). Usage: python3 scripts/stage_times.py LOG"""
+spent their time (segment end → joining the loop, in the loop) and the work run alone beside it. Usage: python3 scripts/stage_times.py LOG"""
 import re
 import sys
 
@@ -17,11 +17,14 @@ plan, carried, windows = [], 0, 0
 enc_layers, cross, after_final = [], [], []
 drafted, taken = 0, 0
 final_before, final_loop, final_rounds = [], [], []
+alone = []
 prompt, reused = 0, 0
 ansi = re.compile(r"\x1b\[[0-9;]*m")
 for line in open(sys.argv[1], errors="replace"):
     line = ansi.sub("", line)
-    if "a final out of the decode loop" in line:
+    if "work run alone beside the decode loop" in line:
+        alone.append((num("decodes", line), num("ms", line)))
+    elif "a final out of the decode loop" in line:
         final_before.append(num("before_ms", line))
         final_loop.append(num("in_loop_ms", line))
         final_rounds.append(num("rounds", line))
@@ -80,3 +83,7 @@ if final_loop:
     print(f"  finals ({len(final_loop)}), segment end → joining the loop p50 {q(final_before, 50):.0f} / p95 "
           f"{q(final_before, 95):.0f} ms, in the loop p50 {q(final_loop, 50):.0f} / p95 {q(final_loop, 95):.0f} ms, "
           f"rounds p50 {q(final_rounds, 50):.0f} ({q(final_loop, 50) / max(q(final_rounds, 50), 1):.1f} ms a round)")
+if alone:
+    n, ms = sum(a for a, _ in alone), sum(b for _, b in alone)
+    print(f"  work run alone beside the decode loop (a reused pause decode's commit): {n:.0f} decodes in "
+          f"{len(alone)} rounds, {ms / 1e3:.2f} s ({ms / max(n, 1):.2f} ms a decode)")

@@ -429,6 +429,9 @@ struct Slot {
     /// spaced start to start, so the time a stream sees between its partials
     /// is about the spacing, not the spacing plus a decode.
     last_partial: Instant,
+    /// The one before: a partial dropped from the decode loop gave the
+    /// client nothing, so the stream's spacing counts from this again.
+    partial_before: Instant,
     /// `None` while a lane decodes for this stream (its jobs wait).
     stream: Option<Stream>,
 }
@@ -718,6 +721,7 @@ impl Core {
                 jobs: VecDeque::new(),
                 counters: counters.clone(),
                 last_partial: Instant::now(),
+                partial_before: Instant::now(),
                 stream: Some(Stream {
                     recognizer,
                     decoder: SegmentDecoder::new(),
@@ -932,6 +936,7 @@ impl Core {
                 };
                 slot.counters.pending.fetch_sub(1, Ordering::Relaxed);
                 if update.kind == UpdateKind::Partial {
+                    slot.partial_before = slot.last_partial;
                     slot.last_partial = Instant::now();
                 }
                 let work = stream.decoder.plan(&update);
@@ -1189,11 +1194,16 @@ impl Core {
             let preempted = Self::preempted(&state, &flying);
             if !preempted.is_empty() {
                 drop(state);
-                let back = preempted
+                let back: Vec<Done> = preempted
                     .into_iter()
                     .map(|id| Self::drop_partial(decodes.as_mut(), &mut flying, id))
                     .collect();
                 state = self.lock();
+                for (id, _) in back.iter() {
+                    if let Some(slot) = state.slots.get_mut(id) {
+                        slot.last_partial = slot.partial_before;
+                    }
+                }
                 Self::give_back(&mut state, back);
             }
             let due = flying.is_empty()
@@ -1329,11 +1339,21 @@ impl Core {
         let (mut joining, alone): (Vec<Taken>, Vec<Taken>) = taken
             .into_iter()
             .partition(|(_, _, _, w)| w.batchable().is_some());
+        let alone_start = Instant::now();
+        let alone_n = alone.len();
         for taken in alone {
             let id = taken.0;
             let mut run = InFlight::new(taken);
             let outcome = run.decode_alone();
             done.push(Self::land(id, run, outcome));
+        }
+        if alone_n > 0 {
+            // Every decode in flight waits for these (scripts/stage_times.py sums them).
+            tracing::debug!(
+                decodes = alone_n,
+                ms = alone_start.elapsed().as_secs_f64() * 1e3,
+                "work run alone beside the decode loop"
+            );
         }
         let keys: Vec<u64> = joining.iter().map(|(id, ..)| *id).collect();
         let admit_start = Instant::now();
@@ -1396,6 +1416,7 @@ impl Core {
                     before_ms = ms(run.joined.saturating_duration_since(run.update.end_arrival)),
                     in_loop_ms = ms(run.joined.elapsed()),
                     rounds = run.rounds,
+                    pause = run.update.kind == UpdateKind::Pause,
                     "a final out of the decode loop"
                 );
             }
