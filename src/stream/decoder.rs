@@ -30,8 +30,13 @@ const COMMIT_AFTER_SAMPLES: usize = 4 * 16_000;
 /// partial's end, and a speaking stream is never long without a partial
 /// only because its words did not change (in a 20 s run of two streams on
 /// the CPU, real tiny.en weights gave 9–10 partials a stream with the text
-/// of the one before).
-const RESEND_UNCHANGED_AFTER_S: f64 = 1.0;
+/// of the one before). Half the engine's default partial spacing (1 s):
+/// under load, partials about a second apart always go out; only a lightly
+/// loaded stream's extra ones (every 0.5 s of audio) and a pause decode
+/// right after a partial are held back. At 1 s, a partial a hair under a
+/// second after the last was dropped and the stream waited 2 s (H200, 4
+/// Step-Audio 2 streams).
+const RESEND_UNCHANGED_AFTER_S: f64 = 0.5;
 
 /// The `reason` of the final of a segment whose decode failed (its text is empty).
 pub const ERROR_REASON: &str = "error";
@@ -637,17 +642,17 @@ mod tests {
     }
 
     #[test]
-    fn an_unchanged_partial_is_sent_again_once_a_second_of_audio_later() {
+    fn an_unchanged_partial_is_sent_again_once_half_a_second_of_audio_later() {
         let mut rec = Scripted::default();
         let mut decoder = SegmentDecoder::new();
         decoder.fault = None;
-        // The same audio length (so the same text) at ends 0.5 s apart.
+        // The same audio length (so the same text) at ends 0.2–0.3 s apart.
         let at = |end: f64| SegmentUpdate {
             end,
             start: 0.0,
             ..update(0, UpdateKind::Partial, 100)
         };
-        let updates: Vec<_> = [0.5, 1.0, 1.5, 2.0, 2.4, 2.6].map(at).into();
+        let updates: Vec<_> = [0.5, 0.8, 1.1, 1.3, 1.6].map(at).into();
         let (events, failures) = run(&mut decoder, &mut rec, &updates);
         assert!(failures.is_empty());
         let ends: Vec<f64> = events
@@ -660,8 +665,8 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        // New text at 0.5; the same again once 1 s past the last one sent.
-        assert_eq!(ends, [0.5, 1.5, 2.6]);
+        // New text at 0.5; the same again once 0.5 s past the last one sent.
+        assert_eq!(ends, [0.5, 1.1, 1.6]);
     }
 
     #[test]
