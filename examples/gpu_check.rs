@@ -626,6 +626,7 @@ fn check_decode(args: &Args, device: &Device, rep: &mut Report) -> Result<()> {
     let sa = loop_model(args, device)?;
     check_turn_loop(args, &sa, rep)?;
     check_partial_reuse(args, &sa, rep)?;
+    check_held_turn(args, &sa, rep)?;
     check_kv_pool(args, &sa, rep)
 }
 
@@ -955,6 +956,58 @@ fn check_partial_reuse(
             "{} prompt tokens reused; worst logits rel {worst:.2e}; ids equal up to the first \
              difference {same}/{}",
             a.reused,
+            b.generated.len()
+        ),
+    );
+    Ok(())
+}
+
+/// A pause decode held in the cache and then committed as it is
+/// ([`TurnOptions::hold`], [`Session::commit_held`]) against the same turn
+/// decoded as a final: the next turn over either committed context must
+/// choose the same ids from the same logits (the same kernels ran).
+fn check_held_turn(
+    args: &Args,
+    sa: &stepaudio_live::model::step_audio2::StepAudio2,
+    rep: &mut Report,
+) -> Result<()> {
+    use stepaudio_live::model::step_audio2::{SessionOptions, TurnOptions};
+    let (device, hidden) = (&sa.model.device, sa.model.config.text.hidden_size);
+    let rows = |n: usize| Tensor::randn(0f32, 0.02, (n, hidden), device)?.to_dtype(DType::BF16);
+    let (segment, next) = (rows(60)?, rows(30)?);
+    let plain = TurnOptions {
+        record_logits: true,
+        ..TurnOptions::new(16)
+    };
+    let hold = TurnOptions {
+        hold: true,
+        ..plain.clone()
+    };
+    let mut held = sa.session(SessionOptions::default())?;
+    let mut decoded = sa.session(SessionOptions::default())?;
+    held.decode_partial(sa, std::slice::from_ref(&segment), &[], &hold)?;
+    let committed = held.commit_held();
+    decoded.decode_final(sa, &[segment], &[], &plain)?;
+    let a = held.decode_partial(sa, std::slice::from_ref(&next), &[], &plain)?;
+    let b = decoded.decode_partial(sa, &[next], &[], &plain)?;
+    let (same, worst) = agreement(&a, &b)?;
+    let lengths = (held.committed_len(), decoded.committed_len());
+    rep.json.insert(
+        "held pause decode".into(),
+        json!({"committed": committed, "committed_lengths": [lengths.0, lengths.1],
+               "worst_rel_logits": worst, "ids_agreeing": same, "ids": b.generated.len()}),
+    );
+    rep.check(
+        &format!(
+            "a pause decode held, then committed vs decoded as the final ({} layers, real widths)",
+            args.decode_layers
+        ),
+        committed && lengths.0 == lengths.1 && worst < 1e-2 && worst.is_finite(),
+        format!(
+            "committed context {} vs {} tokens; next turn: worst logits rel {worst:.2e}, ids \
+             equal up to the first difference {same}/{}",
+            lengths.0,
+            lengths.1,
             b.generated.len()
         ),
     );
