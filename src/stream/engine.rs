@@ -111,12 +111,12 @@ fn cpu_capacity(d_model: usize, cores: usize) -> usize {
 /// Streams a GPU holds by default: below the capacity that
 /// `benchmark_streams --find-capacity` measured on one H200 with random
 /// weights (end-of-speech→final p95 ≤ 1 s, nothing lost; README, "How many
-/// streams"): Step-Audio 2 mini 150–168 with the continuous batch, its GPU
-/// default (144 batch at a time; 24 tokens a turn), Whisper
+/// streams"): Step-Audio 2 mini 256 with the continuous batch, its GPU
+/// default (272: p95 1 002 ms; 144 batch at a time; 24 tokens a turn), Whisper
 /// large-v3-turbo's shape 368 (kept at 96 here for cards smaller than an
 /// H200; Whisper has no memory cap). Step-Audio 2 is also bounded by the memory
 /// its streams' KV cache slots take ([`LoadedModel::streams_fitting_memory`]).
-const GPU_STREAMS_STEP_AUDIO2: usize = 120;
+const GPU_STREAMS_STEP_AUDIO2: usize = 192;
 const GPU_STREAMS_WHISPER: usize = 96;
 
 impl EngineConfig {
