@@ -112,7 +112,8 @@ fn cpu_capacity(d_model: usize, cores: usize) -> usize {
 /// `benchmark_streams --find-capacity` measured on one H200 with random
 /// weights (end-of-speech→final p95 ≤ 1 s, nothing lost; README, "How many
 /// streams"): Step-Audio 2 mini 256 with the continuous batch, its GPU
-/// default (272: p95 1 002 ms; 144 batch at a time; 24 tokens a turn), Whisper
+/// default, in two calls and under 240 in two others (144 batch at a time;
+/// 24 tokens a turn), Whisper
 /// large-v3-turbo's shape 368 (kept at 96 here for cards smaller than an
 /// H200; Whisper has no memory cap). Step-Audio 2 is also bounded by the memory
 /// its streams' KV cache slots take ([`LoadedModel::streams_fitting_memory`]).
