@@ -806,26 +806,29 @@ fn a_held_turn_commits_as_the_decoded_final_or_is_dropped_by_the_next_turn() {
     ];
     let mut alone_other = Session::new(&sa, opts.clone()).unwrap();
     let other_final = alone_other.decode_final(&sa, &other, &[], &plain).unwrap();
-    let [a, b] = &mut batched;
-    let mut requests = [
-        TurnRequest {
-            session: a,
-            audio: &audio,
-            prefix: &[],
-            commit: false,
-            opts: &hold,
-        },
-        TurnRequest {
-            session: b,
-            audio: &other,
-            prefix: &[],
-            commit: true,
-            opts: &plain,
-        },
-    ];
-    let outs = Session::run_turns(&sa, &mut requests);
-    drop(requests);
-    let outs: Vec<TurnOutput> = outs.into_iter().map(Result::unwrap).collect();
+    let outs: Vec<TurnOutput> = {
+        let [a, b] = &mut batched;
+        let mut requests = [
+            TurnRequest {
+                session: a,
+                audio: &audio,
+                prefix: &[],
+                commit: false,
+                opts: &hold,
+            },
+            TurnRequest {
+                session: b,
+                audio: &other,
+                prefix: &[],
+                commit: true,
+                opts: &plain,
+            },
+        ];
+        Session::run_turns(&sa, &mut requests)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect()
+    };
     assert_same_turn("held in a batch", &outs[0], &final_);
     assert_same_turn("final beside it", &outs[1], &other_final);
     assert!(batched[0].commit_held());

@@ -31,11 +31,12 @@ const COMMIT_AFTER_SAMPLES: usize = 4 * 16_000;
 /// only because its words did not change (in a 20 s run of two streams on
 /// the CPU, real tiny.en weights gave 9–10 partials a stream with the text
 /// of the one before). Half the engine's default partial spacing (1 s):
-/// under load, partials about a second apart always go out; only a lightly
-/// loaded stream's extra ones (every 0.5 s of audio) and a pause decode
-/// right after a partial are held back. At 1 s, a partial a hair under a
-/// second after the last was dropped and the stream waited 2 s (H200, 4
-/// Step-Audio 2 streams).
+/// under load, partials about a second apart always go out; only one less
+/// than half a second after the last one sent is held back (a pause decode
+/// right after a partial; some of a lightly loaded stream's, asked every
+/// 0.5 s of audio), and the next comes within about a second. At 1 s, a
+/// partial a hair under a second after the last was dropped and the stream
+/// waited 2 s (H200, 4 Step-Audio 2 streams).
 const RESEND_UNCHANGED_AFTER_S: f64 = 0.5;
 
 /// The `reason` of the final of a segment whose decode failed (its text is empty).
