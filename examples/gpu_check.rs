@@ -802,8 +802,6 @@ fn check_turn_loop(
     use stepaudio_live::model::step_audio2::{
         Session, SessionOptions, TurnLoop, TurnOptions, TurnOutput, TurnRequest,
     };
-    let device = &sa.model.device;
-    let hidden = sa.model.config.text.hidden_size;
     let sessions = || -> Result<Vec<Session>> {
         (0..6)
             .map(|_| Ok(sa.session(SessionOptions::default())?))
@@ -822,10 +820,7 @@ fn check_turn_loop(
     ];
     let audio: Vec<[Tensor; 1]> = plan
         .iter()
-        .map(|p| {
-            let rows = Tensor::randn(0f32, 0.02, (p.1, hidden), device)?.to_dtype(DType::BF16)?;
-            Ok([rows])
-        })
+        .map(|p| Ok([random_audio_rows(sa, p.1)?]))
         .collect::<Result<_>>()?;
     let turn_opts: Vec<TurnOptions> = plan
         .iter()
@@ -910,6 +905,15 @@ fn check_turn_loop(
     Ok(())
 }
 
+/// `n` random adapter rows at the LLM's width (bf16), as one audio piece's.
+fn random_audio_rows(
+    sa: &stepaudio_live::model::step_audio2::StepAudio2,
+    n: usize,
+) -> Result<Tensor> {
+    let (device, hidden) = (&sa.model.device, sa.model.config.text.hidden_size);
+    Ok(Tensor::randn(0f32, 0.02, (n, hidden), device)?.to_dtype(DType::BF16)?)
+}
+
 /// A partial that reuses the start of its prompt as the partial before it left it in
 /// the cache (`TurnOptions::keep` / `reuse`: the fused prefill then starts at the kept
 /// position) against the same turn prefilled whole in a fresh session.
@@ -919,8 +923,7 @@ fn check_partial_reuse(
     rep: &mut Report,
 ) -> Result<()> {
     use stepaudio_live::model::step_audio2::{SessionOptions, TurnOptions};
-    let (device, hidden) = (&sa.model.device, sa.model.config.text.hidden_size);
-    let rows = |n: usize| Tensor::randn(0f32, 0.02, (n, hidden), device)?.to_dtype(DType::BF16);
+    let rows = |n: usize| random_audio_rows(sa, n);
     let (first, kept) = (rows(60)?, 48);
     let second = Tensor::cat(&[first.narrow(0, 0, kept)?, rows(30)?], 0)?;
     let patch_start = sa.tokenizer.human_audio_turn(&[0]).patch_runs[0].0;
@@ -972,8 +975,7 @@ fn check_held_turn(
     rep: &mut Report,
 ) -> Result<()> {
     use stepaudio_live::model::step_audio2::{SessionOptions, TurnOptions};
-    let (device, hidden) = (&sa.model.device, sa.model.config.text.hidden_size);
-    let rows = |n: usize| Tensor::randn(0f32, 0.02, (n, hidden), device)?.to_dtype(DType::BF16);
+    let rows = |n: usize| random_audio_rows(sa, n);
     let (segment, next) = (rows(60)?, rows(30)?);
     let plain = TurnOptions {
         record_logits: true,
@@ -1024,7 +1026,6 @@ fn check_kv_pool(
     rep: &mut Report,
 ) -> Result<()> {
     use stepaudio_live::model::step_audio2::{Session, SessionOptions, TurnOptions, TurnRequest};
-    let (device, hidden) = (&sa.model.device, sa.model.config.text.hidden_size);
     let streams = 6;
     let make = || -> Result<Vec<Session>> {
         (0..streams)
@@ -1054,7 +1055,7 @@ fn check_kv_pool(
         let audio: Vec<[Tensor; 1]> = (0..streams)
             .map(|i| {
                 let n = 20 + 17 * i + 5 * round;
-                Ok([Tensor::randn(0f32, 0.02, (n, hidden), device)?.to_dtype(DType::BF16)?])
+                Ok([random_audio_rows(sa, n)?])
             })
             .collect::<Result<_>>()?;
         let run = |sessions: &mut [Session]| {
