@@ -102,6 +102,12 @@ impl TurnOptions {
             hold: false,
         }
     }
+
+    /// Whether a turn asked to `commit` (or not) is closed with `<|EOT|>` as
+    /// a commit is: committed or held.
+    fn closes(&self, commit: bool) -> bool {
+        commit || self.hold
+    }
 }
 
 /// The result of one decoded turn.
@@ -289,7 +295,7 @@ impl Session {
         opts: &TurnOptions,
     ) -> Result<TurnOutput, ModelError> {
         let plan = self.plan_turn(sa, audio, prefix, opts)?;
-        let closes = commit || opts.hold;
+        let closes = opts.closes(commit);
         let result = self.greedy_turn(sa, &plan, audio, prefix, closes, opts);
         self.close_turn(&plan, closes, result)
     }
@@ -778,7 +784,7 @@ impl TurnLoop {
                         plan,
                         greedy,
                         prefix: t.prefix.to_vec(),
-                        commit: t.commit || t.opts.hold,
+                        commit: t.opts.closes(t.commit),
                         opts: t.opts.clone(),
                     })
                 }
