@@ -172,6 +172,19 @@ impl SegmentDecoder {
         self.model_time += t.elapsed();
     }
 
+    /// Whether `update` is a final whose audio is exactly what its pause
+    /// decode saw: [`Self::plan`] makes it a commit of that decode, no model
+    /// pass (so a scheduler may run it at once, outside any batch).
+    pub fn reuses_pause(&self, update: &SegmentUpdate) -> bool {
+        matches!(update.kind, UpdateKind::Final(_))
+            && self.open.as_ref().is_some_and(|s| {
+                s.segment == update.segment
+                    && s.at_pause
+                        .as_ref()
+                        .is_some_and(|(len, _)| *len == update.features.samples)
+            })
+    }
+
     /// What the model must do for `update` (the first half of
     /// [`Self::handle_and_emit`]; [`Self::complete`] is the second). A final
     /// closes the open segment here.
@@ -186,15 +199,12 @@ impl SegmentDecoder {
                 fault: None,
             },
             UpdateKind::Final(_) => {
+                let reusable = self.reuses_pause(update);
                 let mut state = match self.open.take() {
                     Some(s) if s.segment == segment => s,
                     _ => SegmentState::new(segment),
                 };
-                let reusable = state
-                    .at_pause
-                    .take()
-                    .filter(|(len, _)| *len == update.features.samples);
-                match reusable {
+                match state.at_pause.take().filter(|_| reusable) {
                     Some((_, hyp)) => DecodeWork::Commit(hyp),
                     None => DecodeWork::Decode {
                         prefix: state.policy.committed().to_vec(),
@@ -668,6 +678,34 @@ mod tests {
             .collect();
         // New text at 0.5; the same again once 0.5 s past the last one sent.
         assert_eq!(ends, [0.5, 1.1, 1.6]);
+    }
+
+    #[test]
+    fn a_final_with_its_pause_decodes_audio_commits_that_decode_unless_speech_resumed() {
+        let silence = UpdateKind::Final(EndReason::Silence);
+        let mut rec = Scripted::default();
+        let mut decoder = SegmentDecoder::new();
+        decoder.fault = None;
+        // Segment 0: the final has the pause's audio; segment 1: more audio
+        // came after the pause; segment 2: speech resumed after the pause.
+        run(&mut decoder, &mut rec, &[update(0, UpdateKind::Pause, 100)]);
+        assert!(decoder.reuses_pause(&update(0, silence, 100)));
+        assert!(!decoder.reuses_pause(&update(0, UpdateKind::Pause, 100)));
+        assert!(!decoder.reuses_pause(&update(0, silence, 130)));
+        assert!(!decoder.reuses_pause(&update(1, silence, 100)));
+        let (events, _) = run(&mut decoder, &mut rec, &[update(0, silence, 100)]);
+        assert_eq!(final_of(&events, 0).0, "words 100");
+        assert_eq!(rec.decodes, 1, "the final reused the pause decode");
+
+        run(&mut decoder, &mut rec, &[update(1, UpdateKind::Pause, 200)]);
+        assert!(!decoder.reuses_pause(&update(1, silence, 230)));
+        let (events, _) = run(&mut decoder, &mut rec, &[update(1, silence, 230)]);
+        assert_eq!(final_of(&events, 1).0, "words 230");
+        assert_eq!(rec.decodes, 3);
+
+        run(&mut decoder, &mut rec, &[update(2, UpdateKind::Pause, 300)]);
+        decoder.resume(2);
+        assert!(!decoder.reuses_pause(&update(2, silence, 300)));
     }
 
     #[test]

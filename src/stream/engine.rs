@@ -846,6 +846,15 @@ impl Core {
         finals.into_iter().map(|(_, id)| id).collect()
     }
 
+    /// Whether stream `id`'s head update is a final that commits the decode
+    /// made at its pause ([`SegmentDecoder::reuses_pause`]).
+    fn commits_its_pause(state: &State, id: StreamId) -> bool {
+        state.slots.get(&id).is_some_and(|slot| {
+            matches!((slot.ready_update(), &slot.stream),
+                (Some(u), Some(s)) if s.decoder.reuses_pause(u))
+        })
+    }
+
     /// The free streams with a partial at the head of their queue, the one
     /// whose last partial is oldest first; while several wait, only those
     /// whose last partial is [`EngineConfig::partial_spacing`] old.
@@ -1179,7 +1188,8 @@ impl Core {
     /// [`EngineConfig::admit_interval`] — runs one decode step, and hands each
     /// decode that is over to its stream. A final waits for one step and its
     /// own admission, never for a whole batch to end, nor for its stream's
-    /// partial in flight (dropped: it would be stale).
+    /// partial in flight (dropped: it would be stale); one that commits its
+    /// pause decode waits for no admission either.
     fn continuous_lane(&self, mut decodes: Box<dyn DecodeLoop>) {
         let mut flying: HashMap<StreamId, InFlight> = HashMap::new();
         // Measured time to admit n decodes (encode and prefill).
@@ -1209,17 +1219,18 @@ impl Core {
             }
             let due = flying.is_empty()
                 || last_admission.is_none_or(|t| t.elapsed() >= self.config.admit_interval);
-            let mut ids = Vec::new();
+            // A final that commits its pause decode costs no model pass: it
+            // goes out this round, not at the next admission.
+            let (mut ids, mut finals): (Vec<StreamId>, Vec<StreamId>) = Self::ready_finals(&state)
+                .into_iter()
+                .partition(|id| Self::commits_its_pause(&state, *id));
             if due {
                 let room = self.config.max_batch.saturating_sub(flying.len());
-                ids = Self::ready_finals(&state);
-                ids.truncate(room);
-                let partials = self.partials_joining(&state, &flying, &ids, &pace, &admit_cost);
-                ids.extend(
-                    self.due_partials(&state)
-                        .into_iter()
-                        .take(partials.min(room - ids.len())),
-                );
+                finals.truncate(room);
+                let partials = self.partials_joining(&state, &flying, &finals, &pace, &admit_cost);
+                let partials = partials.min(room - finals.len());
+                ids.extend(finals);
+                ids.extend(self.due_partials(&state).into_iter().take(partials));
             }
             if ids.is_empty() && flying.is_empty() {
                 if Self::finished(&state) {
