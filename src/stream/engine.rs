@@ -112,7 +112,9 @@ fn cpu_capacity(d_model: usize, cores: usize) -> usize {
 /// `benchmark_streams --find-capacity` measured on one H200 with random
 /// weights (end-of-speech→final p95 ≤ 1 s, nothing lost; README, "How many
 /// streams"): Step-Audio 2 mini 256 with the continuous batch, its GPU
-/// default, in two calls and under 240 in two others (144 batch at a time;
+/// default, in two calls and under 240 in two others (304 since finals
+/// that commit their pause decode go out at once, one call, fast card;
+/// 144 batch at a time;
 /// 24 tokens a turn), Whisper
 /// large-v3-turbo's shape 368 (kept at 96 here for cards smaller than an
 /// H200; Whisper has no memory cap). Step-Audio 2 is also bounded by the memory
@@ -154,9 +156,12 @@ impl Default for EngineConfig {
             admit_budget: Duration::from_millis(60),
             admit_interval: Duration::from_millis(100),
             // A segment ends 150 ms (its tail) after the last voiced audio and
-            // its final is asked for when the 300 ms hangover has passed: 500 ms
-            // after the segment's end keeps end of speech→final near a second.
-            final_deadline: Some(Duration::from_millis(500)),
+            // its final is asked for when the 300 ms hangover has passed; the
+            // voiced end lies ~0.3 s before the segment's end arrives. 400 ms
+            // (H200, 256 Step-Audio 2 streams, side by side with 500 and 300:
+            // docs/gpu-results/h200-commits-every-round.md): finals' p95 as
+            // low as with 300, with 1.6× the partials.
+            final_deadline: Some(Duration::from_millis(400)),
         }
     }
 }
