@@ -816,10 +816,21 @@ impl Core {
     }
 
     /// The streams whose head update lane `lane` runs next. Every lane takes
-    /// finals (and pause decodes) first; only lane 0 takes partials, so a
-    /// final never waits behind a batch of partials when there are two.
+    /// finals (and pause decodes) first — those committing their pause
+    /// decode before the rest; only lane 0 takes partials, so a final never
+    /// waits behind a batch of partials when there are two.
     fn pick(&self, state: &State, lane: usize) -> Vec<StreamId> {
         let mut finals = Self::ready_finals(state);
+        // Finals that commit their pause decode need no model pass: in a
+        // batch of their own they do not wait for the others' decodes.
+        let commits: Vec<StreamId> = finals
+            .iter()
+            .copied()
+            .filter(|&id| Self::commits_its_pause(state, id))
+            .collect();
+        if !commits.is_empty() {
+            return commits;
+        }
         if !finals.is_empty() {
             finals.truncate(self.config.max_batch);
             return finals;
