@@ -503,14 +503,14 @@ fn injected_fault() -> Option<InjectedFault> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::recognizer::FrontendSpec;
 
     /// Transcribes a segment as `words N` (N: its length); decode number
     /// `panic_at` panics and `fail_at` returns an error.
     #[derive(Default)]
-    struct Scripted {
+    pub(crate) struct Scripted {
         decodes: usize,
         panic_at: Option<usize>,
         fail_at: Option<usize>,
@@ -570,7 +570,7 @@ mod tests {
         }
     }
 
-    fn update(segment: u64, kind: UpdateKind, samples: usize) -> SegmentUpdate {
+    pub(crate) fn update(segment: u64, kind: UpdateKind, samples: usize) -> SegmentUpdate {
         SegmentUpdate {
             segment,
             kind,

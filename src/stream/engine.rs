@@ -820,14 +820,8 @@ impl Core {
     /// decode before the rest; only lane 0 takes partials, so a final never
     /// waits behind a batch of partials when there are two.
     fn pick(&self, state: &State, lane: usize) -> Vec<StreamId> {
-        let mut finals = Self::ready_finals(state);
-        // Finals that commit their pause decode need no model pass: in a
-        // batch of their own they do not wait for the others' decodes.
-        let commits: Vec<StreamId> = finals
-            .iter()
-            .copied()
-            .filter(|&id| Self::commits_its_pause(state, id))
-            .collect();
+        let (commits, mut finals) = Self::ready_finals(state);
+        // In a batch of their own, commits do not wait for the others' decodes.
         if !commits.is_empty() {
             return commits;
         }
@@ -847,28 +841,28 @@ impl Core {
     }
 
     /// The free streams with a final (or pause decode) at the head of their
-    /// queue, oldest end of speech first.
-    fn ready_finals(state: &State) -> Vec<StreamId> {
-        let mut finals: Vec<(Instant, StreamId)> = state
+    /// queue, oldest end of speech first, in two: the finals that commit
+    /// their pause decode ([`SegmentDecoder::reuses_pause`], no model pass),
+    /// and the rest.
+    fn ready_finals(state: &State) -> (Vec<StreamId>, Vec<StreamId>) {
+        let mut finals: Vec<(Instant, bool, StreamId)> = state
             .slots
             .iter()
-            .filter_map(|(&id, s)| {
-                s.ready_update()
-                    .filter(|u| u.kind != UpdateKind::Partial)
-                    .map(|u| (u.end_arrival, id))
+            .filter_map(|(&id, slot)| {
+                let u = slot
+                    .ready_update()
+                    .filter(|u| u.kind != UpdateKind::Partial)?;
+                let commits = slot
+                    .stream
+                    .as_ref()
+                    .is_some_and(|s| s.decoder.reuses_pause(u));
+                Some((u.end_arrival, commits, id))
             })
             .collect();
         finals.sort();
-        finals.into_iter().map(|(_, id)| id).collect()
-    }
-
-    /// Whether stream `id`'s head update is a final that commits the decode
-    /// made at its pause ([`SegmentDecoder::reuses_pause`]).
-    fn commits_its_pause(state: &State, id: StreamId) -> bool {
-        state.slots.get(&id).is_some_and(|slot| {
-            matches!((slot.ready_update(), &slot.stream),
-                (Some(u), Some(s)) if s.decoder.reuses_pause(u))
-        })
+        let (commits, rest): (Vec<_>, Vec<_>) = finals.into_iter().partition(|f| f.1);
+        let ids = |v: Vec<(Instant, bool, StreamId)>| v.into_iter().map(|f| f.2).collect();
+        (ids(commits), ids(rest))
     }
 
     /// The free streams with a partial at the head of their queue, the one
@@ -1237,9 +1231,7 @@ impl Core {
                 || last_admission.is_none_or(|t| t.elapsed() >= self.config.admit_interval);
             // A final that commits its pause decode costs no model pass: it
             // goes out this round, not at the next admission.
-            let (mut ids, mut finals): (Vec<StreamId>, Vec<StreamId>) = Self::ready_finals(&state)
-                .into_iter()
-                .partition(|id| Self::commits_its_pause(&state, *id));
+            let (mut ids, mut finals) = Self::ready_finals(&state);
             if due {
                 let room = self.config.max_batch.saturating_sub(flying.len());
                 finals.truncate(room);
@@ -1586,8 +1578,63 @@ fn decode_together(
 
 #[cfg(test)]
 mod tests {
-    use super::{partial_admission, CostModel, Pace};
+    use super::{
+        partial_admission, Core, CostModel, Job, Pace, SegmentDecoder, Slot, State, Stream,
+        StreamCounters,
+    };
+    use crate::stream::decoder::tests::{update, Scripted};
+    use crate::stream::segmenter::EndReason;
+    use crate::stream::tracker::UpdateKind;
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn finals_that_commit_their_pause_decode_are_told_from_finals_to_decode() {
+        let silence = UpdateKind::Final(EndReason::Silence);
+        let mut state = State {
+            slots: HashMap::new(),
+            opening: VecDeque::new(),
+            partial_cost: CostModel::default(),
+            senders_gone: false,
+        };
+        // Stream 1's final has the audio its pause decode saw, stream 2's
+        // more; stream 3 has a partial at its head; stream 4 is decoding.
+        let streams = [
+            (1, true, update(0, silence, 100), true),
+            (2, true, update(0, silence, 130), true),
+            (3, true, update(0, UpdateKind::Partial, 130), true),
+            (4, true, update(0, silence, 100), false),
+            (5, false, update(0, silence, 100), true),
+        ];
+        for (id, paused, head, free) in streams {
+            let mut recognizer = Box::new(Scripted::default());
+            let mut decoder = SegmentDecoder::new();
+            if paused {
+                let pause = update(0, UpdateKind::Pause, 100);
+                decoder
+                    .handle_and_emit(&pause, recognizer.as_mut(), |_| {})
+                    .unwrap();
+            }
+            let counters = Arc::new(StreamCounters::default());
+            let stream = Stream {
+                recognizer,
+                decoder,
+                events: Box::new(|_| {}),
+                counters: counters.clone(),
+                first_failure: None,
+            };
+            let slot = Slot {
+                jobs: VecDeque::from([Job::Update(head)]),
+                counters,
+                last_partial: Instant::now(),
+                partial_before: Instant::now(),
+                stream: free.then_some(stream),
+            };
+            state.slots.insert(id, slot);
+        }
+        assert_eq!(Core::ready_finals(&state), (vec![1], vec![2, 5]));
+    }
 
     #[test]
     fn partials_yield_to_a_final_that_would_miss_its_deadline() {
