@@ -73,6 +73,11 @@ struct Args {
     /// Step-Audio 2 (random): fewer encoder layers.
     #[arg(long)]
     encoder_layers: Option<usize>,
+    /// Step-Audio 2 (random): an encoder pass's fixed cost in padded mel
+    /// frames, which groups new segments into passes (the device's default
+    /// unless given).
+    #[arg(long)]
+    encode_pass_frames: Option<usize>,
     /// Step-Audio 2: greedy steps per turn at most.
     #[arg(long, default_value_t = 24)]
     max_new_tokens: usize,
@@ -805,7 +810,9 @@ fn step_audio_random(args: &Args) -> Result<LoadedModel> {
     };
     let tokenizer = StepTokenizer::load(&covering_tokenizer(&tiny, cfg.text.vocab_size)?)?;
     let model = load::random_weights(&cfg, &device, dtype, 0)?;
-    Ok(LoadedModel::StepAudio2(Arc::new(
-        stepaudio_live::model::step_audio2::StepAudio2::new(model, tokenizer)?,
-    )))
+    let mut sa = stepaudio_live::model::step_audio2::StepAudio2::new(model, tokenizer)?;
+    if let Some(frames) = args.encode_pass_frames {
+        sa.encode_pass_frames = frames;
+    }
+    Ok(LoadedModel::StepAudio2(Arc::new(sa)))
 }

@@ -32,7 +32,8 @@ if ! command -v nvcc >/dev/null 2>&1 && [ -z "${CUDA_ROOT:-}" ]; then
   source "$PREFIX/env.sh"
 fi
 cargo build --release --features cuda --bin stepaudio-live --example benchmark_e2e --example gpu_check \
-  --example benchmark_streams --example benchmark_batch_decode --example whisper_gpu_check
+  --example benchmark_streams --example benchmark_batch_decode --example whisper_gpu_check \
+  --example benchmark_encoder_passes
 
 if [ -n "$STAGE" ]; then
   # Everything the device run needs, small enough to travel (binaries stripped and
@@ -43,11 +44,11 @@ if [ -n "$STAGE" ]; then
   R=$CARGO_TARGET_DIR/release
   tmp=$(mktemp -d)
   for b in examples/benchmark_e2e examples/gpu_check examples/benchmark_streams \
-    examples/benchmark_batch_decode examples/whisper_gpu_check; do
+    examples/benchmark_batch_decode examples/whisper_gpu_check examples/benchmark_encoder_passes; do
     objcopy --strip-debug "$R/$b" "$tmp/$(basename "$b")"
   done
   tar -C "$tmp" -cf - benchmark_e2e gpu_check benchmark_streams benchmark_batch_decode \
-    whisper_gpu_check | xz -T1 --lzma2=preset=9,dict=128MiB > "$STAGE/bins.tar.xz"
+    whisper_gpu_check benchmark_encoder_passes | xz -T1 --lzma2=preset=9,dict=128MiB > "$STAGE/bins.tar.xz"
   rm -rf "$tmp"
   cp scripts/device_compare.sh scripts/device_table.py scripts/stage_times.py "$STAGE/scripts/"
   cp scripts/reference/step_audio2_ref.py scripts/reference/step_audio2_gpu_parity.py \

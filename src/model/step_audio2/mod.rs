@@ -218,7 +218,16 @@ pub struct StepAudio2 {
     /// The sessions' KV caches in one preallocated pool, once streams were
     /// planned ([`Self::plan_kv_slots`]).
     kv_pool: std::sync::Mutex<KvPoolPlan>,
+    /// What one encoder pass costs apart from its frames, in padded mel
+    /// frames: new segments of several streams are grouped into passes to
+    /// minimise Σ (this + segments × longest). On a GPU a pass's launches
+    /// and weight reads cost as much as ~[`GPU_ENCODE_PASS_FRAMES`] frames;
+    /// on a CPU a pass costs its frames, so only equal lengths share one.
+    pub encode_pass_frames: usize,
 }
+
+/// [`StepAudio2::encode_pass_frames`] on a GPU.
+pub const GPU_ENCODE_PASS_FRAMES: usize = 1500;
 
 /// How many pool slots to hold, and the pool once the first session made it.
 #[derive(Default)]
@@ -253,6 +262,11 @@ impl StepAudio2 {
             n_mels,
             &model.device,
         )?;
+        let encode_pass_frames = if model.device.is_cpu() {
+            0
+        } else {
+            GPU_ENCODE_PASS_FRAMES
+        };
         Ok(Self {
             model,
             tokenizer,
@@ -260,6 +274,7 @@ impl StepAudio2 {
             device_mel,
             batch_decoder: Default::default(),
             kv_pool: Default::default(),
+            encode_pass_frames,
         })
     }
 
@@ -663,9 +678,43 @@ fn segment_mel(features: &SegmentFeatures) -> Result<LogMel, ModelError> {
     Ok(mel)
 }
 
-/// Longest mel over shortest in one encoder batch: segments are padded to the
-/// longest of their batch, so lengths are grouped to bound the padding.
-const ENCODE_SPREAD: f64 = 1.25;
+/// Padded mel frames one encoder pass may hold (160 s of audio): bounds the
+/// pass's activations (its attention scores are `[n, heads, T/2, T/2]` f32).
+const ENCODE_PASS_MAX_FRAMES: usize = 16_000;
+
+/// New segments' encoder passes, for mel lengths `lens` sorted ascending:
+/// contiguous ranges that minimise Σ (`fixed` + segments × longest), the cost
+/// of a pass counted in padded mel frames, with `fixed` its cost apart from
+/// the frames (launches, weight reads). A pass holds at most
+/// [`ENCODE_PASS_MAX_FRAMES`] padded frames unless one segment is longer.
+fn encode_passes(lens: &[usize], fixed: usize) -> Vec<std::ops::Range<usize>> {
+    let n = lens.len();
+    // best[i]: the cheapest passes of the first i segments, and where the last begins.
+    let mut best: Vec<(usize, usize)> = vec![(0, 0); n + 1];
+    for i in 1..=n {
+        best[i] = (usize::MAX, i - 1);
+        // Longer passes later: on a tie the fewer passes win.
+        for j in (0..i).rev() {
+            let width = (i - j) * lens[i - 1];
+            if width > ENCODE_PASS_MAX_FRAMES && i - j > 1 {
+                break;
+            }
+            let cost = best[j].0 + fixed + width;
+            if cost <= best[i].0 {
+                best[i] = (cost, j);
+            }
+        }
+    }
+    let mut passes = Vec::new();
+    let mut i = n;
+    while i > 0 {
+        let j = best[i].1;
+        passes.push(j..i);
+        i = j;
+    }
+    passes.reverse();
+    passes
+}
 
 /// A segment's adapter rows (one piece) and the encoder time they took.
 type Encoded = ([Tensor; 1], Duration);
@@ -704,19 +753,21 @@ impl StepAudio2Recognizer {
                 Err(e) => encoded[i] = Some(Err(e)),
             }
         }
-        todo.sort_by_key(|(_, m)| m.n_frames);
+        // Each model's segments by length, then into passes of similar lengths.
+        let model = |i: usize| Arc::as_ptr(&requests[i].recognizer.sa) as usize;
+        todo.sort_by_key(|(i, m)| (model(*i), m.n_frames));
         let mut groups: Vec<Vec<usize>> = Vec::new();
-        for k in 0..todo.len() {
-            let (i, ref mel) = todo[k];
-            let fits = groups.last().is_some_and(|g| {
-                let (first, ref m0) = todo[g[0]];
-                Arc::ptr_eq(&requests[first].recognizer.sa, &requests[i].recognizer.sa)
-                    && mel.n_frames as f64 <= ENCODE_SPREAD * m0.n_frames.max(1) as f64
-            });
-            match groups.last_mut() {
-                Some(g) if fits => g.push(k),
-                _ => groups.push(vec![k]),
-            }
+        let mut from = 0;
+        while from < todo.len() {
+            let to = from + todo[from..].partition_point(|(i, _)| model(*i) == model(todo[from].0));
+            let lens: Vec<usize> = todo[from..to].iter().map(|(_, m)| m.n_frames).collect();
+            let fixed = requests[todo[from].0].recognizer.sa.encode_pass_frames;
+            groups.extend(
+                encode_passes(&lens, fixed)
+                    .into_iter()
+                    .map(|r| (from + r.start..from + r.end).collect()),
+            );
+            from = to;
         }
         let encode_start = Instant::now();
         for group in groups {
@@ -1069,4 +1120,42 @@ pub fn load_step_audio2_recognizer(
 ) -> Result<Box<dyn Recognizer>, ModelError> {
     let sa = load::load_step_audio2(dir, device, dtype)?;
     Ok(Box::new(StepAudio2Recognizer::new(Arc::new(sa), opts)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{encode_passes, ENCODE_PASS_MAX_FRAMES};
+
+    /// The passes' sizes (they are contiguous, in order).
+    fn sizes(lens: &[usize], fixed: usize) -> Vec<usize> {
+        let passes = encode_passes(lens, fixed);
+        assert_eq!(passes.first().map_or(0, |r| r.start), 0);
+        assert!(passes.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(passes.last().map_or(0, |r| r.end), lens.len());
+        passes.iter().map(|r| r.len()).collect()
+    }
+
+    #[test]
+    fn encoder_passes_trade_a_pass_s_fixed_cost_against_padding() {
+        let lens = [100, 110, 1000, 1050];
+        // Free passes: only equal lengths would share one.
+        assert_eq!(sizes(&lens, 0), [1, 1, 1, 1]);
+        assert_eq!(sizes(&[300, 300], 0), [2]);
+        // 300 frames a pass: the short two and the long two (2 920 frames against
+        // 4 500 in one pass and 3 460 alone).
+        assert_eq!(sizes(&lens, 300), [2, 2]);
+        // A pass dearer than any padding: one pass.
+        assert_eq!(sizes(&lens, 5000), [4]);
+        assert!(sizes(&[], 1500).is_empty());
+    }
+
+    #[test]
+    fn an_encoder_pass_holds_a_bounded_number_of_padded_frames() {
+        let per_pass = ENCODE_PASS_MAX_FRAMES / 2500;
+        let got = sizes(&[2500; 13], 1_000_000);
+        assert!(got.iter().all(|&n| n <= per_pass), "{got:?}");
+        assert_eq!(got.len(), 13usize.div_ceil(per_pass));
+        // A segment longer than the bound still gets a pass of its own.
+        assert_eq!(sizes(&[20_000, 20_000], 1500), [1, 1]);
+    }
 }
