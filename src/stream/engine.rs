@@ -755,19 +755,24 @@ impl Core {
         // A queued partial or pause decode is stale once newer audio of its
         // segment arrives: drop it now, so that a stream's queue holds at
         // most one of them per segment (plus finals, never dropped) and its
-        // pending count measures real work.
-        if let Job::Update(new) = &job {
-            let before = slot.jobs.len();
-            slot.jobs.retain(|j| {
-                !matches!(j, Job::Update(u) if u.segment == new.segment
-                    && matches!(u.kind, UpdateKind::Partial | UpdateKind::Pause))
-            });
-            let stale = before - slot.jobs.len();
-            slot.counters
-                .skipped_partials
-                .fetch_add(stale as u64, Ordering::Relaxed);
-            slot.counters.pending.fetch_sub(stale, Ordering::Relaxed);
-        }
+        // pending count measures real work. Resumed speech voids a queued
+        // pause decode of its segment alike.
+        let voids = |u: &SegmentUpdate| match &job {
+            Job::Update(new) => {
+                u.segment == new.segment
+                    && matches!(u.kind, UpdateKind::Partial | UpdateKind::Pause)
+            }
+            Job::Resume(segment) => u.segment == *segment && u.kind == UpdateKind::Pause,
+            Job::Close => false,
+        };
+        let before = slot.jobs.len();
+        slot.jobs
+            .retain(|j| !matches!(j, Job::Update(u) if voids(u)));
+        let stale = before - slot.jobs.len();
+        slot.counters
+            .skipped_partials
+            .fetch_add(stale as u64, Ordering::Relaxed);
+        slot.counters.pending.fetch_sub(stale, Ordering::Relaxed);
         slot.jobs.push_back(job);
         drop(state);
         self.wake.notify_all();
@@ -1215,17 +1220,22 @@ impl Core {
             let preempted = Self::preempted(&state, &flying);
             if !preempted.is_empty() {
                 drop(state);
-                let back: Vec<Done> = preempted
+                let back: Vec<(Done, UpdateKind)> = preempted
                     .into_iter()
-                    .map(|id| Self::drop_partial(decodes.as_mut(), &mut flying, id))
+                    .map(|id| Self::drop_decode(decodes.as_mut(), &mut flying, id))
                     .collect();
                 state = self.lock();
-                for (id, _) in back.iter() {
-                    if let Some(slot) = state.slots.get_mut(id) {
-                        slot.last_partial = slot.partial_before;
+                let mut done = Vec::with_capacity(back.len());
+                for (d, kind) in back {
+                    match state.slots.get_mut(&d.0) {
+                        Some(slot) if kind == UpdateKind::Partial => {
+                            slot.last_partial = slot.partial_before;
+                        }
+                        _ => {}
                     }
+                    done.push(d);
                 }
-                Self::give_back(&mut state, back);
+                Self::give_back(&mut state, done);
             }
             let due = flying.is_empty()
                 || last_admission.is_none_or(|t| t.elapsed() >= self.config.admit_interval);
@@ -1299,46 +1309,54 @@ impl Core {
         }
     }
 
-    /// The streams whose partial in flight is overtaken by a final (or pause
-    /// decode) queued behind it: the partial would be stale once out, and
-    /// the final waits for the stream.
+    /// The streams whose decode in flight is overtaken: a partial by a
+    /// final (or pause decode) queued behind it — the partial would be
+    /// stale once out, and the final waits for the stream — and a pause
+    /// decode by its segment's resumed speech: void once out, it would hold
+    /// a row of every step and the stream's next partial.
     fn preempted(state: &State, flying: &HashMap<StreamId, InFlight>) -> Vec<StreamId> {
         flying
             .iter()
-            .filter(|(_, run)| run.update.kind == UpdateKind::Partial)
-            .filter(|(id, _)| {
-                state.slots.get(id).is_some_and(|slot| {
-                    slot.jobs
-                        .iter()
-                        .any(|j| matches!(j, Job::Update(u) if u.kind != UpdateKind::Partial))
+            .filter(|(id, run)| {
+                let Some(slot) = state.slots.get(id) else {
+                    return false;
+                };
+                let segment = run.update.segment;
+                slot.jobs.iter().any(|j| match (run.update.kind, j) {
+                    (UpdateKind::Partial, Job::Update(u)) => u.kind != UpdateKind::Partial,
+                    (UpdateKind::Pause, Job::Resume(s)) => *s == segment,
+                    _ => false,
                 })
             })
             .map(|(&id, _)| id)
             .collect()
     }
 
-    /// Drops stream `id`'s partial from the decode loop (counted as a skipped
-    /// partial) and gives the stream back.
-    fn drop_partial(
+    /// Drops stream `id`'s partial or pause decode from the decode loop
+    /// (counted as a skipped partial) and gives the stream back, with the
+    /// kind of update dropped.
+    fn drop_decode(
         decodes: &mut dyn DecodeLoop,
         flying: &mut HashMap<StreamId, InFlight>,
         id: StreamId,
-    ) -> Done {
+    ) -> (Done, UpdateKind) {
         let mut run = flying.remove(&id).expect("a preempted stream is in flight");
         let rec = run.stream.recognizer.as_mut();
         let dropped = catch_unwind(AssertUnwindSafe(|| decodes.abandon(id, &mut *rec)));
         if !matches!(dropped, Ok(true)) {
             tracing::error!(
                 stream = id,
-                "dropping a partial from the decode loop failed"
+                kind = ?run.update.kind,
+                "dropping a decode from the decode loop failed"
             );
             reset_context(rec);
         }
+        tracing::debug!(stream = id, kind = ?run.update.kind, rounds = run.rounds, "a decode dropped from the loop");
         run.stream
             .counters
             .skipped_partials
             .fetch_add(1, Ordering::Relaxed);
-        (id, run.stream)
+        ((id, run.stream), run.update.kind)
     }
 
     /// One round of the continuous batch: the `taken` decodes join it (work
@@ -1579,8 +1597,8 @@ fn decode_together(
 #[cfg(test)]
 mod tests {
     use super::{
-        partial_admission, Core, CostModel, Job, Pace, SegmentDecoder, Slot, State, Stream,
-        StreamCounters,
+        partial_admission, Core, CostModel, DecodeWork, InFlight, Job, Pace, SegmentDecoder, Slot,
+        State, Stream, StreamCounters,
     };
     use crate::stream::decoder::tests::{update, Scripted};
     use crate::stream::segmenter::EndReason;
@@ -1634,6 +1652,74 @@ mod tests {
             state.slots.insert(id, slot);
         }
         assert_eq!(Core::ready_finals(&state), (vec![1], vec![2, 5]));
+    }
+
+    #[test]
+    fn a_final_overtakes_a_partial_in_flight_and_resumed_speech_a_pause_decode() {
+        let silence = UpdateKind::Final(EndReason::Silence);
+        let mut state = State {
+            slots: HashMap::new(),
+            opening: VecDeque::new(),
+            partial_cost: CostModel::default(),
+            senders_gone: false,
+        };
+        let mut flying = HashMap::new();
+        // (stream, in flight, queued behind it, overtaken)
+        let cases = [
+            (
+                1,
+                update(0, UpdateKind::Partial, 100),
+                Job::Update(update(0, silence, 120)),
+                true,
+            ),
+            (2, update(0, UpdateKind::Pause, 100), Job::Resume(0), true),
+            (3, update(1, UpdateKind::Pause, 100), Job::Resume(0), false),
+            (4, update(0, silence, 100), Job::Resume(0), false),
+            (
+                5,
+                update(0, UpdateKind::Partial, 100),
+                Job::Update(update(0, UpdateKind::Partial, 120)),
+                false,
+            ),
+            (
+                6,
+                update(0, UpdateKind::Pause, 100),
+                Job::Update(update(0, UpdateKind::Partial, 120)),
+                false,
+            ),
+        ];
+        let mut want = Vec::new();
+        for (id, running, queued, overtaken) in cases {
+            let counters = Arc::new(StreamCounters::default());
+            let stream = Stream {
+                recognizer: Box::new(Scripted::default()),
+                decoder: SegmentDecoder::new(),
+                events: Box::new(|_| {}),
+                counters: counters.clone(),
+                first_failure: None,
+            };
+            let work = DecodeWork::Decode {
+                prefix: Vec::new(),
+                commit: false,
+                partial: running.kind == UpdateKind::Partial,
+                fault: None,
+            };
+            flying.insert(id, InFlight::new((id, stream, running, work)));
+            let slot = Slot {
+                jobs: VecDeque::from([queued]),
+                counters,
+                last_partial: Instant::now(),
+                partial_before: Instant::now(),
+                stream: None,
+            };
+            state.slots.insert(id, slot);
+            if overtaken {
+                want.push(id);
+            }
+        }
+        let mut got = Core::preempted(&state, &flying);
+        got.sort();
+        assert_eq!(got, want);
     }
 
     #[test]
