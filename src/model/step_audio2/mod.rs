@@ -221,13 +221,15 @@ pub struct StepAudio2 {
     /// What one encoder pass costs apart from its frames, in padded mel
     /// frames: new segments of several streams are grouped into passes to
     /// minimise Σ (this + segments × longest). On a GPU a pass's launches
-    /// and weight reads cost as much as ~[`GPU_ENCODE_PASS_FRAMES`] frames;
-    /// on a CPU a pass costs its frames, so only equal lengths share one.
+    /// cost as much as ~[`GPU_ENCODE_PASS_FRAMES`] frames; on a CPU a pass
+    /// costs its frames, so only equal lengths share one.
     pub encode_pass_frames: usize,
 }
 
-/// [`StepAudio2::encode_pass_frames`] on a GPU.
-pub const GPU_ENCODE_PASS_FRAMES: usize = 1500;
+/// [`StepAudio2::encode_pass_frames`] on a GPU: one H200 measured 1.50 ms a
+/// pass + 2.14 µs a padded frame (`benchmark_encoder_passes`, 1–32 segments
+/// of 100–600 frames; docs/gpu-results/h200-encoder-passes.md).
+pub const GPU_ENCODE_PASS_FRAMES: usize = 700;
 
 /// How many pool slots to hold, and the pool once the first session made it.
 #[derive(Default)]
