@@ -131,6 +131,11 @@ struct Args {
     /// than this after their segment's end (0: they never yield).
     #[arg(long, default_value_t = EngineConfig::default().final_deadline.map_or(0, |d| d.as_millis() as u64))]
     final_deadline_ms: u64,
+    /// Continuous batch: a final that has waited this long since its
+    /// segment's end joins at once, between the partials' admissions (ms;
+    /// 0: only at their admissions).
+    #[arg(long, default_value_t = EngineConfig::default().final_admit_after.map_or(0, |d| d.as_millis() as u64))]
+    final_admit_ms: u64,
     /// The tracker's partial interval (ms of new audio per partial request).
     #[arg(long, default_value_t = TrackerConfig::default().partial_interval_ms)]
     partial_interval_ms: u32,
@@ -529,6 +534,8 @@ fn run(
     config.admit_interval = Duration::from_millis(args.admit_interval_ms);
     config.final_deadline =
         (args.final_deadline_ms > 0).then(|| Duration::from_millis(args.final_deadline_ms));
+    config.final_admit_after =
+        (args.final_admit_ms > 0).then(|| Duration::from_millis(args.final_admit_ms));
     config.max_streams = match args.capacity.as_deref() {
         None => n,
         Some("default") => config.max_streams,

@@ -95,6 +95,14 @@ pub struct EngineConfig {
     /// under load most partials would be overtaken by their own final
     /// anyway. `None`: partials take their whole budget whatever the finals.
     pub final_deadline: Option<Duration>,
+    /// Continuous batch: a final (or pause decode) that has waited this long
+    /// since its segment's end joins at once, with the other finals waiting
+    /// and no partials, however soon after the last admission; partials
+    /// keep their [`Self::admit_interval`]. `None`: finals join only at the
+    /// interval's admissions. Such an admission is cheap (a few turns, no
+    /// partials), and under load a final waited ~1.5 admission intervals to
+    /// join, about 40 % of its time in the engine.
+    pub final_admit_after: Option<Duration>,
 }
 
 /// Streams the CPU holds by default, by Whisper width and core count: the
@@ -108,18 +116,17 @@ fn cpu_capacity(d_model: usize, cores: usize) -> usize {
     streams.max(1)
 }
 
-/// Streams a GPU holds by default: below the capacity that
-/// `benchmark_streams --find-capacity` measured on one H200 with random
-/// weights (end-of-speech→final p95 ≤ 1 s, nothing lost; README, "How many
-/// streams"): Step-Audio 2 mini 256 with the continuous batch, its GPU
-/// default, in two calls and under 240 in two others (304 since finals
-/// that commit their pause decode go out at once, one call, fast card;
-/// 144 batch at a time;
-/// 24 tokens a turn), Whisper
+/// Streams a GPU holds by default: at or below the capacity that
+/// `benchmark_streams` measured on one H200 with random weights
+/// (end-of-speech→final p95 ≤ 1 s, nothing lost; README, "How many
+/// streams"; 24 tokens a turn): Step-Audio 2 mini with the continuous batch,
+/// its GPU default, 384 streams (p95 905 ms; 256 at 780–798 ms, where the
+/// binary before finals were admitted early gave 882–909 ms on the same card
+/// and 1.03–1.10 s on a slower one), 144 batch at a time; Whisper
 /// large-v3-turbo's shape 368 (kept at 96 here for cards smaller than an
 /// H200; Whisper has no memory cap). Step-Audio 2 is also bounded by the memory
 /// its streams' KV cache slots take ([`LoadedModel::streams_fitting_memory`]).
-const GPU_STREAMS_STEP_AUDIO2: usize = 192;
+const GPU_STREAMS_STEP_AUDIO2: usize = 256;
 const GPU_STREAMS_WHISPER: usize = 96;
 
 impl EngineConfig {
@@ -162,6 +169,11 @@ impl Default for EngineConfig {
             // docs/gpu-results/h200-commits-every-round.md): finals' p95 as
             // low as with 300, with 1.6× the partials.
             final_deadline: Some(Duration::from_millis(400)),
+            // 80 ms (H200, 256 Step-Audio 2 streams, side by side with 40,
+            // 60, 100 and none: docs/gpu-results/h200-finals-admitted-early.md):
+            // finals' p95 ~60–90 ms lower; 40 ms admitted so often that the
+            // extra admissions cost the decodes in flight what they saved.
+            final_admit_after: Some(Duration::from_millis(80)),
         }
     }
 }
@@ -567,6 +579,30 @@ impl Pace {
     fn remaining(&self, done: usize) -> f64 {
         (self.rounds - done as f64).max(1.0) * self.round
     }
+}
+
+/// Whether the `finals` waiting should join the continuous batch at `now`,
+/// between the partials' admissions: one of them has waited `after`
+/// ([`EngineConfig::final_admit_after`]) since its segment's end, and so
+/// long has passed since the last admission.
+fn finals_overdue(
+    after: Option<Duration>,
+    state: &State,
+    finals: &[StreamId],
+    last_admission: Option<Instant>,
+    now: Instant,
+) -> bool {
+    let Some(after) = after else {
+        return false;
+    };
+    last_admission.is_none_or(|t| now.saturating_duration_since(t) >= after)
+        && finals.iter().any(|id| {
+            state
+                .slots
+                .get(id)
+                .and_then(Slot::ready_update)
+                .is_some_and(|u| now.saturating_duration_since(u.end_arrival) >= after)
+        })
 }
 
 /// Seconds the partials joining the continuous batch now may add to the
@@ -1210,6 +1246,8 @@ impl Core {
         // Measured time to admit n decodes (encode and prefill).
         let mut admit_cost = CostModel::default();
         let mut last_admission: Option<Instant> = None;
+        // The last admission that partials could join.
+        let mut last_partials: Option<Instant> = None;
         let mut pace = Pace::default();
         let mut state = self.lock();
         loop {
@@ -1238,17 +1276,25 @@ impl Core {
                 Self::give_back(&mut state, done);
             }
             let due = flying.is_empty()
-                || last_admission.is_none_or(|t| t.elapsed() >= self.config.admit_interval);
+                || last_partials.is_none_or(|t| t.elapsed() >= self.config.admit_interval);
             // A final that commits its pause decode costs no model pass: it
             // goes out this round, not at the next admission.
             let (mut ids, mut finals) = Self::ready_finals(&state);
+            let room = self.config.max_batch.saturating_sub(flying.len());
+            finals.truncate(room);
             if due {
-                let room = self.config.max_batch.saturating_sub(flying.len());
-                finals.truncate(room);
                 let partials = self.partials_joining(&state, &flying, &finals, &pace, &admit_cost);
                 let partials = partials.min(room - finals.len());
                 ids.extend(finals);
                 ids.extend(self.due_partials(&state).into_iter().take(partials));
+            } else if finals_overdue(
+                self.config.final_admit_after,
+                &state,
+                &finals,
+                last_admission,
+                Instant::now(),
+            ) {
+                ids.extend(finals);
             }
             if ids.is_empty() && flying.is_empty() {
                 if Self::finished(&state) {
@@ -1267,6 +1313,9 @@ impl Core {
             if let Some((n, secs)) = admitted {
                 admit_cost.observe(n, secs);
                 last_admission = Some(Instant::now());
+                if due {
+                    last_partials = last_admission;
+                }
             }
             state = self.lock();
             Self::give_back(&mut state, done);
@@ -1597,8 +1646,8 @@ fn decode_together(
 #[cfg(test)]
 mod tests {
     use super::{
-        partial_admission, Core, CostModel, DecodeWork, InFlight, Job, Pace, SegmentDecoder, Slot,
-        State, Stream, StreamCounters,
+        finals_overdue, partial_admission, Core, CostModel, DecodeWork, InFlight, Job, Pace,
+        SegmentDecoder, Slot, State, Stream, StreamCounters,
     };
     use crate::stream::decoder::tests::{update, Scripted};
     use crate::stream::segmenter::EndReason;
@@ -1720,6 +1769,63 @@ mod tests {
         let mut got = Core::preempted(&state, &flying);
         got.sort();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_final_that_waited_long_enough_joins_between_the_partials_admissions() {
+        let silence = UpdateKind::Final(EndReason::Silence);
+        let mut state = State {
+            slots: HashMap::new(),
+            opening: VecDeque::new(),
+            partial_cost: CostModel::default(),
+            senders_gone: false,
+        };
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        for (id, kind) in [(1, UpdateKind::Pause), (2, silence)] {
+            let counters = Arc::new(StreamCounters::default());
+            let stream = Stream {
+                recognizer: Box::new(Scripted::default()),
+                decoder: SegmentDecoder::new(),
+                events: Box::new(|_| {}),
+                counters: counters.clone(),
+                first_failure: None,
+            };
+            let mut head = update(0, kind, 100);
+            head.end_arrival = t0 + ms(10 * id);
+            let slot = Slot {
+                jobs: VecDeque::from([Job::Update(head)]),
+                counters,
+                last_partial: t0,
+                partial_before: t0,
+                stream: Some(stream),
+            };
+            state.slots.insert(id, slot);
+        }
+        let after = Some(ms(80));
+        let at = |n| t0 + ms(n);
+        // Stream 1's pause decode ended at 10 ms, stream 2's final at 20 ms.
+        assert!(!finals_overdue(after, &state, &[1, 2], None, at(85)));
+        assert!(finals_overdue(after, &state, &[1, 2], None, at(90)));
+        assert!(finals_overdue(after, &state, &[2], None, at(100)));
+        assert!(!finals_overdue(after, &state, &[2], None, at(95)));
+        // Not within `after` of the last admission, nor when switched off.
+        assert!(!finals_overdue(
+            after,
+            &state,
+            &[1, 2],
+            Some(at(50)),
+            at(120)
+        ));
+        assert!(finals_overdue(
+            after,
+            &state,
+            &[1, 2],
+            Some(at(40)),
+            at(120)
+        ));
+        assert!(!finals_overdue(None, &state, &[1, 2], None, at(1000)));
+        assert!(!finals_overdue(after, &state, &[], None, at(1000)));
     }
 
     #[test]
