@@ -228,7 +228,7 @@ pub struct StepAudio2 {
 
 /// [`StepAudio2::encode_pass_frames`] on a GPU: one H200 measured 1.50 ms a
 /// pass + 2.14 µs a padded frame (`benchmark_encoder_passes`, 1–32 segments
-/// of 100–600 frames; docs/gpu-results/h200-encoder-passes.md).
+/// of 100–600 frames; docs/gpu-results/h200-finals-admitted-early.md).
 pub const GPU_ENCODE_PASS_FRAMES: usize = 700;
 
 /// How many pool slots to hold, and the pool once the first session made it.
