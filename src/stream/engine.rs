@@ -450,6 +450,8 @@ struct Slot {
     /// The one before: a partial dropped from the decode loop gave the
     /// client nothing, so the stream's spacing counts from this again.
     partial_before: Instant,
+    /// The segment of the last partial taken.
+    partial_segment: Option<u64>,
     /// `None` while a lane decodes for this stream (its jobs wait).
     stream: Option<Stream>,
 }
@@ -461,6 +463,22 @@ impl Slot {
             (Some(Job::Update(u)), Some(_)) => Some(u),
             _ => None,
         }
+    }
+
+    /// When the partial at the head of the queue (if the stream is free) is
+    /// due under `spacing`: `spacing` after the stream's last partial, or at
+    /// once for a segment's first partial — its gap counts from its own
+    /// speech start, and a short segment spaced from the last segment's
+    /// partial could end before it had any.
+    fn partial_due(&self, spacing: Duration) -> Option<Instant> {
+        let u = self
+            .ready_update()
+            .filter(|u| u.kind == UpdateKind::Partial)?;
+        Some(if self.partial_segment == Some(u.segment) {
+            self.last_partial + spacing
+        } else {
+            self.last_partial
+        })
     }
 }
 
@@ -764,6 +782,7 @@ impl Core {
                 counters: counters.clone(),
                 last_partial: Instant::now(),
                 partial_before: Instant::now(),
+                partial_segment: None,
                 stream: Some(Stream {
                     recognizer,
                     decoder: SegmentDecoder::new(),
@@ -908,23 +927,20 @@ impl Core {
 
     /// The free streams with a partial at the head of their queue, the one
     /// whose last partial is oldest first; while several wait, only those
-    /// whose last partial is [`EngineConfig::partial_spacing`] old.
+    /// due under [`EngineConfig::partial_spacing`] ([`Slot::partial_due`]).
     fn due_partials(&self, state: &State) -> Vec<StreamId> {
-        let mut partials: Vec<(Instant, StreamId)> = state
+        let spacing = self.config.partial_spacing;
+        let mut partials: Vec<(Instant, Instant, StreamId)> = state
             .slots
             .iter()
-            .filter(|(_, s)| {
-                s.ready_update()
-                    .is_some_and(|u| u.kind == UpdateKind::Partial)
-            })
-            .map(|(&id, s)| (s.last_partial, id))
+            .filter_map(|(&id, s)| Some((s.last_partial, s.partial_due(spacing)?, id)))
             .collect();
         let now = Instant::now();
         if partials.len() > 1 {
-            partials.retain(|(last, _)| now.duration_since(*last) >= self.config.partial_spacing);
+            partials.retain(|(_, due, _)| *due <= now);
         }
         partials.sort();
-        partials.into_iter().map(|(_, id)| id).collect()
+        partials.into_iter().map(|(.., id)| id).collect()
     }
 
     /// When a partial held back by [`EngineConfig::partial_spacing`] is due.
@@ -932,8 +948,7 @@ impl Core {
         state
             .slots
             .values()
-            .filter(|s| s.ready_update().is_some())
-            .map(|s| s.last_partial + self.config.partial_spacing)
+            .filter_map(|s| s.partial_due(self.config.partial_spacing))
             .min()
     }
 
@@ -999,6 +1014,7 @@ impl Core {
                 if update.kind == UpdateKind::Partial {
                     slot.partial_before = slot.last_partial;
                     slot.last_partial = Instant::now();
+                    slot.partial_segment = Some(update.segment);
                 }
                 let work = stream.decoder.plan(&update);
                 (id, stream, update, work)
@@ -1265,11 +1281,9 @@ impl Core {
                 state = self.lock();
                 let mut done = Vec::with_capacity(back.len());
                 for (d, kind) in back {
-                    match state.slots.get_mut(&d.0) {
-                        Some(slot) if kind == UpdateKind::Partial => {
-                            slot.last_partial = slot.partial_before;
-                        }
-                        _ => {}
+                    let slot = state.slots.get_mut(&d.0);
+                    if let Some(slot) = slot.filter(|_| kind == UpdateKind::Partial) {
+                        slot.last_partial = slot.partial_before;
                     }
                     done.push(d);
                 }
@@ -1696,6 +1710,7 @@ mod tests {
                 counters,
                 last_partial: Instant::now(),
                 partial_before: Instant::now(),
+                partial_segment: None,
                 stream: free.then_some(stream),
             };
             state.slots.insert(id, slot);
@@ -1759,6 +1774,7 @@ mod tests {
                 counters,
                 last_partial: Instant::now(),
                 partial_before: Instant::now(),
+                partial_segment: None,
                 stream: None,
             };
             state.slots.insert(id, slot);
@@ -1798,6 +1814,7 @@ mod tests {
                 counters,
                 last_partial: t0,
                 partial_before: t0,
+                partial_segment: None,
                 stream: Some(stream),
             };
             state.slots.insert(id, slot);
@@ -1826,6 +1843,39 @@ mod tests {
         ));
         assert!(!finals_overdue(None, &state, &[1, 2], None, at(1000)));
         assert!(!finals_overdue(after, &state, &[], None, at(1000)));
+    }
+
+    #[test]
+    fn a_segments_first_partial_is_due_at_once_and_the_next_after_the_spacing() {
+        let t0 = Instant::now();
+        let spacing = Duration::from_millis(1000);
+        let counters = Arc::new(StreamCounters::default());
+        let stream = Stream {
+            recognizer: Box::new(Scripted::default()),
+            decoder: SegmentDecoder::new(),
+            events: Box::new(|_| {}),
+            counters: counters.clone(),
+            first_failure: None,
+        };
+        let mut slot = Slot {
+            jobs: VecDeque::from([Job::Update(update(3, UpdateKind::Partial, 100))]),
+            counters,
+            last_partial: t0,
+            partial_before: t0,
+            partial_segment: Some(2),
+            stream: Some(stream),
+        };
+        // Segment 3's first partial: due at once.
+        assert_eq!(slot.partial_due(spacing), Some(t0));
+        // Its next one: a spacing after the last.
+        slot.partial_segment = Some(3);
+        assert_eq!(slot.partial_due(spacing), Some(t0 + spacing));
+        // No partial at the head, or the stream decoding: nothing is due.
+        let stream = slot.stream.take();
+        assert_eq!(slot.partial_due(spacing), None);
+        slot.stream = stream;
+        slot.jobs = VecDeque::from([Job::Update(update(3, UpdateKind::Pause, 100))]);
+        assert_eq!(slot.partial_due(spacing), None);
     }
 
     #[test]
