@@ -1670,15 +1670,48 @@ mod tests {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    #[test]
-    fn finals_that_commit_their_pause_decode_are_told_from_finals_to_decode() {
-        let silence = UpdateKind::Final(EndReason::Silence);
-        let mut state = State {
+    fn state() -> State {
+        State {
             slots: HashMap::new(),
             opening: VecDeque::new(),
             partial_cost: CostModel::default(),
             senders_gone: false,
-        };
+        }
+    }
+
+    /// A stream of a scripted recogniser with `decoder`.
+    fn stream(decoder: SegmentDecoder) -> Stream {
+        Stream {
+            recognizer: Box::new(Scripted::default()),
+            decoder,
+            events: Box::new(|_| {}),
+            counters: Arc::new(StreamCounters::default()),
+            first_failure: None,
+        }
+    }
+
+    /// A slot with `job` queued whose stream's counters are `counters`,
+    /// holding `stream` when free; its last partial at `last_partial`.
+    fn slot(
+        job: Job,
+        counters: &Arc<StreamCounters>,
+        stream: Option<Stream>,
+        last_partial: Instant,
+    ) -> Slot {
+        Slot {
+            jobs: VecDeque::from([job]),
+            counters: counters.clone(),
+            last_partial,
+            partial_before: last_partial,
+            partial_segment: None,
+            stream,
+        }
+    }
+
+    #[test]
+    fn finals_that_commit_their_pause_decode_are_told_from_finals_to_decode() {
+        let silence = UpdateKind::Final(EndReason::Silence);
+        let mut state = state();
         // Stream 1's final has the audio its pause decode saw, stream 2's
         // more; stream 3 has a partial at its head; stream 4 is decoding.
         let streams = [
@@ -1689,30 +1722,21 @@ mod tests {
             (5, false, update(0, silence, 100), true),
         ];
         for (id, paused, head, free) in streams {
-            let mut recognizer = Box::new(Scripted::default());
             let mut decoder = SegmentDecoder::new();
             if paused {
                 let pause = update(0, UpdateKind::Pause, 100);
                 decoder
-                    .handle_and_emit(&pause, recognizer.as_mut(), |_| {})
+                    .handle_and_emit(&pause, &mut Scripted::default(), |_| {})
                     .unwrap();
             }
-            let counters = Arc::new(StreamCounters::default());
-            let stream = Stream {
-                recognizer,
-                decoder,
-                events: Box::new(|_| {}),
-                counters: counters.clone(),
-                first_failure: None,
-            };
-            let slot = Slot {
-                jobs: VecDeque::from([Job::Update(head)]),
-                counters,
-                last_partial: Instant::now(),
-                partial_before: Instant::now(),
-                partial_segment: None,
-                stream: free.then_some(stream),
-            };
+            let s = stream(decoder);
+            let counters = s.counters.clone();
+            let slot = slot(
+                Job::Update(head),
+                &counters,
+                free.then_some(s),
+                Instant::now(),
+            );
             state.slots.insert(id, slot);
         }
         assert_eq!(Core::ready_finals(&state), (vec![1], vec![2, 5]));
@@ -1721,63 +1745,36 @@ mod tests {
     #[test]
     fn a_final_overtakes_a_partial_in_flight_and_resumed_speech_a_pause_decode() {
         let silence = UpdateKind::Final(EndReason::Silence);
-        let mut state = State {
-            slots: HashMap::new(),
-            opening: VecDeque::new(),
-            partial_cost: CostModel::default(),
-            senders_gone: false,
-        };
+        let mut state = state();
         let mut flying = HashMap::new();
+        let partial = |n| update(0, UpdateKind::Partial, n);
         // (stream, in flight, queued behind it, overtaken)
         let cases = [
-            (
-                1,
-                update(0, UpdateKind::Partial, 100),
-                Job::Update(update(0, silence, 120)),
-                true,
-            ),
+            (1, partial(100), Job::Update(update(0, silence, 120)), true),
             (2, update(0, UpdateKind::Pause, 100), Job::Resume(0), true),
             (3, update(1, UpdateKind::Pause, 100), Job::Resume(0), false),
             (4, update(0, silence, 100), Job::Resume(0), false),
-            (
-                5,
-                update(0, UpdateKind::Partial, 100),
-                Job::Update(update(0, UpdateKind::Partial, 120)),
-                false,
-            ),
+            (5, partial(100), Job::Update(partial(120)), false),
             (
                 6,
                 update(0, UpdateKind::Pause, 100),
-                Job::Update(update(0, UpdateKind::Partial, 120)),
+                Job::Update(partial(120)),
                 false,
             ),
         ];
         let mut want = Vec::new();
         for (id, running, queued, overtaken) in cases {
-            let counters = Arc::new(StreamCounters::default());
-            let stream = Stream {
-                recognizer: Box::new(Scripted::default()),
-                decoder: SegmentDecoder::new(),
-                events: Box::new(|_| {}),
-                counters: counters.clone(),
-                first_failure: None,
-            };
+            let s = stream(SegmentDecoder::new());
+            state
+                .slots
+                .insert(id, slot(queued, &s.counters, None, Instant::now()));
             let work = DecodeWork::Decode {
                 prefix: Vec::new(),
                 commit: false,
                 partial: running.kind == UpdateKind::Partial,
                 fault: None,
             };
-            flying.insert(id, InFlight::new((id, stream, running, work)));
-            let slot = Slot {
-                jobs: VecDeque::from([queued]),
-                counters,
-                last_partial: Instant::now(),
-                partial_before: Instant::now(),
-                partial_segment: None,
-                stream: None,
-            };
-            state.slots.insert(id, slot);
+            flying.insert(id, InFlight::new((id, s, running, work)));
             if overtaken {
                 want.push(id);
             }
@@ -1790,34 +1787,17 @@ mod tests {
     #[test]
     fn a_final_that_waited_long_enough_joins_between_the_partials_admissions() {
         let silence = UpdateKind::Final(EndReason::Silence);
-        let mut state = State {
-            slots: HashMap::new(),
-            opening: VecDeque::new(),
-            partial_cost: CostModel::default(),
-            senders_gone: false,
-        };
+        let mut state = state();
         let t0 = Instant::now();
         let ms = |n| Duration::from_millis(n);
         for (id, kind) in [(1, UpdateKind::Pause), (2, silence)] {
-            let counters = Arc::new(StreamCounters::default());
-            let stream = Stream {
-                recognizer: Box::new(Scripted::default()),
-                decoder: SegmentDecoder::new(),
-                events: Box::new(|_| {}),
-                counters: counters.clone(),
-                first_failure: None,
-            };
             let mut head = update(0, kind, 100);
             head.end_arrival = t0 + ms(10 * id);
-            let slot = Slot {
-                jobs: VecDeque::from([Job::Update(head)]),
-                counters,
-                last_partial: t0,
-                partial_before: t0,
-                partial_segment: None,
-                stream: Some(stream),
-            };
-            state.slots.insert(id, slot);
+            let s = stream(SegmentDecoder::new());
+            let counters = s.counters.clone();
+            state
+                .slots
+                .insert(id, slot(Job::Update(head), &counters, Some(s), t0));
         }
         let after = Some(ms(80));
         let at = |n| t0 + ms(n);
@@ -1849,31 +1829,20 @@ mod tests {
     fn a_segments_first_partial_is_due_at_once_and_the_next_after_the_spacing() {
         let t0 = Instant::now();
         let spacing = Duration::from_millis(1000);
-        let counters = Arc::new(StreamCounters::default());
-        let stream = Stream {
-            recognizer: Box::new(Scripted::default()),
-            decoder: SegmentDecoder::new(),
-            events: Box::new(|_| {}),
-            counters: counters.clone(),
-            first_failure: None,
-        };
-        let mut slot = Slot {
-            jobs: VecDeque::from([Job::Update(update(3, UpdateKind::Partial, 100))]),
-            counters,
-            last_partial: t0,
-            partial_before: t0,
-            partial_segment: Some(2),
-            stream: Some(stream),
-        };
+        let s = stream(SegmentDecoder::new());
+        let counters = s.counters.clone();
+        let head = Job::Update(update(3, UpdateKind::Partial, 100));
+        let mut slot = slot(head, &counters, Some(s), t0);
+        slot.partial_segment = Some(2);
         // Segment 3's first partial: due at once.
         assert_eq!(slot.partial_due(spacing), Some(t0));
         // Its next one: a spacing after the last.
         slot.partial_segment = Some(3);
         assert_eq!(slot.partial_due(spacing), Some(t0 + spacing));
         // No partial at the head, or the stream decoding: nothing is due.
-        let stream = slot.stream.take();
+        let s = slot.stream.take();
         assert_eq!(slot.partial_due(spacing), None);
-        slot.stream = stream;
+        slot.stream = s;
         slot.jobs = VecDeque::from([Job::Update(update(3, UpdateKind::Pause, 100))]);
         assert_eq!(slot.partial_due(spacing), None);
     }
