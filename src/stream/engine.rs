@@ -120,9 +120,9 @@ fn cpu_capacity(d_model: usize, cores: usize) -> usize {
 /// `benchmark_streams` measured on one H200 with random weights
 /// (end-of-speech→final p95 ≤ 1 s, nothing lost; README, "How many
 /// streams"; 24 tokens a turn): Step-Audio 2 mini with the continuous batch,
-/// its GPU default, 384 streams (p95 905 ms; 256 at 780–798 ms, where the
-/// binary before finals were admitted early gave 882–909 ms on the same card
-/// and 1.03–1.10 s on a slower one), 144 batch at a time; Whisper
+/// its GPU default, 384 streams (p95 905 ms; 256 at 770–798 ms, where the
+/// binary before finals were admitted early gave 878–919 ms on the same card;
+/// an older one 1.03–1.10 s on a slower card), 144 batch at a time; Whisper
 /// large-v3-turbo's shape 368 (kept at 96 here for cards smaller than an
 /// H200; Whisper has no memory cap). Step-Audio 2 is also bounded by the memory
 /// its streams' KV cache slots take ([`LoadedModel::streams_fitting_memory`]).
