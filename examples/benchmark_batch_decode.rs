@@ -11,6 +11,13 @@
 //! the one sync and the read-back): what the engine waits for. Medians over `--steps`
 //! steps after `--warmup`; after each batch size the caches are rolled back to the
 //! context, so every size sees the same lengths.
+//!
+//! `--prefill-rows 48,96,192,384 --prefill-contexts 512,256,0`: then the batched fused
+//! prefill of that many rows split over `--prefill-streams` streams, each stream's rows
+//! after that many tokens of its own context (the engine's admissions: a few turns'
+//! audio and prompt rows at once). Contexts apart show what the attention over the
+//! cache costs, rows apart what the projections cost a row. Timed around the call and a
+//! device sync, medians over `--steps`.
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -47,6 +54,15 @@ struct Args {
     device: DeviceArg,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Rows of each timed prefill (none by default).
+    #[arg(long, value_delimiter = ',')]
+    prefill_rows: Vec<usize>,
+    /// Context lengths before the prefilled rows (each at most --context).
+    #[arg(long, value_delimiter = ',', default_value = "512,256,0")]
+    prefill_contexts: Vec<usize>,
+    /// Streams the rows of a prefill are split over.
+    #[arg(long, default_value_t = 4)]
+    prefill_streams: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -60,6 +76,9 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // STEPAUDIO_FAST picks the paths compared (e.g. without `tiled`).
+    let paths = fast::fast_paths();
+    println!("fast paths: {paths}");
     let device = select_device(args.device.into())?;
     if !fast::available(&device) {
         bail!("no GPU fast paths on {device:?} in this build");
@@ -77,7 +96,21 @@ fn main() -> Result<()> {
         .unwrap_or(1);
     // Every stream's context, prefilled alone (random ids; the content does not change
     // the cost of a step).
-    let cap = args.context + args.warmup + args.steps + 8;
+    let prefill_streams = if args.prefill_rows.is_empty() {
+        0
+    } else {
+        args.prefill_streams.max(1)
+    };
+    let max_b = max_b.max(prefill_streams);
+    let longest_prefill = args
+        .prefill_rows
+        .iter()
+        .max()
+        .map_or(0, |r| r.div_ceil(prefill_streams));
+    if args.prefill_contexts.iter().any(|&c| c > args.context) {
+        bail!("--prefill-contexts beyond --context {}", args.context);
+    }
+    let cap = args.context + (args.warmup + args.steps + 8).max(longest_prefill);
     let mut states: Vec<LlmState> = Vec::with_capacity(max_b);
     for i in 0..max_b {
         let ids: Vec<u32> = (0..args.context)
@@ -161,7 +194,7 @@ fn main() -> Result<()> {
     }
     fast::set_fast_paths(fast::FastPaths {
         decode: false,
-        ..fast::FastPaths::ALL
+        ..paths
     });
     for &b in &args.candle {
         let mut ts = Vec::new();
@@ -186,9 +219,54 @@ fn main() -> Result<()> {
         );
         rows.push(json!({"path": "candle ops", "batch": b, "step_ms": ms, "tokens_per_s": b as f64 * 1e3 / ms}));
     }
+    fast::set_fast_paths(paths);
+    let mut prefills = Vec::new();
+    // Longest context first: a stream's cache is cut back to each context in turn.
+    let mut contexts = args.prefill_contexts.clone();
+    contexts.sort_unstable_by(|a, b| b.cmp(a));
+    for &ctx in contexts.iter().filter(|_| prefill_streams > 0) {
+        for &r in &args.prefill_rows {
+            let mut f = bd
+                .prepare(&weights)?
+                .context("batched fused decode did not apply")?;
+            let per = r.div_ceil(prefill_streams);
+            let embeds: Vec<_> = (0..prefill_streams)
+                .map(|i| {
+                    let n = per.min(r - (i * per).min(r)).max(1);
+                    candle_core::Tensor::randn(0f32, 1.0, (1, n, cfg.text.hidden_size), &device)
+                        .and_then(|t| t.to_dtype(DType::BF16))
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let mut ts = Vec::new();
+            for s in 0..args.warmup + args.steps {
+                states[..prefill_streams]
+                    .iter_mut()
+                    .for_each(|s| s.truncate(ctx));
+                let mut st: Vec<&mut LlmState> = states[..prefill_streams].iter_mut().collect();
+                device.synchronize()?;
+                let t = Instant::now();
+                f.prefill(&embeds, &mut st)?
+                    .context("the prefill fast path is off")?;
+                device.synchronize()?;
+                if s >= args.warmup {
+                    ts.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            let ms = median(ts);
+            println!(
+                "batched prefill  {r:4} rows over {prefill_streams} streams after {ctx:4} tokens: {ms:7.2} ms  {:6.1} µs a row",
+                ms * 1e3 / r as f64
+            );
+            prefills.push(
+                json!({"rows": r, "streams": prefill_streams, "context": ctx,
+                "ms": ms, "us_per_row": ms * 1e3 / r as f64}),
+            );
+        }
+    }
     if let Some(p) = &args.json {
         let out = json!({"layers": args.layers, "context": args.context,
-            "kv_mib_per_stream": kv_per_stream / 1048576.0, "rows": rows});
+            "kv_mib_per_stream": kv_per_stream / 1048576.0, "rows": rows,
+            "prefills": prefills});
         std::fs::write(p, serde_json::to_string_pretty(&out)?)?;
     }
     Ok(())

@@ -680,6 +680,22 @@ fn check_prefill_batch(args: &Args, llm: &Qwen2Llm, rep: &mut Report) -> Result<
         .context("no batched fused decoder on this device")?
         .prefill(&inputs, &mut states.iter_mut().collect::<Vec<_>>())?
         .context("the prefill fast path is off")?;
+    // the same prefill with the per-row attention
+    fast::set_fast_paths(FastPaths {
+        tiled: false,
+        ..FastPaths::ALL
+    });
+    let mut per_row_states = prepare()?;
+    let per_row = FusedBatchDecoder::default()
+        .prepare(&weights)?
+        .context("no batched fused decoder on this device")?
+        .prefill(&inputs, &mut per_row_states.iter_mut().collect::<Vec<_>>())?
+        .context("the prefill fast path is off")?;
+    fast::set_fast_paths(FastPaths::ALL);
+    let mut vs_per_row = 0f64;
+    for (a, b) in got.iter().zip(&per_row) {
+        vs_per_row = vs_per_row.max(rel_err(a, b)?.0);
+    }
     // the same tokens one step at a time, each stream alone
     let mut stepped = prepare()?;
     let (mut vs_steps, mut vs_steps_kv, mut same, mut rows) = (0f64, 0f64, 0usize, 0usize);
@@ -718,7 +734,8 @@ fn check_prefill_batch(args: &Args, llm: &Qwen2Llm, rep: &mut Report) -> Result<
         "batched prefill".into(),
         json!({"shapes": shapes, "worst_rel_logits_vs_steps": vs_steps,
                "worst_rel_kv_vs_steps": vs_steps_kv, "same_argmax_as_steps": same, "rows": rows,
-               "worst_rel_hidden_vs_candle": vs_candle, "worst_rel_kv_vs_candle": vs_candle_kv}),
+               "worst_rel_hidden_vs_candle": vs_candle, "worst_rel_kv_vs_candle": vs_candle_kv,
+               "worst_rel_hidden_tiled_vs_per_row": vs_per_row}),
     );
     let label = format!(
         "({} layers, {} streams, 1..700 rows)",
@@ -732,6 +749,11 @@ fn check_prefill_batch(args: &Args, llm: &Qwen2Llm, rep: &mut Report) -> Result<
             "worst logits rel {vs_steps:.2e}, cached K/V rel {vs_steps_kv:.2e}; argmax equal at \
              {same}/{rows} rows; lengths equal: {lengths_ok}"
         ),
+    );
+    rep.check(
+        &format!("batched fused prefill, tiled attention vs per row {label}"),
+        vs_per_row < 1e-2 && vs_per_row.is_finite(),
+        format!("worst hidden rel {vs_per_row:.2e}"),
     );
     rep.check(
         &format!("batched fused prefill vs candle forward_batch {label}"),
@@ -1122,8 +1144,9 @@ enum StepMode {
     Candle,
     /// Each stream alone through the batch-1 fused step.
     Fused1,
-    /// All streams together through the batched fused step.
-    Batched { graph: bool },
+    /// All streams together through the batched fused step (its attention tiled or
+    /// per row).
+    Batched { graph: bool, tiled: bool },
 }
 
 /// Streams with their own prompts (prefilled alone, the same way in every mode) and
@@ -1170,9 +1193,10 @@ fn forced_streams(
                 }
             }
         }
-        StepMode::Batched { graph } => {
+        StepMode::Batched { graph, tiled } => {
             fast::set_fast_paths(FastPaths {
                 graph,
+                tiled,
                 ..FastPaths::ALL
             });
             let mut bd = FusedBatchDecoder::default();
@@ -1225,16 +1249,21 @@ fn check_decode_batch(args: &Args, llm: &Qwen2Llm, rep: &mut Report) -> Result<(
         }
         let (cand, _) = forced_streams(llm, &prompts, &tokens, StepMode::Candle)?;
         let (one, one_a) = forced_streams(llm, &prompts, &tokens, StepMode::Fused1)?;
-        let (bat, bat_a) =
-            forced_streams(llm, &prompts, &tokens, StepMode::Batched { graph: true })?;
-        let (dir, _) = forced_streams(llm, &prompts, &tokens, StepMode::Batched { graph: false })?;
-        let (mut vs_candle, mut vs_one, mut vs_direct) = (0f64, 0f64, 0f64);
+        let batched = |graph, tiled| {
+            forced_streams(llm, &prompts, &tokens, StepMode::Batched { graph, tiled })
+        };
+        let (bat, bat_a) = batched(true, true)?;
+        let (dir, _) = batched(false, true)?;
+        // The step's attention is tiled from 64 rows (a bucket) on.
+        let (per_row, _) = batched(true, false)?;
+        let (mut vs_candle, mut vs_one, mut vs_direct, mut vs_per_row) = (0f64, 0f64, 0f64, 0f64);
         let (mut same, mut total) = (0usize, 0usize);
         for i in 0..streams {
             for s in 0..tokens[i].len() {
                 vs_candle = vs_candle.max(rel_err(&bat[i][s], &cand[i][s])?.0);
                 vs_one = vs_one.max(rel_err(&bat[i][s], &one[i][s])?.0);
                 vs_direct = vs_direct.max(rel_err(&bat[i][s], &dir[i][s])?.1);
+                vs_per_row = vs_per_row.max(rel_err(&bat[i][s], &per_row[i][s])?.0);
                 same += usize::from(bat_a[i][s] == one_a[i][s]);
                 total += 1;
             }
@@ -1243,8 +1272,17 @@ fn check_decode_batch(args: &Args, llm: &Qwen2Llm, rep: &mut Report) -> Result<(
             format!("batched decode {streams} streams"),
             json!({"worst_rel_vs_candle": vs_candle, "worst_rel_vs_fused1": vs_one,
                    "graph_vs_direct_max_abs": vs_direct, "same_argmax_as_fused1": same,
-                   "steps": total}),
+                   "worst_rel_tiled_vs_per_row": vs_per_row, "steps": total}),
         );
+        // The same kernels but for the attention's f32 sums in another order, each
+        // head's output rounded once to bf16 in both.
+        if streams > 32 {
+            rep.check(
+                &format!("batched step, tiled attention vs per row ({streams} streams)"),
+                vs_per_row < 1e-2 && vs_per_row.is_finite(),
+                format!("worst logits rel {vs_per_row:.2e}"),
+            );
+        }
         rep.check(
             &format!(
                 "batched fused decode, {streams} streams, vs each alone ({} layers, real widths)",

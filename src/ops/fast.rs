@@ -7,7 +7,7 @@
 //! The switches exist so one process can time the reference path and the fast path on
 //! the same warm GPU (benchmarks) and check one against the other (tests). They are
 //! read from `STEPAUDIO_FAST` once (`all` (default), `none`, or a comma list of
-//! `mel,attention,decode,graph,gemm,epilogue,prefill,windows,splice`), and can be changed at run time with
+//! `mel,attention,decode,graph,gemm,epilogue,prefill,windows,splice,tiled`), and can be changed at run time with
 //! [`set_fast_paths`].
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -39,6 +39,10 @@ pub struct FastPaths {
     /// Those batches' keys and values spliced (head, own, padding window) by one
     /// kernel per block instead of a few copies per window.
     pub splice: bool,
+    /// The batched step's and prefill's attention by tiles (a kv head's query heads
+    /// of up to a few rows of one stream read each key and value once) instead of one
+    /// block per query head and row.
+    pub tiled: bool,
 }
 
 impl FastPaths {
@@ -52,6 +56,7 @@ impl FastPaths {
         prefill: true,
         windows: true,
         splice: true,
+        tiled: true,
     };
     pub const NONE: FastPaths = FastPaths {
         mel: false,
@@ -63,6 +68,7 @@ impl FastPaths {
         prefill: false,
         windows: false,
         splice: false,
+        tiled: false,
     };
 
     fn bits(self) -> u16 {
@@ -75,6 +81,7 @@ impl FastPaths {
             | (self.prefill as u16) << 6
             | (self.windows as u16) << 7
             | (self.splice as u16) << 8
+            | (self.tiled as u16) << 9
     }
 
     fn from_bits(b: u16) -> Self {
@@ -88,6 +95,7 @@ impl FastPaths {
             prefill: b & 64 != 0,
             windows: b & 128 != 0,
             splice: b & 256 != 0,
+            tiled: b & 512 != 0,
         }
     }
 
@@ -108,6 +116,7 @@ impl FastPaths {
                 "gemm" => f.gemm = true,
                 "epilogue" => f.epilogue = true,
                 "prefill" => f.prefill = true,
+                "tiled" => f.tiled = true,
                 "windows" => f.windows = true,
                 "splice" => f.splice = true,
                 other => return Err(format!("unknown fast path `{other}`")),
@@ -132,6 +141,7 @@ impl std::fmt::Display for FastPaths {
             (self.prefill, "prefill"),
             (self.windows, "windows"),
             (self.splice, "splice"),
+            (self.tiled, "tiled"),
         ]
         .iter()
         .filter(|(on, _)| *on)

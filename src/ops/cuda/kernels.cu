@@ -927,6 +927,166 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_combine_rows(
                       out + b * nh * 128);
 }
 
+#define TILE_CH 32
+#define TILE_Q 32
+
+// Attention of a tile of rows over their stream's cache, for one kv head: every query
+// head sharing that kv head, of up to TILE_Q / (nh / nkv) consecutive rows of one stream
+// (ascending positions; each row attends to 0..its position), reads each key and value
+// once from a shared-memory chunk of TILE_CH positions, where the per-row kernel above
+// reads them once per query head and row (7 × rows times for Step-Audio 2's heads).
+// grid (nkv, tiles, splits), 128 threads; tiles[2 t] = first row, tiles[2 t + 1] = rows
+// (null: tile t = row t). Split sp takes its share of the chunks up to the tile's last
+// position; with one split the result goes to out [rows, nh * 128] (bf16), else the
+// running max (log2 domain), sum and unnormalised output to part_* [rows, nh, splits].
+// Warp w owns the queries w, w + 4, …: lane = position for the scores, lane = 4 dims
+// for the output.
+extern "C" __global__ void __launch_bounds__(128) attn_rows_tiled(
+    const bf16* __restrict__ q, const int* __restrict__ rows,
+    const unsigned long long* __restrict__ kv, const int* __restrict__ tiles, int layer,
+    int layers, int nh, int nkv, float scale_log2, int splits, float* __restrict__ part_m,
+    float* __restrict__ part_l, float* __restrict__ part_o, bf16* __restrict__ out) {
+    constexpr int HD = 128, CH = TILE_CH, KP = HD + 8, JM = TILE_Q / 4;
+    __shared__ float qs[TILE_Q][HD];
+    __shared__ __align__(16) bf16 ks[CH][KP];
+    __shared__ __align__(16) bf16 vs[CH][HD];
+    __shared__ float ps[TILE_Q][CH];
+    __shared__ int qpos[TILE_Q];
+    const int kvh = blockIdx.x, sp = blockIdx.z, g = nh / nkv;
+    const int r0 = tiles ? tiles[2 * blockIdx.y] : blockIdx.y;
+    const int nr = tiles ? tiles[2 * blockIdx.y + 1] : 1;
+    const int qn = nr * g;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int len = 0;
+    for (int r = 0; r < nr; ++r) len = max(len, rows[4 * (r0 + r) + 1] + 1);
+    const int cap = rows[4 * r0 + 2];
+    const unsigned long long* p = kv + 2 * ((size_t)r0 * layers + layer);
+    const bf16* kc = reinterpret_cast<const bf16*>(p[0]) + (size_t)kvh * cap * HD;
+    const bf16* vc = reinterpret_cast<const bf16*>(p[1]) + (size_t)kvh * cap * HD;
+    for (int i = threadIdx.x; i < qn * HD; i += blockDim.x) {
+        const int qi = i / HD, d = i % HD;
+        const int row = r0 + qi / g, head = kvh * g + qi % g;
+        qs[qi][d] = __bfloat162float(q[((size_t)row * nh + head) * HD + d]) * scale_log2;
+    }
+    if (threadIdx.x < qn) qpos[threadIdx.x] = rows[4 * (r0 + threadIdx.x / g) + 1];
+    const int chunks = (len + CH - 1) / CH, per = (chunks + splits - 1) / splits;
+    const int beg = min(len, sp * per * CH), end = min(len, beg + per * CH);
+    float m[JM], l[JM], acc[JM][4];
+#pragma unroll
+    for (int j = 0; j < JM; ++j) {
+        m[j] = NEG_BIG;
+        l[j] = 0.0f;
+        acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    }
+    for (int c0 = beg; c0 < end; c0 += CH) {
+        __syncthreads();  // the last chunk's keys, values and weights are used up
+        for (int i = threadIdx.x; i < CH * (HD / 8); i += blockDim.x) {
+            const int c = i / (HD / 8), d = (i % (HD / 8)) * 8;
+            uint4 kk = make_uint4(0, 0, 0, 0), vv = kk;
+            if (c0 + c < end) {
+                kk = *reinterpret_cast<const uint4*>(kc + (size_t)(c0 + c) * HD + d);
+                vv = *reinterpret_cast<const uint4*>(vc + (size_t)(c0 + c) * HD + d);
+            }
+            *reinterpret_cast<uint4*>(&ks[c][d]) = kk;
+            *reinterpret_cast<uint4*>(&vs[c][d]) = vv;
+        }
+        __syncthreads();
+        float s[JM];
+#pragma unroll
+        for (int j = 0; j < JM; ++j) s[j] = 0.0f;
+#pragma unroll 4
+        for (int d = 0; d < HD; d += 8) {
+            const uint4 kk = *reinterpret_cast<const uint4*>(&ks[lane][d]);
+            const float k0 = bf_lo(kk.x), k1 = bf_hi(kk.x), k2 = bf_lo(kk.y), k3 = bf_hi(kk.y);
+            const float k4 = bf_lo(kk.z), k5 = bf_hi(kk.z), k6 = bf_lo(kk.w), k7 = bf_hi(kk.w);
+#pragma unroll
+            for (int j = 0; j < JM; ++j) {
+                const int qi = warp + 4 * j;
+                if (qi < qn) {
+                    const float4 a = *reinterpret_cast<const float4*>(&qs[qi][d]);
+                    const float4 b = *reinterpret_cast<const float4*>(&qs[qi][d + 4]);
+                    s[j] += a.x * k0 + a.y * k1 + a.z * k2 + a.w * k3 + b.x * k4 + b.y * k5 +
+                            b.z * k6 + b.w * k7;
+                }
+            }
+        }
+        const int pos = c0 + lane;
+#pragma unroll
+        for (int j = 0; j < JM; ++j) {
+            const int qi = warp + 4 * j;
+            if (qi < qn) {
+                const bool ok = pos < end && pos <= qpos[qi];
+                const float mx = warp_max(ok ? s[j] : NEG_BIG);
+                const float mn = fmaxf(m[j], mx);
+                const float alpha = exp2f(m[j] - mn);
+                const float pj = ok ? exp2f(s[j] - mn) : 0.0f;
+                l[j] = l[j] * alpha + warp_sum(pj);
+                acc[j][0] *= alpha;
+                acc[j][1] *= alpha;
+                acc[j][2] *= alpha;
+                acc[j][3] *= alpha;
+                m[j] = mn;
+                ps[qi][lane] = pj;
+            }
+        }
+        __syncwarp();
+        const int cn = min(CH, end - c0);
+        for (int c = 0; c < cn; ++c) {
+            const uint2 vv = *reinterpret_cast<const uint2*>(&vs[c][lane * 4]);
+            const float v0 = bf_lo(vv.x), v1 = bf_hi(vv.x), v2 = bf_lo(vv.y), v3 = bf_hi(vv.y);
+#pragma unroll
+            for (int j = 0; j < JM; ++j) {
+                const int qi = warp + 4 * j;
+                if (qi < qn) {
+                    const float pj = ps[qi][c];
+                    acc[j][0] += pj * v0;
+                    acc[j][1] += pj * v1;
+                    acc[j][2] += pj * v2;
+                    acc[j][3] += pj * v3;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < JM; ++j) {
+        const int qi = warp + 4 * j;
+        if (qi >= qn) continue;
+        const size_t rh = (size_t)(r0 + qi / g) * nh + kvh * g + qi % g;
+        if (splits == 1) {
+            const float inv = 1.0f / l[j];
+            *reinterpret_cast<uint2*>(out + rh * HD + lane * 4) =
+                make_uint2(pack_bf16x2(acc[j][0] * inv, acc[j][1] * inv),
+                           pack_bf16x2(acc[j][2] * inv, acc[j][3] * inv));
+        } else {
+            const size_t idx = rh * splits + sp;
+            *reinterpret_cast<float4*>(part_o + idx * HD + lane * 4) =
+                make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+            if (lane == 0) {
+                part_m[idx] = m[j];
+                part_l[idx] = l[j];
+            }
+        }
+    }
+}
+
+// Merges attn_rows_tiled's splits: grid (nh, rows), 128 threads; out [rows, nh * 128].
+extern "C" __global__ void __launch_bounds__(128) attn_rows_tiled_combine(
+    const float* __restrict__ part_m, const float* __restrict__ part_l,
+    const float* __restrict__ part_o, int nh, int splits, bf16* __restrict__ out) {
+    const size_t rh = (size_t)blockIdx.y * nh + blockIdx.x;
+    const int d = threadIdx.x;
+    float M = NEG_BIG;
+    for (int s = 0; s < splits; ++s) M = fmaxf(M, part_m[rh * splits + s]);
+    float L = 0.0f, acc = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+        const size_t idx = rh * splits + s;
+        const float f = exp2f(part_m[idx] - M);
+        L += part_l[idx] * f;
+        acc += part_o[idx * 128 + d] * f;
+    }
+    out[rh * 128 + d] = __float2bfloat16_rn(acc / L);
+}
+
 // act[b, j] = silu(gu[b, j]) * gu[b, I + j] from the fused gate/up projection (f32),
 // rounded once, as the batch-1 GEMV's mode 2.
 extern "C" __global__ void silu_gate_rows(const float* __restrict__ gu, int I, int B,
