@@ -1373,10 +1373,14 @@ impl Core {
     }
 
     /// The streams whose decode in flight is overtaken: a partial by a
-    /// final (or pause decode) queued behind it — the partial would be
-    /// stale once out, and the final waits for the stream — and a pause
-    /// decode by its segment's resumed speech: void once out, it would hold
-    /// a row of every step and the stream's next partial.
+    /// final queued behind it — the partial would be stale once out, and
+    /// the final waits for the stream — and a pause decode by its segment's
+    /// resumed speech: void once out, it would hold a row of every step and
+    /// the stream's next partial. A pause decode queued behind a partial
+    /// waits for it: the partial is the client's newest text, and dropping
+    /// it for a pause decode that resumed speech then voids too left
+    /// segments with brief pauses without any partial for 1.5–2 s (H200, 40
+    /// and 48 Step-Audio 2 streams).
     fn preempted(state: &State, flying: &HashMap<StreamId, InFlight>) -> Vec<StreamId> {
         flying
             .iter()
@@ -1386,7 +1390,9 @@ impl Core {
                 };
                 let segment = run.update.segment;
                 slot.jobs.iter().any(|j| match (run.update.kind, j) {
-                    (UpdateKind::Partial, Job::Update(u)) => u.kind != UpdateKind::Partial,
+                    (UpdateKind::Partial, Job::Update(u)) => {
+                        matches!(u.kind, UpdateKind::Final(_))
+                    }
                     (UpdateKind::Pause, Job::Resume(s)) => *s == segment,
                     _ => false,
                 })
@@ -1759,6 +1765,12 @@ mod tests {
                 6,
                 update(0, UpdateKind::Pause, 100),
                 Job::Update(partial(120)),
+                false,
+            ),
+            (
+                7,
+                partial(100),
+                Job::Update(update(0, UpdateKind::Pause, 120)),
                 false,
             ),
         ];
