@@ -103,9 +103,10 @@ struct Args {
     /// Budget of a batch of partials (ms).
     #[arg(long, default_value_t = EngineConfig::default().partial_budget.as_millis() as u64)]
     partial_budget_ms: u64,
-    /// Least time between a stream's partials under load (ms).
-    #[arg(long, default_value_t = EngineConfig::default().partial_spacing.as_millis() as u64)]
-    partial_spacing_ms: u64,
+    /// Least time between a stream's partials under load (ms; default: the
+    /// engine's for the model and device).
+    #[arg(long)]
+    partial_spacing_ms: Option<u64>,
     /// Batches run at once (default: the engine's for the model and device).
     #[arg(long)]
     lanes: Option<usize>,
@@ -525,7 +526,9 @@ fn run(
     let mut config = EngineConfig::for_model(model);
     config.max_batch = args.max_batch;
     config.partial_budget = Duration::from_millis(args.partial_budget_ms);
-    config.partial_spacing = Duration::from_millis(args.partial_spacing_ms);
+    if let Some(ms) = args.partial_spacing_ms {
+        config.partial_spacing = Duration::from_millis(ms);
+    }
     if let Some(lanes) = args.lanes {
         config.lanes = lanes;
     }
@@ -542,6 +545,7 @@ fn run(
         Some(c) => c.parse().context("--capacity: a number or `default`")?,
     };
     let capacity = config.max_streams;
+    let spacing_ms = config.partial_spacing.as_millis() as u64;
     let (engine, thread) = engine::spawn(model.clone(), config)?;
     let usage0 = ProcessUsage::read();
     let started = Instant::now();
@@ -606,6 +610,7 @@ fn run(
         "skipped_partials": skipped,
         "unchanged_partials": unchanged,
         "engine": stats,
+        "partial_spacing_ms": spacing_ms,
         "kv_pool": kv_pool(model),
         "wall_s": wall,
         "per_stream": per_stream,

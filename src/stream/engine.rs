@@ -127,6 +127,13 @@ fn cpu_capacity(d_model: usize, cores: usize) -> usize {
 /// H200; Whisper has no memory cap). Step-Audio 2 is also bounded by the memory
 /// its streams' KV cache slots take ([`LoadedModel::streams_fitting_memory`]).
 const GPU_STREAMS_STEP_AUDIO2: usize = 256;
+/// [`EngineConfig::partial_spacing`] on a GPU. A partial takes 0.15–0.45 s there
+/// (admission, encoder, prefill, steps), so at 1 s start to start a stream's longest
+/// gap sat at the 1.5 s a speaking stream may wait (H200, 20 s runs of 40 / 64
+/// Step-Audio 2 streams: 1.50 / 1.56 s); at 0.9 s, 64 streams gave 1.44, 1.52 and
+/// 1.53 s (0.8 s: 1.42 s, one run). At 256 streams partials are thinned for the
+/// finals anyway: finals' p95 781 and 772 ms against 797 ms at 1 s in the same call.
+const GPU_PARTIAL_SPACING: Duration = Duration::from_millis(900);
 const GPU_STREAMS_WHISPER: usize = 96;
 
 impl EngineConfig {
@@ -143,10 +150,17 @@ impl EngineConfig {
                 GPU_STREAMS_STEP_AUDIO2.min(model.streams_fitting_memory().unwrap_or(usize::MAX))
             }
         };
+        let gpu = !on_cpu(model);
+        let defaults = Self::default();
         Self {
             max_streams,
-            continuous: !on_cpu(model),
-            ..Self::default()
+            continuous: gpu,
+            partial_spacing: if gpu {
+                GPU_PARTIAL_SPACING
+            } else {
+                defaults.partial_spacing
+            },
+            ..defaults
         }
     }
 }
@@ -824,6 +838,13 @@ impl Core {
         slot.jobs
             .retain(|j| !matches!(j, Job::Update(u) if voids(u)));
         let stale = before - slot.jobs.len();
+        if stale > 0 {
+            tracing::trace!(
+                stream = id,
+                stale,
+                "queued partial or pause decode voided by newer audio"
+            );
+        }
         slot.counters
             .skipped_partials
             .fetch_add(stale as u64, Ordering::Relaxed);
@@ -1131,6 +1152,14 @@ impl Core {
                 .unchanged_partials
                 .fetch_add(1, Ordering::Relaxed);
         }
+        tracing::trace!(
+            stream = id,
+            kind = ?update.kind,
+            segment = update.segment,
+            end = update.end,
+            events = events.len(),
+            "decode out"
+        );
         for ev in events {
             s.emit(ev);
         }
@@ -1484,6 +1513,8 @@ impl Core {
             let run = InFlight::new(taken);
             match r {
                 Ok(()) => {
+                    // One stream's path through the loop (a partial gap's cause).
+                    tracing::trace!(stream = id, kind = ?run.update.kind, segment = run.update.segment, end = run.update.end, "joined the decode loop");
                     flying.insert(id, run);
                 }
                 Err(e) => {
