@@ -4,9 +4,10 @@
 //! `--kernels`: each fast path against the plain candle path on the same device, on
 //! fresh random (or real audio) inputs: device log-mel vs the CPU frontend (and both vs
 //! an f64 DFT), flash attention vs f32 attention on upcast inputs (encoder shape with a
-//! padding mask, odd sizes, GQA prefill with a causal offset over a cache view), and the
-//! fused decode step (graph and direct launches) vs candle ops on a real-width LLM,
-//! teacher-forced so every step compares the same inputs.
+//! padding mask, odd sizes, GQA prefill with a causal offset over a cache view), the
+//! batched step's and prefill's attention kernels (tiled and per row) vs f32 attention,
+//! and the fused decode step (graph and direct launches) vs candle ops on a real-width
+//! LLM, teacher-forced so every step compares the same inputs.
 //!
 //! `--parity --ckpt DIR --reference FILE`: issue 5's full-shape check. DIR and FILE come
 //! from `scripts/reference/step_audio2_gpu_parity.py` (random weights at the real
@@ -413,7 +414,59 @@ fn check_attention(device: &Device, rep: &mut Report) -> Result<()> {
         }
     }
     fast::set_flash_variant("default")?;
+    check_rows_attention(device, rep)?;
     check_linear(device, rep)
+}
+
+/// The batched decode step's and prefill's attention kernels (tiled, and one block per
+/// query head and row) against attention in f32 (candle ops over the same bf16 keys,
+/// values and queries), row by row: streams whose rows are a prefill's (many
+/// consecutive positions, causal within the stream) or a step's (one row at a long
+/// position), 28 query heads over 4 kv heads of 128 dims. Bound 5e-3 (the output is
+/// rounded once to bf16, 2^-9 relative).
+fn check_rows_attention(device: &Device, rep: &mut Report) -> Result<()> {
+    let (nh, nkv, hd) = (28usize, 4usize, 128usize);
+    // (cached positions before, rows)
+    let streams = [(200usize, 40usize), (700, 1), (0, 13), (37, 1), (63, 70)];
+    let rnd = |shape: &[usize]| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(DType::BF16)?)
+    };
+    let mut caches = Vec::new();
+    let mut rows = Vec::new();
+    for (i, &(past, n)) in streams.iter().enumerate() {
+        let cap = past + n + 5;
+        caches.push((rnd(&[nkv, cap, hd])?, rnd(&[nkv, cap, hd])?));
+        rows.extend((past..past + n).map(|p| (i, p)));
+    }
+    let q = rnd(&[rows.len(), nh, hd])?;
+    let scale = (hd as f64).powf(-0.5);
+    let mut want = Vec::with_capacity(rows.len());
+    for (r, &(i, pos)) in rows.iter().enumerate() {
+        let (k, v) = &caches[i];
+        let upto = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(1, 0, pos + 1)?.unsqueeze(0)?) };
+        let qr = q.i(r)?.reshape((1, nh, 1, hd))?;
+        want.push(attention_ref(&qr, &upto(k)?, &upto(v)?, scale, false, None)?.reshape(nh * hd)?);
+    }
+    let want = Tensor::stack(&want, 0)?;
+    for (label, tiled) in [("tiled", true), ("per row", false)] {
+        let got = fast::rows_attention(&q, &rows, &caches, tiled)?
+            .context("no batched attention on this device")?;
+        let (rel, max) = rel_err(&got, &want)?;
+        rep.json.insert(
+            format!("batched attention {label}"),
+            json!({"rel": rel, "max_abs": max, "rows": rows.len(), "streams": streams}),
+        );
+        rep.check(
+            &format!(
+                "batched attention, {label}, vs f32 ({} rows of {} streams, 28/4 heads, hd 128)",
+                rows.len(),
+                streams.len()
+            ),
+            rel < 5e-3 && rel.is_finite(),
+            format!("rel {rel:.2e}, max abs {max:.2e}"),
+        );
+    }
+    Ok(())
 }
 
 /// The encoder's GEMM through cuBLAS and its fused epilogues against candle ops, and a

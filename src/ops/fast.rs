@@ -295,6 +295,27 @@ pub fn splice_rows(qkv: &Tensor, rows: &[SpliceRow<'_>]) -> Result<Option<(Tenso
     }
 }
 
+/// The batched decode step's and prefill's attention alone, for checks against a
+/// reference: `q` `[rows, nh, 128]` (bf16); row `r` is stream `rows[r].0`'s query at
+/// position `rows[r].1` over that stream's `caches` entry (keys, values, each
+/// `[nkv, capacity, 128]` bf16) up to and including that position, one stream's rows
+/// consecutive; `tiled` picks the tiled kernel (tiles as a prefill makes them) or the
+/// per-row one. `[rows, nh * 128]` (bf16); `None` without CUDA.
+pub fn rows_attention(
+    q: &Tensor,
+    rows: &[(usize, usize)],
+    caches: &[(Tensor, Tensor)],
+    tiled: bool,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    return super::cuda::decode_batch::rows_attention(q, rows, caches, tiled).map(Some);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, rows, caches, tiled);
+        Ok(None)
+    }
+}
+
 /// Chooses the flash kernel variant for head dim 64 (`default`, `2stage`, `1stage`,
 /// `w8`); a no-op without CUDA.
 pub fn set_flash_variant(v: &str) -> Result<()> {

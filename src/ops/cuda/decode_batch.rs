@@ -20,6 +20,7 @@ use super::linear::gemm_t;
 use super::{capture_graph, dev_ptr, func, read_rows, BucketGraphs, Graph};
 use crate::ops::fast::{fast_paths, DecodeCache, DecodeWeights};
 use candle_core::cuda::cudarc::driver::{result, CudaFunction, LaunchConfig, PushKernelArg};
+use candle_core::cuda::CudaDevice;
 use candle_core::cuda::WrapErr;
 use candle_core::{DType, Result, Tensor};
 
@@ -76,11 +77,8 @@ struct Funcs {
     embed: CudaFunction,
     norm: CudaFunction,
     rope: CudaFunction,
-    attn_part: CudaFunction,
-    attn_comb: CudaFunction,
+    attn: AttnKernels,
     silu: CudaFunction,
-    tiled: CudaFunction,
-    tiled_comb: CudaFunction,
     am_part: CudaFunction,
     am_final: CudaFunction,
 }
@@ -169,11 +167,8 @@ impl BatchDecodeEngine {
             embed: func(dev, "embed_rows")?,
             norm: func(dev, "residual_rmsnorm_rows")?,
             rope: func(dev, "rope_kv_append_rows")?,
-            attn_part: func(dev, "attn_decode_partial_rows")?,
-            attn_comb: func(dev, "attn_decode_combine_rows")?,
+            attn: AttnKernels::new(dev)?,
             silu: func(dev, "silu_gate_rows")?,
-            tiled: func(dev, "attn_rows_tiled")?,
-            tiled_comb: func(dev, "attn_rows_tiled_combine")?,
             am_part: func(dev, "argmax_partial")?,
             am_final: func(dev, "argmax_final")?,
         };
@@ -382,8 +377,7 @@ impl BatchDecodeEngine {
     /// Whether the tiled attention serves this model (128-dim heads, a kv head's query
     /// heads within one tile) and is switched on.
     fn tiled(&self) -> bool {
-        let g = self.m.nh / self.m.nkv;
-        fast_paths().tiled && self.m.hd == 128 && self.m.nh % self.m.nkv == 0 && g <= TILE_QUERIES
+        fast_paths().tiled && tiles_fit(self.m.nh, self.m.nkv, self.m.hd)
     }
 
     /// A step's attention: every row (a stream) its own tile, from
@@ -405,130 +399,35 @@ impl BatchDecodeEngine {
         if !self.tiled() {
             return Ok(AttnPlan::PerRow);
         }
-        let per_tile = TILE_QUERIES / (self.m.nh / self.m.nkv);
-        let mut tiles: Vec<u32> = Vec::new();
-        let mut longest = 0;
-        let mut b = 0;
-        while b < slice.len() {
-            let stream = slice[b].0;
-            let n = slice[b..]
-                .iter()
-                .take(per_tile)
-                .take_while(|r| r.0 == stream)
-                .count();
-            tiles.extend([b as u32, n as u32]);
-            longest = longest.max(slice[b + n - 1].1 + 1);
-            b += n;
-        }
-        let count = tiles.len() / 2;
+        let (tiles, longest) = tiles_of(slice, TILE_QUERIES / (self.m.nh / self.m.nkv));
         let stream = self.m.dev.cuda_stream();
         // SAFETY: at most one tile per row, and the buffer holds two ints per row; a
         // copy from pageable host memory has read it when the call returns.
         unsafe { result::memcpy_htod_async(dev_ptr(&bufs.tiles)?, &tiles, stream.cu_stream()) }
             .w()?;
-        Ok(AttnPlan::Tiled {
-            table: true,
-            tiles: count,
-            splits: tiled_splits(count * self.m.nkv, Some(longest)),
-        })
+        Ok(tiled_plan(&tiles, longest, self.m.nkv))
     }
 
     /// Enqueues the attention of `rows` rows (queries in `bufs.q`, after RoPE and the
     /// cache append) for `layer`, leaving it in `bufs.attn`.
     fn attention(&self, bufs: &Buffers, rows: usize, layer: i32, plan: AttnPlan) -> Result<()> {
         let m = &self.m;
-        let stream = m.dev.cuda_stream();
         let p = dev_ptr;
-        let (q, attn, table, kv) = (p(&bufs.q)?, p(&bufs.attn)?, p(&bufs.table)?, p(&bufs.kv)?);
-        let (pm, pl, po) = (p(&bufs.part_m)?, p(&bufs.part_l)?, p(&bufs.part_o)?);
-        let n_layers = m.layers.len() as i32;
-        let (nh_i, nkv_i) = (m.nh as i32, m.nkv as i32);
-        let scale_log2 = (m.hd as f32).powf(-0.5) * std::f32::consts::LOG2_E;
-        let r = rows as u32;
-        let (splits, grid) = match plan {
-            AttnPlan::PerRow => {
-                let mut b = stream.launch_builder(&self.f.attn_part);
-                b.arg(&q)
-                    .arg(&table)
-                    .arg(&kv)
-                    .arg(&layer)
-                    .arg(&n_layers)
-                    .arg(&nh_i)
-                    .arg(&nkv_i)
-                    .arg(&scale_log2)
-                    .arg(&pm)
-                    .arg(&pl)
-                    .arg(&po);
-                let cfg = LaunchConfig {
-                    grid_dim: (m.nh as u32, DEC_SPLITS as u32, r),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: reads cache rows 0..=position of each row's kv heads.
-                unsafe { b.launch(cfg) }.w()?;
-                let mut b = stream.launch_builder(&self.f.attn_comb);
-                b.arg(&pm).arg(&pl).arg(&po).arg(&nh_i).arg(&attn);
-                let cfg = LaunchConfig {
-                    grid_dim: (m.nh as u32, r, 1),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: partials of `rows` rows × nh heads × DEC_SPLITS.
-                unsafe { b.launch(cfg) }.w()?;
-                return Ok(());
-            }
-            AttnPlan::Tiled {
-                table: with_table,
-                tiles,
-                splits,
-            } => {
-                let tiles_ptr = if with_table { p(&bufs.tiles)? } else { 0 };
-                let splits_i = splits as i32;
-                let mut b = stream.launch_builder(&self.f.tiled);
-                b.arg(&q)
-                    .arg(&table)
-                    .arg(&kv)
-                    .arg(&tiles_ptr)
-                    .arg(&layer)
-                    .arg(&n_layers)
-                    .arg(&nh_i)
-                    .arg(&nkv_i)
-                    .arg(&scale_log2)
-                    .arg(&splits_i)
-                    .arg(&pm)
-                    .arg(&pl)
-                    .arg(&po)
-                    .arg(&attn);
-                let cfg = LaunchConfig {
-                    grid_dim: (m.nkv as u32, tiles as u32, splits as u32),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: every tile's rows are one stream's (its kv pointers), each
-                // reading its cache rows 0..=position; splits <= DEC_SPLITS, so the
-                // partials fit `rows` rows × nh heads × DEC_SPLITS.
-                unsafe { b.launch(cfg) }.w()?;
-                (splits, (m.nh as u32, r, 1))
-            }
+        let launch = AttnLaunch {
+            q: p(&bufs.q)?,
+            out: p(&bufs.attn)?,
+            table: p(&bufs.table)?,
+            kv: p(&bufs.kv)?,
+            tiles: p(&bufs.tiles)?,
+            part: [p(&bufs.part_m)?, p(&bufs.part_l)?, p(&bufs.part_o)?],
+            nh: m.nh,
+            nkv: m.nkv,
+            hd: m.hd,
+            layers: m.layers.len(),
+            layer,
+            rows,
         };
-        if splits > 1 {
-            let splits_i = splits as i32;
-            let mut b = stream.launch_builder(&self.f.tiled_comb);
-            b.arg(&pm)
-                .arg(&pl)
-                .arg(&po)
-                .arg(&nh_i)
-                .arg(&splits_i)
-                .arg(&attn);
-            let cfg = LaunchConfig {
-                grid_dim: grid,
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: partials of `rows` rows × nh heads × `splits`.
-            unsafe { b.launch(cfg) }.w()?;
-        }
-        Ok(())
+        self.f.attn.enqueue(&m.dev, &launch, plan)
     }
 
     fn capture(&self, rows: usize) -> Result<Graph> {
@@ -674,6 +573,253 @@ impl BatchDecodeEngine {
         }
         Ok(())
     }
+}
+
+/// Whether the tiled attention serves `nh` query heads over `nkv` kv heads of `hd`
+/// dims: 128-dim heads, a kv head's query heads within one tile.
+fn tiles_fit(nh: usize, nkv: usize, hd: usize) -> bool {
+    hd == 128 && nkv > 0 && nh % nkv == 0 && nh / nkv <= TILE_QUERIES
+}
+
+/// The tiles of `rows` (stream, position): each stream's consecutive rows, at most
+/// `per_tile` a tile, as `[first row, rows]` pairs; and the longest length a tile
+/// attends to (its last position + 1).
+fn tiles_of(rows: &[(usize, usize)], per_tile: usize) -> (Vec<u32>, usize) {
+    let mut tiles = Vec::new();
+    let mut longest = 0;
+    let mut b = 0;
+    while b < rows.len() {
+        let stream = rows[b].0;
+        let n = rows[b..]
+            .iter()
+            .take(per_tile.max(1))
+            .take_while(|r| r.0 == stream)
+            .count();
+        tiles.extend([b as u32, n as u32]);
+        longest = longest.max(rows[b + n - 1].1 + 1);
+        b += n;
+    }
+    (tiles, longest)
+}
+
+/// The tiled attention over the tile table `tiles` ([`tiles_of`]) of tiles at most
+/// `longest` positions long, for `nkv` kv heads.
+fn tiled_plan(tiles: &[u32], longest: usize, nkv: usize) -> AttnPlan {
+    let count = tiles.len() / 2;
+    AttnPlan::Tiled {
+        table: true,
+        tiles: count,
+        splits: tiled_splits(count * nkv, Some(longest)),
+    }
+}
+
+/// The attention kernels of the batched step and prefill.
+struct AttnKernels {
+    part: CudaFunction,
+    comb: CudaFunction,
+    tiled: CudaFunction,
+    tiled_comb: CudaFunction,
+}
+
+/// One attention launch: device pointers of the queries `[rows, nh, hd]`, the output
+/// `[rows, nh * hd]` (bf16), the row table, the key/value pointer table (`layers` per
+/// row), the tile table and the split partials (max, sum, output), and the shape.
+struct AttnLaunch {
+    q: u64,
+    out: u64,
+    table: u64,
+    kv: u64,
+    tiles: u64,
+    part: [u64; 3],
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    layers: usize,
+    layer: i32,
+    rows: usize,
+}
+
+impl AttnKernels {
+    fn new(dev: &CudaDevice) -> Result<Self> {
+        Ok(Self {
+            part: func(dev, "attn_decode_partial_rows")?,
+            comb: func(dev, "attn_decode_combine_rows")?,
+            tiled: func(dev, "attn_rows_tiled")?,
+            tiled_comb: func(dev, "attn_rows_tiled_combine")?,
+        })
+    }
+
+    /// Enqueues `a` on the device's stream as `plan` says.
+    fn enqueue(&self, dev: &CudaDevice, a: &AttnLaunch, plan: AttnPlan) -> Result<()> {
+        let stream = dev.cuda_stream();
+        let [pm, pl, po] = a.part;
+        let (layer, n_layers) = (a.layer, a.layers as i32);
+        let (nh_i, nkv_i) = (a.nh as i32, a.nkv as i32);
+        let scale_log2 = (a.hd as f32).powf(-0.5) * std::f32::consts::LOG2_E;
+        let r = a.rows as u32;
+        let block = |grid_dim| LaunchConfig {
+            grid_dim,
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let splits = match plan {
+            AttnPlan::PerRow => {
+                let mut b = stream.launch_builder(&self.part);
+                b.arg(&a.q)
+                    .arg(&a.table)
+                    .arg(&a.kv)
+                    .arg(&layer)
+                    .arg(&n_layers)
+                    .arg(&nh_i)
+                    .arg(&nkv_i)
+                    .arg(&scale_log2)
+                    .arg(&pm)
+                    .arg(&pl)
+                    .arg(&po);
+                // SAFETY: reads cache rows 0..=position of each row's kv heads.
+                unsafe { b.launch(block((a.nh as u32, DEC_SPLITS as u32, r))) }.w()?;
+                let mut b = stream.launch_builder(&self.comb);
+                b.arg(&pm).arg(&pl).arg(&po).arg(&nh_i).arg(&a.out);
+                // SAFETY: partials of `rows` rows × nh heads × DEC_SPLITS.
+                unsafe { b.launch(block((a.nh as u32, r, 1))) }.w()?;
+                return Ok(());
+            }
+            AttnPlan::Tiled {
+                table,
+                tiles,
+                splits,
+            } => {
+                let tiles_ptr = if table { a.tiles } else { 0 };
+                let splits_i = splits as i32;
+                let mut b = stream.launch_builder(&self.tiled);
+                b.arg(&a.q)
+                    .arg(&a.table)
+                    .arg(&a.kv)
+                    .arg(&tiles_ptr)
+                    .arg(&layer)
+                    .arg(&n_layers)
+                    .arg(&nh_i)
+                    .arg(&nkv_i)
+                    .arg(&scale_log2)
+                    .arg(&splits_i)
+                    .arg(&pm)
+                    .arg(&pl)
+                    .arg(&po)
+                    .arg(&a.out);
+                // SAFETY: every tile's rows are one stream's (its kv pointers), each
+                // reading its cache rows 0..=position; splits <= DEC_SPLITS, so the
+                // partials fit `rows` rows × nh heads × DEC_SPLITS.
+                unsafe { b.launch(block((a.nkv as u32, tiles as u32, splits as u32))) }.w()?;
+                splits
+            }
+        };
+        if splits > 1 {
+            let splits_i = splits as i32;
+            let mut b = stream.launch_builder(&self.tiled_comb);
+            b.arg(&pm)
+                .arg(&pl)
+                .arg(&po)
+                .arg(&nh_i)
+                .arg(&splits_i)
+                .arg(&a.out);
+            // SAFETY: partials of `rows` rows × nh heads × `splits`.
+            unsafe { b.launch(block((a.nh as u32, r, 1))) }.w()?;
+        }
+        Ok(())
+    }
+}
+
+/// The batched step's and prefill's attention alone, for checks against a reference:
+/// `q` `[rows, nh, 128]` (bf16, after RoPE); row `r` is stream `rows[r].0`'s query at
+/// position `rows[r].1` over that stream's `caches` entry (keys, values, each
+/// `[nkv, capacity, 128]` bf16) up to and including that position; one stream's rows
+/// consecutive. Tiled as a prefill tiles them, or per row. Returns `[rows, nh * 128]`
+/// (bf16).
+pub(crate) fn rows_attention(
+    q: &Tensor,
+    rows: &[(usize, usize)],
+    caches: &[(Tensor, Tensor)],
+    tiled: bool,
+) -> Result<Tensor> {
+    let (n, nh, hd) = q.dims3()?;
+    let dev = match q.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => candle_core::bail!("rows attention: q off the GPU"),
+    };
+    let Some((k0, _)) = caches.first() else {
+        candle_core::bail!("rows attention: no caches")
+    };
+    let nkv = k0.dim(0)?;
+    if n != rows.len() || n == 0 || !tiles_fit(nh, nkv, hd) || q.dtype() != DType::BF16 {
+        candle_core::bail!(
+            "rows attention: q {:?} for {} rows, {nkv} kv heads",
+            q.dims(),
+            rows.len()
+        );
+    }
+    let mut table = vec![0u32; n * ROW_INTS];
+    let mut kv = vec![0u64; n * 2];
+    for (b, &(i, pos)) in rows.iter().enumerate() {
+        let Some((k, v)) = caches.get(i) else {
+            candle_core::bail!("rows attention: row {b} of stream {i}, of {}", caches.len())
+        };
+        let (kh, cap, khd) = k.dims3()?;
+        if (kh, khd) != (nkv, hd) || v.dims() != k.dims() || pos >= cap {
+            candle_core::bail!("rows attention: cache {:?} for position {pos}", k.dims());
+        }
+        set_row(
+            &mut table,
+            &mut kv,
+            b,
+            [0, pos as u32, cap as u32],
+            &[(dev_ptr(k)?, dev_ptr(v)?)],
+        );
+    }
+    let device = q.device();
+    let zeros = |len: usize, dt: DType| Tensor::zeros(len, dt, device);
+    let parts = n * nh * DEC_SPLITS;
+    let (table_t, kv_t) = (
+        zeros(table.len(), DType::U32)?,
+        zeros(kv.len(), DType::I64)?,
+    );
+    let (tiles, longest) = tiles_of(rows, TILE_QUERIES / (nh / nkv));
+    let tiles_t = zeros(tiles.len(), DType::U32)?;
+    let part = [
+        zeros(parts, DType::F32)?,
+        zeros(parts, DType::F32)?,
+        zeros(parts * hd, DType::F32)?,
+    ];
+    let out = zeros(n * nh * hd, DType::BF16)?;
+    let q = q.contiguous()?;
+    let stream = dev.cuda_stream();
+    // SAFETY: each buffer was made to the length copied into it; a copy from pageable
+    // host memory has read it when the call returns.
+    unsafe {
+        result::memcpy_htod_async(dev_ptr(&table_t)?, &table, stream.cu_stream()).w()?;
+        result::memcpy_htod_async(dev_ptr(&kv_t)?, &kv, stream.cu_stream()).w()?;
+        result::memcpy_htod_async(dev_ptr(&tiles_t)?, &tiles, stream.cu_stream()).w()?;
+    }
+    let plan = if tiled {
+        tiled_plan(&tiles, longest, nkv)
+    } else {
+        AttnPlan::PerRow
+    };
+    let launch = AttnLaunch {
+        q: dev_ptr(&q)?,
+        out: dev_ptr(&out)?,
+        table: dev_ptr(&table_t)?,
+        kv: dev_ptr(&kv_t)?,
+        tiles: dev_ptr(&tiles_t)?,
+        part: [dev_ptr(&part[0])?, dev_ptr(&part[1])?, dev_ptr(&part[2])?],
+        nh,
+        nkv,
+        hd,
+        layers: 1,
+        layer: 0,
+        rows: n,
+    };
+    AttnKernels::new(&dev)?.enqueue(&dev, &launch, plan)?;
+    out.reshape((n, nh * hd))
 }
 
 /// Row `b` of the host row table (`[token, position, cache capacity]`) and of the
