@@ -578,7 +578,7 @@ impl BatchDecodeEngine {
 /// Whether the tiled attention serves `nh` query heads over `nkv` kv heads of `hd`
 /// dims: 128-dim heads, a kv head's query heads within one tile.
 fn tiles_fit(nh: usize, nkv: usize, hd: usize) -> bool {
-    hd == 128 && nkv > 0 && nh % nkv == 0 && nh / nkv <= TILE_QUERIES
+    hd == 128 && nkv > 0 && nh.is_multiple_of(nkv) && nh / nkv <= TILE_QUERIES
 }
 
 /// The tiles of `rows` (stream, position): each stream's consecutive rows, at most
