@@ -130,8 +130,8 @@ const GPU_STREAMS_STEP_AUDIO2: usize = 256;
 /// [`EngineConfig::partial_spacing`] on a GPU. A partial takes 0.15–0.45 s there
 /// (admission, encoder, prefill, steps), so at 1 s start to start a stream's longest
 /// gap sat at the 1.5 s a speaking stream may wait (H200, 20 s runs of 40 / 64
-/// Step-Audio 2 streams: 1.50 / 1.56 s); at 0.9 s, 64 streams gave 1.44, 1.52 and
-/// 1.53 s (0.8 s: 1.42 s, one run). At 256 streams partials are thinned for the
+/// Step-Audio 2 streams: 1.50 / 1.56 s); at 0.9 s, 64 streams gave 1.44, 1.52, 1.53
+/// and 1.56 s and 48 streams 1.44 s (0.8 s: 1.42 s at 64, one run). At 256 streams partials are thinned for the
 /// finals anyway: finals' p95 781 and 772 ms against 797 ms at 1 s in the same call.
 const GPU_PARTIAL_SPACING: Duration = Duration::from_millis(900);
 const GPU_STREAMS_WHISPER: usize = 96;
@@ -1514,7 +1514,14 @@ impl Core {
             match r {
                 Ok(()) => {
                     // One stream's path through the loop (a partial gap's cause).
-                    tracing::trace!(stream = id, kind = ?run.update.kind, segment = run.update.segment, end = run.update.end, "joined the decode loop");
+                    let u = &run.update;
+                    tracing::trace!(
+                        stream = id,
+                        kind = ?u.kind,
+                        segment = u.segment,
+                        end = u.end,
+                        "joined the decode loop"
+                    );
                     flying.insert(id, run);
                 }
                 Err(e) => {
