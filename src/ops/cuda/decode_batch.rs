@@ -5,7 +5,10 @@
 //! whatever the batch, so B streams in one step cost little more than one. The
 //! projections are GEMMs over the B rows (cuBLAS, f32 out; at B = 1 the batch-1 GEMV,
 //! which streams the weights faster than a GEMM of one row); RMSNorm with the residual
-//! add, RoPE with the KV append, attention and the argmax are per-row kernels.
+//! add, RoPE with the KV append and the argmax are per-row kernels. Attention is tiled
+//! where rows share reads (a prefill's rows of one stream, and steps from
+//! [`TILED_STEP_ROWS`] streams: a kv head's query heads read each key and value once),
+//! else one block per query head and row.
 //!
 //! The KV caches stay the streams' own buffers (each stream's length and capacity, a
 //! partial's rollback still a length change): a device row table names, per row, its
