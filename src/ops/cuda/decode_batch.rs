@@ -853,3 +853,47 @@ fn upload(bufs: &Buffers, table: &[u32], kv: &[u64]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_hold_one_streams_consecutive_rows_up_to_the_tile_size() {
+        // (stream, position): 6 rows of stream 0, 1 of stream 1, 3 of stream 2
+        let rows: Vec<(usize, usize)> = (10..16)
+            .map(|p| (0, p))
+            .chain([(1, 700)])
+            .chain((0..3).map(|p| (2, p)))
+            .collect();
+        let (tiles, longest) = tiles_of(&rows, 4);
+        assert_eq!(tiles, [0, 4, 4, 2, 6, 1, 7, 3]);
+        assert_eq!(longest, 701);
+        // Every row in exactly one tile, in order.
+        let covered: usize = tiles.chunks(2).map(|t| t[1] as usize).sum();
+        assert_eq!(covered, rows.len());
+        assert_eq!(tiles_of(&[], 4), (vec![], 0));
+    }
+
+    #[test]
+    fn positions_split_only_while_blocks_are_few_and_never_past_the_chunks() {
+        // Plenty of blocks: no split.
+        assert_eq!(tiled_splits(TILED_BLOCKS, None), 1);
+        assert_eq!(tiled_splits(4 * 256, None), 1);
+        // Few blocks: as many splits as bring them to TILED_BLOCKS, at most DEC_SPLITS.
+        assert_eq!(tiled_splits(66, None), 4);
+        assert_eq!(tiled_splits(4, None), DEC_SPLITS);
+        // Never more splits than chunks of positions (a split of none is wasted).
+        assert_eq!(tiled_splits(4, Some(3 * TILE_POSITIONS)), 3);
+        assert_eq!(tiled_splits(4, Some(1)), 1);
+    }
+
+    #[test]
+    fn the_tiled_kernel_serves_128_dim_heads_whose_groups_fit_a_tile() {
+        assert!(tiles_fit(28, 4, 128));
+        assert!(!tiles_fit(28, 4, 64));
+        assert!(!tiles_fit(28, 3, 128));
+        assert!(!tiles_fit(64, 1, 128));
+        assert!(!tiles_fit(28, 0, 128));
+    }
+}
