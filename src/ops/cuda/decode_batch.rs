@@ -411,12 +411,12 @@ impl BatchDecodeEngine {
         Ok(tiled_plan(&tiles, longest, self.m.nkv))
     }
 
-    /// Enqueues the attention of `rows` rows (queries in `bufs.q`, after RoPE and the
-    /// cache append) for `layer`, leaving it in `bufs.attn`.
-    fn attention(&self, bufs: &Buffers, rows: usize, layer: i32, plan: AttnPlan) -> Result<()> {
+    /// The attention launch of `rows` rows over `bufs` (queries in `bufs.q`, after RoPE
+    /// and the cache append; out to `bufs.attn`), for layer 0 until set.
+    fn attn_launch(&self, bufs: &Buffers, rows: usize) -> Result<AttnLaunch> {
         let m = &self.m;
         let p = dev_ptr;
-        let launch = AttnLaunch {
+        Ok(AttnLaunch {
             q: p(&bufs.q)?,
             out: p(&bufs.attn)?,
             table: p(&bufs.table)?,
@@ -427,10 +427,9 @@ impl BatchDecodeEngine {
             nkv: m.nkv,
             hd: m.hd,
             layers: m.layers.len(),
-            layer,
+            layer: 0,
             rows,
-        };
-        self.f.attn.enqueue(&m.dev, &launch, plan)
+        })
     }
 
     fn capture(&self, rows: usize) -> Result<Graph> {
@@ -527,6 +526,7 @@ impl BatchDecodeEngine {
         let (nh_i, nkv_i, hd_i) = (nh as i32, nkv as i32, hd as i32);
         let r = rows as u32;
         let first_norm = m.layers.first().map_or(m.final_norm, |l| l.in_norm);
+        let mut attn_launch = self.attn_launch(bufs, rows)?;
         self.norm(x, 0, first_norm, xn, rows)?;
         for (li, l) in m.layers.iter().enumerate() {
             let layer = li as i32;
@@ -554,7 +554,8 @@ impl BatchDecodeEngine {
                 // and < the RoPE table (checked by `step`).
                 unsafe { b.launch(cfg) }.w()?;
             }
-            self.attention(bufs, rows, layer, attn_plan)?;
+            attn_launch.layer = layer;
+            self.f.attn.enqueue(&m.dev, &attn_launch, attn_plan)?;
             self.project(l.o_w, attn, y, rows, h, nh * hd)?;
             self.norm(x, y, l.post_norm, xn, rows)?;
             self.project(l.gate_up_w, xn, gu, rows, 2 * inter, h)?;
