@@ -229,20 +229,19 @@ fn main() -> Result<()> {
             let mut f = bd
                 .prepare(&weights)?
                 .context("batched fused decode did not apply")?;
-            let per = r.div_ceil(prefill_streams);
-            let embeds: Vec<_> = (0..prefill_streams)
+            // The rows shared out as evenly as they go; a stream with none left out.
+            let used = prefill_streams.min(r);
+            let embeds: Vec<_> = (0..used)
                 .map(|i| {
-                    let n = per.min(r - (i * per).min(r)).max(1);
+                    let n = (r + used - 1 - i) / used;
                     candle_core::Tensor::randn(0f32, 1.0, (1, n, cfg.text.hidden_size), &device)
                         .and_then(|t| t.to_dtype(DType::BF16))
                 })
                 .collect::<candle_core::Result<_>>()?;
             let mut ts = Vec::new();
             for s in 0..args.warmup + args.steps {
-                states[..prefill_streams]
-                    .iter_mut()
-                    .for_each(|s| s.truncate(ctx));
-                let mut st: Vec<&mut LlmState> = states[..prefill_streams].iter_mut().collect();
+                states[..used].iter_mut().for_each(|s| s.truncate(ctx));
+                let mut st: Vec<&mut LlmState> = states[..used].iter_mut().collect();
                 device.synchronize()?;
                 let t = Instant::now();
                 f.prefill(&embeds, &mut st)?
@@ -254,13 +253,11 @@ fn main() -> Result<()> {
             }
             let ms = median(ts);
             println!(
-                "batched prefill  {r:4} rows over {prefill_streams} streams after {ctx:4} tokens: {ms:7.2} ms  {:6.1} µs a row",
+                "batched prefill  {r:4} rows over {used} streams after {ctx:4} tokens: {ms:7.2} ms  {:6.1} µs a row",
                 ms * 1e3 / r as f64
             );
-            prefills.push(
-                json!({"rows": r, "streams": prefill_streams, "context": ctx,
-                "ms": ms, "us_per_row": ms * 1e3 / r as f64}),
-            );
+            prefills.push(json!({"rows": r, "streams": used, "context": ctx,
+                "ms": ms, "us_per_row": ms * 1e3 / r as f64}));
         }
     }
     if let Some(p) = &args.json {
