@@ -129,9 +129,14 @@ struct Args {
     #[arg(long, default_value_t = EngineConfig::default().admit_interval.as_millis() as u64)]
     admit_interval_ms: u64,
     /// Continuous batch: partials yield to finals that would be out later
-    /// than this after their segment's end (0: they never yield).
+    /// than this after their segment's end (0: they never yield); with
+    /// --final-target-ms the most the steered deadline grows to.
     #[arg(long, default_value_t = EngineConfig::default().final_deadline.map_or(0, |d| d.as_millis() as u64))]
     final_deadline_ms: u64,
+    /// Continuous batch: segment end → final that 19 finals in 20 should
+    /// keep; the deadline is steered to it (ms; 0: a fixed deadline).
+    #[arg(long, default_value_t = EngineConfig::default().final_target.map_or(0, |d| d.as_millis() as u64))]
+    final_target_ms: u64,
     /// Continuous batch: a final that has waited this long since its
     /// segment's end joins at once, between the partials' admissions (ms;
     /// 0: only at their admissions).
@@ -537,6 +542,8 @@ fn run(
     config.admit_interval = Duration::from_millis(args.admit_interval_ms);
     config.final_deadline =
         (args.final_deadline_ms > 0).then(|| Duration::from_millis(args.final_deadline_ms));
+    config.final_target =
+        (args.final_target_ms > 0).then(|| Duration::from_millis(args.final_target_ms));
     config.final_admit_after =
         (args.final_admit_ms > 0).then(|| Duration::from_millis(args.final_admit_ms));
     config.max_streams = match args.capacity.as_deref() {
@@ -546,6 +553,13 @@ fn run(
     };
     let capacity = config.max_streams;
     let spacing_ms = config.partial_spacing.as_millis() as u64;
+    let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+    let scheduler = json!({
+        "admit_budget_ms": config.admit_budget.as_millis() as u64,
+        "admit_interval_ms": config.admit_interval.as_millis() as u64,
+        "final_deadline_ms": ms(config.final_deadline),
+        "final_target_ms": ms(config.final_target),
+    });
     let (engine, thread) = engine::spawn(model.clone(), config)?;
     let usage0 = ProcessUsage::read();
     let started = Instant::now();
@@ -611,6 +625,7 @@ fn run(
         "unchanged_partials": unchanged,
         "engine": stats,
         "partial_spacing_ms": spacing_ms,
+        "scheduler": scheduler,
         "kv_pool": kv_pool(model),
         "wall_s": wall,
         "per_stream": per_stream,

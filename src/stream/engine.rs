@@ -89,12 +89,22 @@ pub struct EngineConfig {
     /// has), and the decodes in flight are held up once per group.
     pub admit_interval: Duration,
     /// Continuous batch: how soon after its segment's end a final (or pause
-    /// decode) should be out. Partials join only as far as every final in
-    /// the loop or joining it still makes this at the loop's measured pace:
-    /// a partial's encoding and prefill hold up every decode in flight, and
-    /// under load most partials would be overtaken by their own final
-    /// anyway. `None`: partials take their whole budget whatever the finals.
+    /// decode) should be out, at most. Partials join only as far as every
+    /// final in the loop or joining it still makes the deadline at the
+    /// loop's measured pace: a partial's encoding and prefill hold up every
+    /// decode in flight, and under load most partials would be overtaken by
+    /// their own final anyway. With [`Self::final_target`] the deadline in
+    /// use moves below this one. `None`: partials take their whole budget
+    /// whatever the finals.
     pub final_deadline: Option<Duration>,
+    /// Continuous batch: the time from a segment's end to its final that
+    /// about 19 finals in 20 should keep. The deadline partials leave the
+    /// finals is steered by the finals that come out (down for each one
+    /// later than this, up for each one sooner; [`DeadlineSteer`]), between
+    /// ~300 ms and [`Self::final_deadline`]: with few streams partials take
+    /// more of the finals' slack, under load less. `None`: the deadline stays
+    /// [`Self::final_deadline`].
+    pub final_target: Option<Duration>,
     /// Continuous batch: a final (or pause decode) that has waited this long
     /// since its segment's end joins at once, with the other finals waiting
     /// and no partials, however soon after the last admission; partials
@@ -178,11 +188,16 @@ impl Default for EngineConfig {
             admit_interval: Duration::from_millis(100),
             // A segment ends 150 ms (its tail) after the last voiced audio and
             // its final is asked for when the 300 ms hangover has passed; the
-            // voiced end lies ~0.3 s before the segment's end arrives. 400 ms
-            // (H200, 256 Step-Audio 2 streams, side by side with 500 and 300:
-            // docs/gpu-results/h200-commits-every-round.md): finals' p95 as
-            // low as with 300, with 1.6× the partials.
-            final_deadline: Some(Duration::from_millis(400)),
+            // voiced end lies ~0.3 s before the segment's end arrives (H200
+            // runs: p50 0.32 s, p95 0.38 s). So a final out 550 ms after its
+            // segment's end is ~0.9 s after the end of speech, inside the
+            // 1 s that finals should keep; 700 ms, the most the deadline may
+            // grow to, is that bound itself. A fixed 400 ms kept 256
+            // Step-Audio 2 streams' finals at p95 0.77–0.81 s on an H200 but
+            // thinned the partials of 96 streams to gaps of up to 2.4 s,
+            // where 700 ms gave 1.41 s (docs/gpu-results/h200-steered-deadline.md).
+            final_deadline: Some(Duration::from_millis(700)),
+            final_target: Some(Duration::from_millis(550)),
             // 80 ms (H200, 256 Step-Audio 2 streams, side by side with 40,
             // 60, 100 and none: docs/gpu-results/h200-finals-admitted-early.md):
             // finals' p95 ~60–90 ms lower; 40 ms admitted so often that the
@@ -610,6 +625,66 @@ impl Pace {
     /// least).
     fn remaining(&self, done: usize) -> f64 {
         (self.rounds - done as f64).max(1.0) * self.round
+    }
+}
+
+/// The deadline partials leave the finals ([`EngineConfig::final_deadline`]
+/// at most), steered by the finals that come out: each one later than
+/// [`EngineConfig::final_target`] after its segment's end takes [`Self::DOWN`]
+/// off it, each one on time gives [`Self::UP`] back. It settles where one
+/// final in (DOWN + UP) / UP = 20 is late, so the finals' p95 sits at the
+/// target whatever the card and the load, and partials get the slack left.
+/// A fixed deadline is either too tight with few streams (partials thinned
+/// for finals that had time to spare) or too loose under load.
+struct DeadlineSteer {
+    /// The deadline now; `None`: no deadline.
+    secs: Option<f64>,
+    /// Its range.
+    low: f64,
+    high: f64,
+    /// `None`: the deadline stays where it is.
+    target: Option<f64>,
+}
+
+impl DeadlineSteer {
+    const UP: f64 = 0.002;
+    const DOWN: f64 = 0.038;
+    /// The least it is steered to: below it partials barely join under load
+    /// (H200, 256 streams at 300 ms: 0.11 partials a second a stream).
+    const FLOOR: f64 = 0.3;
+
+    fn new(deadline: Option<Duration>, target: Option<Duration>) -> Self {
+        let high = deadline.map_or(0.0, |d| d.as_secs_f64());
+        Self {
+            secs: deadline.map(|_| high),
+            low: Self::FLOOR.min(high),
+            high,
+            target: target.map(|t| t.as_secs_f64()),
+        }
+    }
+
+    fn deadline(&self) -> Option<Duration> {
+        self.secs.map(Duration::from_secs_f64)
+    }
+
+    /// `update`'s decode is out now (only finals steer).
+    fn landed(&mut self, update: &SegmentUpdate) {
+        if matches!(update.kind, UpdateKind::Final(_)) {
+            self.observe(update.end_arrival.elapsed());
+        }
+    }
+
+    /// A final came out `latency` after its segment's end.
+    fn observe(&mut self, latency: Duration) {
+        let (Some(secs), Some(target)) = (self.secs.as_mut(), self.target) else {
+            return;
+        };
+        let step = if latency.as_secs_f64() > target {
+            -Self::DOWN
+        } else {
+            Self::UP
+        };
+        *secs = (*secs + step).clamp(self.low, self.high);
     }
 }
 
@@ -1294,6 +1369,7 @@ impl Core {
         // The last admission that partials could join.
         let mut last_partials: Option<Instant> = None;
         let mut pace = Pace::default();
+        let mut steer = DeadlineSteer::new(self.config.final_deadline, self.config.final_target);
         let mut state = self.lock();
         loop {
             if !state.opening.is_empty() {
@@ -1326,7 +1402,9 @@ impl Core {
             let room = self.config.max_batch.saturating_sub(flying.len());
             finals.truncate(room);
             if due {
-                let partials = self.partials_joining(&state, &flying, &finals, &pace, &admit_cost);
+                let deadline = steer.deadline();
+                let partials =
+                    self.partials_joining(&state, &flying, &finals, deadline, &pace, &admit_cost);
                 let partials = partials.min(room - finals.len());
                 ids.extend(finals);
                 ids.extend(self.due_partials(&state).into_iter().take(partials));
@@ -1349,7 +1427,8 @@ impl Core {
             let taken = Self::take(&mut state, ids);
             drop(state);
             let started = Instant::now();
-            let (done, admitted) = self.round(decodes.as_mut(), &mut flying, taken, &mut pace);
+            let (done, admitted) =
+                self.round(decodes.as_mut(), &mut flying, taken, &mut pace, &mut steer);
             if !flying.is_empty() {
                 pace.observe_round(started.elapsed().as_secs_f64());
             }
@@ -1369,12 +1448,13 @@ impl Core {
     /// How many due partials join the loop at this admission beside the
     /// finals `joining`: as many as fit [`EngineConfig::admit_budget`], fewer
     /// where their encoding and prefill would make a final in the loop or
-    /// joining it miss [`EngineConfig::final_deadline`] (then maybe none).
+    /// joining it miss `deadline` (then maybe none).
     fn partials_joining(
         &self,
         state: &State,
         flying: &HashMap<StreamId, InFlight>,
         joining: &[StreamId],
+        deadline: Option<Duration>,
         pace: &Pace,
         admit_cost: &CostModel,
     ) -> usize {
@@ -1387,13 +1467,8 @@ impl Core {
             .filter_map(|id| state.slots.get(id)?.ready_update())
             .map(|u| (u.end_arrival, 0));
         let budget = self.config.admit_budget.as_secs_f64();
-        let (secs, bounded) = partial_admission(
-            budget,
-            self.config.final_deadline,
-            in_loop.chain(new),
-            pace,
-            Instant::now(),
-        );
+        let (secs, bounded) =
+            partial_admission(budget, deadline, in_loop.chain(new), pace, Instant::now());
         if bounded {
             admit_cost.fit_beside(secs, joining.len(), 0)
         } else {
@@ -1469,6 +1544,7 @@ impl Core {
         flying: &mut HashMap<StreamId, InFlight>,
         taken: Vec<Taken>,
         pace: &mut Pace,
+        steer: &mut DeadlineSteer,
     ) -> (Vec<Done>, Option<(usize, f64)>) {
         let t = Instant::now();
         let mut done = Vec::new();
@@ -1481,6 +1557,7 @@ impl Core {
             let id = taken.0;
             let mut run = InFlight::new(taken);
             let outcome = run.decode_alone();
+            steer.landed(&run.update);
             done.push(Self::land(id, run, outcome));
         }
         if alone_n > 0 {
@@ -1526,6 +1603,7 @@ impl Core {
                 }
                 Err(e) => {
                     let failure = decode_failure(&run.update, &run.work, e);
+                    steer.landed(&run.update);
                     done.push(Self::land(id, run, Err(failure)));
                 }
             }
@@ -1566,6 +1644,7 @@ impl Core {
                 );
             }
             let outcome = result.map_err(|e| decode_failure(&run.update, &run.work, e));
+            steer.landed(&run.update);
             done.push(Self::land(key, run, outcome));
         }
         (done, admission)
@@ -1704,8 +1783,8 @@ fn decode_together(
 #[cfg(test)]
 mod tests {
     use super::{
-        finals_overdue, partial_admission, Core, CostModel, DecodeWork, InFlight, Job, Pace,
-        SegmentDecoder, Slot, State, Stream, StreamCounters,
+        finals_overdue, partial_admission, Core, CostModel, DeadlineSteer, DecodeWork, InFlight,
+        Job, Pace, SegmentDecoder, Slot, State, Stream, StreamCounters,
     };
     use crate::stream::decoder::tests::{update, Scripted};
     use crate::stream::segmenter::EndReason;
@@ -1895,6 +1974,50 @@ mod tests {
         slot.stream = s;
         slot.jobs = VecDeque::from([Job::Update(update(3, UpdateKind::Pause, 100))]);
         assert_eq!(slot.partial_due(spacing), None);
+    }
+
+    #[test]
+    fn the_deadline_settles_where_one_final_in_twenty_is_late() {
+        let ms = |m: u64| Duration::from_millis(m);
+        let secs = |s: &DeadlineSteer| s.deadline().unwrap().as_secs_f64();
+        // Starts at the most it may be; finals on time keep it there.
+        let mut steer = DeadlineSteer::new(Some(ms(700)), Some(ms(550)));
+        assert_eq!(steer.deadline(), Some(ms(700)));
+        for _ in 0..100 {
+            steer.observe(ms(300));
+        }
+        assert_eq!(steer.deadline(), Some(ms(700)));
+        // Every final late: down to the floor, not below.
+        for _ in 0..100 {
+            steer.observe(ms(900));
+        }
+        assert!((secs(&steer) - 0.3).abs() < 1e-9, "{}", secs(&steer));
+        // A deadline whose finals are late as often as it is loose: when more
+        // than one in twenty is late it falls, when fewer it rises. The
+        // finals' latency grows with the deadline (partials take its slack):
+        // 1 in 10 late above 500 ms, 1 in 50 below — it settles near 500.
+        let mut k = 0;
+        for _ in 0..4000 {
+            k += 1;
+            let late = if secs(&steer) > 0.5 {
+                k % 10 == 0
+            } else {
+                k % 50 == 0
+            };
+            steer.observe(if late { ms(600) } else { ms(400) });
+        }
+        assert!((secs(&steer) - 0.5).abs() < 0.05, "{}", secs(&steer));
+        // Without a target it stays fixed; without a deadline there is none.
+        let mut fixed = DeadlineSteer::new(Some(ms(400)), None);
+        fixed.observe(ms(900));
+        assert_eq!(fixed.deadline(), Some(ms(400)));
+        let mut none = DeadlineSteer::new(None, Some(ms(550)));
+        none.observe(ms(900));
+        assert_eq!(none.deadline(), None);
+        // A deadline below the floor stays where it is set.
+        let mut zero = DeadlineSteer::new(Some(Duration::ZERO), Some(ms(550)));
+        zero.observe(ms(100));
+        assert_eq!(zero.deadline(), Some(Duration::ZERO));
     }
 
     #[test]
