@@ -24,7 +24,8 @@
 //! a decode loop running instead: decodes join it between decode steps (in
 //! groups, finals first) and leave it as they end, so a final never waits
 //! for a whole batch ([`Core::continuous_lane`]); partials join only as far
-//! as the finals in it still make [`EngineConfig::final_deadline`].
+//! as the finals in it still make a deadline, which the finals that come out
+//! steer so that about 19 in 20 keep [`EngineConfig::final_target`].
 //!
 //! A queued partial or pause decode is dropped as soon as newer audio of its
 //! segment arrives (never a final), so a stream's queue holds at most one of
