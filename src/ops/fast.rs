@@ -7,7 +7,7 @@
 //! The switches exist so one process can time the reference path and the fast path on
 //! the same warm GPU (benchmarks) and check one against the other (tests). They are
 //! read from `STEPAUDIO_FAST` once (`all` (default), `none`, or a comma list of
-//! `mel,attention,decode,graph,gemm,epilogue,prefill,windows,splice,tiled`), and can be changed at run time with
+//! `mel,attention,decode,graph,gemm,epilogue,prefill,windows,splice,tiled,grouped`), and can be changed at run time with
 //! [`set_fast_paths`].
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -43,6 +43,10 @@ pub struct FastPaths {
     /// of up to a few rows of one stream read each key and value once) instead of one
     /// block per query head and row.
     pub tiled: bool,
+    /// The batched step's attention by kv head: one block per kv head, stream and
+    /// split of the positions, its query heads sharing each key and value read (before
+    /// `tiled` and the per-row kernel, where the model's heads fit it).
+    pub grouped: bool,
 }
 
 impl FastPaths {
@@ -57,6 +61,7 @@ impl FastPaths {
         windows: true,
         splice: true,
         tiled: true,
+        grouped: true,
     };
     pub const NONE: FastPaths = FastPaths {
         mel: false,
@@ -69,6 +74,7 @@ impl FastPaths {
         windows: false,
         splice: false,
         tiled: false,
+        grouped: false,
     };
 
     fn bits(self) -> u16 {
@@ -82,6 +88,7 @@ impl FastPaths {
             | (self.windows as u16) << 7
             | (self.splice as u16) << 8
             | (self.tiled as u16) << 9
+            | (self.grouped as u16) << 10
     }
 
     fn from_bits(b: u16) -> Self {
@@ -96,6 +103,7 @@ impl FastPaths {
             windows: b & 128 != 0,
             splice: b & 256 != 0,
             tiled: b & 512 != 0,
+            grouped: b & 1024 != 0,
         }
     }
 
@@ -119,6 +127,7 @@ impl FastPaths {
                 "tiled" => f.tiled = true,
                 "windows" => f.windows = true,
                 "splice" => f.splice = true,
+                "grouped" => f.grouped = true,
                 other => return Err(format!("unknown fast path `{other}`")),
             }
         }
@@ -142,6 +151,7 @@ impl std::fmt::Display for FastPaths {
             (self.windows, "windows"),
             (self.splice, "splice"),
             (self.tiled, "tiled"),
+            (self.grouped, "grouped"),
         ]
         .iter()
         .filter(|(on, _)| *on)
@@ -295,23 +305,34 @@ pub fn splice_rows(qkv: &Tensor, rows: &[SpliceRow<'_>]) -> Result<Option<(Tenso
     }
 }
 
+/// The kernels of the batched step's and prefill's attention ([`rows_attention`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowsKernel {
+    /// Tiles of a stream's consecutive rows, as a prefill makes them.
+    Tiled,
+    /// One block per query head and row.
+    PerRow,
+    /// One block per kv head and row, as a step runs it.
+    Grouped,
+}
+
 /// The batched decode step's and prefill's attention alone, for checks against a
 /// reference: `q` `[rows, nh, 128]` (bf16); row `r` is stream `rows[r].0`'s query at
 /// position `rows[r].1` over that stream's `caches` entry (keys, values, each
 /// `[nkv, capacity, 128]` bf16) up to and including that position, one stream's rows
-/// consecutive; `tiled` picks the tiled kernel (tiles as a prefill makes them) or the
-/// per-row one. `[rows, nh * 128]` (bf16); `None` without CUDA.
+/// consecutive; `kernel` picks which kernel runs them. `[rows, nh * 128]` (bf16);
+/// `None` without CUDA.
 pub fn rows_attention(
     q: &Tensor,
     rows: &[(usize, usize)],
     caches: &[(Tensor, Tensor)],
-    tiled: bool,
+    kernel: RowsKernel,
 ) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
-    return super::cuda::decode_batch::rows_attention(q, rows, caches, tiled).map(Some);
+    return super::cuda::decode_batch::rows_attention(q, rows, caches, kernel).map(Some);
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, rows, caches, tiled);
+        let _ = (q, rows, caches, kernel);
         Ok(None)
     }
 }
@@ -873,5 +894,37 @@ impl WhisperFusedStep {
             return e.last_hidden();
         }
         candle_core::bail!("no fused Whisper step has run")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FastPaths;
+
+    /// Each switch alone, and all but it: through the stored bits and through the
+    /// `STEPAUDIO_FAST` text, every switch keeps its own place.
+    #[test]
+    fn every_switch_round_trips_alone_and_left_out() {
+        let names = FastPaths::ALL.to_string();
+        let names: Vec<&str> = names.split(',').collect();
+        assert_eq!(names.len(), 11, "{names:?}");
+        for (i, name) in names.iter().enumerate() {
+            let alone = FastPaths::parse(name).unwrap();
+            assert_eq!(alone.to_string(), *name);
+            assert_eq!(FastPaths::from_bits(alone.bits()), alone);
+            let others: Vec<&str> = names
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .map(|(_, n)| *n)
+                .collect();
+            let rest = FastPaths::parse(&others.join(",")).unwrap();
+            assert_eq!(FastPaths::from_bits(rest.bits()), rest);
+            assert_ne!(rest, FastPaths::ALL, "{name} left out");
+            assert_eq!(rest.to_string(), others.join(","));
+        }
+        assert_eq!(FastPaths::parse("all").unwrap(), FastPaths::ALL);
+        assert_eq!(FastPaths::parse("none").unwrap(), FastPaths::NONE);
+        assert!(FastPaths::parse("tiled,nonsense").is_err());
     }
 }

@@ -1069,6 +1069,157 @@ extern "C" __global__ void __launch_bounds__(128) attn_rows_tiled(
     }
 }
 
+#define GQA_MAX 8
+#define GQA_MIN_CHUNKS 4
+
+// A batched step's attention (one query row per stream): one block per kv head, row and
+// split, the kv head's g = nh / nkv <= GQA_MAX query heads sharing every key and value
+// read. Warp w takes the split's chunks of TILE_CH positions w, w + 4, … on its own: for
+// the scores lane = position, a lane reading its key row straight into registers (no
+// shuffle per position as in attn_decode_partial_rows, no block-wide barrier per chunk
+// as in attn_rows_tiled); for the output lane = 4 dims.
+// A split covers at least GQA_MIN_CHUNKS chunks (one per warp), so of `splits` blocks
+// only as many as the row's length needs do work (the graph of a step fixes `splits`
+// before the lengths are known); the others write an empty partial (max NEG_BIG, sum
+// 0). The warps' running max, sum and output are merged at the end; with one split the
+// result goes to out [rows, nh * 128] (bf16), else to part_* [rows, nh, splits] as
+// attn_rows_tiled writes them, for attn_rows_tiled_combine.
+extern "C" __global__ void __launch_bounds__(128, 4) attn_step_gqa(
+    const bf16* __restrict__ q, const int* __restrict__ rows,
+    const unsigned long long* __restrict__ kv, int layer, int layers, int nh, int nkv,
+    float scale_log2, int splits, float* __restrict__ part_m, float* __restrict__ part_l,
+    float* __restrict__ part_o, bf16* __restrict__ out) {
+    constexpr int HD = 128, CH = TILE_CH, G = GQA_MAX;
+    __shared__ __align__(16) float qs[G][HD];
+    __shared__ __align__(16) float ps[4][CH][G];
+    __shared__ __align__(16) float wo[4][G][HD];
+    __shared__ float wm[4][G], wl[4][G];
+    const int kvh = blockIdx.x, row = blockIdx.y, sp = blockIdx.z, g = nh / nkv;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int len = rows[4 * row + 1] + 1;
+    const int cap = rows[4 * row + 2];
+    const unsigned long long* p = kv + 2 * ((size_t)row * layers + layer);
+    const bf16* kc = reinterpret_cast<const bf16*>(p[0]) + (size_t)kvh * cap * HD;
+    const bf16* vc = reinterpret_cast<const bf16*>(p[1]) + (size_t)kvh * cap * HD;
+    for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
+        const int j = i / HD, d = i % HD;
+        qs[j][d] = j < g ? __bfloat162float(q[((size_t)row * nh + kvh * g + j) * HD + d]) *
+                               scale_log2
+                         : 0.0f;
+    }
+    __syncthreads();
+    const int chunks = (len + CH - 1) / CH;
+    const int per = max(GQA_MIN_CHUNKS, (chunks + splits - 1) / splits);
+    const int c_beg = min(chunks, sp * per), c_end = min(chunks, c_beg + per);
+    float m[G], l[G], acc[G][4];
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+        m[j] = NEG_BIG;
+        l[j] = 0.0f;
+        acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    }
+    for (int c = c_beg + warp; c < c_end; c += 4) {
+        const int p0 = c * CH, pos = p0 + lane, cn = min(CH, len - p0);
+        const bool ok = lane < cn;
+        const uint4* krow = reinterpret_cast<const uint4*>(kc + (size_t)(ok ? pos : p0) * HD);
+        float s[G];
+#pragma unroll
+        for (int j = 0; j < G; ++j) s[j] = 0.0f;
+#pragma unroll
+        for (int d0 = 0; d0 < HD / 8; d0 += 4) {
+            uint4 kk[4];
+#pragma unroll
+            for (int t = 0; t < 4; ++t) kk[t] = krow[d0 + t];
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                const float k0 = bf_lo(kk[t].x), k1 = bf_hi(kk[t].x);
+                const float k2 = bf_lo(kk[t].y), k3 = bf_hi(kk[t].y);
+                const float k4 = bf_lo(kk[t].z), k5 = bf_hi(kk[t].z);
+                const float k6 = bf_lo(kk[t].w), k7 = bf_hi(kk[t].w);
+                const int d = (d0 + t) * 8;
+#pragma unroll
+                for (int j = 0; j < G; ++j) {
+                    const float4 a = *reinterpret_cast<const float4*>(&qs[j][d]);
+                    const float4 b = *reinterpret_cast<const float4*>(&qs[j][d + 4]);
+                    s[j] += a.x * k0 + a.y * k1 + a.z * k2 + a.w * k3 + b.x * k4 + b.y * k5 +
+                            b.z * k6 + b.w * k7;
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+            const float sj = ok ? s[j] : NEG_BIG;
+            const float mn = fmaxf(m[j], warp_max(sj));
+            const float alpha = exp2f(m[j] - mn);
+            const float pj = ok ? exp2f(sj - mn) : 0.0f;
+            l[j] = l[j] * alpha + warp_sum(pj);
+            acc[j][0] *= alpha;
+            acc[j][1] *= alpha;
+            acc[j][2] *= alpha;
+            acc[j][3] *= alpha;
+            m[j] = mn;
+            ps[warp][lane][j] = pj;
+        }
+        __syncwarp();
+        for (int t0 = 0; t0 < cn; t0 += 8) {
+            uint2 vv[8];
+#pragma unroll
+            for (int t = 0; t < 8; ++t)
+                vv[t] = t0 + t < cn
+                            ? *reinterpret_cast<const uint2*>(vc + (size_t)(p0 + t0 + t) * HD + lane * 4)
+                            : make_uint2(0, 0);
+#pragma unroll
+            for (int t = 0; t < 8; ++t) {
+                const float v0 = bf_lo(vv[t].x), v1 = bf_hi(vv[t].x);
+                const float v2 = bf_lo(vv[t].y), v3 = bf_hi(vv[t].y);
+                const float4 pa = *reinterpret_cast<const float4*>(&ps[warp][t0 + t][0]);
+                const float4 pb = *reinterpret_cast<const float4*>(&ps[warp][t0 + t][4]);
+                const float pw[G] = {pa.x, pa.y, pa.z, pa.w, pb.x, pb.y, pb.z, pb.w};
+#pragma unroll
+                for (int j = 0; j < G; ++j) {
+                    acc[j][0] += pw[j] * v0;
+                    acc[j][1] += pw[j] * v1;
+                    acc[j][2] += pw[j] * v2;
+                    acc[j][3] += pw[j] * v3;
+                }
+            }
+        }
+        __syncwarp();
+    }
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+        if (lane == 0) {
+            wm[warp][j] = m[j];
+            wl[warp][j] = l[j];
+        }
+        *reinterpret_cast<float4*>(&wo[warp][j][lane * 4]) =
+            make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+    }
+    __syncthreads();
+    const int d = threadIdx.x;
+    for (int j = 0; j < g; ++j) {
+        float M = NEG_BIG;
+        for (int w = 0; w < 4; ++w) M = fmaxf(M, wm[w][j]);
+        float L = 0.0f, o = 0.0f;
+        for (int w = 0; w < 4; ++w) {
+            const float f = exp2f(wm[w][j] - M);
+            L += wl[w][j] * f;
+            o += wo[w][j][d] * f;
+        }
+        const size_t rh = (size_t)row * nh + kvh * g + j;
+        if (splits == 1) {
+            out[rh * HD + d] = __float2bfloat16_rn(o / L);
+        } else {
+            const size_t idx = rh * splits + sp;
+            part_o[idx * HD + d] = o;
+            if (d == 0) {
+                part_m[idx] = M;
+                part_l[idx] = L;
+            }
+        }
+    }
+}
+
 // Merges attn_rows_tiled's splits: grid (nh, rows), 128 threads; out [rows, nh * 128].
 extern "C" __global__ void __launch_bounds__(128) attn_rows_tiled_combine(
     const float* __restrict__ part_m, const float* __restrict__ part_l,
