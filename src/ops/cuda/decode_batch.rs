@@ -62,13 +62,14 @@ const GROUPED_BLOCKS: usize = 2048;
 const GROUPED_SPLITS: usize = 8;
 /// Rows (a bucket) from which a step's attention is grouped. Below, its few blocks
 /// (kv heads × rows × splits) leave most multiprocessors idle and the per-row kernel's
-/// many short blocks finish sooner (H200, 512 positions a stream: 4.72–4.79 ms against
-/// 4.59–4.61 at 1 stream, even at 8; 5.96–5.98 against 6.42–6.45 ms at 32).
+/// many short blocks finish sooner (H200, 512 positions a stream, a step grouped
+/// against per row: 4.72–4.79 against 4.59–4.61 ms at 1 stream, 5.25–5.32 against 5.28
+/// at 8, 5.96–5.98 against 6.42–6.45 at 32).
 const GROUPED_STEP_ROWS: usize = 8;
 
 /// How a step's or prefill's attention runs.
 #[derive(Clone, Copy, Debug)]
-pub(crate) enum AttnPlan {
+enum AttnPlan {
     /// One block per query head, row and split (`attn_decode_partial_rows`).
     PerRow,
     /// One block per kv head, row and split, its query heads sharing each read
@@ -802,7 +803,7 @@ pub(crate) fn rows_attention(
     q: &Tensor,
     rows: &[(usize, usize)],
     caches: &[(Tensor, Tensor)],
-    kernel: crate::ops::fast::RowsKernel,
+    kernel: RowsKernel,
 ) -> Result<Tensor> {
     let (n, nh, hd) = q.dims3()?;
     let dev = match q.device() {
