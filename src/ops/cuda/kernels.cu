@@ -498,6 +498,10 @@ __device__ __forceinline__ float block_rstd(float ss, int K, float eps) {
     return rstd_s;
 }
 
+// Values of the input each thread of a GEMV's staging keeps in registers while the block
+// reduces its norm (a Qwen2.5-7B row of 3 584 with 256 threads: 14).
+#define STAGE_KEPT 16
+
 // Stages the GEMV input in shared memory as bf16: either x itself or
 // bf16(x * rsqrt(mean(x^2) + eps) * norm_w), which is what the RMSNorm kernel would have
 // written to memory.
@@ -505,13 +509,30 @@ __device__ __forceinline__ void stage_input(const bf16* __restrict__ x,
                                             const bf16* __restrict__ norm_w, float eps,
                                             int K, bf16* xs) {
     if (norm_w) {
+        // As residual_rmsnorm_rows: the first STAGE_KEPT values a thread stay in registers,
+        // their loads issued together before the block's reduction,
+        // the sums in the same order.
+        float kept[STAGE_KEPT];
         float ss = 0.0f;
-        for (int i = threadIdx.x; i < K; i += blockDim.x) {
+#pragma unroll
+        for (int k = 0; k < STAGE_KEPT; ++k) {
+            const int i = threadIdx.x + k * blockDim.x;
+            kept[k] = i < K ? __bfloat162float(x[i]) : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < STAGE_KEPT; ++k)
+            if (threadIdx.x + k * blockDim.x < K) ss = fmaf(kept[k], kept[k], ss);
+        for (int i = threadIdx.x + STAGE_KEPT * blockDim.x; i < K; i += blockDim.x) {
             float v = __bfloat162float(x[i]);
             ss = fmaf(v, v, ss);
         }
         const float rstd = block_rstd(ss, K, eps);
-        for (int i = threadIdx.x; i < K; i += blockDim.x)
+#pragma unroll
+        for (int k = 0; k < STAGE_KEPT; ++k) {
+            const int i = threadIdx.x + k * blockDim.x;
+            if (i < K) xs[i] = __float2bfloat16_rn(kept[k] * rstd * __bfloat162float(norm_w[i]));
+        }
+        for (int i = threadIdx.x + STAGE_KEPT * blockDim.x; i < K; i += blockDim.x)
             xs[i] = __float2bfloat16_rn(__bfloat162float(x[i]) * rstd * __bfloat162float(norm_w[i]));
     } else {
         const uint4* x4 = reinterpret_cast<const uint4*>(x);
