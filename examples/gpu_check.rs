@@ -5,9 +5,9 @@
 //! fresh random (or real audio) inputs: device log-mel vs the CPU frontend (and both vs
 //! an f64 DFT), flash attention vs f32 attention on upcast inputs (encoder shape with a
 //! padding mask, odd sizes, GQA prefill with a causal offset over a cache view), the
-//! batched step's and prefill's attention kernels (tiled and per row) vs f32 attention,
-//! and the fused decode step (graph and direct launches) vs candle ops on a real-width
-//! LLM, teacher-forced so every step compares the same inputs.
+//! batched step's and prefill's attention kernels (tiled, tensor-core tiles, grouped and
+//! per row) vs f32 attention, and the fused decode step (graph and direct launches) vs
+//! candle ops on a real-width LLM, teacher-forced so every step compares the same inputs.
 //!
 //! `--parity --ckpt DIR --reference FILE`: issue 5's full-shape check. DIR and FILE come
 //! from `scripts/reference/step_audio2_gpu_parity.py` (random weights at the real
@@ -418,11 +418,12 @@ fn check_attention(device: &Device, rep: &mut Report) -> Result<()> {
     check_linear(device, rep)
 }
 
-/// The batched decode step's and prefill's attention kernels (tiled, and one block per
-/// query head and row) against attention in f32 (candle ops over the same bf16 keys,
-/// values and queries), row by row: streams whose rows are a prefill's (many
-/// consecutive positions, causal within the stream) or a step's (one row at a long
-/// position), 28 query heads over 4 kv heads of 128 dims. Bound 5e-3 (the output is
+/// The batched decode step's and prefill's attention kernels (tiled on f32 lanes or on
+/// tensor cores, grouped by kv head, and one block per query head and row) against
+/// attention in f32 (candle ops over the same bf16 keys, values and queries), row by
+/// row: streams whose rows are a prefill's (many consecutive positions, causal within
+/// the stream) or a step's (one row at a long position), 28 query heads over 4 kv heads
+/// of 128 dims. Bound 5e-3 (the output is
 /// rounded once to bf16, 2^-9 relative).
 fn check_rows_attention(device: &Device, rep: &mut Report) -> Result<()> {
     let (nh, nkv, hd) = (28usize, 4usize, 128usize);
@@ -452,6 +453,7 @@ fn check_rows_attention(device: &Device, rep: &mut Report) -> Result<()> {
         ("tiled", RowsKernel::Tiled),
         ("per row", RowsKernel::PerRow),
         ("grouped", RowsKernel::Grouped),
+        ("tensor cores", RowsKernel::Mma),
     ] {
         let got = fast::rows_attention(&q, &rows, &caches, kernel)?
             .context("no batched attention on this device")?;
@@ -737,22 +739,32 @@ fn check_prefill_batch(args: &Args, llm: &Qwen2Llm, rep: &mut Report) -> Result<
         .context("no batched fused decoder on this device")?
         .prefill(&inputs, &mut states.iter_mut().collect::<Vec<_>>())?
         .context("the prefill fast path is off")?;
-    // the same prefill with the per-row attention
-    fast::set_fast_paths(FastPaths {
+    // the same prefill with other attention kernels: the f32 tiles (`mma` off), and
+    // per row (`tiled` off too); the worst hidden-state error against the default
+    let other = |paths: FastPaths| -> Result<f64> {
+        fast::set_fast_paths(paths);
+        let mut other_states = prepare()?;
+        let other = FusedBatchDecoder::default()
+            .prepare(&weights)?
+            .context("no batched fused decoder on this device")?
+            .prefill(&inputs, &mut other_states.iter_mut().collect::<Vec<_>>())?
+            .context("the prefill fast path is off");
+        fast::set_fast_paths(FastPaths::ALL);
+        let mut worst = 0f64;
+        for (a, b) in got.iter().zip(&other?) {
+            worst = worst.max(rel_err(a, b)?.0);
+        }
+        Ok(worst)
+    };
+    let vs_lanes = other(FastPaths {
+        mma: false,
+        ..FastPaths::ALL
+    })?;
+    let vs_per_row = other(FastPaths {
+        mma: false,
         tiled: false,
         ..FastPaths::ALL
-    });
-    let mut per_row_states = prepare()?;
-    let per_row = FusedBatchDecoder::default()
-        .prepare(&weights)?
-        .context("no batched fused decoder on this device")?
-        .prefill(&inputs, &mut per_row_states.iter_mut().collect::<Vec<_>>())?
-        .context("the prefill fast path is off")?;
-    fast::set_fast_paths(FastPaths::ALL);
-    let mut vs_per_row = 0f64;
-    for (a, b) in got.iter().zip(&per_row) {
-        vs_per_row = vs_per_row.max(rel_err(a, b)?.0);
-    }
+    })?;
     // the same tokens one step at a time, each stream alone
     let mut stepped = prepare()?;
     let (mut vs_steps, mut vs_steps_kv, mut same, mut rows) = (0f64, 0f64, 0usize, 0usize);
@@ -792,7 +804,8 @@ fn check_prefill_batch(args: &Args, llm: &Qwen2Llm, rep: &mut Report) -> Result<
         json!({"shapes": shapes, "worst_rel_logits_vs_steps": vs_steps,
                "worst_rel_kv_vs_steps": vs_steps_kv, "same_argmax_as_steps": same, "rows": rows,
                "worst_rel_hidden_vs_candle": vs_candle, "worst_rel_kv_vs_candle": vs_candle_kv,
-               "worst_rel_hidden_tiled_vs_per_row": vs_per_row}),
+               "worst_rel_hidden_vs_per_row": vs_per_row,
+               "worst_rel_hidden_vs_f32_tiles": vs_lanes}),
     );
     let label = format!(
         "({} layers, {} streams, 1..700 rows)",
@@ -808,9 +821,9 @@ fn check_prefill_batch(args: &Args, llm: &Qwen2Llm, rep: &mut Report) -> Result<
         ),
     );
     rep.check(
-        &format!("batched fused prefill, tiled attention vs per row {label}"),
-        vs_per_row < 1e-2 && vs_per_row.is_finite(),
-        format!("worst hidden rel {vs_per_row:.2e}"),
+        &format!("batched fused prefill, tensor-core tiles vs per row and vs f32 tiles {label}"),
+        vs_per_row < 1e-2 && vs_lanes < 1e-2 && vs_per_row.is_finite() && vs_lanes.is_finite(),
+        format!("worst hidden rel {vs_per_row:.2e} / {vs_lanes:.2e}"),
     );
     rep.check(
         &format!("batched fused prefill vs candle forward_batch {label}"),

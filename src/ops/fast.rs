@@ -7,8 +7,8 @@
 //! The switches exist so one process can time the reference path and the fast path on
 //! the same warm GPU (benchmarks) and check one against the other (tests). They are
 //! read from `STEPAUDIO_FAST` once (`all` (default), `none`, or a comma list of
-//! `mel,attention,decode,graph,gemm,epilogue,prefill,windows,splice,tiled,grouped`), and can be changed at run time with
-//! [`set_fast_paths`].
+//! `mel,attention,decode,graph,gemm,epilogue,prefill,windows,splice,tiled,grouped,mma`),
+//! and can be changed at run time with [`set_fast_paths`].
 
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -47,6 +47,10 @@ pub struct FastPaths {
     /// split of the positions, its query heads sharing each key and value read (before
     /// `tiled` and the per-row kernel, where the model's heads fit it).
     pub grouped: bool,
+    /// The batched prefill's attention over tiles of a stream's rows as bf16
+    /// tensor-core products (`mma.sync`, up to 9 rows of a 7-head group a tile)
+    /// instead of `tiled`'s f32 lanes.
+    pub mma: bool,
 }
 
 impl FastPaths {
@@ -62,6 +66,7 @@ impl FastPaths {
         splice: true,
         tiled: true,
         grouped: true,
+        mma: true,
     };
     pub const NONE: FastPaths = FastPaths {
         mel: false,
@@ -75,6 +80,7 @@ impl FastPaths {
         splice: false,
         tiled: false,
         grouped: false,
+        mma: false,
     };
 
     fn bits(self) -> u16 {
@@ -89,6 +95,7 @@ impl FastPaths {
             | (self.splice as u16) << 8
             | (self.tiled as u16) << 9
             | (self.grouped as u16) << 10
+            | (self.mma as u16) << 11
     }
 
     fn from_bits(b: u16) -> Self {
@@ -104,6 +111,7 @@ impl FastPaths {
             splice: b & 256 != 0,
             tiled: b & 512 != 0,
             grouped: b & 1024 != 0,
+            mma: b & 2048 != 0,
         }
     }
 
@@ -128,6 +136,7 @@ impl FastPaths {
                 "windows" => f.windows = true,
                 "splice" => f.splice = true,
                 "grouped" => f.grouped = true,
+                "mma" => f.mma = true,
                 other => return Err(format!("unknown fast path `{other}`")),
             }
         }
@@ -152,6 +161,7 @@ impl std::fmt::Display for FastPaths {
             (self.splice, "splice"),
             (self.tiled, "tiled"),
             (self.grouped, "grouped"),
+            (self.mma, "mma"),
         ]
         .iter()
         .filter(|(on, _)| *on)
@@ -314,6 +324,9 @@ pub enum RowsKernel {
     PerRow,
     /// One block per kv head and row, as a step runs it.
     Grouped,
+    /// Tiles of a stream's consecutive rows on tensor cores, as a prefill makes them
+    /// with `mma` on.
+    Mma,
 }
 
 /// The batched decode step's and prefill's attention alone, for checks against a
@@ -907,7 +920,7 @@ mod tests {
     fn every_switch_round_trips_alone_and_left_out() {
         let names = FastPaths::ALL.to_string();
         let names: Vec<&str> = names.split(',').collect();
-        assert_eq!(names.len(), 11, "{names:?}");
+        assert_eq!(names.len(), 12, "{names:?}");
         for (i, name) in names.iter().enumerate() {
             let alone = FastPaths::parse(name).unwrap();
             assert_eq!(alone.to_string(), *name);

@@ -42,6 +42,11 @@ const PREFILL_SLICE: usize = 512;
 const TILE_QUERIES: usize = 32;
 /// Positions of one chunk of the tiled attention (`TILE_CH` in the kernel).
 const TILE_POSITIONS: usize = 32;
+/// Query vectors of one tile of the tensor-core tiled attention (`MMA_Q` in the
+/// kernel): 9 rows of a 7-head group.
+const MMA_QUERIES: usize = 64;
+/// Positions of one chunk of the tensor-core tiled attention (`MMA_CH`).
+const MMA_POSITIONS: usize = 64;
 /// Blocks the tiled attention aims at before it splits the positions (two waves of
 /// an H100/H200's 132 multiprocessors).
 const TILED_BLOCKS: usize = 264;
@@ -75,13 +80,43 @@ enum AttnPlan {
     /// One block per kv head, row and split, its query heads sharing each read
     /// (`attn_step_gqa`): a step's rows.
     Grouped { splits: usize },
-    /// `attn_rows_tiled` over `tiles` tiles (from the buffers' tile table, or one row
-    /// each), the positions in `splits` splits.
+    /// `attn_rows_tiled` (or `attn_rows_mma`) over `tiles` tiles (from the buffers'
+    /// tile table, or one row each), the positions in `splits` splits.
     Tiled {
         table: bool,
         tiles: usize,
         splits: usize,
+        kernel: TileKernel,
     },
+}
+
+/// The two kernels over tiles of a stream's rows: the same arguments and outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TileKernel {
+    /// `attn_rows_tiled`: scores and output in f32 on the CUDA cores, a lane a
+    /// position.
+    Lanes,
+    /// `attn_rows_mma`: scores and output as bf16 tensor-core products (f32
+    /// accumulators), a prefill's rows only (it needs the tile table).
+    Mma,
+}
+
+impl TileKernel {
+    /// Query vectors (rows × a kv head's query heads) a tile holds at most.
+    fn queries(self) -> usize {
+        match self {
+            TileKernel::Lanes => TILE_QUERIES,
+            TileKernel::Mma => MMA_QUERIES,
+        }
+    }
+
+    /// Positions of one chunk.
+    fn positions(self) -> usize {
+        match self {
+            TileKernel::Lanes => TILE_POSITIONS,
+            TileKernel::Mma => MMA_POSITIONS,
+        }
+    }
 }
 
 /// Splits of the grouped step attention for `rows` rows of `nkv` kv heads.
@@ -90,10 +125,10 @@ fn grouped_splits(rows: usize, nkv: usize) -> usize {
 }
 
 /// Splits of the tiled attention's positions for `blocks` blocks of tiles and kv heads
-/// and tiles of at most `len` positions (unknown: any), so that about
-/// [`TILED_BLOCKS`] blocks run.
-fn tiled_splits(blocks: usize, len: Option<usize>) -> usize {
-    let chunks = len.map_or(DEC_SPLITS, |l| l.div_ceil(TILE_POSITIONS));
+/// and tiles of at most `len` positions (unknown: any) in chunks of `chunk`, so that
+/// about [`TILED_BLOCKS`] blocks run.
+fn tiled_splits(blocks: usize, len: Option<usize>, chunk: usize) -> usize {
+    let chunks = len.map_or(DEC_SPLITS, |l| l.div_ceil(chunk));
     TILED_BLOCKS
         .div_ceil(blocks.max(1))
         .min(chunks)
@@ -423,23 +458,30 @@ impl BatchDecodeEngine {
         AttnPlan::Tiled {
             table: false,
             tiles: rows,
-            splits: tiled_splits(rows * self.m.nkv, None),
+            splits: tiled_splits(rows * self.m.nkv, None, TILE_POSITIONS),
+            kernel: TileKernel::Lanes,
         }
     }
 
     /// A prefill slice's attention: each stream's consecutive rows in tiles of as
-    /// many as fit [`TILE_QUERIES`], the tile table uploaded to `bufs`.
+    /// many as fit the tile kernel's queries (on tensor cores where the kernel serves
+    /// the model and `mma` is on, else `tiled`'s), the tile table uploaded to `bufs`.
     fn prefill_attention(&self, bufs: &Buffers, slice: &[(usize, usize)]) -> Result<AttnPlan> {
-        if !self.tiled() {
+        let (nh, nkv, hd) = (self.m.nh, self.m.nkv, self.m.hd);
+        let kernel = if fast_paths().mma && mma_fits(nh, nkv, hd) {
+            TileKernel::Mma
+        } else if self.tiled() {
+            TileKernel::Lanes
+        } else {
             return Ok(AttnPlan::PerRow);
-        }
-        let (tiles, longest) = tiles_of(slice, TILE_QUERIES / (self.m.nh / self.m.nkv));
+        };
+        let (tiles, longest) = tiles_of(slice, kernel.queries() / (nh / nkv));
         let stream = self.m.dev.cuda_stream();
         // SAFETY: at most one tile per row, and the buffer holds two ints per row; a
         // copy from pageable host memory has read it when the call returns.
         unsafe { result::memcpy_htod_async(dev_ptr(&bufs.tiles)?, &tiles, stream.cu_stream()) }
             .w()?;
-        Ok(tiled_plan(&tiles, longest, self.m.nkv))
+        Ok(tiled_plan(&tiles, longest, nkv, kernel))
     }
 
     /// The attention launch of `rows` rows over `bufs` (queries in `bufs.q`, after RoPE
@@ -616,6 +658,12 @@ fn tiles_fit(nh: usize, nkv: usize, hd: usize) -> bool {
     hd == 128 && nkv > 0 && nh.is_multiple_of(nkv) && nh / nkv <= TILE_QUERIES
 }
 
+/// Whether the tensor-core tiled attention serves `nh` query heads over `nkv` kv heads
+/// of `hd` dims: 128-dim heads, a kv head's query heads within one tile.
+fn mma_fits(nh: usize, nkv: usize, hd: usize) -> bool {
+    hd == 128 && nkv > 0 && nh.is_multiple_of(nkv) && nh / nkv <= MMA_QUERIES
+}
+
 /// Whether the grouped step attention serves `nh` query heads over `nkv` kv heads of
 /// `hd` dims.
 fn grouped_fits(nh: usize, nkv: usize, hd: usize) -> bool {
@@ -643,14 +691,15 @@ fn tiles_of(rows: &[(usize, usize)], per_tile: usize) -> (Vec<u32>, usize) {
     (tiles, longest)
 }
 
-/// The tiled attention over the tile table `tiles` ([`tiles_of`]) of tiles at most
-/// `longest` positions long, for `nkv` kv heads.
-fn tiled_plan(tiles: &[u32], longest: usize, nkv: usize) -> AttnPlan {
+/// The tiled attention by `kernel` over the tile table `tiles` ([`tiles_of`]) of tiles
+/// at most `longest` positions long, for `nkv` kv heads.
+fn tiled_plan(tiles: &[u32], longest: usize, nkv: usize, kernel: TileKernel) -> AttnPlan {
     let count = tiles.len() / 2;
     AttnPlan::Tiled {
         table: true,
         tiles: count,
-        splits: tiled_splits(count * nkv, Some(longest)),
+        splits: tiled_splits(count * nkv, Some(longest), kernel.positions()),
+        kernel,
     }
 }
 
@@ -659,6 +708,7 @@ struct AttnKernels {
     part: CudaFunction,
     comb: CudaFunction,
     tiled: CudaFunction,
+    mma: CudaFunction,
     tiled_comb: CudaFunction,
     grouped: CudaFunction,
 }
@@ -687,6 +737,7 @@ impl AttnKernels {
             part: func(dev, "attn_decode_partial_rows")?,
             comb: func(dev, "attn_decode_combine_rows")?,
             tiled: func(dev, "attn_rows_tiled")?,
+            mma: func(dev, "attn_rows_mma")?,
             tiled_comb: func(dev, "attn_rows_tiled_combine")?,
             grouped: func(dev, "attn_step_gqa")?,
         })
@@ -731,10 +782,17 @@ impl AttnKernels {
                 table,
                 tiles,
                 splits,
+                kernel,
             } => {
                 let tiles_ptr = if table { a.tiles } else { 0 };
+                if kernel == TileKernel::Mma && !table {
+                    candle_core::bail!("the tensor-core attention needs a tile table");
+                }
                 let splits_i = splits as i32;
-                let mut b = stream.launch_builder(&self.tiled);
+                let mut b = stream.launch_builder(match kernel {
+                    TileKernel::Lanes => &self.tiled,
+                    TileKernel::Mma => &self.mma,
+                });
                 b.arg(&a.q)
                     .arg(&a.table)
                     .arg(&a.kv)
@@ -751,7 +809,8 @@ impl AttnKernels {
                     .arg(&a.out);
                 // SAFETY: every tile's rows are one stream's (its kv pointers), each
                 // reading its cache rows 0..=position; splits <= DEC_SPLITS, so the
-                // partials fit `rows` rows × nh heads × DEC_SPLITS.
+                // partials fit `rows` rows × nh heads × DEC_SPLITS; a tile holds at
+                // most the kernel's queries (`tiles_of`).
                 unsafe { b.launch(block((a.nkv as u32, tiles as u32, splits as u32))) }.w()?;
                 splits
             }
@@ -846,7 +905,11 @@ pub(crate) fn rows_attention(
         zeros(table.len(), DType::U32)?,
         zeros(kv.len(), DType::I64)?,
     );
-    let (tiles, longest) = tiles_of(rows, TILE_QUERIES / (nh / nkv));
+    let tile_kernel = match kernel {
+        RowsKernel::Mma => TileKernel::Mma,
+        _ => TileKernel::Lanes,
+    };
+    let (tiles, longest) = tiles_of(rows, tile_kernel.queries() / (nh / nkv));
     let tiles_t = zeros(tiles.len(), DType::U32)?;
     let part = [
         zeros(parts, DType::F32)?,
@@ -864,7 +927,7 @@ pub(crate) fn rows_attention(
         result::memcpy_htod_async(dev_ptr(&tiles_t)?, &tiles, stream.cu_stream()).w()?;
     }
     let plan = match kernel {
-        RowsKernel::Tiled => tiled_plan(&tiles, longest, nkv),
+        RowsKernel::Tiled | RowsKernel::Mma => tiled_plan(&tiles, longest, nkv, tile_kernel),
         RowsKernel::PerRow => AttnPlan::PerRow,
         RowsKernel::Grouped => AttnPlan::Grouped {
             splits: grouped_splits(n, nkv),
@@ -941,22 +1004,28 @@ mod tests {
     #[test]
     fn positions_split_only_while_blocks_are_few_and_never_past_the_chunks() {
         // Plenty of blocks: no split.
-        assert_eq!(tiled_splits(TILED_BLOCKS, None), 1);
-        assert_eq!(tiled_splits(4 * 256, None), 1);
+        assert_eq!(tiled_splits(TILED_BLOCKS, None, TILE_POSITIONS), 1);
+        assert_eq!(tiled_splits(4 * 256, None, TILE_POSITIONS), 1);
         // Few blocks: as many splits as bring them to TILED_BLOCKS, at most DEC_SPLITS.
-        assert_eq!(tiled_splits(66, None), 4);
-        assert_eq!(tiled_splits(4, None), DEC_SPLITS);
+        assert_eq!(tiled_splits(66, None, TILE_POSITIONS), 4);
+        assert_eq!(tiled_splits(4, None, TILE_POSITIONS), DEC_SPLITS);
         // Never more splits than chunks of positions (a split of none is wasted).
-        assert_eq!(tiled_splits(4, Some(3 * TILE_POSITIONS)), 3);
-        assert_eq!(tiled_splits(4, Some(1)), 1);
+        assert_eq!(tiled_splits(4, Some(3 * TILE_POSITIONS), TILE_POSITIONS), 3);
+        assert_eq!(tiled_splits(4, Some(1), TILE_POSITIONS), 1);
     }
 
     #[test]
-    fn the_tiled_kernel_serves_128_dim_heads_whose_groups_fit_a_tile() {
+    fn the_tile_kernels_serve_128_dim_heads_whose_groups_fit_a_tile() {
         assert!(tiles_fit(28, 4, 128));
         assert!(!tiles_fit(28, 4, 64));
         assert!(!tiles_fit(28, 3, 128));
         assert!(!tiles_fit(64, 1, 128));
         assert!(!tiles_fit(28, 0, 128));
+        // The tensor-core tiles hold 9 rows of Step-Audio 2's 7-head groups.
+        assert!(mma_fits(28, 4, 128));
+        assert!(mma_fits(64, 1, 128));
+        assert!(!mma_fits(28, 4, 64));
+        assert!(!mma_fits(130, 2, 128));
+        assert_eq!(TileKernel::Mma.queries() / 7, 9);
     }
 }

@@ -1270,6 +1270,180 @@ extern "C" __global__ void __launch_bounds__(128, 4) attn_step_gqa(
     }
 }
 
+// Query vectors (rows × a kv head's query heads) of one block of attn_rows_mma: 4 warps
+// of 16, the M of the m16n8k16 products.
+#define MMA_Q 64
+// Positions of one key/value chunk of attn_rows_mma.
+#define MMA_CH 64
+
+// The batched prefill's attention on tensor cores: attn_rows_tiled's tiles, arguments
+// and outputs (partials included), but a tile holds up to MMA_Q query vectors (9 rows
+// of a 7-head group) and the scores and the output are mma.sync products over chunks of
+// MMA_CH positions, as flash_attn_impl does for one contiguous sequence. Query vector
+// qi = (row qi / g, head qi % g of kv head blockIdx.x); each of the warp's 16 vectors
+// masks the positions past its own row's. grid (nkv, tiles, splits), 128 threads.
+extern "C" __global__ void __launch_bounds__(128) attn_rows_mma(
+    const bf16* __restrict__ q, const int* __restrict__ rows,
+    const unsigned long long* __restrict__ kv, const int* __restrict__ tiles, int layer,
+    int layers, int nh, int nkv, float scale_log2, int splits, float* __restrict__ part_m,
+    float* __restrict__ part_l, float* __restrict__ part_o, bf16* __restrict__ out) {
+    constexpr int HD = 128, CH = MMA_CH, KPAD = HD + 8;
+    constexpr int KCH = HD / 16, NT_O = HD / 8, NT_S = CH / 8, VEC = HD / 8;
+    __shared__ __align__(16) bf16 ks[CH * KPAD];
+    __shared__ __align__(16) bf16 vs[CH * KPAD];
+    const int kvh = blockIdx.x, sp = blockIdx.z, g = nh / nkv;
+    const int r0 = tiles[2 * blockIdx.y], nr = tiles[2 * blockIdx.y + 1];
+    const int qn = nr * g;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int gl = lane >> 2, tq = lane & 3;
+    // this thread's two query vectors (fragment rows gl and gl + 8 of the warp's 16)
+    const int qv[2] = {warp * 16 + gl, warp * 16 + gl + 8};
+    int qpos[2];
+    size_t qrh[2];  // row * nh + head of each
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const bool ok = qv[i] < qn;
+        const int row = r0 + (ok ? qv[i] / g : 0);
+        qpos[i] = ok ? rows[4 * row + 1] : -1;
+        qrh[i] = (size_t)row * nh + kvh * g + (ok ? qv[i] % g : 0);
+    }
+    int len = 0;
+    for (int r = 0; r < nr; ++r) len = max(len, rows[4 * (r0 + r) + 1] + 1);
+    const int cap = rows[4 * r0 + 2];
+    const unsigned long long* p = kv + 2 * ((size_t)r0 * layers + layer);
+    const bf16* kc = reinterpret_cast<const bf16*>(p[0]) + (size_t)kvh * cap * HD;
+    const bf16* vc = reinterpret_cast<const bf16*>(p[1]) + (size_t)kvh * cap * HD;
+
+    uint32_t qa[KCH][4];
+#pragma unroll
+    for (int kk = 0; kk < KCH; ++kk) {
+        const int c = kk * 16 + tq * 2;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int i = e & 1, cc = c + (e >> 1) * 8;
+            qa[kk][e] = qpos[i] >= 0 ? *reinterpret_cast<const uint32_t*>(q + qrh[i] * HD + cc) : 0u;
+        }
+    }
+    float o[NT_O][4];
+#pragma unroll
+    for (int d = 0; d < NT_O; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+    float m[2] = {NEG_BIG, NEG_BIG}, l[2] = {0.0f, 0.0f};
+
+    const int chunks = (len + CH - 1) / CH, per = (chunks + splits - 1) / splits;
+    const int beg = min(len, sp * per * CH), end = min(len, beg + per * CH);
+    for (int c0 = beg; c0 < end; c0 += CH) {
+        __syncthreads();  // the last chunk's keys and values are used up
+        for (int i = tid; i < CH * VEC; i += blockDim.x) {
+            const int r = i / VEC, c = (i % VEC) * 8;
+            uint4 kk = make_uint4(0, 0, 0, 0), vv = kk;
+            if (c0 + r < end) {
+                kk = *reinterpret_cast<const uint4*>(kc + (size_t)(c0 + r) * HD + c);
+                vv = *reinterpret_cast<const uint4*>(vc + (size_t)(c0 + r) * HD + c);
+            }
+            *reinterpret_cast<uint4*>(&ks[r * KPAD + c]) = kk;
+            *reinterpret_cast<uint4*>(&vs[r * KPAD + c]) = vv;
+        }
+        __syncthreads();
+        float s[NT_S][4];
+#pragma unroll
+        for (int j = 0; j < NT_S; ++j) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < KCH; ++kk) {
+                const bf16* kr = &ks[(j * 8 + gl) * KPAD + kk * 16 + tq * 2];
+                mma_bf16_16816(s[j], qa[kk], *reinterpret_cast<const uint32_t*>(kr),
+                               *reinterpret_cast<const uint32_t*>(kr + 8));
+            }
+        }
+        // scale and mask (element e of s[j]: vector e < 2 ? 0 : 1, position
+        // c0 + j * 8 + tq * 2 + (e & 1)), then each vector's max over the quad
+        float mx[2] = {NEG_BIG, NEG_BIG};
+#pragma unroll
+        for (int j = 0; j < NT_S; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = c0 + j * 8 + tq * 2 + (e & 1), i = e >> 1;
+                const bool ok = key < end && key <= qpos[i];
+                s[j][e] = ok ? s[j][e] * scale_log2 : NEG_BIG;
+                mx[i] = fmaxf(mx[i], s[j][e]);
+            }
+        }
+        float alpha[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+            const float mn = fmaxf(m[i], mx[i]);
+            alpha[i] = exp2f(m[i] - mn);
+            m[i] = mn;
+        }
+#pragma unroll
+        for (int j = 0; j < NT_S; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                // explicit: a vector with no position yet in this split has max NEG_BIG
+                const int i = e >> 1;
+                s[j][e] = s[j][e] == NEG_BIG ? 0.0f : exp2f(s[j][e] - m[i]);
+                sum[i] += s[j][e];
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) l[i] = l[i] * alpha[i] + sum[i];
+#pragma unroll
+        for (int d = 0; d < NT_O; ++d) {
+            o[d][0] *= alpha[0];
+            o[d][1] *= alpha[0];
+            o[d][2] *= alpha[1];
+            o[d][3] *= alpha[1];
+        }
+        // O += P V, P straight from the score fragments (as flash_attn_impl)
+#pragma unroll
+        for (int kc2 = 0; kc2 < CH / 16; ++kc2) {
+            uint32_t pa[4];
+            pa[0] = pack_bf16x2(s[2 * kc2][0], s[2 * kc2][1]);
+            pa[1] = pack_bf16x2(s[2 * kc2][2], s[2 * kc2][3]);
+            pa[2] = pack_bf16x2(s[2 * kc2 + 1][0], s[2 * kc2 + 1][1]);
+            pa[3] = pack_bf16x2(s[2 * kc2 + 1][2], s[2 * kc2 + 1][3]);
+#pragma unroll
+            for (int d = 0; d < NT_O; ++d) {
+                const bf16* vr = &vs[(kc2 * 16 + (lane & 15)) * KPAD + d * 8];
+                const uint32_t addr = (uint32_t)__cvta_generic_to_shared(vr);
+                uint32_t b0, b1;
+                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                             : "=r"(b0), "=r"(b1)
+                             : "r"(addr));
+                mma_bf16_16816(o[d], pa, b0, b1);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (qpos[i] < 0) continue;
+        if (splits == 1) {
+            const float inv = 1.0f / l[i];
+#pragma unroll
+            for (int d = 0; d < NT_O; ++d)
+                *reinterpret_cast<uint32_t*>(out + qrh[i] * HD + d * 8 + tq * 2) =
+                    pack_bf16x2(o[d][2 * i] * inv, o[d][2 * i + 1] * inv);
+        } else {
+            const size_t idx = qrh[i] * splits + sp;
+#pragma unroll
+            for (int d = 0; d < NT_O; ++d)
+                *reinterpret_cast<float2*>(part_o + idx * HD + d * 8 + tq * 2) =
+                    make_float2(o[d][2 * i], o[d][2 * i + 1]);
+            if (tq == 0) {
+                part_m[idx] = m[i];
+                part_l[idx] = l[i];
+            }
+        }
+    }
+}
+
 // Merges attn_rows_tiled's splits: grid (nh, rows), 128 threads; out [rows, nh * 128].
 extern "C" __global__ void __launch_bounds__(128) attn_rows_tiled_combine(
     const float* __restrict__ part_m, const float* __restrict__ part_l,
