@@ -8,8 +8,8 @@
 //! add, RoPE with the KV append and the argmax are per-row kernels. Attention shares
 //! reads where it can: a step's rows (one a stream) from [`GROUPED_STEP_ROWS`] streams
 //! by kv head (its query heads read each key and value once, a lane a position for the
-//! scores), a prefill's rows of one stream in tiles; else one block per query head
-//! and row.
+//! scores), a prefill's rows of one stream in tiles (their products on tensor cores);
+//! else one block per query head and row.
 //!
 //! The KV caches stay the streams' own buffers (each stream's length and capacity, a
 //! partial's rollback still a length change): a device row table names, per row, its
