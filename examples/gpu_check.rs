@@ -423,8 +423,7 @@ fn check_attention(device: &Device, rep: &mut Report) -> Result<()> {
 /// attention in f32 (candle ops over the same bf16 keys, values and queries), row by
 /// row: streams whose rows are a prefill's (many consecutive positions, causal within
 /// the stream) or a step's (one row at a long position), 28 query heads over 4 kv heads
-/// of 128 dims. Bound 5e-3 (the output is
-/// rounded once to bf16, 2^-9 relative).
+/// of 128 dims. Bound 5e-3 (the output is rounded once to bf16, 2^-9 relative).
 fn check_rows_attention(device: &Device, rep: &mut Report) -> Result<()> {
     let (nh, nkv, hd) = (28usize, 4usize, 128usize);
     // (cached positions before, rows)

@@ -498,9 +498,59 @@ __device__ __forceinline__ float block_rstd(float ss, int K, float eps) {
     return rstd_s;
 }
 
-// Values of the input each thread of a GEMV's staging keeps in registers while the block
-// reduces its norm (a Qwen2.5-7B row of 3 584 with 256 threads: 14).
-#define STAGE_KEPT 16
+// Values of a row each thread keeps in registers while the block reduces its norm (a
+// Qwen2.5-7B row of 3 584 with 256 threads: 14).
+#define NORM_KEPT 16
+
+// First pass of an RMSNorm over a row of K: x += y where y is given (f32, rounded once as
+// the batch-1 GEMV's residual mode, written back to xw), and rsqrt(mean(x^2) + eps) for
+// the whole block. Thread t sums positions t, t + blockDim.x, … in order — the one
+// reduction order of both decode steps, so they see the same normalised input — and keeps
+// its first NORM_KEPT values in `kept` for norm_store, their loads issued together (a
+// loop that re-read x and waited on each load took ~12 us for a few KB).
+// (x and xw may be the same row: neither is __restrict__.)
+__device__ __forceinline__ float norm_rstd(const bf16* x, const float* __restrict__ y, bf16* xw,
+                                           int K, float eps, float (&kept)[NORM_KEPT]) {
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NORM_KEPT; ++k) {
+        const int i = threadIdx.x + k * blockDim.x;
+        kept[k] = 0.0f;
+        if (i < K) {
+            float v = __bfloat162float(x[i]);
+            if (y) {
+                const bf16 nv = __float2bfloat16_rn(v + y[i]);
+                xw[i] = nv;
+                v = __bfloat162float(nv);
+            }
+            kept[k] = v;
+            ss = fmaf(v, v, ss);
+        }
+    }
+    for (int i = threadIdx.x + NORM_KEPT * blockDim.x; i < K; i += blockDim.x) {
+        float v = __bfloat162float(x[i]);
+        if (y) {
+            const bf16 nv = __float2bfloat16_rn(v + y[i]);
+            xw[i] = nv;
+            v = __bfloat162float(nv);
+        }
+        ss = fmaf(v, v, ss);
+    }
+    return block_rstd(ss, K, eps);
+}
+
+// Second pass: out = bf16(x * rstd * w), from `kept` and past it from x (as updated).
+__device__ __forceinline__ void norm_store(const bf16* x, const bf16* __restrict__ w,
+                                           float rstd, int K, const float (&kept)[NORM_KEPT],
+                                           bf16* __restrict__ out) {
+#pragma unroll
+    for (int k = 0; k < NORM_KEPT; ++k) {
+        const int i = threadIdx.x + k * blockDim.x;
+        if (i < K) out[i] = __float2bfloat16_rn(kept[k] * rstd * __bfloat162float(w[i]));
+    }
+    for (int i = threadIdx.x + NORM_KEPT * blockDim.x; i < K; i += blockDim.x)
+        out[i] = __float2bfloat16_rn(__bfloat162float(x[i]) * rstd * __bfloat162float(w[i]));
+}
 
 // Stages the GEMV input in shared memory as bf16: either x itself or
 // bf16(x * rsqrt(mean(x^2) + eps) * norm_w), which is what the RMSNorm kernel would have
@@ -509,31 +559,9 @@ __device__ __forceinline__ void stage_input(const bf16* __restrict__ x,
                                             const bf16* __restrict__ norm_w, float eps,
                                             int K, bf16* xs) {
     if (norm_w) {
-        // As residual_rmsnorm_rows: the first STAGE_KEPT values a thread stay in registers,
-        // their loads issued together before the block's reduction,
-        // the sums in the same order.
-        float kept[STAGE_KEPT];
-        float ss = 0.0f;
-#pragma unroll
-        for (int k = 0; k < STAGE_KEPT; ++k) {
-            const int i = threadIdx.x + k * blockDim.x;
-            kept[k] = i < K ? __bfloat162float(x[i]) : 0.0f;
-        }
-#pragma unroll
-        for (int k = 0; k < STAGE_KEPT; ++k)
-            if (threadIdx.x + k * blockDim.x < K) ss = fmaf(kept[k], kept[k], ss);
-        for (int i = threadIdx.x + STAGE_KEPT * blockDim.x; i < K; i += blockDim.x) {
-            float v = __bfloat162float(x[i]);
-            ss = fmaf(v, v, ss);
-        }
-        const float rstd = block_rstd(ss, K, eps);
-#pragma unroll
-        for (int k = 0; k < STAGE_KEPT; ++k) {
-            const int i = threadIdx.x + k * blockDim.x;
-            if (i < K) xs[i] = __float2bfloat16_rn(kept[k] * rstd * __bfloat162float(norm_w[i]));
-        }
-        for (int i = threadIdx.x + STAGE_KEPT * blockDim.x; i < K; i += blockDim.x)
-            xs[i] = __float2bfloat16_rn(__bfloat162float(x[i]) * rstd * __bfloat162float(norm_w[i]));
+        float kept[NORM_KEPT];
+        const float rstd = norm_rstd(x, nullptr, nullptr, K, eps, kept);
+        norm_store(x, norm_w, rstd, K, kept, xs);
     } else {
         const uint4* x4 = reinterpret_cast<const uint4*>(x);
         uint4* s4 = reinterpret_cast<uint4*>(xs);
@@ -859,10 +887,6 @@ extern "C" __global__ void embed_rows(const bf16* __restrict__ embed, const int*
         dst[i] = src[i];
 }
 
-// Values of a row each thread of residual_rmsnorm_rows keeps in registers (a Qwen2.5-7B
-// row of 3 584 with 256 threads: 14).
-#define NORM_KEPT 16
-
 // Row b = blockIdx.x: x += y (y f32, the projection; skipped when null; rounded once, as
 // the batch-1 GEMV's residual mode), then out = bf16(x * rsqrt(mean(x^2) + eps) * w) with
 // the reduction of the batch-1 GEMV's staging, so both see the same normalised input.
@@ -871,45 +895,9 @@ extern "C" __global__ void __launch_bounds__(256) residual_rmsnorm_rows(
     bf16* __restrict__ x, const float* __restrict__ y, const bf16* __restrict__ w, float eps,
     int H, bf16* __restrict__ out) {
     const size_t base = (size_t)blockIdx.x * H;
-    // The row's first NORM_KEPT * blockDim.x values stay in registers between the passes,
-    // their loads issued together and x not read twice (the loop alone took ~12 us a
-    // launch for a few KB; H200: 0.13-0.2 ms less a step of 56 launches); the sums keep
-    // the order of the batch-1 GEMV's staging, so both steps still agree bit for bit.
     float kept[NORM_KEPT];
-    float ss = 0.0f;
-#pragma unroll
-    for (int k = 0; k < NORM_KEPT; ++k) {
-        const int i = threadIdx.x + k * blockDim.x;
-        kept[k] = 0.0f;
-        if (i < H) {
-            float v = __bfloat162float(x[base + i]);
-            if (y) {
-                const bf16 nv = __float2bfloat16_rn(v + y[base + i]);
-                x[base + i] = nv;
-                v = __bfloat162float(nv);
-            }
-            kept[k] = v;
-            ss = fmaf(v, v, ss);
-        }
-    }
-    for (int i = threadIdx.x + NORM_KEPT * blockDim.x; i < H; i += blockDim.x) {
-        float v = __bfloat162float(x[base + i]);
-        if (y) {
-            const bf16 nv = __float2bfloat16_rn(v + y[base + i]);
-            x[base + i] = nv;
-            v = __bfloat162float(nv);
-        }
-        ss = fmaf(v, v, ss);
-    }
-    const float rstd = block_rstd(ss, H, eps);
-#pragma unroll
-    for (int k = 0; k < NORM_KEPT; ++k) {
-        const int i = threadIdx.x + k * blockDim.x;
-        if (i < H) out[base + i] = __float2bfloat16_rn(kept[k] * rstd * __bfloat162float(w[i]));
-    }
-    for (int i = threadIdx.x + NORM_KEPT * blockDim.x; i < H; i += blockDim.x)
-        out[base + i] = __float2bfloat16_rn(__bfloat162float(x[base + i]) * rstd *
-                                            __bfloat162float(w[i]));
+    const float rstd = norm_rstd(x + base, y ? y + base : nullptr, x + base, H, eps, kept);
+    norm_store(x + base, w, rstd, H, kept, out + base);
 }
 
 // The fused q/k/v projection of row b = blockIdx.y (f32, bias not yet added): bias added
