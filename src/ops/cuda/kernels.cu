@@ -194,6 +194,69 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// The warp's 16 query rows' scores over BK keys: s[j] (keys j * 8 … j * 8 + 7, the
+// m16n8k16 C layout) = Q K^T, Q as A fragments `qa` over the head dimension, the keys
+// row-major in shared memory with rows padded to HD + 8 (the 8 rows a fragment load touches
+// fall in 8 bank groups).
+template <int HD, int BK>
+__device__ __forceinline__ void mma_scores(float (&s)[BK / 8][4], const uint32_t (&qa)[HD / 16][4],
+                                           const bf16* ks, int lane) {
+    constexpr int KPAD = HD + 8;
+    const int g = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int j = 0; j < BK / 8; ++j) {
+        s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; ++kk) {
+            const bf16* kr = &ks[(j * 8 + g) * KPAD + kk * 16 + tq * 2];
+            mma_bf16_16816(s[j], qa[kk], *reinterpret_cast<const uint32_t*>(kr),
+                           *reinterpret_cast<const uint32_t*>(kr + 8));
+        }
+    }
+}
+
+// The output fragments' rows (a0: the thread's first row, a1: its second) rescaled by
+// their running max's change.
+template <int HD>
+__device__ __forceinline__ void mma_rescale(float (&o)[HD / 8][4], float a0, float a1) {
+#pragma unroll
+    for (int d = 0; d < HD / 8; ++d) {
+        o[d][0] *= a0;
+        o[d][1] *= a0;
+        o[d][2] *= a1;
+        o[d][3] *= a1;
+    }
+}
+
+// O += P V over BK keys, P taken straight from the score fragments `s` (the m16n8k16 C
+// and A register layouts line up, so P never leaves registers), the values row-major in
+// shared memory with rows padded to HD + 8.
+template <int HD, int BK>
+__device__ __forceinline__ void mma_pv(float (&o)[HD / 8][4], const float (&s)[BK / 8][4],
+                                       const bf16* vs, int lane) {
+    constexpr int KPAD = HD + 8;
+#pragma unroll
+    for (int kc = 0; kc < BK / 16; ++kc) {
+        uint32_t pa[4];
+        pa[0] = pack_bf16x2(s[2 * kc][0], s[2 * kc][1]);
+        pa[1] = pack_bf16x2(s[2 * kc][2], s[2 * kc][3]);
+        pa[2] = pack_bf16x2(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+        pa[3] = pack_bf16x2(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+#pragma unroll
+        for (int d = 0; d < HD / 8; ++d) {
+            // B fragment (16 keys x 8 dims) = two transposed 8x8 tiles of row-major V:
+            // lanes 0-15 name the 16 key rows (lanes 16-31 repeat them, unused).
+            const bf16* vr = &vs[(kc * 16 + (lane & 15)) * KPAD + d * 8];
+            const uint32_t addr = (uint32_t)__cvta_generic_to_shared(vr);
+            uint32_t b0, b1;
+            asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                         : "=r"(b0), "=r"(b1)
+                         : "r"(addr));
+            mma_bf16_16816(o[d], pa, b0, b1);
+        }
+    }
+}
+
 // STAGES = 2: the next K/V tile is copied (cp.async, no registers) while the current
 // one is used, hiding the L2/HBM latency that a synchronous load exposes once per tile.
 template <int HD, int STAGES, int WARPS>
@@ -284,16 +347,7 @@ __device__ void flash_attn_impl(const AttnParams& p) {
         const bf16* Vs = Vs_all[stage];
 
         float s[NT_S][4];
-#pragma unroll
-        for (int j = 0; j < NT_S; ++j) {
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < KCH; ++kk) {
-                const bf16* kr = &Ks[(j * 8 + g) * KPAD + kk * 16 + tq * 2];
-                mma_bf16_16816(s[j], qa[kk], *reinterpret_cast<const uint32_t*>(kr),
-                               *reinterpret_cast<const uint32_t*>(kr + 8));
-            }
-        }
+        mma_scores<HD, FA_BK>(s, qa, Ks, lane);
         // scale, mask, row max
         float mx0 = NEG_BIG, mx1 = NEG_BIG;
 #pragma unroll
@@ -331,34 +385,8 @@ __device__ void flash_attn_impl(const AttnParams& p) {
         }
         l0 = l0 * a0 + ps0;
         l1 = l1 * a1 + ps1;
-#pragma unroll
-        for (int d = 0; d < NT_O; ++d) {
-            o[d][0] *= a0;
-            o[d][1] *= a0;
-            o[d][2] *= a1;
-            o[d][3] *= a1;
-        }
-        // O += P V, P taken straight from the S fragments
-#pragma unroll
-        for (int kc = 0; kc < FA_BK / 16; ++kc) {
-            uint32_t pa[4];
-            pa[0] = pack_bf16x2(s[2 * kc][0], s[2 * kc][1]);
-            pa[1] = pack_bf16x2(s[2 * kc][2], s[2 * kc][3]);
-            pa[2] = pack_bf16x2(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-            pa[3] = pack_bf16x2(s[2 * kc + 1][2], s[2 * kc + 1][3]);
-#pragma unroll
-            for (int d = 0; d < NT_O; ++d) {
-                // B fragment (16 keys x 8 dims) = two transposed 8x8 tiles of row-major V:
-                // lanes 0-15 name the 16 key rows (lanes 16-31 repeat them, unused).
-                const bf16* vr = &Vs[(kc * 16 + (lane & 15)) * KPAD + d * 8];
-                const uint32_t addr = (uint32_t)__cvta_generic_to_shared(vr);
-                uint32_t b0, b1;
-                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                             : "=r"(b0), "=r"(b1)
-                             : "r"(addr));
-                mma_bf16_16816(o[d], pa, b0, b1);
-            }
-        }
+        mma_rescale<HD>(o, a0, a1);
+        mma_pv<HD, FA_BK>(o, s, Vs, lane);
         __syncthreads();  // all warps are done with this stage before it is refilled
     }
     // the row sums were kept per thread (its 16 of 64 columns): add the quad's parts
@@ -1333,16 +1361,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_rows_mma(
         }
         __syncthreads();
         float s[NT_S][4];
-#pragma unroll
-        for (int j = 0; j < NT_S; ++j) {
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < KCH; ++kk) {
-                const bf16* kr = &ks[(j * 8 + gl) * KPAD + kk * 16 + tq * 2];
-                mma_bf16_16816(s[j], qa[kk], *reinterpret_cast<const uint32_t*>(kr),
-                               *reinterpret_cast<const uint32_t*>(kr + 8));
-            }
-        }
+        mma_scores<HD, CH>(s, qa, ks, lane);
         // scale and mask (element e of s[j]: vector e < 2 ? 0 : 1, position
         // c0 + j * 8 + tq * 2 + (e & 1)), then each vector's max over the quad
         float mx[2] = {NEG_BIG, NEG_BIG};
@@ -1377,32 +1396,8 @@ extern "C" __global__ void __launch_bounds__(128) attn_rows_mma(
         }
 #pragma unroll
         for (int i = 0; i < 2; ++i) l[i] = l[i] * alpha[i] + sum[i];
-#pragma unroll
-        for (int d = 0; d < NT_O; ++d) {
-            o[d][0] *= alpha[0];
-            o[d][1] *= alpha[0];
-            o[d][2] *= alpha[1];
-            o[d][3] *= alpha[1];
-        }
-        // O += P V, P straight from the score fragments (as flash_attn_impl)
-#pragma unroll
-        for (int kc2 = 0; kc2 < CH / 16; ++kc2) {
-            uint32_t pa[4];
-            pa[0] = pack_bf16x2(s[2 * kc2][0], s[2 * kc2][1]);
-            pa[1] = pack_bf16x2(s[2 * kc2][2], s[2 * kc2][3]);
-            pa[2] = pack_bf16x2(s[2 * kc2 + 1][0], s[2 * kc2 + 1][1]);
-            pa[3] = pack_bf16x2(s[2 * kc2 + 1][2], s[2 * kc2 + 1][3]);
-#pragma unroll
-            for (int d = 0; d < NT_O; ++d) {
-                const bf16* vr = &vs[(kc2 * 16 + (lane & 15)) * KPAD + d * 8];
-                const uint32_t addr = (uint32_t)__cvta_generic_to_shared(vr);
-                uint32_t b0, b1;
-                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                             : "=r"(b0), "=r"(b1)
-                             : "r"(addr));
-                mma_bf16_16816(o[d], pa, b0, b1);
-            }
-        }
+        mma_rescale<HD>(o, alpha[0], alpha[1]);
+        mma_pv<HD, CH>(o, s, vs, lane);
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
