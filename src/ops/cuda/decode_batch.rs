@@ -23,7 +23,9 @@ use super::decode::{ArgmaxArgs, ModelPtrs, DEC_SPLITS};
 use super::linear::gemm_t;
 use super::{capture_graph, dev_ptr, func, read_rows, BucketGraphs, Graph};
 use crate::ops::fast::{fast_paths, DecodeCache, DecodeWeights, RowsKernel};
-use candle_core::cuda::cudarc::driver::{result, CudaFunction, LaunchConfig, PushKernelArg};
+use candle_core::cuda::cudarc::driver::{
+    result, CudaFunction, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda::CudaDevice;
 use candle_core::cuda::WrapErr;
 use candle_core::{DType, Result, Tensor};
@@ -731,6 +733,49 @@ struct AttnLaunch {
     rows: usize,
 }
 
+/// The arguments the split attention kernels (f32 and tensor-core tiles, grouped)
+/// take after their pointers: the layer, the shape, the softmax scale, the splits of
+/// the positions, the partials and the output.
+struct SplitArgs {
+    layer: i32,
+    layers: i32,
+    nh: i32,
+    nkv: i32,
+    scale_log2: f32,
+    splits: i32,
+    part: [u64; 3],
+    out: u64,
+}
+
+impl SplitArgs {
+    fn new(a: &AttnLaunch, splits: usize) -> Self {
+        Self {
+            layer: a.layer,
+            layers: a.layers as i32,
+            nh: a.nh as i32,
+            nkv: a.nkv as i32,
+            scale_log2: (a.hd as f32).powf(-0.5) * std::f32::consts::LOG2_E,
+            splits: splits as i32,
+            part: a.part,
+            out: a.out,
+        }
+    }
+
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        let [pm, pl, po] = &self.part;
+        b.arg(&self.layer)
+            .arg(&self.layers)
+            .arg(&self.nh)
+            .arg(&self.nkv)
+            .arg(&self.scale_log2)
+            .arg(&self.splits)
+            .arg(pm)
+            .arg(pl)
+            .arg(po)
+            .arg(&self.out);
+    }
+}
+
 impl AttnKernels {
     fn new(dev: &CudaDevice) -> Result<Self> {
         Ok(Self {
@@ -747,9 +792,6 @@ impl AttnKernels {
     fn enqueue(&self, dev: &CudaDevice, a: &AttnLaunch, plan: AttnPlan) -> Result<()> {
         let stream = dev.cuda_stream();
         let [pm, pl, po] = a.part;
-        let (layer, n_layers) = (a.layer, a.layers as i32);
-        let (nh_i, nkv_i) = (a.nh as i32, a.nkv as i32);
-        let scale_log2 = (a.hd as f32).powf(-0.5) * std::f32::consts::LOG2_E;
         let r = a.rows as u32;
         let block = |grid_dim| LaunchConfig {
             grid_dim,
@@ -758,22 +800,23 @@ impl AttnKernels {
         };
         let splits = match plan {
             AttnPlan::PerRow => {
+                let s = SplitArgs::new(a, 1);
                 let mut b = stream.launch_builder(&self.part);
                 b.arg(&a.q)
                     .arg(&a.table)
                     .arg(&a.kv)
-                    .arg(&layer)
-                    .arg(&n_layers)
-                    .arg(&nh_i)
-                    .arg(&nkv_i)
-                    .arg(&scale_log2)
+                    .arg(&s.layer)
+                    .arg(&s.layers)
+                    .arg(&s.nh)
+                    .arg(&s.nkv)
+                    .arg(&s.scale_log2)
                     .arg(&pm)
                     .arg(&pl)
                     .arg(&po);
                 // SAFETY: reads cache rows 0..=position of each row's kv heads.
                 unsafe { b.launch(block((a.nh as u32, DEC_SPLITS as u32, r))) }.w()?;
                 let mut b = stream.launch_builder(&self.comb);
-                b.arg(&pm).arg(&pl).arg(&po).arg(&nh_i).arg(&a.out);
+                b.arg(&pm).arg(&pl).arg(&po).arg(&s.nh).arg(&a.out);
                 // SAFETY: partials of `rows` rows × nh heads × DEC_SPLITS.
                 unsafe { b.launch(block((a.nh as u32, r, 1))) }.w()?;
                 return Ok(());
@@ -788,25 +831,13 @@ impl AttnKernels {
                 if kernel == TileKernel::Mma && !table {
                     candle_core::bail!("the tensor-core attention needs a tile table");
                 }
-                let splits_i = splits as i32;
+                let s = SplitArgs::new(a, splits);
                 let mut b = stream.launch_builder(match kernel {
                     TileKernel::Lanes => &self.tiled,
                     TileKernel::Mma => &self.mma,
                 });
-                b.arg(&a.q)
-                    .arg(&a.table)
-                    .arg(&a.kv)
-                    .arg(&tiles_ptr)
-                    .arg(&layer)
-                    .arg(&n_layers)
-                    .arg(&nh_i)
-                    .arg(&nkv_i)
-                    .arg(&scale_log2)
-                    .arg(&splits_i)
-                    .arg(&pm)
-                    .arg(&pl)
-                    .arg(&po)
-                    .arg(&a.out);
+                b.arg(&a.q).arg(&a.table).arg(&a.kv).arg(&tiles_ptr);
+                s.push(&mut b);
                 // SAFETY: every tile's rows are one stream's (its kv pointers), each
                 // reading its cache rows 0..=position; splits <= DEC_SPLITS, so the
                 // partials fit `rows` rows × nh heads × DEC_SPLITS; a tile holds at
@@ -815,21 +846,10 @@ impl AttnKernels {
                 splits
             }
             AttnPlan::Grouped { splits } => {
-                let splits_i = splits as i32;
+                let s = SplitArgs::new(a, splits);
                 let mut b = stream.launch_builder(&self.grouped);
-                b.arg(&a.q)
-                    .arg(&a.table)
-                    .arg(&a.kv)
-                    .arg(&layer)
-                    .arg(&n_layers)
-                    .arg(&nh_i)
-                    .arg(&nkv_i)
-                    .arg(&scale_log2)
-                    .arg(&splits_i)
-                    .arg(&pm)
-                    .arg(&pl)
-                    .arg(&po)
-                    .arg(&a.out);
+                b.arg(&a.q).arg(&a.table).arg(&a.kv);
+                s.push(&mut b);
                 // SAFETY: each row reads its own cache rows 0..=position; splits <=
                 // GROUPED_SPLITS <= DEC_SPLITS, so the partials fit as above.
                 unsafe { b.launch(block((a.nkv as u32, r, splits as u32))) }.w()?;
@@ -837,13 +857,13 @@ impl AttnKernels {
             }
         };
         if splits > 1 {
-            let splits_i = splits as i32;
+            let s = SplitArgs::new(a, splits);
             let mut b = stream.launch_builder(&self.tiled_comb);
             b.arg(&pm)
                 .arg(&pl)
                 .arg(&po)
-                .arg(&nh_i)
-                .arg(&splits_i)
+                .arg(&s.nh)
+                .arg(&s.splits)
                 .arg(&a.out);
             // SAFETY: partials of `rows` rows × nh heads × `splits`.
             unsafe { b.launch(block((a.nh as u32, r, 1))) }.w()?;
