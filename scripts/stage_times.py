@@ -7,7 +7,9 @@ batch-at-a-time engine, per logged second ("decode loop" lines) for the continuo
 how many draft ids (the last hypothesis of the segment) the decode loop took, and how many
 prompt tokens were reused from the cache as the segment's last partial left them; with
 RUST_LOG also naming stepaudio_live::stream::engine=debug, where the continuous batch's finals
-spent their time (segment end → joining the loop, in the loop) and the work run alone beside it. Usage: python3 scripts/stage_times.py LOG"""
+spent their time (segment end → joining the loop, in the loop) and the work run alone beside it.
+Decode steps taken inside an admission's prefill (switch `fold`) count as steps, their time as
+the prefill's. Usage: python3 scripts/stage_times.py LOG"""
 import re
 import sys
 
@@ -16,6 +18,7 @@ enc, pre, dec, steps, widest, turns, batches = [], [], [], [], [], [], 0
 plan, carried, windows = [], 0, 0
 enc_layers, cross, after_final = [], [], []
 drafted, taken = 0, 0
+folded = 0
 final_before, final_loop, final_rounds = [], [], []
 alone = []
 prompt, reused = 0, 0
@@ -46,6 +49,8 @@ for line in open(sys.argv[1], errors="replace"):
         steps.append(num("steps", line))
         widest.append(num("widest", line))
         turns.append(num("turns", line))
+        if "steps_in_prefill=" in line:
+            folded += num("steps_in_prefill", line)
         if "draft_taken=" in line:
             drafted += num("drafted", line)
             taken += num("draft_taken", line)
@@ -60,7 +65,9 @@ print(f"{batches} batches (or seconds of the decode loop), {sum(turns):.0f} turn
 for name, v in (("encoder", enc), ("prefill", pre), ("decode", dec)):
     print(f"  {name:8s} {sum(v) / 1e3:7.2f} s  {100 * sum(v) / total:5.1f} %  "
           f"{sum(v) / max(len(v), 1):7.1f} ms a batch")
-print(f"  decode step {sum(dec) / max(sum(steps), 1):.2f} ms on average")
+print(f"  decode step {sum(dec) / max(sum(steps) - folded, 1):.2f} ms on average")
+if folded:
+    print(f"  of the decode steps, {folded:.0f} ran inside admissions' prefills (their time is the prefill's)")
 if plan:
     print(f"  of the encoder: carried segments encoded alone and windows planned {sum(plan) / 1e3:.2f} s "
           f"({100 * sum(plan) / max(sum(enc), 1e-9):.1f} %; {carried:.0f} carried encodes), the windows' batches "

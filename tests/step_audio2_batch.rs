@@ -591,6 +591,10 @@ fn turns_joining_a_running_loop_equal_each_stream_alone() {
         .collect();
     assert_eq!(peak[0], 4, "turns 2 and 3 joined turns 0 and 1 mid-way");
     assert!(peak[4] >= 2, "session 0's next turn joined a running loop");
+    if stepaudio_live::ops::fast::fast_paths().fold {
+        // turns 0 and 1 at the admission of 2 and 3, the rest at turn 4's
+        assert_eq!(batch.steps_in_admissions(), 2, "steps inside admissions");
+    }
 }
 
 /// A turn given `draft` against the same turn without (`base`, decoded on a

@@ -7,7 +7,7 @@
 //! The switches exist so one process can time the reference path and the fast path on
 //! the same warm GPU (benchmarks) and check one against the other (tests). They are
 //! read from `STEPAUDIO_FAST` once (`all` (default), `none`, or a comma list of
-//! `mel,attention,decode,graph,gemm,epilogue,prefill,windows,splice,tiled,grouped,mma`),
+//! `mel,attention,decode,graph,gemm,epilogue,prefill,windows,splice,tiled,grouped,mma,fold`),
 //! and can be changed at run time with [`set_fast_paths`].
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -51,6 +51,10 @@ pub struct FastPaths {
     /// tensor-core products (`mma.sync`, up to 9 rows of a 7-head group a tile)
     /// instead of `tiled`'s f32 lanes.
     pub mma: bool,
+    /// A continuous batch's decode step that falls on an admission runs inside the
+    /// admission's prefill forward, one row per running decode, instead of as a
+    /// step of its own after it: one read of the weights for both.
+    pub fold: bool,
 }
 
 impl FastPaths {
@@ -67,6 +71,7 @@ impl FastPaths {
         tiled: true,
         grouped: true,
         mma: true,
+        fold: true,
     };
     pub const NONE: FastPaths = FastPaths {
         mel: false,
@@ -81,6 +86,7 @@ impl FastPaths {
         tiled: false,
         grouped: false,
         mma: false,
+        fold: false,
     };
 
     fn bits(self) -> u16 {
@@ -96,6 +102,7 @@ impl FastPaths {
             | (self.tiled as u16) << 9
             | (self.grouped as u16) << 10
             | (self.mma as u16) << 11
+            | (self.fold as u16) << 12
     }
 
     fn from_bits(b: u16) -> Self {
@@ -112,6 +119,7 @@ impl FastPaths {
             tiled: b & 512 != 0,
             grouped: b & 1024 != 0,
             mma: b & 2048 != 0,
+            fold: b & 4096 != 0,
         }
     }
 
@@ -137,6 +145,7 @@ impl FastPaths {
                 "splice" => f.splice = true,
                 "grouped" => f.grouped = true,
                 "mma" => f.mma = true,
+                "fold" => f.fold = true,
                 other => return Err(format!("unknown fast path `{other}`")),
             }
         }
@@ -162,6 +171,7 @@ impl std::fmt::Display for FastPaths {
             (self.tiled, "tiled"),
             (self.grouped, "grouped"),
             (self.mma, "mma"),
+            (self.fold, "fold"),
         ]
         .iter()
         .filter(|(on, _)| *on)
@@ -920,7 +930,7 @@ mod tests {
     fn every_switch_round_trips_alone_and_left_out() {
         let names = FastPaths::ALL.to_string();
         let names: Vec<&str> = names.split(',').collect();
-        assert_eq!(names.len(), 12, "{names:?}");
+        assert_eq!(names.len(), 13, "{names:?}");
         for (i, name) in names.iter().enumerate() {
             let alone = FastPaths::parse(name).unwrap();
             assert_eq!(alone.to_string(), *name);
