@@ -37,7 +37,9 @@ pub(crate) const MAX_ROWS: usize = 1024;
 const ARGMAX_PARTS: usize = 32;
 /// Entries per row of the row table.
 const ROW_INTS: usize = 4;
-/// Rows of one prefill pass at most; a longer prefill runs in slices, in order.
+/// Rows of one prefill pass at most; a longer prefill runs in slices, in order, of
+/// equal sizes (not full slices and a remainder: a slice of a few rows reads all the
+/// weights for them, while ~200 rows or more a slice keep the GEMMs compute-bound).
 const PREFILL_SLICE: usize = 512;
 /// Query vectors of one tile of the tiled attention (`TILE_Q` in the kernel): the
 /// query heads of one kv head, of as many rows of one stream as fit.
@@ -349,7 +351,7 @@ impl BatchDecodeEngine {
     /// goes in at positions `states[i].positions()..` of its own cache, every row
     /// attending to its cache up to itself (so causal within a stream's rows), the
     /// keys and values appended. Returns each stream's final-norm hidden states
-    /// `[1, n_i, H]` (bf16). Rows run in slices of at most [`PREFILL_SLICE`] (a
+    /// `[1, n_i, H]` (bf16). Rows run in equal slices of at most [`PREFILL_SLICE`] (a
     /// stream's later rows after its earlier ones); the caches' lengths move only
     /// when every slice was enqueued.
     pub(crate) fn prefill<S: DecodeCache>(
@@ -394,7 +396,9 @@ impl BatchDecodeEngine {
         let row_bytes = h * DType::BF16.size_in_bytes();
         let (x_ptr, out_ptr) = (dev_ptr(&x)?, dev_ptr(&out)?);
         let (bx, bxn) = (dev_ptr(&bufs.x)?, dev_ptr(&bufs.xn)?);
-        for (s, slice) in rows.chunks(PREFILL_SLICE).enumerate() {
+        let slices = rows.len().div_ceil(PREFILL_SLICE).max(1);
+        let per = rows.len().div_ceil(slices).max(1);
+        for (s, slice) in rows.chunks(per).enumerate() {
             let mut table = vec![0u32; slice.len() * ROW_INTS];
             let mut kv = vec![0u64; slice.len() * layers * 2];
             for (b, &(i, pos)) in slice.iter().enumerate() {
@@ -403,10 +407,7 @@ impl BatchDecodeEngine {
             }
             upload(bufs, &table, &kv)?;
             let attn = self.prefill_attention(bufs, slice)?;
-            let (offset, bytes) = (
-                (s * PREFILL_SLICE * row_bytes) as u64,
-                slice.len() * row_bytes,
-            );
+            let (offset, bytes) = ((s * per * row_bytes) as u64, slice.len() * row_bytes);
             // SAFETY: x and out hold every row; the slice buffers hold PREFILL_SLICE rows.
             unsafe { result::memcpy_dtod_async(bx, x_ptr + offset, bytes, stream.cu_stream()) }
                 .w()?;
