@@ -685,6 +685,7 @@ fn check_decode(args: &Args, device: &Device, rep: &mut Report) -> Result<()> {
     check_turn_loop(args, &sa, rep)?;
     check_partial_reuse(args, &sa, rep)?;
     check_held_turn(args, &sa, rep)?;
+    check_system_prompt_copy(&sa, rep)?;
     check_kv_pool(args, &sa, rep)
 }
 
@@ -1109,6 +1110,42 @@ fn check_held_turn(
             lengths.1,
             b.generated.len()
         ),
+    );
+    Ok(())
+}
+
+/// A session opened with a system prompt an earlier session prefilled copies that
+/// session's cache instead: its keys and values must be the prefilled ones bit for bit.
+fn check_system_prompt_copy(
+    sa: &stepaudio_live::model::step_audio2::StepAudio2,
+    rep: &mut Report,
+) -> Result<()> {
+    use stepaudio_live::model::step_audio2::SessionOptions;
+    let opts = SessionOptions {
+        system_prompt: SystemPrompt::Custom("Transcribe the speech, checked on the GPU.".into()),
+        ..Default::default()
+    };
+    let before = sa.system_prompt_copies();
+    let prefilled = sa.session(opts.clone())?;
+    let copied = sa.session(opts)?;
+    let copies = sa.system_prompt_copies() - before;
+    let mut worst = 0f32;
+    for l in 0..prefilled.state().num_layers() {
+        let (pk, pv) = prefilled.state().layer(l)?.context("prefilled layer")?;
+        let (ck, cv) = copied.state().layer(l)?.context("copied layer")?;
+        for (x, y) in [(&pk, &ck), (&pv, &cv)] {
+            let d = (x.to_dtype(DType::F32)? - y.to_dtype(DType::F32)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            worst = worst.max(d);
+        }
+    }
+    let len = prefilled.state().len();
+    rep.check(
+        "a session copying a cached system prompt vs one prefilling it",
+        copies == 1 && worst == 0.0 && copied.state().len() == len,
+        format!("{copies} copy, {len} positions, max abs diff {worst:e}"),
     );
     Ok(())
 }

@@ -1106,3 +1106,40 @@ fn a_session_in_a_slot_stays_within_it() {
     assert_eq!(slotted.committed_len(), system);
     assert!(slotted.state().len() <= positions);
 }
+
+/// Opening a session copies the cache of an earlier session's system prompt
+/// (the same ids) instead of prefilling it: the same keys and values bit for
+/// bit, and the same turn afterwards; a session with another prompt
+/// prefills its own.
+#[test]
+fn sessions_copy_a_cached_system_prompt_bit_for_bit() {
+    let model = model();
+    let sa = step_audio2(&model);
+    let mut prefilled = sa.session(SessionOptions::default()).unwrap();
+    assert_eq!(sa.system_prompt_copies(), 0, "the first session prefills");
+    let mut copied = sa.session(SessionOptions::default()).unwrap();
+    assert_eq!(sa.system_prompt_copies(), 1, "the second session copies");
+    let english = SessionOptions {
+        system_prompt: SystemPrompt::English,
+        ..Default::default()
+    };
+    let other = sa.session(english).unwrap();
+    assert_eq!(sa.system_prompt_copies(), 1, "another prompt is prefilled");
+    assert_ne!(other.committed_len(), 0);
+    assert_eq!(copied.committed_len(), prefilled.committed_len());
+    assert_eq!(copied.state().len(), prefilled.state().len());
+    for l in 0..prefilled.state().num_layers() {
+        let (pk, pv) = prefilled.state().layer(l).unwrap().unwrap();
+        let (ck, cv) = copied.state().layer(l).unwrap().unwrap();
+        for (x, y, what) in [(&pk, &ck, "keys"), (&pv, &cv, "values")] {
+            let diff = (x - y).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "layer {l}: {what}");
+        }
+    }
+    let audio = [rows(&sa, CLIPS[1].0, CLIPS[1].1)];
+    let opts = TurnOptions::new(12);
+    let a = prefilled.decode_final(&sa, &audio, &[], &opts).unwrap();
+    let b = copied.decode_final(&sa, &audio, &[], &opts).unwrap();
+    assert_eq!(a.generated, b.generated);
+    assert_eq!(a.sum_logprob, b.sum_logprob);
+}

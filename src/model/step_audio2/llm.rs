@@ -96,6 +96,25 @@ impl LlmState {
         self.caches.iter_mut().try_for_each(|c| c.advance(n))
     }
 
+    /// Appends every cached position of `other` (same model) after this
+    /// state's own, layer by layer: a copy of what prefilling the same
+    /// positions computed.
+    pub(crate) fn append_from(&mut self, other: &LlmState) -> Result<()> {
+        if self.caches.len() != other.num_layers() {
+            candle_core::bail!(
+                "KV caches of {} layers cannot take {}",
+                self.caches.len(),
+                other.num_layers()
+            );
+        }
+        for (i, cache) in self.caches.iter_mut().enumerate() {
+            if let Some((k, v)) = other.layer(i)? {
+                cache.append(&k, &v)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whole key and value buffers `[1, kv_heads, capacity, hd]` of layer `i`.
     pub(crate) fn layer_buffers(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
         self.caches.get(i).and_then(KvCache::buffers)

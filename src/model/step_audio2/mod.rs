@@ -224,6 +224,20 @@ pub struct StepAudio2 {
     /// cost as much as ~[`GPU_ENCODE_PASS_FRAMES`] frames; on a CPU a pass
     /// costs its frames, so only equal lengths share one.
     pub encode_pass_frames: usize,
+    /// The KV caches of the system prompts sessions began with (the latest
+    /// few): a new session with the same prompt copies them instead of
+    /// prefilling it, so opening a stream costs copies, not a forward.
+    system_prompts: std::sync::Mutex<SystemPromptCache>,
+}
+
+/// System prompts kept cached at most ([`StepAudio2::system_prompts`]).
+const SYSTEM_PROMPTS_KEPT: usize = 4;
+
+/// Cached system prompts, newest first, and how many sessions copied one.
+#[derive(Default)]
+struct SystemPromptCache {
+    kept: Vec<(Vec<u32>, llm::LlmState)>,
+    copies: usize,
 }
 
 /// [`StepAudio2::encode_pass_frames`] on a GPU: one H200 measured 1.50 ms a
@@ -277,7 +291,55 @@ impl StepAudio2 {
             batch_decoder: Default::default(),
             kv_pool: Default::default(),
             encode_pass_frames,
+            system_prompts: Default::default(),
         })
+    }
+
+    /// Fills the empty cache `state` with the system prompt `ids`: a copy of
+    /// the cache an earlier session prefilled for the same ids, else a
+    /// prefill, which is then kept for the next sessions.
+    pub(crate) fn prefill_system_prompt(
+        &self,
+        ids: &[u32],
+        state: &mut llm::LlmState,
+    ) -> Result<(), ModelError> {
+        let llm = &self.model.llm;
+        let mut cache = self
+            .system_prompts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = cache.kept.iter().position(|(kept, _)| kept == ids) {
+            let entry = cache.kept.remove(k);
+            let copied = state.append_from(&entry.1);
+            cache.kept.insert(0, entry);
+            if copied.is_ok() {
+                cache.copies += 1;
+                return Ok(());
+            }
+            state.truncate(0);
+        }
+        drop(cache);
+        let embeds = llm.embed(ids)?.unsqueeze(0)?;
+        llm.forward(&embeds, state)?;
+        let mut kept = llm.new_state(ids.len());
+        kept.append_from(state)?;
+        let mut cache = self
+            .system_prompts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        cache.kept.retain(|(k, _)| k != ids);
+        cache.kept.insert(0, (ids.to_vec(), kept));
+        cache.kept.truncate(SYSTEM_PROMPTS_KEPT);
+        Ok(())
+    }
+
+    /// Sessions so far that copied a cached system prompt instead of
+    /// prefilling it.
+    pub fn system_prompt_copies(&self) -> usize {
+        self.system_prompts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .copies
     }
 
     /// Holds the KV caches of the next sessions in one pool of `slots` slots,

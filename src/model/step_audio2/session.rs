@@ -168,8 +168,9 @@ pub struct Session {
 }
 
 impl Session {
-    /// Prefills the system prompt into a fresh cache sized for `max_context`
-    /// plus one full turn, so a stream normally never reallocates it.
+    /// Prefills the system prompt (or copies the cache of an earlier session
+    /// with the same prompt) into a fresh cache sized for `max_context` plus
+    /// one full turn, so a stream normally never reallocates it.
     pub fn new(sa: &StepAudio2, opts: SessionOptions) -> Result<Self, ModelError> {
         let llm = &sa.model.llm;
         let system_ids = sa.tokenizer.system_turn(opts.system_prompt.text())?;
@@ -178,8 +179,7 @@ impl Session {
             Some(slot) => llm.state_in_slot(slot)?,
             None => llm.new_state(capacity),
         };
-        let embeds = llm.embed(&system_ids)?.unsqueeze(0)?;
-        llm.forward(&embeds, &mut state)?;
+        sa.prefill_system_prompt(&system_ids, &mut state)?;
         let committed = state.len();
         Ok(Self {
             state,
