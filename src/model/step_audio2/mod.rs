@@ -304,17 +304,19 @@ impl StepAudio2 {
         state: &mut llm::LlmState,
     ) -> Result<(), ModelError> {
         let llm = &self.model.llm;
-        let mut cache = self
-            .system_prompts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.system_prompt_cache();
         if let Some(k) = cache.kept.iter().position(|(kept, _)| kept == ids) {
             let entry = cache.kept.remove(k);
             let copied = state.append_from(&entry.1);
             cache.kept.insert(0, entry);
-            if copied.is_ok() {
-                cache.copies += 1;
-                return Ok(());
+            match copied {
+                Ok(()) => {
+                    cache.copies += 1;
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!("copying the cached system prompt failed ({e}); prefilling it")
+                }
             }
             state.truncate(0);
         }
@@ -322,24 +324,28 @@ impl StepAudio2 {
         let embeds = llm.embed(ids)?.unsqueeze(0)?;
         llm.forward(&embeds, state)?;
         let mut kept = llm.new_state(ids.len());
-        kept.append_from(state)?;
-        let mut cache = self
-            .system_prompts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        cache.kept.retain(|(k, _)| k != ids);
-        cache.kept.insert(0, (ids.to_vec(), kept));
-        cache.kept.truncate(SYSTEM_PROMPTS_KEPT);
+        match kept.append_from(state) {
+            Ok(()) => {
+                let mut cache = self.system_prompt_cache();
+                cache.kept.retain(|(k, _)| k != ids);
+                cache.kept.insert(0, (ids.to_vec(), kept));
+                cache.kept.truncate(SYSTEM_PROMPTS_KEPT);
+            }
+            Err(e) => tracing::warn!("keeping the system prompt's cache failed ({e})"),
+        }
         Ok(())
     }
 
     /// Sessions so far that copied a cached system prompt instead of
     /// prefilling it.
     pub fn system_prompt_copies(&self) -> usize {
+        self.system_prompt_cache().copies
+    }
+
+    fn system_prompt_cache(&self) -> std::sync::MutexGuard<'_, SystemPromptCache> {
         self.system_prompts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .copies
     }
 
     /// Holds the KV caches of the next sessions in one pool of `slots` slots,

@@ -555,7 +555,8 @@ pub struct TurnRequest<'a> {
 
 /// Turns of several sessions that join and leave one running greedy loop
 /// between its steps (continuous batching): turns admitted together are
-/// prefilled as one batched forward and take part in the next step; a turn
+/// prefilled as one batched forward (which, switch `fold`, also takes the
+/// running turns' next step) and take part in the next step; a turn
 /// that ends (`<|EOT|>`, its budget) is closed — a commit's `pending +
 /// <|EOT|>` with the others ending at the same step, as one forward — and
 /// can be taken back while the others go on. Each turn gives exactly what
